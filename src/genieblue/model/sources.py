@@ -83,6 +83,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers flags GGUF loads as quantized; the tensors are already dequantised float32.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if target.exists():  # another process converted it meanwhile
@@ -133,8 +137,12 @@ def load_vision(spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.
     """A pretrained vision tower (id or folder) or a freshly initialised one (config or dict)."""
     config = vision_config(spec)
     cls = VISION_MODELS[config.model_type]
+    if config.model_type == "siglip_vision_model":
+        config.vision_use_head = False  # the pooled output is never used; its head would be dead weight
     if isinstance(spec, str):
-        return cls.from_pretrained(spec, dtype=dtype)
+        if config.model_type == "clip_vision_model":
+            config.num_hidden_layers -= 1  # LLaVA reads CLIP features from the penultimate layer
+        return cls.from_pretrained(spec, config=config, dtype=dtype)
     return cls(config).to(dtype)
 
 

@@ -28,8 +28,8 @@ class VisionTower(nn.Module):
         self.downsample = downsample
         cfg = vit.config
         self.drop_cls = cfg.model_type == "clip_vision_model"
-        # CLIP features are read from the penultimate layer (as LLaVA does); SigLIP from the last.
-        self.feature_layer = -2 if self.drop_cls else -1
+        if self.drop_cls:  # CLIP's post-layernorm only feeds the pooled output, which is unused
+            vit.post_layernorm = nn.Identity()
         width = cfg.hidden_size * downsample * downsample
         self.projector = nn.Sequential(
             nn.LayerNorm(width),
@@ -48,8 +48,7 @@ class VisionTower(nn.Module):
         return (side // self.downsample) ** 2
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.vit(pixel_values=pixel_values.to(self.vit.dtype), output_hidden_states=self.feature_layer != -1)
-        feats = out.last_hidden_state if self.feature_layer == -1 else out.hidden_states[self.feature_layer]
+        feats = self.vit(pixel_values=pixel_values.to(self.vit.dtype)).last_hidden_state
         if self.drop_cls:
             feats = feats[:, 1:]
         return self.projector(pixel_unshuffle_tokens(feats, self.downsample))

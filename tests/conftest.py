@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random-weight bases of real architectures, saved to disk so tests can load
+an independent copy of the base exactly as a user would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 128
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+FAMILY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "qwen3": lambda: Qwen3Config(head_dim=8, **_COMMON),
+    "gemma3_text": lambda: Gemma3TextConfig(head_dim=8, sliding_window=16, **_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON),
+}
+FAMILIES = tuple(FAMILY_CONFIGS)
+
+TINY_SIGLIP = {
+    "model_type": "siglip_vision_model",
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
+TINY_CLIP = dict(TINY_SIGLIP, model_type="clip_vision_model")
+
+
+@pytest.fixture(scope="session")
+def base_dirs(tmp_path_factory):
+    """family -> folder holding a tiny random-weight base model (config.json + safetensors)."""
+    root = tmp_path_factory.mktemp("bases")
+    out = {}
+    for family, make in FAMILY_CONFIGS.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make())
+        model.save_pretrained(root / family)
+        out[family] = str(root / family)
+    return out
+
+
+def load_reference(path: str):
+    """An independently loaded copy of a base model, in eval mode."""
+    return AutoModelForCausalLM.from_pretrained(path).eval()

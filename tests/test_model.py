@@ -1,0 +1,189 @@
+"""The base is sacred: the text path equals an independently loaded base, in every family, before
+and after training; the fresh delta is an identity; save/load round-trips; errors are clear."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, TINY_CLIP, TINY_SIGLIP, VOCAB, load_reference
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from genieblue import GenieBlueForConditionalGeneration as GenieBlue
+from genieblue import Strategy
+from genieblue.model import IMAGE_TOKEN_INDEX, STRATEGIES
+
+GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def _text_batch(seed=0, batch=2, length=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def _image_batch(model, seed=0):
+    """Two rows, each: 3 text tokens, one image (one tile), 5 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    per = model.vision.tokens_per_tile
+    text = torch.randint(3, VOCAB, (2, 8), generator=g)
+    ids = torch.cat([text[:, :3], torch.full((2, per), IMAGE_TOKEN_INDEX), text[:, 3:]], dim=1)
+    size = model.vision.image_size
+    return ids, torch.randn(2, 3, size, size, generator=g)
+
+
+def _train_steps(model, steps=2):
+    """AdamW steps on the image path that change every trainable parameter."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for step in range(steps):
+        ids, px = _image_batch(model, seed=step)
+        labels = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, -100)
+        model(ids, pixel_values=px, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    unchanged = sum(torch.equal(a, p) for a, p in zip(before, params))
+    assert unchanged == 0, f"{unchanged} of {len(params)} trainable tensors did not change"
+
+
+def _assert_text_path_is_base(model, ref):
+    ids = _text_batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    expected = ref.generate(ids, **GREEDY)[:, ids.shape[1] :]
+    assert torch.equal(model.generate(ids, **GREEDY), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_path_equals_independent_base_before_and_after_training(family, base_dirs):
+    model = GenieBlue.from_base(base_dirs[family], vision=TINY_SIGLIP, strategy="genieblue-skip")
+    ref = load_reference(base_dirs[family])
+    _assert_text_path_is_base(model.eval(), ref)
+    _train_steps(model)
+    _assert_text_path_is_base(model, ref)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_keeps_text_path_and_trains(strategy, base_dirs):
+    model = GenieBlue.from_base(base_dirs["qwen2"], vision=TINY_SIGLIP, strategy=strategy)
+    _train_steps(model, steps=1)
+    _assert_text_path_is_base(model, load_reference(base_dirs["qwen2"]))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_fresh_delta_is_identity_on_text_tokens(family, strategy, base_dirs):
+    """LoRA B = 0 and copies = originals: the multimodal path reproduces the base on text tokens."""
+    model = GenieBlue.from_base(base_dirs[family], vision=TINY_SIGLIP, strategy=strategy).eval()
+    ref = load_reference(base_dirs[family])
+    ids = _text_batch(seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(ids, shared_base=True).logits, ref(ids).logits)
+        # with an image: the routed model equals the base fed the same spliced embeddings
+        img_ids, px = _image_batch(model)
+        embeds, _ = model.embed_multimodal(img_ids, px)
+        assert torch.equal(model(img_ids, pixel_values=px).logits, ref(inputs_embeds=embeds).logits)
+
+
+def test_shared_base_sends_text_through_the_trained_path(base_dirs):
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP)
+    _train_steps(model)
+    ids = _text_batch()
+    with torch.no_grad():
+        assert not torch.equal(model(ids, shared_base=True).logits, model(ids).logits)
+
+
+def test_save_and_reload_gives_identical_outputs(base_dirs, tmp_path):
+    model = GenieBlue.from_base(base_dirs["qwen3"], vision=TINY_CLIP, strategy="cogvlm-skip")
+    _train_steps(model)
+    model.save_pretrained(tmp_path / "delta")
+    manifest = json.loads((tmp_path / "delta" / "genieblue.json").read_text())
+    assert manifest["block_indices"] == [3, 7] and manifest["base"]["llm"] == base_dirs["qwen3"]
+    reloaded = GenieBlue.from_pretrained(tmp_path / "delta").eval()
+    ids, px = _image_batch(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixel_values=px).logits, reloaded(ids, pixel_values=px).logits)
+        text = _text_batch()
+        assert torch.equal(model(text).logits, reloaded(text).logits)
+    assert torch.equal(model.generate(ids, pixel_values=px, **GREEDY), reloaded.generate(ids, pixel_values=px, **GREEDY))
+    # only the delta is on disk: no original base tensor was written
+    assert not any(".original." in k or k.startswith("llm.model.embed") for k in model.delta_state_dict())
+
+
+def test_reload_refuses_a_different_base(base_dirs, tmp_path):
+    GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP).save_pretrained(tmp_path / "d")
+    other = load_reference(base_dirs["llama"])
+    with torch.no_grad():
+        other.model.norm.weight[0] += 1e-3  # a base fine-tuned ever so slightly
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="not the one this delta was trained on"):
+        GenieBlue.from_pretrained(tmp_path / "d", llm=str(tmp_path / "other"))
+    with pytest.raises(FileNotFoundError, match="delta.safetensors is missing"):
+        (tmp_path / "d" / "delta.safetensors").unlink()
+        GenieBlue.from_pretrained(tmp_path / "d")
+
+
+def test_placeholder_mismatch_names_both_counts(base_dirs):
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP)
+    ids, px = _image_batch(model)
+    per = model.vision.tokens_per_tile
+    with pytest.raises(ValueError, match=rf"hold {2 * per} image placeholder tokens .* give {per} image tokens"):
+        model(ids, pixel_values=px[:1])
+    with pytest.raises(ValueError, match=f"{2 * per} image placeholder tokens but no pixel_values"):
+        model(ids)
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unsupported LLM architecture 'gpt2'; supported: llama, qwen2"):
+        GenieBlue.from_base(str(tmp_path), vision=TINY_SIGLIP)
+
+
+def test_gradient_checkpointing_replays_the_image_route(base_dirs):
+    """Recomputed blocks must run in the mode of their forward, or gradients would be wrong."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP, strategy="cogvlm-skip")
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        ids, px = _image_batch(model)
+        model(ids, pixel_values=px, labels=ids.masked_fill(ids < 0, -100)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_stage_one_trains_only_the_projector(base_dirs):
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP)
+    model.set_stage(1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("vision.projector.") for n in trainable)
+    model.set_stage(2)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".original." in n)
+
+
+@pytest.mark.parametrize(
+    "name,layers,expected",
+    [
+        ("genieblue-skip", 24, [3, 7, 11, 15, 19, 23]),
+        ("genieblue-pre", 24, [0, 1, 2, 3, 4, 5]),
+        ("cogvlm-post", 30, [23, 24, 25, 26, 27, 28, 29]),
+        ("genieblue-skip", 30, [3, 7, 11, 15, 19, 23, 27]),
+        ("lora", 24, []),
+    ],
+)
+def test_block_choice(name, layers, expected):
+    s = Strategy(name)
+    assert s.block_indices(layers) == expected
+    assert sorted(s.block_indices(layers) + s.lora_indices(layers)) == list(range(layers))
+
+
+def test_unknown_strategy_lists_choices():
+    with pytest.raises(ValueError, match="choose one of: genieblue-skip"):
+        Strategy("genieblue-middle")
