@@ -2,9 +2,16 @@
 
 Rooms: `model` (construction), `data`, `train`, `infer` (engine and server), `eval`, `deploy`,
 and `cli`, with arrows pointing one way: cli -> train/infer/eval/deploy -> data/model -> transformers.
+The top-level names are imported lazily, so the CLI starts without loading torch.
 """
-
-from .model import GenieBlueForConditionalGeneration, Strategy
 
 __version__ = "0.1.0"
 __all__ = ["GenieBlueForConditionalGeneration", "Strategy", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("GenieBlueForConditionalGeneration", "Strategy"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'genieblue' has no attribute {name!r}")

@@ -197,8 +197,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint decoder blocks; each recompute replays the routing mode of its forward."""
-        self.llm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self.router.checkpoint_context_fn}
+        self.llm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self.router.checkpoint_context_fn}
         )
 
     # persistence ----------------------------------------------------------------------------

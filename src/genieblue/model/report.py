@@ -1,0 +1,44 @@
+"""Parameter accounting per strategy (the paper's #Param column) and the delta's size on disk."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from .modeling import DELTA, GenieBlueForConditionalGeneration
+from .routing import Expert, LoRALinear, Switch
+
+
+def parameter_report(model: GenieBlueForConditionalGeneration, measure_disk: bool = True) -> dict:
+    """Counts of base and delta parameters; `measure_disk` saves the delta once to measure its file."""
+    groups = {"copies": 0, "experts": 0, "lora": 0}
+    for module in model.llm.modules():
+        if isinstance(module, Switch):
+            groups["copies"] += sum(p.numel() for p in module.copy.parameters())
+        elif isinstance(module, Expert):
+            groups["experts"] += sum(p.numel() for p in module.expert.parameters())
+        elif isinstance(module, LoRALinear):
+            groups["lora"] += module.lora_A.numel() + module.lora_B.numel()
+    llm_total = sum(p.numel() for p in model.llm.parameters())
+    base = llm_total - sum(groups.values())
+    vit = sum(p.numel() for p in model.vision.vit.parameters())
+    projector = sum(p.numel() for p in model.vision.projector.parameters())
+    trainable = sum(groups.values()) + vit + projector
+    n = len(model.llm.model.layers)
+    report = {
+        "strategy": model.strategy.name,
+        "base_llm": model.base_spec,
+        "llm_type": model.llm.config.model_type,
+        "num_layers": n,
+        "block_indices": model.strategy.block_indices(n),
+        "lora_indices": model.strategy.lora_indices(n),
+        "params": {"base_llm": base, **groups, "vit": vit, "projector": projector, "trainable": trainable},
+        "trainable_vs_base_llm": trainable / base,
+        "llm_delta_vs_base_llm": sum(groups.values()) / base,
+        "tokens_per_tile": model.vision.tokens_per_tile,
+    }
+    if measure_disk:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(Path(tmp) / "delta")
+            report["delta_bytes"] = (Path(tmp) / "delta" / DELTA).stat().st_size
+    return report
