@@ -21,7 +21,7 @@ IMAGE_STATS = {
 }
 """Per-channel (mean, std) of each vision tower type, for pixels scaled to [0, 1]."""
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError)
 
 
 class ImageError(ValueError):
@@ -37,6 +37,10 @@ def _describe(source: ImageSource) -> str:
     if isinstance(source, Image.Image):
         return f"<{source.width}x{source.height} image>"
     return str(source)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _open(source: ImageSource) -> Image.Image:
@@ -74,9 +78,10 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         return _to_rgb(image)
     except ImageError:
         raise
+    except Image.DecompressionBombError as err:  # PIL's own hard limit, hit while reading the header
+        raise ImageError(f"{name}: too many pixels ({_one_line(err)})") from err
     except _DECODE_ERRORS as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ImageError(f"{name}: cannot decode image ({reason})") from err
+        raise ImageError(f"{name}: cannot decode image ({_one_line(err)})") from err
 
 
 def best_grid(width: int, height: int, image_size: int, max_tiles: int) -> tuple[int, int]:

@@ -30,7 +30,7 @@ class BadRecord(ValueError):
         self.reason = reason
 
 
-def record_id(record, fallback) -> str:
+def _record_id(record, fallback) -> str:
     return str(record["id"]) if isinstance(record, dict) and "id" in record else str(fallback)
 
 
@@ -44,8 +44,8 @@ def _check_turns(turns) -> None:
     speakers = [t["from"] for t in turns]
     if speakers[0] == "system":
         speakers = speakers[1:]
-    expected = ["human", "gpt"] * math.ceil(len(speakers) / 2)
-    if not speakers or speakers != expected[: len(speakers)] or len(speakers) % 2:
+    alternating = set(speakers[0::2]) == {"human"} and set(speakers[1::2]) == {"gpt"}
+    if not alternating or len(speakers) % 2:
         raise ValueError(f"roles must alternate human, gpt, ... and end with gpt, got {speakers}")
 
 
@@ -59,22 +59,28 @@ def _image_list(record: dict) -> list:
     return images
 
 
+def prepend_placeholders(turns: list[dict], index: int, text_key: str, n_images: int) -> list[dict]:
+    """A copy of `turns` with `<image>\\n` per image before the text of turn `index`."""
+    turns = [dict(t) for t in turns]
+    turns[index][text_key] = f"{IMAGE_PLACEHOLDER}\n" * n_images + turns[index][text_key]
+    return turns
+
+
 def _with_placeholders(turns: list[dict], n_images: int) -> list[dict]:
     """Turns whose `<image>` count equals `n_images`; with none at all, they go before the first
     human text (LLaVA convention)."""
     found = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
     if found == 0 and n_images:
         first = next(i for i, t in enumerate(turns) if t["from"] == "human")
-        turns = [dict(t) for t in turns]
-        turns[first]["value"] = f"{IMAGE_PLACEHOLDER}\n" * n_images + turns[first]["value"]
+        turns = prepend_placeholders(turns, first, "value", n_images)
     elif found != n_images:
         raise ValueError(f"{found} {IMAGE_PLACEHOLDER} placeholders but {n_images} images")
     return turns
 
 
-def check_record(record, image_folder: str | Path | None = None, fallback_id="?", check_files: bool = True) -> dict:
+def check_record(record, image_folder: str | Path | None = None, fallback_id="?") -> dict:
     """The normalised copy of a valid record, or `BadRecord` saying what is wrong with it."""
-    rid = record_id(record, fallback_id)
+    rid = _record_id(record, fallback_id)
     if not isinstance(record, dict):
         raise BadRecord(rid, f"a record must be a JSON object, got {type(record).__name__}")
     try:
@@ -84,7 +90,7 @@ def check_record(record, image_folder: str | Path | None = None, fallback_id="?"
         turns = _with_placeholders(record["conversations"], len(images))
     except ValueError as err:
         raise BadRecord(rid, str(err)) from None
-    missing = [p for p in images if check_files and not Path(p).is_file()]
+    missing = [p for p in images if not Path(p).is_file()]
     if missing:
         raise BadRecord(rid, f"image file not found: {missing[0]}")
     out = {k: v for k, v in record.items() if k not in ("image", "images")}
@@ -171,7 +177,7 @@ class DataMixture:
         rng = random.Random(seed)
         pools = [read_records(s.path, s.image_folder) for s in self.sources]
         for source, pool in zip(self.sources, pools):
-            if not pool and source.ratio:
+            if not pool:
                 raise ValueError(f"{source.path}: no records")
         size = sum(len(p) for p in pools) if size is None else size
         self.counts = _shares([s.ratio for s in self.sources], size)

@@ -1,0 +1,41 @@
+"""The data room: LLaVA records in (JSON / JSONL, validated, mixed by ratio), images in (safe
+loading, dynamic-resolution tiling, normalisation), model inputs out (chat-template encoding with
+assistant-only labels, packed or padded batches), and the synthetic data sets.
+
+Names are re-exported lazily, so `genieblue.data.synthetic` and the CLI do not load torch.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "images": (
+        "IMAGE_STATS",
+        "MAX_PIXELS",
+        "ImageError",
+        "best_grid",
+        "image_to_tensor",
+        "load_image",
+        "normalize",
+        "tile_image",
+    ),
+    "packing": ("collate", "first_fit", "pack"),
+    "processor": ("IGNORE_INDEX", "GenieBlueProcessor", "Sample"),
+    "records": (
+        "IMAGE_PLACEHOLDER",
+        "ROLES",
+        "BadRecord",
+        "DataMixture",
+        "Source",
+        "check_record",
+        "read_records",
+        "scan_records",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,152 @@
+"""Records and chat messages -> model inputs: the tokenizer's chat template renders the text, each
+`<image>` becomes `tiles * tokens_per_tile` copies of `IMAGE_TOKEN_INDEX`, and labels keep only the
+assistant replies (their text and end-of-turn token; everything else is -100).
+
+Assistant spans are found in characters by rendering the conversation incrementally (the prompt
+up to each reply with the generation prompt, then the prompt including the reply) and mapped to
+tokens through the tokenizer's offsets, so no template-specific markers are hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..model.modeling import IMAGE_TOKEN_INDEX
+from .images import image_to_tensor
+from .records import IMAGE_PLACEHOLDER, ROLES, BadRecord, check_record, prepend_placeholders
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sample:
+    """One encoded record: input_ids and labels (T,), pixel_values (tiles, 3, S, S) or None."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    id: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class GenieBlueProcessor:
+    """Turns LLaVA records into training `Sample`s and chat messages into generation prompts."""
+
+    def __init__(
+        self,
+        tokenizer,
+        image_size: int,
+        tokens_per_tile: int,
+        max_tiles: int = 1,
+        vision_type: str = "siglip_vision_model",
+        max_length: int = 4096,
+    ):
+        if tokenizer.chat_template is None:
+            raise ValueError("the tokenizer has no chat template; use an instruct / chat tokenizer")
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.tokens_per_tile = tokens_per_tile
+        self.max_tiles = max_tiles
+        self.vision_type = vision_type
+        self.max_length = max_length
+
+    @classmethod
+    def from_model(cls, model, tokenizer, max_tiles: int = 1, max_length: int = 4096) -> "GenieBlueProcessor":
+        """A processor matching `model`'s vision tower (tile size, tokens per tile, normalisation)."""
+        vision = model.vision
+        return cls(
+            tokenizer, vision.image_size, vision.tokens_per_tile, max_tiles, vision.vit.config.model_type, max_length
+        )
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # public -----------------------------------------------------------------------------------
+    def encode(self, record: dict, image_folder: str | Path | None = None) -> Sample:
+        """A training sample from a LLaVA record (validated with `check_record`). Raises
+        `BadRecord` for an invalid record or one longer than `max_length` (never truncated), and
+        `ImageError` for an image that cannot be read."""
+        record = check_record(record, image_folder)
+        messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+        pixels = [self._pixels(path) for path in record.get("images", [])]
+        text = self._render(messages, add_generation_prompt=False)
+        ids, starts = self._tokenize(text, pixels)
+        spans = self._assistant_spans(messages, text)
+        labels = [i if any(a <= s < b for a, b in spans) else IGNORE_INDEX for i, s in zip(ids, starts)]
+        if len(ids) > self.max_length:
+            raise BadRecord(record["id"], f"{len(ids)} tokens exceed max_length={self.max_length}")
+        return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pixels) if pixels else None, record["id"])
+
+    def prompt(self, messages: list[dict], images: list | tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input_ids (1, T), pixel_values or None) for generation: the chat template with the
+        assistant turn opened. `images` are PIL images, paths or bytes; without any `<image>` in
+        the messages they go before the first user text."""
+        messages = _with_image_prefix(messages, len(images))
+        pixels = [self._pixels(image) for image in images]
+        ids, _ = self._tokenize(self._render(messages, add_generation_prompt=True), pixels)
+        return torch.tensor([ids]), (torch.cat(pixels) if pixels else None)
+
+    # internals --------------------------------------------------------------------------------
+    def _pixels(self, image: str | Path | bytes | Image.Image) -> torch.Tensor:
+        return image_to_tensor(image, self.image_size, self.max_tiles, self.vision_type)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """Character spans of each assistant reply in `text`: from the end of the generation prompt
+        to the end of the reply's turn (its end-of-turn token; trailing whitespace excluded)."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], add_generation_prompt=True)
+            through = self._render(messages[: i + 1], add_generation_prompt=False).rstrip()
+            if not (text.startswith(before) and text.startswith(through)):
+                raise ValueError(
+                    "the chat template renders earlier turns differently once later turns follow, so "
+                    "assistant replies cannot be located; use a template without such rewriting"
+                )
+            spans.append((len(before), len(through)))
+        return spans
+
+    def _tokenize(self, text: str, pixels: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+        """Token ids of `text` with each `<image>` expanded to its image tokens, and each token's
+        start character in `text` (-1 for image tokens)."""
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        if len(pieces) - 1 != len(pixels):
+            raise ValueError(
+                f"the text has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(pixels)} images were given"
+            )
+        ids, starts, offset = [], [], 0
+        for k, piece in enumerate(pieces):
+            if k:
+                n = len(pixels[k - 1]) * self.tokens_per_tile
+                ids += [IMAGE_TOKEN_INDEX] * n
+                starts += [-1] * n
+                offset += len(IMAGE_PLACEHOLDER)
+            enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            ids += enc["input_ids"]
+            starts += [offset + a for a, _ in enc["offset_mapping"]]
+            offset += len(piece)
+        return ids, starts
+
+
+def _with_image_prefix(messages: list[dict], n_images: int) -> list[dict]:
+    """Messages with `<image>\\n` per image before the first user text when none is placed."""
+    if not n_images or any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+        return messages
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first is None:
+        raise ValueError("images were given but there is no user message to attach them to")
+    return prepend_placeholders(messages, first, "content", n_images)

@@ -1,0 +1,381 @@
+"""The data room on real files and the real SmolLM2 tokenizer: safe image loading and tiling, LLaVA
+record validation and mixing, assistant-only labels, and packing whose loss equals the per-sample
+losses (no attention leaks across packed samples, with or without images, sdpa and eager)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from genieblue.data import (
+    IMAGE_STATS,
+    BadRecord,
+    DataMixture,
+    GenieBlueProcessor,
+    ImageError,
+    Sample,
+    best_grid,
+    collate,
+    first_fit,
+    image_to_tensor,
+    load_image,
+    pack,
+    read_records,
+    scan_records,
+    tile_image,
+)
+from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
+
+SIZE, PER_TILE = 32, 4  # tile pixels and image tokens per tile of the tiny SigLIP below
+TINY_VISION = {
+    "model_type": "siglip_vision_model",
+    "image_size": SIZE,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+}
+VOCAB = 256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on shared cores: one thread is hundreds of times faster than contended two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def proc(tok):
+    return GenieBlueProcessor(tok, SIZE, PER_TILE, max_tiles=6)
+
+
+def _png(path, size=(48, 32), color=(200, 30, 30), mode="RGB"):
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def _png_header(width, height) -> bytes:
+    """A PNG claiming width x height in its header, with (almost) no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def _chat(*turns, **extra):
+    speakers = ["human", "gpt"] * len(turns)
+    return {"conversations": [{"from": s, "value": v} for s, v in zip(speakers, turns)], **extra}
+
+
+def _write_json(path, records, jsonl=False):
+    text = "\n".join(json.dumps(r) for r in records) if jsonl else json.dumps(records)
+    path.write_text(text)
+    return path
+
+
+# images ---------------------------------------------------------------------------------------
+def test_load_image_errors_are_one_line(tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(_png(tmp_path / "ok.png", size=(64, 64)).read_bytes()[:60])
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(100_000, 100_000))
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_header(5000, 5000))
+    cases = {
+        tmp_path / "missing.png": "not found",
+        corrupt: "cannot decode",
+        truncated: "cannot decode",
+        bomb: "too many pixels",  # 10 Gpx: stopped by PIL's own guard while reading the header
+        big: "exceeds max_pixels",  # 25 Mpx, over the default 16.7 Mpx: refused from the header
+        b"garbage bytes": "cannot decode",
+    }
+    for source, expected in cases.items():
+        with pytest.raises(ImageError, match=expected) as err:
+            load_image(source)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ImageError, match="64x64 pixels exceeds max_pixels=100"):
+        load_image(tmp_path / "ok.png", max_pixels=100)
+
+
+def test_load_image_from_bytes_and_transparency(tmp_path):
+    path = _png(tmp_path / "rgba.png", color=(0, 0, 0, 0), mode="RGBA")
+    image = load_image(path.read_bytes())
+    assert image.mode == "RGB" and image.size == (48, 32)
+    assert image.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, not black
+
+
+@pytest.mark.parametrize(
+    "width, height, max_tiles, grid",
+    [
+        (640, 320, 6, (2, 1)),
+        (300, 900, 6, (1, 3)),
+        (600, 600, 6, (2, 2)),  # square and large: the bigger square grid
+        (40, 40, 6, (1, 1)),  # square and small: stays one tile
+        (1200, 200, 6, (6, 1)),
+        (640, 480, 6, (3, 2)),  # 4:3 -> 1.5 is the nearest ratio available
+        (1200, 200, 1, (1, 1)),
+    ],
+)
+def test_best_grid(width, height, max_tiles, grid):
+    assert best_grid(width, height, SIZE, max_tiles) == grid
+    tiles = tile_image(Image.new("RGB", (width, height)), SIZE, max_tiles)
+    expected = grid[0] * grid[1] + (grid != (1, 1))  # + the global thumbnail
+    assert len(tiles) == expected and all(t.size == (SIZE, SIZE) for t in tiles)
+
+
+def test_tiles_are_row_major_then_thumbnail(tmp_path):
+    image = Image.new("RGB", (2 * SIZE, SIZE), (255, 255, 255))
+    image.paste((0, 0, 0), (SIZE, 0, 2 * SIZE, SIZE))  # right half black
+    pixels = image_to_tensor(image, SIZE, max_tiles=6)
+    assert pixels.shape == (3, 3, SIZE, SIZE)
+    assert torch.allclose(pixels[0], torch.ones(1)) and torch.allclose(pixels[1], -torch.ones(1))
+    assert pixels[2, :, :, : SIZE // 2 - 1].min() > 0.9  # thumbnail: white left, black right
+
+
+def test_normalisation_follows_the_vision_type():
+    white = [Image.new("RGB", (SIZE, SIZE), (255, 255, 255))]
+    mean, std = IMAGE_STATS["clip_vision_model"]
+    clip = image_to_tensor(white[0], SIZE, vision_type="clip_vision_model")
+    assert clip.shape == (1, 3, SIZE, SIZE) and clip.dtype == torch.float32
+    assert torch.allclose(clip[0, :, 0, 0], (1 - torch.tensor(mean)) / torch.tensor(std))
+    assert torch.allclose(image_to_tensor(white[0], SIZE), torch.ones(1))
+    with pytest.raises(ValueError, match="unknown vision type"):
+        image_to_tensor(white[0], SIZE, vision_type="resnet")
+
+
+# records --------------------------------------------------------------------------------------
+def test_read_json_and_jsonl_with_image_folders(tmp_path):
+    _png(tmp_path / "cat.png")
+    (tmp_path / "imgs").mkdir()
+    _png(tmp_path / "imgs" / "dog.png")
+    records = [
+        _chat("<image>\nWhat is it?", "A cat.", id="cat", image="cat.png"),
+        _chat("Two?", "Yes.", id="two", images=["cat.png", "imgs/dog.png"]),
+        _chat("Hello", "Hi!", id="text"),
+    ]
+    for name, jsonl in (("d.json", False), ("d.jsonl", True)):
+        got = read_records(_write_json(tmp_path / name, records, jsonl))
+        assert [r["id"] for r in got] == ["cat", "two", "text"]
+        assert got[0]["images"] == [str((tmp_path / "cat.png").resolve())]
+        assert got[1]["conversations"][0]["value"] == "<image>\n<image>\nTwo?"  # LLaVA convention
+        assert "images" not in got[2] and "image" not in got[2]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    data = _write_json(other / "d.json", [_chat("Dog?", "Yes", image="dog.png")])
+    assert read_records(data, image_folder=tmp_path / "imgs")[0]["images"] == [str(tmp_path / "imgs" / "dog.png")]
+
+
+def test_bad_records_name_the_record_and_the_reason(tmp_path):
+    _png(tmp_path / "a.png")
+    bad = [
+        ({"id": "empty", "conversations": []}, "non-empty list"),
+        ({"id": "malformed", "conversations": [{"from": "human"}]}, "turn 0 must be"),
+        (_chat("hi", "yo", "again", id="ends-human"), "end with gpt"),
+        ({"id": "order", "conversations": _chat("x", "y")["conversations"][::-1]}, "alternate"),
+        (_chat("<image> <image> two", "x", id="count", image="a.png"), "2 <image> placeholders but 1 images"),
+        (_chat("<image>", "x", id="nofile", image="missing.png"), "image file not found"),
+        (_chat("<image> what", "x", id="noimage"), "1 <image> placeholders but 0 images"),
+        ([1, 2], "must be a JSON object"),
+    ]
+    good = {"id": "ok", "conversations": [{"from": "system", "value": "Be brief."}, *_chat("q", "a")["conversations"]]}
+    path = _write_json(tmp_path / "mixed.jsonl", [good] + [r for r, _ in bad], jsonl=True)
+    records, errors = scan_records(path)
+    assert [r["id"] for r in records] == ["ok"]
+    assert len(errors) == len(bad)
+    for err, (record, reason) in zip(errors, bad):
+        assert isinstance(err, ValueError) and reason in err.reason
+        assert err.record_id == (record["id"] if isinstance(record, dict) else "mixed.jsonl#8")
+    with pytest.raises(BadRecord, match="record empty: conversations"):
+        read_records(path)
+    (tmp_path / "broken.jsonl").write_text('{"id": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="broken.jsonl:2: invalid JSON"):
+        read_records(tmp_path / "broken.jsonl")
+
+
+def test_mixture_follows_ratios_deterministically(tmp_path):
+    _png(tmp_path / "a.png")
+    vision = _write_json(tmp_path / "v.json", [_chat("Q", "A", id=f"v{i}", image="a.png") for i in range(60)])
+    text = _write_json(tmp_path / "t.jsonl", [_chat("Q", "A", id=f"t{i}") for i in range(25)], jsonl=True)
+    mix = DataMixture([(vision, 3), (text, 1)], seed=1, size=400)
+    ids = [r["id"] for r in mix]
+    assert len(mix) == 400 and mix.counts == [300, 100]
+    assert sum(i.startswith("t") for i in ids) == 100
+    assert 5 <= sum(i.startswith("t") for i in ids[:40]) <= 20  # interleaved, not blocked
+    assert len({i for i in ids if i.startswith("v")}) == 60  # repeated in whole passes
+    assert ids == [r["id"] for r in DataMixture([(vision, 3), (text, 1)], seed=1, size=400)]
+    assert ids != [r["id"] for r in DataMixture([(vision, 3), (text, 1)], seed=2, size=400)]
+    default = DataMixture([(vision, 1), (text, 1)])
+    assert len(default) == 85 and sorted(default.counts) == [42, 43]
+    with pytest.raises(ValueError, match="ratios"):
+        DataMixture([(vision, 0)])
+
+
+# processor ------------------------------------------------------------------------------------
+def _labelled(sample) -> list[int]:
+    return sample.labels[sample.labels != -100].tolist()
+
+
+def test_labels_cover_exactly_the_assistant_replies(tok, proc):
+    record = {
+        "id": "r",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            *_chat("Hi there", "Hello! How can I help?", "2+2?", " It is 4.\n")["conversations"],
+        ],
+    }
+    sample = proc.encode(record)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": " It is 4.\n"},
+    ]
+    assert sample.input_ids.tolist() == tok.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert sample.labels.shape == sample.input_ids.shape and sample.pixel_values is None
+    expected = tok("Hello! How can I help?<|im_end|>", add_special_tokens=False)["input_ids"]
+    expected += tok(" It is 4.\n<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert _labelled(sample) == expected
+    ends = (sample.input_ids == tok.convert_tokens_to_ids("<|im_end|>")) & (sample.labels != -100)
+    assert int(ends.sum()) == 2  # the end-of-turn token of each reply, nothing else
+    assert tok.decode(sample.input_ids[-1]) == "\n" and sample.labels[-1] == -100
+
+
+def test_image_placeholders_expand_to_tiles_times_tokens(tmp_path, tok, proc):
+    _png(tmp_path / "wide.png", size=(200, 100))  # 2x1 grid + thumbnail = 3 tiles with max_tiles=6
+    _png(tmp_path / "small.png", size=(20, 20))  # 1 tile
+    record = _chat("Compare <image> and <image>.", "Same colour.", id="two", images=["wide.png", "small.png"])
+    sample = proc.encode(record, tmp_path)
+    assert sample.pixel_values.shape == (4, 3, SIZE, SIZE)
+    visual = sample.input_ids == IMAGE_TOKEN_INDEX
+    assert int(visual.sum()) == 4 * PER_TILE and (sample.labels[visual] == -100).all()
+    assert tok.decode(_labelled(sample)) == "Same colour.<|im_end|>"
+    single = GenieBlueProcessor(tok, SIZE, PER_TILE, max_tiles=1).encode(record, tmp_path)
+    assert single.pixel_values.shape[0] == 2 and int((single.input_ids == IMAGE_TOKEN_INDEX).sum()) == 2 * PER_TILE
+    prefixed = proc.encode(_chat("Colour?", "Red.", image="small.png"), tmp_path)
+    text = tok.decode(prefixed.input_ids[prefixed.input_ids >= 0])
+    assert "<|im_start|>user\n\nColour?" in text  # "<image>\n" went before the user text
+
+
+def test_placeholder_mismatch_and_overlong_records(tmp_path, tok, proc):
+    _png(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        proc.encode(_chat("<image><image>", "x", image="a.png"), tmp_path)
+    with pytest.raises(ValueError, match="2 <image> placeholders but 3 images"):
+        proc.prompt([{"role": "user", "content": "<image> <image>"}], [Image.new("RGB", (8, 8))] * 3)
+    short = GenieBlueProcessor(tok, SIZE, PER_TILE, max_length=30)
+    with pytest.raises(BadRecord, match=r"record long: \d+ tokens exceed max_length=30"):
+        short.encode(_chat("word " * 40, "ok", id="long"))
+
+
+def test_prompt_opens_the_assistant_turn(tok, proc):
+    ids, pixels = proc.prompt([{"role": "user", "content": "What is this?"}], [Image.new("RGB", (64, 32))])
+    assert ids.shape[0] == 1 and pixels.shape == (3, 3, SIZE, SIZE)
+    assert int((ids == IMAGE_TOKEN_INDEX).sum()) == 3 * PER_TILE
+    text = tok.decode(ids[0][ids[0] >= 0])
+    assert text.endswith("<|im_start|>user\n\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
+    ids, pixels = proc.prompt([{"role": "user", "content": "Hi"}])
+    assert pixels is None
+    assert ids[0].tolist() == tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
+
+
+# packing --------------------------------------------------------------------------------------
+def test_first_fit_and_batch_layout():
+    assert first_fit([5, 3, 4, 2, 8, 1], 8) == [[0, 1], [2, 3, 5], [4]]
+    with pytest.raises(ValueError, match="sample 1 has 9 tokens"):
+        first_fit([1, 9], 8)
+    samples = [
+        Sample(torch.arange(1, 6), torch.arange(1, 6), torch.full((1, 3, 2, 2), 1.0)),
+        Sample(torch.arange(1, 4), torch.arange(1, 4)),
+        Sample(torch.arange(1, 5), torch.arange(1, 5), torch.full((2, 3, 2, 2), 2.0)),
+    ]
+    batch = pack(samples, max_length=8, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 1, 2, 3], [1, 2, 3, 4, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, 4, 5, -100, 2, 3], [-100, 2, 3, 4, -100, -100, -100, -100]]
+    assert batch["attention_mask"] is None and batch["use_cache"] is False
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0, 2.0]
+    assert samples[0].labels[0] == 1  # the samples themselves are untouched
+    padded = collate(samples, pad_id=0)
+    assert padded["input_ids"].shape == (3, 5) and padded["attention_mask"][1].tolist() == [1, 1, 1, 0, 0]
+    assert padded["labels"][1].tolist() == [1, 2, 3, -100, -100]
+    assert padded["position_ids"][1].tolist() == [0, 1, 2, 2, 2]
+    assert pack(samples[1:2])["pixel_values"] is None
+
+
+def _tiny_model(attn: str):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attn,
+    )
+    llm = LlamaForCausalLM(config).to(torch.float64)
+    model = GenieBlueForConditionalGeneration.from_base(
+        llm=llm, vision=TINY_VISION, strategy="genieblue-skip", dtype=torch.float64
+    )
+    for p in model.llm_delta_parameters():  # make the image path differ from the base
+        p.data.normal_(0, 0.05)
+    return model.eval()
+
+
+def _samples(proc, tmp_path, images: bool) -> list[Sample]:
+    """Encoded records of varied lengths, token ids folded into the tiny vocabulary."""
+    _png(tmp_path / "wide.png", size=(100, 40), color=(10, 200, 60))
+    _png(tmp_path / "tall.png", size=(30, 90), color=(90, 20, 250))
+    replies = ["Yes.", "It is a long answer with many words in it.", "No", "Maybe later, thanks!", "Sure thing."]
+    records = [_chat(f"Question {i}?" + " more" * i, reply) for i, reply in enumerate(replies)]
+    if images:
+        for i, record in enumerate(records[:4]):
+            record["images"] = ["wide.png", "tall.png"][: 1 + i % 2]
+    samples = [proc.encode(r, tmp_path) for r in records]
+    for s in samples:
+        s.input_ids = torch.where(s.input_ids >= 0, s.input_ids % VOCAB, s.input_ids)
+        s.labels = torch.where(s.labels >= 0, s.labels % VOCAB, s.labels)
+    return samples
+
+
+@pytest.mark.parametrize("images", [False, True], ids=["text", "images"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_per_sample_losses(tmp_path, proc, attn, images):
+    model = _tiny_model(attn)
+    samples = _samples(proc, tmp_path, images)
+    route = {"shared_base": True} if images else {}  # text-only samples take the image path too
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            out = model(s.input_ids[None], pixel_values=s.pixel_values, labels=s.labels[None], **route)
+            n = int((s.labels[1:] != -100).sum())
+            total, count = total + out.loss.item() * n, count + n
+        max_length = 2 * max(len(s) for s in samples)
+        batch = pack(samples, max_length=max_length, pad_id=proc.pad_id)
+        assert 1 < batch["input_ids"].shape[0] < len(samples)  # really packed, over several rows
+        packed = model(**batch, **route).loss.item()
+        assert packed == pytest.approx(total / count, rel=1e-6)  # HF computes the loss in float32
+        leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+        assert model(**leaky, **route).loss.item() != pytest.approx(packed, rel=1e-4)  # the test can see leaks
