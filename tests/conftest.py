@@ -64,3 +64,30 @@ def base_dirs(tmp_path_factory):
 def load_reference(path: str):
     """An independently loaded copy of a base model, in eval mode."""
     return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="session")
+def chat_base(tmp_path_factory):
+    """A tiny random Llama that speaks through the real SmolLM2 tokenizer and chat template."""
+    from genieblue.model import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    config = LlamaConfig(**dict(_COMMON, vocab_size=len(tokenizer), num_hidden_layers=4,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
+    folder = tmp_path_factory.mktemp("chat_base")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """The built-in synthetic dataset at 32 px (train/val/test JSON + PNGs) plus text-only records."""
+    from genieblue._io import write_json
+    from genieblue.data.synthetic import generate_dataset, text_only_samples
+
+    folder = tmp_path_factory.mktemp("synth")
+    paths = generate_dataset(folder, n_train=48, n_val=12, n_test=12, seed=0, image_size=32)
+    write_json(folder / "text.json", text_only_samples(8, seed=0))
+    return {**paths, "text": folder / "text.json"}

@@ -6,6 +6,7 @@ Imports of the heavy rooms happen inside the commands, so `genieblue --help` ans
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -80,3 +81,48 @@ def info(
             f"{r['delta_bytes'] / 2**20:.0f} MiB",
         )
     Console(width=max(Console().width, 110)).print(table)
+
+
+@app.command()
+def train(
+    config: str = typer.Option(..., "--config", "-c", help="YAML training config (see configs/)."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in output_dir."),
+    output_dir: Optional[str] = typer.Option(None, help="Override output_dir."),
+    max_steps: Optional[int] = typer.Option(None, help="Override max_steps."),
+):
+    """Train stage 1 (projector) or stage 2 (ViT + projector + copies + LoRA) on LLaVA JSON/JSONL.
+
+    Multi-process: `accelerate launch -m genieblue.cli train -c cfg.yaml` (DDP, or FSDP with an
+    accelerate config). Interrupted? Run the same command with --resume.
+    """
+    from .train import BadDataError, TrainConfig, Trainer
+
+    try:
+        cfg = TrainConfig.from_yaml(config, output_dir=output_dir, max_steps=max_steps)
+        Trainer(cfg, console).run(resume=resume)
+    except (ValueError, FileNotFoundError, BadDataError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def synth(
+    out: str = typer.Argument(..., help="Folder to write train/val/test JSON + PNG images into."),
+    n_train: int = typer.Option(2000, help="Training samples."),
+    n_val: int = typer.Option(200, help="Validation samples."),
+    n_test: int = typer.Option(300, help="Test samples."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes byte-identical files."),
+    image_size: int = typer.Option(64, help="Image side in pixels."),
+):
+    """Write the built-in synthetic multimodal dataset (colour, shape, count, position, reading,
+    bar charts) in LLaVA format, ready for `genieblue train`."""
+    from ._io import write_json
+    from .data.synthetic import generate_dataset, text_only_samples
+
+    paths = generate_dataset(out, n_train, n_val, n_test, seed, image_size)
+    paths["text"] = Path(out) / "text.json"
+    write_json(paths["text"], text_only_samples(max(1, n_train // 10), seed))
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    app()

@@ -46,6 +46,7 @@ class GenieBlueProcessor:
         max_tiles: int = 1,
         vision_type: str = "siglip_vision_model",
         max_length: int = 4096,
+        system_prompt: str | None = None,
     ):
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; use an instruct / chat tokenizer")
@@ -55,13 +56,17 @@ class GenieBlueProcessor:
         self.max_tiles = max_tiles
         self.vision_type = vision_type
         self.max_length = max_length
+        self.system_prompt = system_prompt  # used when a conversation has no system turn of its own
 
     @classmethod
-    def from_model(cls, model, tokenizer, max_tiles: int = 1, max_length: int = 4096) -> "GenieBlueProcessor":
+    def from_model(
+        cls, model, tokenizer, max_tiles: int = 1, max_length: int = 4096, system_prompt: str | None = None
+    ) -> "GenieBlueProcessor":
         """A processor matching `model`'s vision tower (tile size, tokens per tile, normalisation)."""
         vision = model.vision
         return cls(
-            tokenizer, vision.image_size, vision.tokens_per_tile, max_tiles, vision.vit.config.model_type, max_length
+            tokenizer, vision.image_size, vision.tokens_per_tile, max_tiles, vision.vit.config.model_type, max_length,
+            system_prompt,
         )
 
     @property
@@ -75,7 +80,7 @@ class GenieBlueProcessor:
         `BadRecord` for an invalid record or one longer than `max_length` (never truncated), and
         `ImageError` for an image that cannot be read."""
         record = check_record(record, image_folder)
-        messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+        messages = self._with_system([{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]])
         pixels = [self._pixels(path) for path in record.get("images", [])]
         text = self._render(messages, add_generation_prompt=False)
         ids, starts = self._tokenize(text, pixels)
@@ -89,12 +94,17 @@ class GenieBlueProcessor:
         """(input_ids (1, T), pixel_values or None) for generation: the chat template with the
         assistant turn opened. `images` are PIL images, paths or bytes; without any `<image>` in
         the messages they go before the first user text."""
-        messages = _with_image_prefix(messages, len(images))
+        messages = self._with_system(_with_image_prefix(messages, len(images)))
         pixels = [self._pixels(image) for image in images]
         ids, _ = self._tokenize(self._render(messages, add_generation_prompt=True), pixels)
         return torch.tensor([ids]), (torch.cat(pixels) if pixels else None)
 
     # internals --------------------------------------------------------------------------------
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        if self.system_prompt is None or (messages and messages[0]["role"] == "system"):
+            return messages
+        return [{"role": "system", "content": self.system_prompt}, *messages]
+
     def _pixels(self, image: str | Path | bytes | Image.Image) -> torch.Tensor:
         return image_to_tensor(image, self.image_size, self.max_tiles, self.vision_type)
 

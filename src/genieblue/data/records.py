@@ -168,14 +168,17 @@ def _shares(weights: list[float], size: int) -> list[int]:
 class DataMixture:
     """Records of several sources, interleaved deterministically (by `seed`) so that each source's
     share of the list follows its ratio. `size` defaults to the total record count; a source with
-    fewer records than its share is repeated (in reshuffled passes), a larger one subsampled."""
+    fewer records than its share is repeated (in reshuffled passes), a larger one subsampled.
+    Invalid records are left out and kept in `bad` (one `BadRecord` each) for the caller to report."""
 
     def __init__(self, sources, seed: int = 0, size: int | None = None):
         self.sources = [s if isinstance(s, Source) else Source(*s) for s in sources]
         if not self.sources or any(s.ratio < 0 for s in self.sources) or not sum(s.ratio for s in self.sources):
             raise ValueError("a mixture needs at least one source and non-negative ratios with a positive sum")
         rng = random.Random(seed)
-        pools = [read_records(s.path, s.image_folder) for s in self.sources]
+        scanned = [scan_records(s.path, s.image_folder) for s in self.sources]
+        pools = [good for good, _ in scanned]
+        self.bad: list[BadRecord] = [b for _, bad in scanned for b in bad]
         for source, pool in zip(self.sources, pools):
             if not pool:
                 raise ValueError(f"{source.path}: no records")

@@ -1,0 +1,82 @@
+"""Training configuration: one YAML file per run, with the paper's defaults for everything left out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class DataSource:
+    """A LLaVA JSON/JSONL file and its share of the mixture (ratios are normalised)."""
+
+    path: str
+    ratio: float = 1.0
+    image_folder: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    # model
+    llm: str | None = None  # None: the built-in SmolLM2-135M-Instruct
+    vision: str | dict | None = None  # None: the tiny from-scratch SigLIP
+    strategy: str = "genieblue-skip"
+    fraction: float = 0.25
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    init_from: str | None = None  # a saved model folder (e.g. stage 1's output) to continue from
+    # data
+    data: list[DataSource] = field(default_factory=list)
+    max_tiles: int = 1  # dynamic resolution: up to N tiles + a thumbnail; 1 = single-patch mode
+    max_length: int = 4096  # packing length
+    max_bad_fraction: float = 0.01  # stop with an error when more records than this are bad
+    # optimisation (paper defaults)
+    stage: int = 2  # 1: projector only; 2: ViT + projector + copies/experts + LoRA
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 1  # packed sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 2e-5
+    projector_lr: float | None = None  # default: lr
+    vit_layer_decay: float = 0.9
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_ratio: float = 0.01
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32; or bf16 / fp16 / no
+    gradient_checkpointing: bool = False
+    # bookkeeping
+    output_dir: str = "runs/genieblue"
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        self.data = [d if isinstance(d, DataSource) else DataSource(**d) for d in self.data]
+        self.betas = tuple(self.betas)
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        for source in raw.get("data", []):  # data paths are relative to the config file
+            for key in ("path", "image_folder"):
+                if source.get(key) and not Path(source[key]).is_absolute():
+                    source[key] = str((path.parent / source[key]).resolve())
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

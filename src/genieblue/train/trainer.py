@@ -1,0 +1,253 @@
+"""The training loop: stage 1 / stage 2 on packed LLaVA data through `accelerate` (one process, DDP or
+FSDP), with resumable atomic checkpoints, a rich progress bar, a JSONL metrics log, a loss-curve PNG
+and a bad-data report.
+
+Every sample, text-only ones included, trains the multimodal path (shared_base=True): the base
+itself is frozen and serves text requests untouched. The loss is the token mean over the whole
+global batch (all micro-batches of all processes), so 1 process and N processes with the same
+global batch take the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .._io import write_json
+from ..data.images import ImageError
+from ..data.packing import first_fit, pack
+from ..data.processor import GenieBlueProcessor, Sample
+from ..data.records import BadRecord, DataMixture, Source
+from ..model import GenieBlueForConditionalGeneration, load_tokenizer
+from ..plots import loss_curve
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .loss import causal_lm_loss
+from .optim import build_optimizer
+
+
+class BadDataError(RuntimeError):
+    """More records were unusable than `max_bad_fraction` allows."""
+
+
+@dataclass
+class PreparedData:
+    samples: list[Sample]
+    bad: list[dict] = field(default_factory=list)  # {"id", "reason"}
+    total: int = 0
+
+
+def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
+    if cfg.init_from:
+        model = GenieBlueForConditionalGeneration.from_pretrained(cfg.init_from, llm=cfg.llm)
+        if model.strategy.name != cfg.strategy:
+            raise ValueError(f"init_from {cfg.init_from} uses strategy {model.strategy.name}, config asks {cfg.strategy}")
+    else:
+        model = GenieBlueForConditionalGeneration.from_base(
+            cfg.llm, cfg.vision, cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha
+        )
+    model.set_stage(cfg.stage)
+    return model
+
+
+def prepare_data(cfg: TrainConfig, processor: GenieBlueProcessor, progress=None) -> PreparedData:
+    """Encode every record of the mixture; unusable ones are skipped and listed, never fatal alone."""
+    if not cfg.data:
+        raise ValueError("the config names no data: add `data: [{path: train.json}]`")
+    sources = [Source(d.path, d.ratio, d.image_folder) for d in cfg.data]
+    mixture = DataMixture(sources, seed=cfg.seed)
+    out = PreparedData(samples=[], total=len(mixture) + len(mixture.bad))
+    out.bad = [{"id": b.record_id, "reason": b.reason} for b in mixture.bad]
+    task = progress.add_task("preparing data", total=len(mixture), status="") if progress else None
+    for record in mixture:
+        try:
+            out.samples.append(processor.encode(record))
+        except BadRecord as err:
+            out.bad.append({"id": err.record_id, "reason": err.reason})
+        except (ImageError, ValueError) as err:
+            out.bad.append({"id": str(record.get("id", "?")), "reason": str(err)})
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    return out
+
+
+def _precision(name: str) -> str:
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+class Trainer:
+    """Runs one stage described by a `TrainConfig`; `run()` returns the final model folder."""
+
+    def __init__(self, cfg: TrainConfig, console: Console | None = None):
+        self.cfg = cfg
+        self.console = console or Console(stderr=True)
+        self.accelerator = Accelerator(
+            mixed_precision=_precision(cfg.precision),
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.out = Path(cfg.output_dir)
+
+    # data schedule ------------------------------------------------------------------------------
+    def _rows(self, samples: list[Sample]) -> list[list[int]]:
+        return first_fit([len(s) for s in samples], self.cfg.max_length)
+
+    def _global_rows(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+
+    def _step_rows(self, rows: list[list[int]], step: int, steps_per_epoch: int) -> list[list[int]]:
+        """The rows of optimizer step `step`: each epoch visits the rows in a seeded order."""
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = list(range(len(rows)))
+        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        g = self._global_rows()
+        return [rows[i] for i in order[offset * g : (offset + 1) * g]]
+
+    # loop ---------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        set_seed(cfg.seed)
+        main = acc.is_main_process
+        progress = _progress(self.console) if main else None
+        with progress or contextlib.nullcontext():
+            model = build_model(cfg)
+            processor = GenieBlueProcessor.from_model(model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length)
+            data = prepare_data(cfg, processor, progress)
+            self._check_bad_data(data)
+            rows = self._rows(data.samples)
+            steps_per_epoch = len(rows) // self._global_rows()
+            if steps_per_epoch == 0:
+                raise ValueError(
+                    f"{len(rows)} packed rows cannot fill one global batch of {self._global_rows()} rows; "
+                    "lower batch_size/grad_accum or max_length"
+                )
+            total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable()
+            optimizer, scheduler = build_optimizer(model, cfg, total)
+            start = 0
+            ckpt_dir = self.out / "checkpoints"
+            if resume and (latest := latest_checkpoint(ckpt_dir)):
+                start = load_checkpoint(latest, model, optimizer, scheduler)["step"]
+                if main:
+                    self.console.print(f"resuming from {latest} (step {start})")
+            model.train()
+            ddp_model, optimizer = acc.prepare(model, optimizer)
+            if main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_json(self.out / "train_config.json", cfg.to_dict())
+                n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                self.console.print(
+                    f"stage {cfg.stage} · {cfg.strategy} · {len(data.samples)} samples in {len(rows)} rows of "
+                    f"<= {cfg.max_length} tokens · {total} steps · {n / 1e6:.2f}M trainable · {acc.num_processes} process(es)"
+                )
+            task = progress.add_task(f"stage {cfg.stage}", total=total, completed=start, status="") if main else None
+            metrics = (self.out / "metrics.jsonl").open("a") if main else None
+            for step in range(start, total):
+                record = self._step(ddp_model, optimizer, scheduler, data.samples, rows, step, steps_per_epoch, processor.pad_id)
+                if main:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    progress.update(
+                        task, advance=1,
+                        status=f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s",
+                    )
+                if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                    acc.wait_for_everyone()
+                    if main:
+                        save_checkpoint(ckpt_dir, model, optimizer, scheduler, step + 1, {"total": total}, cfg.keep_last)
+            if main:
+                metrics.close()
+        return self._finish(model, data)
+
+    def _step(self, model, optimizer, scheduler, samples, rows, step, steps_per_epoch, pad_id) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        mine = self._step_rows(rows, step, steps_per_epoch)[acc.process_index :: acc.num_processes]
+        micro = [pack([samples[i] for row in mine[j : j + cfg.batch_size] for i in row], cfg.max_length, pad_id)
+                 for j in range(0, len(mine), cfg.batch_size)]
+        seen = sum(len(samples[i]) for row in mine for i in row)
+        # the token count of the whole global batch normalises every micro-batch's summed loss
+        local = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), dtype=torch.float64)
+        n_tokens = acc.reduce(local.to(acc.device), reduction="sum").item()
+        if n_tokens == 0:
+            raise ValueError(f"step {step}: the global batch has no assistant tokens to learn from")
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(model)
+            with sync, acc.autocast():
+                loss = causal_lm_loss(model, batch, n_tokens) * acc.num_processes  # DDP averages over processes
+            acc.backward(loss)
+            loss_sum += loss.detach().double().cpu() / acc.num_processes
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = acc.reduce(loss_sum.to(acc.device), reduction="sum").item()
+        elapsed = time.perf_counter() - t0
+        return {"step": step + 1, "loss": loss_value, "lr": lr, "tokens": seen * acc.num_processes,
+                "tokens_per_s": seen * acc.num_processes / elapsed, "time_s": elapsed}
+
+    # bookkeeping ------------------------------------------------------------------------------
+    def _check_bad_data(self, data: PreparedData) -> None:
+        if not data.bad:
+            return
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "bad_records.json", data.bad)
+        fraction = len(data.bad) / max(1, data.total)
+        if fraction > self.cfg.max_bad_fraction:
+            examples = "; ".join(f"{b['id']}: {b['reason']}" for b in data.bad[:3])
+            raise BadDataError(
+                f"{len(data.bad)} of {data.total} records ({100 * fraction:.1f}%) are unusable, above "
+                f"max_bad_fraction={self.cfg.max_bad_fraction:.0%} (e.g. {examples}); all listed in "
+                f"{self.out / 'bad_records.json'}"
+            )
+
+    def _finish(self, model: GenieBlueForConditionalGeneration, data: PreparedData) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final = self.out / "final"
+        if acc.is_main_process:
+            acc.unwrap_model(model).save_pretrained(final)
+            loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}")
+            if data.bad:
+                self.console.print(
+                    f"[yellow]skipped {len(data.bad)} of {data.total} records[/yellow] "
+                    f"(ids: {', '.join(b['id'] for b in data.bad[:10])}{' ...' if len(data.bad) > 10 else ''}); "
+                    f"see {self.out / 'bad_records.json'}"
+                )
+            self.console.print(f"saved {final} · loss curve {self.out / 'loss.png'}")
+        return final
