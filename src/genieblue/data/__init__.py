@@ -18,8 +18,8 @@ _EXPORTS = {
         "normalize",
         "tile_image",
     ),
-    "packing": ("collate", "first_fit", "pack"),
-    "processor": ("IGNORE_INDEX", "GenieBlueProcessor", "Sample"),
+    "packing": ("collate", "collate_prompts", "first_fit", "pack"),
+    "processor": ("IGNORE_INDEX", "GenieBlueProcessor", "Sample", "load_processor", "save_processor_settings"),
     "records": (
         "IMAGE_PLACEHOLDER",
         "ROLES",

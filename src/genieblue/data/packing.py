@@ -84,3 +84,16 @@ def collate(samples: list[Sample], pad_id: int = 0) -> dict:
         "pixel_values": _pixel_values([samples]),
         "use_cache": False,
     }
+
+
+def collate_prompts(prompts: list[tuple[torch.Tensor, torch.Tensor | None]], pad_id: int) -> dict:
+    """Generation prompts (input_ids (1, T), pixel_values or None) from `GenieBlueProcessor.prompt`,
+    left-padded into one batch: input_ids, attention_mask, pixel_values (tiles in row order) or None."""
+    width = max(ids.shape[1] for ids, _ in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, (p, _) in enumerate(prompts):
+        ids[row, width - p.shape[1] :] = p[0]
+        mask[row, width - p.shape[1] :] = 1
+    tiles = [px for _, px in prompts if px is not None]
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(tiles) if tiles else None}

@@ -9,12 +9,14 @@ tokens through the tokenizer's offsets, so no template-specific markers are hard
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .._io import write_json
 from ..model.modeling import IMAGE_TOKEN_INDEX
 from .images import image_to_tensor
 from .records import IMAGE_PLACEHOLDER, ROLES, BadRecord, check_record, prepend_placeholders
@@ -160,3 +162,18 @@ def _with_image_prefix(messages: list[dict], n_images: int) -> list[dict]:
     if first is None:
         raise ValueError("images were given but there is no user message to attach them to")
     return prepend_placeholders(messages, first, "content", n_images)
+
+
+PROCESSOR_SETTINGS = "processor.json"
+
+
+def save_processor_settings(model_dir: str | Path, max_tiles: int = 1, system_prompt: str | None = None) -> None:
+    """Record how a model was trained to be prompted, beside its delta."""
+    write_json(Path(model_dir) / PROCESSOR_SETTINGS, {"max_tiles": max_tiles, "system_prompt": system_prompt})
+
+
+def load_processor(model_dir: str | Path, model, tokenizer, max_length: int = 4096) -> GenieBlueProcessor:
+    """The processor a saved model was trained with (defaults when the folder has no settings)."""
+    path = Path(model_dir) / PROCESSOR_SETTINGS
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    return GenieBlueProcessor.from_model(model, tokenizer, max_length=max_length, **settings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .._io import atomic_dir, write_json
 from ..model import GenieBlueForConditionalGeneration
 
 STATE = "trainer_state.json"
+_PARTIAL = re.compile(r"\..+\.(tmp|old)\d+")
 OPTIM = "optimizer.safetensors"
 
 
@@ -39,10 +41,24 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def remove_partial(folder: Path) -> list[Path]:
+    """Delete what a killed writer left in `folder`: the hidden `.name.tmpPID` / `.name.oldPID`
+    siblings of `atomic_dir` and `write_json`. Call it only while no other writer uses `folder`."""
+    stale = [p for p in Path(folder).glob(".*") if _PARTIAL.fullmatch(p.name)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(
     folder: Path, model: GenieBlueForConditionalGeneration, optimizer, scheduler, step: int, extra: dict, keep_last: int
 ) -> Path:
     """Write `folder/step-XXXXXXX` atomically, then remove all but the newest `keep_last`."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     target = folder / f"step-{step:07d}"
     tensors, meta = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()

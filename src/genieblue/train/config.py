@@ -30,6 +30,7 @@ class TrainConfig:
     # data
     data: list[DataSource] = field(default_factory=list)
     max_tiles: int = 1  # dynamic resolution: up to N tiles + a thumbnail; 1 = single-patch mode
+    system_prompt: str | None = None  # for conversations without a system turn (None: the template's)
     max_length: int = 4096  # packing length
     max_bad_fraction: float = 0.01  # stop with an error when more records than this are bad
     # optimisation (paper defaults)
@@ -40,6 +41,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-5
     projector_lr: float | None = None  # default: lr
+    vit_lr: float | None = None  # top ViT block's lr (default: lr); lower blocks decay from it
     vit_layer_decay: float = 0.9
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
@@ -60,6 +62,9 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        for name in ("batch_size", "grad_accum", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":

@@ -31,7 +31,7 @@ def param_groups(model: GenieBlueForConditionalGeneration, cfg: TrainConfig) -> 
         if not p.requires_grad:
             continue
         if name.startswith("vision.vit."):
-            lr = cfg.lr * cfg.vit_layer_decay ** (num_vit + 1 - _vit_depth(name, num_vit))
+            lr = (cfg.vit_lr or cfg.lr) * cfg.vit_layer_decay ** (num_vit + 1 - _vit_depth(name, num_vit))
         elif name.startswith("vision.projector."):
             lr = cfg.projector_lr or cfg.lr
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,18 +21,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .._io import write_json
 from ..data.images import ImageError
 from ..data.packing import first_fit, pack
-from ..data.processor import GenieBlueProcessor, Sample
+from ..data.processor import GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import BadRecord, DataMixture, Source
 from ..model import GenieBlueForConditionalGeneration, load_tokenizer
 from ..plots import loss_curve
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
 from .optim import build_optimizer
@@ -67,21 +68,45 @@ def prepare_data(cfg: TrainConfig, processor: GenieBlueProcessor, progress=None)
         raise ValueError("the config names no data: add `data: [{path: train.json}]`")
     sources = [Source(d.path, d.ratio, d.image_folder) for d in cfg.data]
     mixture = DataMixture(sources, seed=cfg.seed)
-    out = PreparedData(samples=[], total=len(mixture) + len(mixture.bad))
+    out = PreparedData(samples=[])
     out.bad = [{"id": b.record_id, "reason": b.reason} for b in mixture.bad]
+    # a mixture repeats the same record objects to fill a source's share: encode (and report) each once
+    encoded: dict[int, Sample | None] = {}
     task = progress.add_task("preparing data", total=len(mixture), status="") if progress else None
     for record in mixture:
-        try:
-            out.samples.append(processor.encode(record))
-        except BadRecord as err:
-            out.bad.append({"id": err.record_id, "reason": err.reason})
-        except (ImageError, ValueError) as err:
-            out.bad.append({"id": str(record.get("id", "?")), "reason": str(err)})
+        key = id(record)
+        if key not in encoded:
+            encoded[key] = None
+            try:
+                encoded[key] = processor.encode(record)
+            except BadRecord as err:
+                out.bad.append({"id": err.record_id, "reason": err.reason})
+            except (ImageError, ValueError) as err:
+                out.bad.append({"id": str(record.get("id", "?")), "reason": str(err)})
+        if encoded[key] is not None:
+            out.samples.append(encoded[key])
         if progress:
             progress.advance(task)
     if progress:
         progress.remove_task(task)
+    out.total = len(encoded) + len(mixture.bad)
     return out
+
+
+def _restart_metrics(path: Path, last_step: int) -> None:
+    """Keep only the log entries of steps <= `last_step`: a resumed run logs the later steps again,
+    a fresh run (last_step 0) starts an empty log."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a line cut short by a kill
+                continue
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def _precision(name: str) -> str:
@@ -137,10 +162,22 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)
         main = acc.is_main_process
+        ckpt_dir = self.out / "checkpoints"
+        latest = latest_checkpoint(ckpt_dir)
+        if latest and not resume:
+            raise ValueError(
+                f"{self.out} already holds checkpoints of a run (newest: {latest.name}): pass --resume "
+                "(resume=True) to continue it, or choose another output_dir"
+            )
+        if main:  # what a killed writer left half-written (checkpoint, final model, JSON) goes first
+            remove_partial(self.out)
+            remove_partial(ckpt_dir)
         progress = _progress(self.console) if main else None
         with progress or contextlib.nullcontext():
             model = build_model(cfg)
-            processor = GenieBlueProcessor.from_model(model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length)
+            processor = GenieBlueProcessor.from_model(
+                model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length, cfg.system_prompt
+            )
             data = prepare_data(cfg, processor, progress)
             self._check_bad_data(data)
             rows = self._rows(data.samples)
@@ -155,11 +192,12 @@ class Trainer:
                 model.gradient_checkpointing_enable()
             optimizer, scheduler = build_optimizer(model, cfg, total)
             start = 0
-            ckpt_dir = self.out / "checkpoints"
-            if resume and (latest := latest_checkpoint(ckpt_dir)):
+            if latest:
                 start = load_checkpoint(latest, model, optimizer, scheduler)["step"]
                 if main:
                     self.console.print(f"resuming from {latest} (step {start})")
+            elif resume and main:
+                self.console.print(f"no checkpoint in {ckpt_dir}: starting from step 0")
             model.train()
             ddp_model, optimizer = acc.prepare(model, optimizer)
             if main:
@@ -168,8 +206,16 @@ class Trainer:
                 n = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 self.console.print(
                     f"stage {cfg.stage} · {cfg.strategy} · {len(data.samples)} samples in {len(rows)} rows of "
-                    f"<= {cfg.max_length} tokens · {total} steps · {n / 1e6:.2f}M trainable · {acc.num_processes} process(es)"
+                    f"<= {cfg.max_length} tokens · {total} steps · {n / 1e6:.2f}M trainable · {acc.num_processes} "
+                    f"process(es) · {acc.distributed_type.value}"
                 )
+                fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+                if fsdp_asked and acc.distributed_type != DistributedType.FSDP:
+                    self.console.print(
+                        f"[yellow]FSDP was requested but accelerate runs {acc.distributed_type.value}: it only "
+                        "shards with FSDP on accelerators (GPU, XPU, NPU, ...), not on CPU[/yellow]"
+                    )
+                _restart_metrics(self.out / "metrics.jsonl", start)
             task = progress.add_task(f"stage {cfg.stage}", total=total, completed=start, status="") if main else None
             metrics = (self.out / "metrics.jsonl").open("a") if main else None
             for step in range(start, total):
@@ -211,7 +257,8 @@ class Trainer:
             loss_sum += loss.detach().double().cpu() / acc.num_processes
         if cfg.max_grad_norm:
             acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
+        # the schedule's current lr for `cfg.lr` (group 0 may be a decayed ViT group)
+        lr = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -230,9 +277,10 @@ class Trainer:
         fraction = len(data.bad) / max(1, data.total)
         if fraction > self.cfg.max_bad_fraction:
             examples = "; ".join(f"{b['id']}: {b['reason']}" for b in data.bad[:3])
+            files = ", ".join(str(d.path) for d in self.cfg.data)
             raise BadDataError(
-                f"{len(data.bad)} of {data.total} records ({100 * fraction:.1f}%) are unusable, above "
-                f"max_bad_fraction={self.cfg.max_bad_fraction:.0%} (e.g. {examples}); all listed in "
+                f"{len(data.bad)} of {data.total} records ({100 * fraction:.1f}%) in {files} are unusable, above "
+                f"max_bad_fraction={self.cfg.max_bad_fraction:g} (e.g. {examples}); all listed in "
                 f"{self.out / 'bad_records.json'}"
             )
 
@@ -242,6 +290,7 @@ class Trainer:
         final = self.out / "final"
         if acc.is_main_process:
             acc.unwrap_model(model).save_pretrained(final)
+            save_processor_settings(final, max_tiles=self.cfg.max_tiles, system_prompt=self.cfg.system_prompt)
             loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}")
             if data.bad:
                 self.console.print(

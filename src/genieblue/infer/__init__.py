@@ -1,0 +1,1 @@
+"""Inference: chat sessions over a saved GenieBlue model (text turns run the untouched base)."""

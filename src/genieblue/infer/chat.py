@@ -1,0 +1,57 @@
+"""Chat with a saved GenieBlue model: one-shot questions or an interactive rich terminal session,
+with an optional image. Text-only turns take the non-shared base path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.prompt import Prompt
+
+from ..data import load_processor
+from ..model import GenieBlueForConditionalGeneration, load_tokenizer
+
+
+class ChatSession:
+    def __init__(self, model: GenieBlueForConditionalGeneration, processor, max_new_tokens: int = 128,
+                 shared_base: bool = False):
+        self.model, self.processor = model.eval(), processor
+        self.max_new_tokens, self.shared_base = max_new_tokens, shared_base
+        self.history: list[dict] = []
+        self.images: list = []
+
+    @classmethod
+    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> "ChatSession":
+        model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=llm)
+        tokenizer = load_tokenizer(llm if llm is not None else model.base_spec)
+        return cls(model, load_processor(model_dir, model, tokenizer), **kwargs)
+
+    def ask(self, text: str, image: str | Path | None = None) -> str:
+        """Add a user turn (with an image) and return the greedy reply, kept in the history."""
+        if image is not None:
+            self.images.append(str(image))
+            text = f"<image>\n{text}"
+        self.history.append({"role": "user", "content": text})
+        ids, pixels = self.processor.prompt(self.history, self.images)
+        new = self.model.generate(ids, pixel_values=pixels, shared_base=self.shared_base, do_sample=False,
+                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.processor.pad_id)
+        reply = self.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
+
+    def interactive(self, console: Console, image: str | Path | None = None) -> None:
+        console.print("[bold]genieblue chat[/bold] · /image PATH attaches an image · /reset · /quit")
+        while True:
+            text = Prompt.ask("[cyan]you[/cyan]", console=console).strip()
+            if text in ("/quit", "/exit"):
+                return
+            if text == "/reset":
+                self.history, self.images, image = [], [], None
+                continue
+            if text.startswith("/image "):
+                image = text.split(" ", 1)[1].strip()
+                continue
+            with console.status("thinking"):
+                reply = self.ask(text, image)
+            image = None
+            console.print(f"[green]genieblue[/green] {reply}")

@@ -1,0 +1,78 @@
+"""The main job end to end on the real built-in SmolLM2-135M: `genieblue demo` (short form in the
+default suite, the full default run under -m slow) and `genieblue chat` on its output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from genieblue.data import load_processor
+from genieblue.eval.answers import answer_records
+from genieblue.eval.text import _qa_records
+from genieblue.model import GenieBlueForConditionalGeneration, load_llm, load_tokenizer
+
+MODEL = "runs/genieblue-skip/stage2/final"
+
+
+def _cli(*args, timeout=1800) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genieblue.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    run = _cli("demo", "--out", str(out), "--n-train", "24", "--n-test", "12", "--stage1-steps", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_short_demo_writes_reports_and_keeps_the_base_exact(short_demo):
+    report = json.loads((short_demo / "report.json").read_text())
+    for name in ("report.md", "accuracy.png", f"{MODEL}/delta.safetensors", "runs/genieblue-skip/stage2/loss.png"):
+        assert (short_demo / name).is_file(), name
+    ret = report["retention"]
+    assert ret["logit_equality_non_shared"]["bit_identical"] == ret["logit_equality_non_shared"]["prompts"] == 30
+    assert ret["text_qa_replies_identical"] and ret["text_qa"]["non_shared"] == ret["text_qa"]["base"]
+    assert ret["perplexity"]["non_shared"] == ret["perplexity"]["base"]
+    # the shared path went through the trained delta, so it is no longer the base
+    assert ret["logit_equality_shared"]["max_abs_diff"] > 0
+    assert set(report["results"]["genieblue-skip"]["multimodal"]["per_group"]) == set(report["tasks"])
+    assert "| colour |" in (short_demo / "report.md").read_text()
+
+
+def test_chat_answers_with_and_without_an_image(short_demo):
+    model_dir = short_demo / MODEL
+    image = next((short_demo / "data" / "images" / "test").glob("colour-*.png"))
+    with_image = _cli("chat", "--model", str(model_dir), "--image", str(image), "--max-new-tokens", "4",
+                      "What colour is the shape? Answer with one word.", timeout=300)
+    assert with_image.returncode == 0 and with_image.stdout.strip(), with_image.stderr[-2000:]
+
+    question = _qa_records()[:1]
+    text = _cli("chat", "--model", str(model_dir), "--max-new-tokens", "12", question[0]["conversations"][0]["value"], timeout=300)
+    assert text.returncode == 0, text.stderr[-2000:]
+    # the text-only reply is the independently loaded base's reply, through the same chat template
+    model = GenieBlueForConditionalGeneration.from_pretrained(model_dir)
+    processor = load_processor(model_dir, model, load_tokenizer(None))
+    base_reply = answer_records(load_llm(None), processor, question, max_new_tokens=12)[0]
+    assert text.stdout.strip() == base_reply.strip()
+
+
+def test_chat_reports_a_missing_model_in_one_line(tmp_path):
+    run = _cli("chat", "--model", str(tmp_path / "nope"), "hello", timeout=120)
+    assert run.returncode == 2
+    assert "error:" in run.stderr and "genieblue.json is missing" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_full_default_demo_beats_chance(tmp_path):
+    """The real `genieblue demo` with its defaults (about 15 minutes on 2 CPU cores)."""
+    run = _cli("demo", "--out", str(tmp_path), timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    mm = report["results"]["genieblue-skip"]["multimodal"]
+    chance = sum(t["chance"] for t in report["tasks"].values()) / len(report["tasks"])
+    assert mm["accuracy"] > chance
