@@ -187,3 +187,26 @@ def test_block_choice(name, layers, expected):
 def test_unknown_strategy_lists_choices():
     with pytest.raises(ValueError, match="choose one of: genieblue-skip"):
         Strategy("genieblue-middle")
+
+
+def test_pretrained_vision_folders(base_dirs, tmp_path):
+    """SigLIP / CLIP loaded from saved folders: CLIP features come from its penultimate layer
+    (LLaVA's choice), SigLIP's from its last layer without the unused pooling head."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in TINY_CLIP.items() if k != "model_type"})).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    siglip = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in TINY_SIGLIP.items() if k != "model_type"})).eval()
+    siglip.save_pretrained(tmp_path / "siglip")
+    pixels = torch.randn(2, 3, 32, 32)
+    for folder, reference in (("clip", clip), ("siglip", siglip)):
+        model = GenieBlue.from_base(base_dirs["llama"], vision=str(tmp_path / folder)).eval()
+        tower = model.vision
+        with torch.no_grad():
+            ours = tower.vit(pixel_values=pixels).last_hidden_state
+            ref = reference(pixel_values=pixels, output_hidden_states=True)
+        expected = ref.hidden_states[-2] if folder == "clip" else ref.last_hidden_state
+        assert torch.equal(ours, expected)
+        assert not any("head" in n for n, _ in tower.vit.named_parameters())
+        assert tower(pixels).shape == (2, tower.tokens_per_tile, 32)

@@ -7,6 +7,7 @@ text QA, perplexity: base vs non-shared vs shared path), and writes report.md, r
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ class Demo:
 
     def train(self, strategy: str, data: dict[str, Path]) -> Path:
         cfg, root = self.cfg, self.out / "runs" / strategy
+        shutil.rmtree(root, ignore_errors=True)  # a demo run always starts fresh
         common = dict(llm=cfg.llm, strategy=strategy, max_length=cfg.max_length, system_prompt=SYSTEM_PROMPT,
                       seed=cfg.seed, save_every=50, keep_last=1, projector_lr=cfg.vision_lr, vit_lr=cfg.vision_lr, lr=cfg.lr)
         self.console.rule(f"{strategy}: stage 1 (projector)")
