@@ -179,5 +179,26 @@ def chat(
         _fail(str(err))
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    allow_local_images: bool = typer.Option(False, help="Accept local file paths as image URLs (never http)."),
+    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+):
+    """Serve an OpenAI-compatible API: POST /v1/chat/completions (streaming too), GET /v1/models,
+    GET /health. Text-only requests run the untouched base; concurrent requests are batched.
+
+    Example: genieblue serve -m demo_out/runs/genieblue-skip/stage2/final --port 8000
+    """
+    from .infer.server import serve as run_server
+
+    try:
+        run_server(model, host, port, allow_local_images, llm)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
 if __name__ == "__main__":
     app()

@@ -1,1 +1,2 @@
-"""Inference: chat sessions over a saved GenieBlue model (text turns run the untouched base)."""
+"""Inference: chat sessions, the batching engine and the OpenAI-compatible server over a saved
+GenieBlue model (text-only requests run the untouched base)."""

@@ -1,0 +1,230 @@
+"""The serving engine: one GenieBlue model (base weights held once) behind a batching thread.
+
+`Engine.submit` encodes a chat request and queues it; a background thread takes every request
+waiting, groups them by route and sampling settings (text-only rows together, image rows together)
+and runs each group as one left-padded `generate` call. Text-only groups run the untouched base
+path, so their greedy tokens equal the base model's on the same padded batch. Each row is followed
+token by token (a stopping criterion sees every new token): its own `max_tokens`, stop strings and
+incremental detokenisation, with text deltas handed to the caller as they are produced.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..data import collate_prompts, load_processor
+from ..model import GenieBlueForConditionalGeneration, load_tokenizer
+
+
+class ContextOverflow(ValueError):
+    """A prompt plus its `max_tokens` does not fit the model's context window."""
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_DONE = object()
+
+
+class Request:
+    """One queued generation. The batching thread feeds it tokens; callers read `stream()` (text
+    deltas) or `result()` (a `Completion`) from any thread."""
+
+    def __init__(self, ids, pixels, max_tokens: int, temperature: float, top_p: float, stop: tuple[str, ...],
+                 tokenizer, eos_ids: set[int]):
+        self.ids, self.pixels = ids, pixels
+        self.max_tokens, self.temperature, self.top_p, self.stop = max_tokens, temperature, top_p, stop
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.tokens: list[int] = []
+        self.text = ""  # the part of the reply already handed out
+        self.finish_reason: str | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._holdback = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
+
+    @property
+    def group(self) -> tuple:
+        """Requests with the same group can share one `generate` call."""
+        return (self.pixels is not None, self.temperature, self.top_p)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    # batching-thread side ---------------------------------------------------------------------
+    def push(self, token: int) -> None:
+        """Take the next generated token: detokenise, look for stop strings, emit what is safe."""
+        if self.done:
+            return
+        if token in self.eos_ids:
+            return self._end(self._decode(), "stop")
+        self.tokens.append(token)
+        text = self._decode()
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._end(text[: min(hits)], "stop")
+        elif len(self.tokens) >= self.max_tokens:
+            self._end(text, "length")
+        elif not text.endswith("\ufffd"):  # never emit half a multi-byte character
+            self._emit(text[: len(text) - self._holdback])
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def _end(self, text: str, reason: str) -> None:
+        self._emit(text)
+        self.finish(reason)
+
+    def _emit(self, text: str) -> None:
+        if len(text) > len(self.text):
+            self._events.put(text[len(self.text) :])
+            self.text = text
+
+    def finish(self, reason: str) -> None:
+        if not self.done:
+            self.finish_reason = reason
+            self._events.put(_DONE)
+
+    def fail(self, error: Exception) -> None:
+        if not self.done:
+            self.finish_reason = "error"
+            self._events.put(error)
+
+    # caller side ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop generating for this request (e.g. its client went away)."""
+        self.finish("cancelled")
+
+    def stream(self) -> Iterator[str]:
+        """Text deltas as they are generated; raises the generation error, if any."""
+        while (event := self._events.get()) is not _DONE:
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+    def result(self) -> Completion:
+        text = "".join(self.stream())
+        return Completion(text, self.finish_reason, self.ids.shape[1], len(self.tokens))
+
+
+class _FeedRows(StoppingCriteria):
+    """Hands each row's newest token to its request; a row is finished once its request is."""
+
+    def __init__(self, requests: list[Request]):
+        self.requests = requests
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        for request, token in zip(self.requests, input_ids[:, -1].tolist()):
+            request.push(token)
+        return torch.tensor([r.done for r in self.requests], device=input_ids.device)
+
+
+class Engine:
+    """Routes chat requests through one GenieBlue model: text-only -> the untouched base path,
+    image -> the copies + LoRA path; concurrent requests are batched by route."""
+
+    def __init__(self, model: GenieBlueForConditionalGeneration, processor, max_batch: int = 8, start: bool = True):
+        self.model, self.processor = model.eval(), processor
+        self.max_batch = max_batch
+        self.context_length = model.llm.config.max_position_embeddings
+        eos = model.llm.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = set(eos) | {processor.tokenizer.eos_token_id}
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="genieblue-engine", daemon=True)
+        if start:
+            self.start()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> "Engine":
+        """An engine over a saved GenieBlue folder (its base from the manifest, or `llm`)."""
+        model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=llm)
+        tokenizer = load_tokenizer(llm if llm is not None else model.base_spec)
+        processor = load_processor(model_dir, model, tokenizer, max_length=model.llm.config.max_position_embeddings)
+        return cls(model, processor, **kwargs)
+
+    # requests ---------------------------------------------------------------------------------
+    def submit(self, messages: list[dict], images=(), max_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, stop: str | list[str] | tuple[str, ...] | None = None) -> Request:
+        """Encode and queue a request. Raises `ValueError` for bad settings, `ContextOverflow` when
+        prompt + max_tokens exceeds the context window, `ImageError` for an unusable image."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
+        ids, pixels = self.processor.prompt(messages, list(images))
+        if ids.shape[1] + max_tokens > self.context_length:
+            raise ContextOverflow(
+                f"the prompt has {ids.shape[1]} tokens and max_tokens is {max_tokens}: together more than the "
+                f"model's context of {self.context_length} tokens; shorten the conversation or lower max_tokens"
+            )
+        request = Request(ids, pixels, max_tokens, temperature, top_p, stop, self.processor.tokenizer, self.eos_ids)
+        self._queue.put(request)
+        return request
+
+    def generate(self, messages: list[dict], images=(), max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, stop=None, stream: bool = False) -> Completion | Iterator[str]:
+        """A reply (`Completion`), or with `stream=True` an iterator of text deltas.
+        Greedy when temperature == 0, otherwise sampled with temperature and top_p."""
+        request = self.submit(messages, images, max_tokens, temperature, top_p, stop)
+        return request.stream() if stream else request.result()
+
+    # the batching thread ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (first := self._queue.get()) is not None:
+            waiting = [first]
+            while not self._queue.empty():
+                waiting.append(self._queue.get())
+            stopping = None in waiting
+            groups = defaultdict(list)
+            for request in waiting:
+                if request is not None and not request.done:
+                    groups[request.group].append(request)
+            for group in groups.values():
+                for start in range(0, len(group), self.max_batch):
+                    self.run_batch(group[start : start + self.max_batch])
+            if stopping:
+                return
+
+    def run_batch(self, requests: list[Request]) -> None:
+        """Generate for requests of one group as one left-padded batch."""
+        first = requests[0]
+        sampling = (
+            {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
+            if first.temperature > 0
+            else {"do_sample": False}
+        )
+        batch = collate_prompts([(r.ids, r.pixels) for r in requests], self.processor.pad_id)
+        try:
+            self.model.generate(
+                **batch,
+                max_new_tokens=max(r.max_tokens for r in requests),
+                stopping_criteria=StoppingCriteriaList([_FeedRows(requests)]),
+                pad_token_id=self.processor.pad_id,
+                **sampling,
+            )
+        except Exception as err:  # the request fails, the engine keeps serving
+            for request in requests:
+                request.fail(RuntimeError(f"generation failed: {err}"))
+        for request in requests:
+            request.finish("length")

@@ -1,0 +1,262 @@
+"""Serving: the batching engine (text rows stay bit-identical to the base, stop strings, streaming,
+context overflow) and the OpenAI-compatible server driven by the official `openai` client over a
+real uvicorn socket (text, image, streaming, every bad input, a concurrent mixed load)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import itertools
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openai
+import pytest
+import torch
+import uvicorn
+from conftest import TINY_SIGLIP, load_reference
+from PIL import Image
+
+from genieblue.data import GenieBlueProcessor, collate_prompts
+from genieblue.infer.engine import ContextOverflow, Engine
+from genieblue.infer.server import create_app
+from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
+
+QUESTIONS = ["Hi!", "What is the capital of France?", "Name three colours of the rainbow, please.", "2+2?"]
+N = 8  # max_tokens in most tests
+
+
+def _png(size=(40, 40), seed=0, noise=True) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) if noise else np.zeros((*size[::-1], 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(chat_base, tmp_path_factory):
+    """A tiny GenieBlue model whose delta was trained a little on the image path."""
+    torch.manual_seed(0)
+    model = GenieBlueForConditionalGeneration.from_base(chat_base, vision=TINY_SIGLIP)
+    processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base))
+    ids, pixels = processor.prompt(_user("What is in the picture?"), [_png()])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):
+        model(ids, pixel_values=pixels, labels=ids.masked_fill(ids == IMAGE_TOKEN_INDEX, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.save_pretrained(tmp_path_factory.mktemp("served") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    engine = Engine.load(model_dir)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def base(chat_base):
+    return load_reference(chat_base)
+
+
+def _base_tokens(base, prompts: list[torch.Tensor], pad_id: int, n: int = N) -> list[list[int]]:
+    """Greedy tokens of the independently loaded base on the left-padded batch, cut at end of turn."""
+    batch = collate_prompts([(p, None) for p in prompts], pad_id)
+    out = base.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                        max_new_tokens=n, pad_token_id=pad_id)[:, batch["input_ids"].shape[1] :]
+    eos = base.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    return [list(itertools.takewhile(lambda t: t not in eos, row)) for row in out.tolist()]
+
+
+def _base_text(base, processor, question: str, n: int = N) -> str:
+    ids, _ = processor.prompt(_user(question))
+    return processor.tokenizer.decode(_base_tokens(base, [ids], processor.pad_id, n)[0], skip_special_tokens=True)
+
+
+# engine -------------------------------------------------------------------------------------------
+def test_batched_text_rows_equal_the_base_on_the_same_padded_batch(engine, base):
+    """Requests queued together run as one text batch and one image batch; the text rows' greedy
+    tokens equal the independently loaded base's on the same left-padded batch."""
+    batcher = Engine(engine.model, engine.processor, start=False)
+    texts = [batcher.submit(_user(q), max_tokens=N) for q in QUESTIONS]
+    images = [batcher.submit(_user("What is this?"), [_png(seed=s)], max_tokens=N) for s in range(2)]
+    batcher.start()
+    results = [r.result() for r in texts + images]
+    batcher.close()
+    expected = _base_tokens(base, [r.ids for r in texts], engine.processor.pad_id)
+    assert [r.tokens for r in texts] == expected
+    assert all(c.completion_tokens > 0 for c in results)
+
+
+def test_single_row_equals_the_base_and_the_image_path_differs(engine, base):
+    reply = engine.generate(_user(QUESTIONS[1]), max_tokens=N)
+    assert reply.text == _base_text(base, engine.processor, QUESTIONS[1])
+    assert reply.prompt_tokens > 0 and reply.finish_reason in ("stop", "length")
+    assert engine.generate(_user(QUESTIONS[1]), [_png()], max_tokens=N).text != reply.text
+
+
+def test_stop_strings_and_streaming(engine):
+    full = engine.generate(_user(QUESTIONS[2]), max_tokens=N).text
+    stop = full[4:6]
+    cut = engine.generate(_user(QUESTIONS[2]), max_tokens=N, stop=[stop])
+    assert (cut.text, cut.finish_reason) == (full[: full.find(stop)], "stop")
+    assert "".join(engine.generate(_user(QUESTIONS[2]), max_tokens=N, stream=True)) == full
+    assert "".join(engine.generate(_user(QUESTIONS[2]), max_tokens=N, stop=stop, stream=True)) == cut.text
+
+
+def test_sampling_runs_and_bad_settings_are_refused(engine):
+    sampled = engine.generate(_user(QUESTIONS[0]), max_tokens=N, temperature=0.9, top_p=0.8)
+    assert 0 < sampled.completion_tokens <= N
+    with pytest.raises(ContextOverflow, match="context of 512 tokens"):
+        engine.submit(_user(QUESTIONS[0]), max_tokens=600)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit(_user(QUESTIONS[0]), max_tokens=0)
+
+
+# server -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _serving(app):
+    """The app on a real uvicorn server on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    app = create_app(engine, model_name="tiny", max_image_bytes=200_000, max_image_pixels=1_000_000)
+    with _serving(app) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def _chat(client, content, **kwargs):
+    kwargs.setdefault("max_tokens", N)
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                          temperature=0, **kwargs)
+
+
+def test_text_chat_equals_the_base(client, engine, base):
+    reply = _chat(client, QUESTIONS[1])
+    assert reply.choices[0].message.content == _base_text(base, engine.processor, QUESTIONS[1])
+    assert reply.usage.completion_tokens > 0
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_image_chat_matches_the_engine(client, engine):
+    parts = [{"type": "image_url", "image_url": {"url": _data_url(_png())}}, {"type": "text", "text": "What is this?"}]
+    reply = _chat(client, parts).choices[0].message.content
+    assert reply == engine.generate(_user("<image>\nWhat is this?"), [_png()], max_tokens=N).text
+
+
+def test_stream_concatenates_to_the_plain_reply(client):
+    chunks = list(_chat(client, QUESTIONS[2], stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == _chat(client, QUESTIONS[2]).choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def _image(url):
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+
+
+BAD = {
+    "remote url": (_image("https://example.com/cat.png"), {}, 400, "invalid_image_url"),
+    "local path when disabled": (_image("/etc/hostname"), {}, 400, "invalid_image_url"),
+    "bad base64": (_image("data:image/png;base64,@@not base64@@"), {}, 400, "invalid_base64"),
+    "corrupt image": (_image(_data_url(b"definitely not a png")), {}, 400, "invalid_image"),
+    "too many pixels": (_image(_data_url(_png((1100, 1000), noise=False))), {}, 400, "invalid_image"),
+    "too many bytes": (_image(_data_url(_png((300, 300)))), {}, 413, "image_too_large"),
+    "unknown part": ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], {}, 400,
+                     "unsupported_content_type"),
+    "max_tokens too large": ("Hi", {"max_tokens": 100_000}, 400, "max_tokens_too_large"),
+    "context overflow": ("Hi", {"max_tokens": 500}, 400, "context_length_exceeded"),
+    "max_tokens zero": ("Hi", {"max_tokens": 0}, 400, None),
+    "bad message shape": (None, {"extra_body": {"messages": "not a list"}}, 400, None),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_gets_a_4xx_error_body_and_the_server_keeps_serving(client, case):
+    content, kwargs, status, code = BAD[case]
+    with pytest.raises(openai.APIStatusError) as info:
+        _chat(client, content, **kwargs)
+    err = info.value
+    assert err.status_code == status
+    assert err.code == code and isinstance(err.body, dict) and err.body["message"]
+    assert set(err.body) == {"message", "type", "param", "code"}
+    assert _chat(client, "Hi", max_tokens=2).choices[0].message.content is not None
+
+
+def test_local_images_when_allowed(engine, tmp_path):
+    (tmp_path / "x.png").write_bytes(_png())
+    with _serving(create_app(engine, allow_local_images=True)) as url:
+        local = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        reply = _chat(local, _image(str(tmp_path / "x.png"))).choices[0].message.content
+    assert reply == engine.generate(_user("<image>\nWhat is this?"), [_png()], max_tokens=N).text
+
+
+def test_concurrent_mixed_load(client, engine, base):
+    """24 clients at once, text and image mixed: no failures, each text reply is the base's."""
+    expected = {q: _base_text(base, engine.processor, q) for q in QUESTIONS}
+
+    def one(i):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        if i % 3 == 2:
+            return None, _chat(client, _image(_data_url(_png(seed=i)))).choices[0].message.content
+        return question, _chat(client, question).choices[0].message.content
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(24) as pool:
+        replies = list(pool.map(one, range(48)))
+    assert time.monotonic() - start < 45
+    assert len(replies) == 48
+    for question, reply in replies:
+        assert reply is not None
+        if question is not None:
+            assert reply == expected[question]
+
+
+def test_invalid_json_and_unknown_routes_get_error_bodies(client):
+    url = str(client.base_url).rstrip("/")
+    for request in (urllib.request.Request(url + "/chat/completions", b"{not json", {"content-type": "application/json"}),
+                    urllib.request.Request(url + "/nope")):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code in (400, 404)
+        assert set(json.loads(info.value.read())["error"]) == {"message", "type", "param", "code"}
