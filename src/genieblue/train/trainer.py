@@ -31,7 +31,6 @@ from ..data.packing import first_fit, pack
 from ..data.processor import GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import BadRecord, DataMixture, Source
 from ..model import GenieBlueForConditionalGeneration, load_tokenizer
-from ..plots import loss_curve
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
@@ -289,6 +288,8 @@ class Trainer:
         acc.wait_for_everyone()
         final = self.out / "final"
         if acc.is_main_process:
+            from ..plots import loss_curve  # matplotlib: only the main process, only at the end
+
             acc.unwrap_model(model).save_pretrained(final)
             save_processor_settings(final, max_tiles=self.cfg.max_tiles, system_prompt=self.cfg.system_prompt)
             loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}")

@@ -1,0 +1,482 @@
+"""The training room end to end on a 4-block random Llama (real SmolLM2 tokenizer) and a 2-block
+SigLIP at 32 px: exact resume after a real SIGKILL, atomic checkpoints, 2-process DDP on CPU (gloo)
+equal to 1 process with the same global batch, the FSDP status on CPU, the bad-data report and
+error, the loss against transformers' own, the ViT layer-wise learning-rate decay, and a real
+learning signal.
+
+Every run uses one thread (OMP_NUM_THREADS=1 in subprocesses, torch.set_num_threads(1) in this
+one), so CPU float results of different processes can be compared bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import TINY_SIGLIP
+from genieblue._io import atomic_dir, write_json
+from genieblue.cli import app
+from genieblue.data import GenieBlueProcessor, pack, read_records
+from genieblue.model import GenieBlueForConditionalGeneration, load_tokenizer
+from genieblue.train import BadDataError, TrainConfig, Trainer
+from genieblue.train import checkpoint as checkpoint_module
+from genieblue.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from genieblue.train.loss import causal_lm_loss
+from genieblue.train.optim import build_optimizer, param_groups
+from genieblue.train.trainer import build_model
+
+PARTIAL = re.compile(r"\.(tmp|old)\d*$")  # what atomic_dir / write_json leave behind when killed
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env(cpu: bool = False) -> dict:
+    """One thread, wide console lines; `cpu` hides GPUs (several processes on one machine's CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "COLUMNS": "300"}
+    return {**env, "CUDA_VISIBLE_DEVICES": ""} if cpu else env
+
+
+def _config(tmp_path: Path, synth_data, name: str = "cfg.yaml", **fields) -> Path:
+    """A YAML config in tmp_path; its data paths are relative to the YAML file."""
+    rel = lambda key: os.path.relpath(synth_data[key], tmp_path)  # noqa: E731
+    raw = {
+        "llm": str(fields.pop("llm")),
+        "vision": TINY_SIGLIP,
+        "data": [{"path": rel("train"), "ratio": 0.8}, {"path": rel("text"), "ratio": 0.2}],
+        "max_length": 256,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "lr": 1e-3,
+        "precision": "no",
+        "save_every": 100,
+        **fields,
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _train_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "genieblue.cli", "train", "--config", str(config), *extra]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; the last entry per step wins."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def _delta(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "delta.safetensors")
+
+
+def _partial_files(run: Path) -> list[Path]:
+    return [p for p in run.rglob("*") if PARTIAL.search(p.name)]
+
+
+def _steps(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+
+
+# 1. exact resume after a real kill -----------------------------------------------------------------
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, chat_base, synth_data):
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    config = _config(tmp_path, synth_data, llm=chat_base, max_steps=10, save_every=2, keep_last=2,
+                     output_dir=str(killed))
+    step4 = killed / "checkpoints" / "step-0000004" / "trainer_state.json"
+
+    log = tmp_path / "killed.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(_train_cmd(config), env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 120
+            while not step4.is_file():
+                if proc.poll() is not None:
+                    pytest.fail(f"training exited ({proc.returncode}) before step 4:\n{log.read_text()[-3000:]}")
+                assert time.monotonic() < deadline, "no checkpoint at step 4 within 120 s"
+                time.sleep(0.01)
+            assert proc.poll() is None, "the run finished before it could be killed"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "final").exists()
+    killed_steps = _losses(killed)
+    assert 4 <= max(killed_steps) < 10
+    # a kill in the middle of a checkpoint or final-model write leaves such hidden folders behind
+    for leftover in (killed / "checkpoints" / ".step-0000006.tmp99999", killed / ".final.tmp99999"):
+        leftover.mkdir(parents=True)
+        (leftover / "delta.safetensors").write_bytes(b"half a file")
+
+    start = latest_checkpoint(killed / "checkpoints")
+    assert start.name >= "step-0000004"
+    # the same command with --resume (through the CLI, in this process: one thread like the subprocess)
+    resumed = CliRunner().invoke(app, ["train", "--config", str(config), "--resume"])
+    assert resumed.exit_code == 0, (resumed.output, resumed.exception)
+    assert "resuming from" in resumed.output
+
+    # the uninterrupted run
+    Trainer(TrainConfig.from_yaml(config, output_dir=str(reference))).run()
+
+    # CPU kernels are deterministic at a fixed thread count, so on CPU losses and weights are
+    # compared bit for bit (exactly); CUDA backward kernels use atomics, hence a tolerance there
+    exact = not torch.cuda.is_available()
+    expected, got = _losses(reference), _losses(killed)
+    assert sorted(expected) == sorted(got) == list(range(1, 11))
+    if exact:
+        assert got == expected
+    else:
+        assert got == pytest.approx(expected, rel=1e-5)
+    ref_delta, got_delta = _delta(reference), _delta(killed)
+    assert ref_delta.keys() == got_delta.keys()
+    for name, tensor in ref_delta.items():
+        if exact:
+            assert torch.equal(tensor, got_delta[name]), name
+        else:
+            torch.testing.assert_close(got_delta[name], tensor, rtol=0, atol=1e-5)
+    step6 = load_file(killed / "checkpoints" / "step-0000006" / "model" / "delta.safetensors")
+    assert any(not torch.equal(t, got_delta[n]) for n, t in step6.items())  # the last steps still trained
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 10  # the resume dropped steps after it
+    for run in (killed, reference):
+        assert _partial_files(run) == []
+        assert _steps(run) == ["step-0000006", "step-0000008"]  # keep_last=2 (step 10 is the final model)
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, chat_base, synth_data):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-0000002" / "trainer_state.json").write_text('{"step": 2}')
+    cfg = TrainConfig.from_yaml(_config(tmp_path, synth_data, llm=chat_base, output_dir=str(out)))
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(cfg).run()
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        TrainConfig(keep_last=0)
+
+
+# 2. atomic checkpoints -----------------------------------------------------------------------------
+def _one_step(model, optimizer, scheduler):
+    loss = sum((p * p).sum() for g in optimizer.param_groups for p in g["params"])
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, chat_base, monkeypatch):
+    cfg = TrainConfig(llm=chat_base, vision=TINY_SIGLIP, lr=1e-3)
+    model = build_model(cfg)
+    optimizer, scheduler = build_optimizer(model, cfg, 10)
+    _one_step(model, optimizer, scheduler)
+    folder = tmp_path / "checkpoints"
+    first = save_checkpoint(folder, model, optimizer, scheduler, 2, {"total": 10}, keep_last=2)
+    files = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    saved_state = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+    saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    assert {str(p) for p in files} >= {"trainer_state.json", "optimizer.safetensors", "model/delta.safetensors"}
+
+    _one_step(model, optimizer, scheduler)
+
+    def disk_full(*args, **kwargs):  # the optimiser file fails after the model folder was written
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(folder, model, optimizer, scheduler, 4, {"total": 10}, keep_last=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000002"]  # no step-4, no hidden partial
+    assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()} == files
+    assert latest_checkpoint(folder) == first
+
+    # the intact checkpoint restores model, optimiser and schedule exactly
+    fresh = build_model(cfg)
+    opt2, sched2 = build_optimizer(fresh, cfg, 10)
+    assert load_checkpoint(first, fresh, opt2, sched2)["step"] == 2
+    saved = load_file(first / "model" / "delta.safetensors")
+    assert all(torch.equal(v, fresh.delta_state_dict()[k]) for k, v in saved.items())
+    assert sched2.state_dict()["last_epoch"] == 1
+    state2 = opt2.state_dict()
+    assert state2["state"].keys() == saved_state.keys()
+    for i, slots in saved_state.items():
+        assert all(torch.equal(v, state2["state"][i][k]) for k, v in slots.items()), i
+    assert [{k: v for k, v in g.items() if k != "params"} for g in state2["param_groups"]] == [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in saved_groups
+    ]
+
+
+def test_atomic_dir_on_interrupt_and_stale_partials(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    for interrupt in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(interrupt)):
+            with atomic_dir(target) as tmp:
+                (tmp / "weights").write_text("v2, half written")
+                raise interrupt
+        assert (target / "weights").read_text() == "v1"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    # what a SIGKILL leaves (it skips the cleanup above) goes at the next start; other files stay
+    (tmp_path / ".step-0000004.tmp4242").mkdir()
+    (tmp_path / ".final.old4242").mkdir()
+    (tmp_path / ".metrics.jsonl.tmp4242").write_text("{")
+    (tmp_path / ".gitignore").write_text("*")
+    removed = remove_partial(tmp_path)
+    assert len(removed) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", "model"]
+
+
+# 3. several processes ------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_beside_one_process(cmd: list[str], tmp_path: Path, synth_data, config: dict, one: Path) -> str:
+    """Run `cmd` (2 CPU processes with batch_size 1) and the same global batch in one CPU process
+    (batch_size 2) into `one`: in this process, or beside `cmd` in another one where this process
+    would train on a GPU. Returns cmd's stderr."""
+    single = _config(tmp_path, synth_data, "one.yaml", **dict(config, batch_size=2, output_dir=str(one)))
+    reference = None
+    if torch.cuda.is_available():
+        reference = subprocess.Popen(_train_cmd(single), env=_env(cpu=True), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, env=_env(cpu=True), capture_output=True, text=True, timeout=300)
+    if reference is None:
+        Trainer(TrainConfig.from_yaml(single)).run()
+    else:
+        _, reference_err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, reference_err[-3000:]
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
+
+
+def _assert_same_training(one: Path, several: Path, steps: int) -> None:
+    expected, got = _losses(one), _losses(several)
+    assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), step
+    ref, dist = _delta(one), _delta(several)
+    assert ref.keys() == dist.keys()
+    for name in ref:
+        torch.testing.assert_close(dist[name], ref[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_ddp_two_cpu_processes_equal_one_process(tmp_path, chat_base, synth_data):
+    two, one = tmp_path / "ddp2", tmp_path / "ddp1"
+    fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=3, save_every=2)
+    config = _config(tmp_path, synth_data, **fields, output_dir=str(two))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "genieblue.cli", "train", "--config", str(config)]
+    stderr = _run_beside_one_process(cmd, tmp_path, synth_data, fields, one)
+    assert "2 process(es) · MULTI_CPU" in stderr  # accelerate picked DDP over gloo with 2 CPU processes
+    _assert_same_training(one, two, 3)
+    step2 = load_file(two / "checkpoints" / "step-0000002" / "model" / "delta.safetensors")
+    assert any(not torch.equal(t, _delta(two)[n]) for n, t in step2.items())  # a checkpoint written under DDP
+
+
+FSDP_PROBE = """
+import torch
+from accelerate import Accelerator
+
+acc = Accelerator(cpu=not torch.cuda.is_available())  # as the trainer builds it
+print(f"rank {acc.process_index}/{acc.num_processes}: {acc.distributed_type.value}", flush=True)
+"""
+
+
+def _accelerate_launch_fsdp(*args: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+            # the default (true) stops at once without an accelerator: FullyShardedDataParallelPlugin
+            # raises "RuntimeError: There are currently no available devices found, must be one of
+            # 'XPU', 'CUDA', 'MLU', 'NPU', 'MUSA', or 'HPU'." (accelerate 1.15)
+            "--fsdp_sync_module_states", "false",
+            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), *args]
+
+
+def test_fsdp_two_cpu_processes(tmp_path, chat_base, synth_data):
+    probe = tmp_path / "probe.py"
+    probe.write_text(FSDP_PROBE)
+    seen = subprocess.run(_accelerate_launch_fsdp(str(probe)), env=_env(cpu=True), capture_output=True, text=True,
+                          timeout=300)
+    kinds = sorted(set(re.findall(r"rank \d/2: (\w+)", seen.stdout)))
+    if kinds != ["FSDP"]:
+        import accelerate
+
+        found = f"as {'/'.join(kinds)}" if kinds else f"not at all ({seen.stderr.strip().splitlines()[-1:]})"
+        pytest.skip(
+            f"accelerate {accelerate.__version__} has no FSDP on CPU: `accelerate launch --use_fsdp "
+            f"--num_processes 2` on CPU (gloo) brings the processes up {found}, i.e. plain DDP, because "
+            "AcceleratorState switches to DistributedType.FSDP only for GPU/NPU/XPU-like devices"
+        )
+    fsdp, one = tmp_path / "fsdp2", tmp_path / "fsdp1"
+    fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=2)
+    config = _config(tmp_path, synth_data, **fields, output_dir=str(fsdp))
+    stderr = _run_beside_one_process(_accelerate_launch_fsdp("-m", "genieblue.cli", "train", "--config", str(config)),
+                                     tmp_path, synth_data, fields, one)
+    assert "2 process(es) · FSDP" in stderr
+    _assert_same_training(one, fsdp, 2)
+
+
+# 4. bad data ---------------------------------------------------------------------------------------
+BAD = {
+    "bad-missing-image": r"image file not found: .*no-such-image\.png",
+    "bad-corrupt-png": r"corrupt\.png: cannot decode image",
+    "bad-no-conversations": r"conversations must be a non-empty list",
+    "bad-placeholders": r"2 <image> placeholders but 1 images",
+    "bad-too-long": r"\d+ tokens exceed max_length=256",
+}
+
+
+@pytest.fixture
+def bad_data(tmp_path, synth_data) -> Path:
+    """mixed.json: 16 good synthetic records with the five kinds of bad one among them."""
+    train = Path(synth_data["train"])
+    good = json.loads(train.read_text())[:16]
+    for record in good:
+        record["image"] = str(train.parent / record["image"])  # absolute: this file lives elsewhere
+    image = good[0]["image"]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + b"garbage" * 20)
+    ask = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
+    bad = [
+        {"id": "bad-missing-image", "image": "no-such-image.png", "conversations": ask("<image>\nColour?", "red")},
+        {"id": "bad-corrupt-png", "image": "corrupt.png", "conversations": ask("<image>\nColour?", "red")},
+        {"id": "bad-no-conversations", "image": image},
+        {"id": "bad-placeholders", "images": [image], "conversations": ask("<image>\n<image>\nSame?", "yes")},
+        {"id": "bad-too-long", "conversations": ask("tell me a story " * 200, "no")},
+    ]
+    path = tmp_path / "mixed.json"
+    write_json(path, good[:3] + bad[:2] + good[3:9] + bad[2:4] + good[9:13] + bad[4:] + good[13:])
+    return path
+
+
+def _bad_config(tmp_path, chat_base, synth_data, bad_data, **fields) -> Path:
+    return _config(tmp_path, synth_data, "bad.yaml", llm=chat_base, max_steps=2, output_dir=str(tmp_path / "run"),
+                   data=[{"path": bad_data.name, "ratio": 0.8}, {"path": str(synth_data["text"]), "ratio": 0.2}],
+                   **fields)
+
+
+def test_bad_records_are_skipped_and_reported(tmp_path, chat_base, synth_data, bad_data):
+    config = _bad_config(tmp_path, chat_base, synth_data, bad_data, max_bad_fraction=0.5)
+    final = Trainer(TrainConfig.from_yaml(config)).run()
+    assert (final / "delta.safetensors").is_file()
+    report = json.loads((tmp_path / "run" / "bad_records.json").read_text())
+    assert sorted(r["id"] for r in report) == sorted(BAD)  # each exactly once
+    for row in report:
+        assert re.search(BAD[row["id"]], row["reason"]), row
+
+
+def test_too_many_bad_records_stop_training(tmp_path, chat_base, synth_data, bad_data):
+    config = _bad_config(tmp_path, chat_base, synth_data, bad_data)  # default max_bad_fraction: 1%
+    with pytest.raises(BadDataError) as err:
+        Trainer(TrainConfig.from_yaml(config)).run()
+    message = str(err.value)
+    assert re.search(r"\b5 of \d+ records", message) and str(bad_data) in message
+    assert str(tmp_path / "run" / "bad_records.json") in message
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert re.search(r"\b5 of \d+ records", errors[0]) and errors[0].rstrip().endswith("bad_records.json")
+    assert "Traceback" not in result.output
+
+
+# 5. loss and optimiser -----------------------------------------------------------------------------
+def test_causal_lm_loss_equals_transformers_loss_on_a_packed_batch(chat_base, synth_data):
+    torch.manual_seed(0)
+    model = GenieBlueForConditionalGeneration.from_base(chat_base, TINY_SIGLIP).eval()
+    processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base), max_length=160)
+    records = read_records(synth_data["train"])[:5] + read_records(synth_data["text"])[:3]
+    batch = pack([processor.encode(r) for r in records], 160, processor.pad_id)
+    assert batch["input_ids"].shape[0] >= 2 and batch["pixel_values"] is not None
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        ours = causal_lm_loss(model, batch, n_tokens)
+        theirs = model(**batch, shared_base=True).loss
+    assert abs(ours.item() - theirs.item()) < 1e-6
+
+
+def test_param_groups_vit_layer_decay_and_weight_decay(chat_base):
+    model = GenieBlueForConditionalGeneration.from_base(chat_base, TINY_SIGLIP)
+    lr, L = 1e-3, TINY_SIGLIP["num_hidden_layers"]
+    cfg = TrainConfig(llm=chat_base, lr=lr, vit_layer_decay=0.9, weight_decay=0.05)
+    groups = param_groups(model, cfg)
+    where = {id(p): g for g in groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(where) == sum(len(g["params"]) for g in groups) == len(trainable)  # each once, none frozen
+    seen = {"block0": 0, "block1": 0, "projector": 0, "llm": 0}
+    for name, p in trainable.items():
+        group = where[id(p)]
+        assert group["weight_decay"] == (0.0 if p.ndim == 1 else 0.05), name
+        block = re.search(r"^vision\.vit\..*\.layers\.(\d+)\.", name)
+        if block:
+            i = int(block.group(1))
+            assert group["lr"] == pytest.approx(lr * 0.9 ** (L - i)), name
+            seen[f"block{i}"] += 1
+        elif name.startswith("vision.projector."):
+            assert group["lr"] == pytest.approx(lr), name
+            seen["projector"] += 1
+        elif not name.startswith("vision."):
+            assert group["lr"] == pytest.approx(lr), name
+            seen["llm"] += 1
+    assert all(seen.values()), seen
+    # patch embeddings 0.9^3, block 0 0.9^2 = 8.1e-4, block 1 0.9 = 9e-4, everything after the ViT: lr
+    assert sorted({g["lr"] for g in groups}) == pytest.approx([7.29e-4, 8.1e-4, 9e-4, 1e-3])
+
+    model.set_stage(1)
+    stage1 = param_groups(model, TrainConfig(llm=chat_base, lr=lr, stage=1, projector_lr=5e-3))
+    assert [g["lr"] for g in stage1] == [5e-3] * len(stage1)
+    assert sum(len(g["params"]) for g in stage1) == len(list(model.vision.projector.parameters()))
+
+
+# 6. a real learning signal ---------------------------------------------------------------------------
+def _mean_loss(model, processor, records) -> float:
+    batch = pack([processor.encode(r) for r in records], 256, processor.pad_id)
+    with torch.no_grad():
+        return causal_lm_loss(model.eval(), batch, int((batch["labels"][:, 1:] != -100).sum())).item()
+
+
+def test_loss_goes_down(tmp_path, chat_base, synth_data):
+    cfg = TrainConfig(llm=chat_base, vision=TINY_SIGLIP, data=[{"path": str(synth_data["train"])}], max_length=256,
+                      batch_size=2, max_steps=10, lr=1e-2, output_dir=str(tmp_path / "run"))
+    set_seed(cfg.seed)
+    before = build_model(cfg)  # the trainer's own starting point (same seed)
+    final = Trainer(cfg).run()
+    after = GenieBlueForConditionalGeneration.from_pretrained(final, llm=chat_base)
+    losses = _losses(tmp_path / "run")
+    first, last = sum(losses[s] for s in (1, 2)) / 2, sum(losses[s] for s in (8, 9, 10)) / 3
+    assert last < first - 0.1, losses
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[:2] == [0.0, pytest.approx(1e-2)] and lrs[-1] < lrs[2]  # cfg.lr after 1 warm-up step, then cosine
+    processor = GenieBlueProcessor.from_model(after, load_tokenizer(chat_base), max_length=256)
+    held_out = read_records(synth_data["val"])
+    assert _mean_loss(after, processor, held_out) < _mean_loss(before, processor, held_out) - 0.1
