@@ -11,7 +11,6 @@ import zlib
 import pytest
 import torch
 from PIL import Image
-from conftest import _COMMON
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genieblue.data import (
@@ -327,7 +326,15 @@ def test_first_fit_and_batch_layout():
 
 def _tiny_model(attn: str):
     torch.manual_seed(0)
-    config = LlamaConfig(**dict(_COMMON, vocab_size=VOCAB, num_hidden_layers=4, attn_implementation=attn))
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attn,
+    )
     llm = LlamaForCausalLM(config).to(torch.float64)
     model = GenieBlueForConditionalGeneration.from_base(
         llm=llm, vision=TINY_VISION, strategy="genieblue-skip", dtype=torch.float64
