@@ -130,9 +130,9 @@ def demo(
     compare: str = typer.Option("", help="Comma-separated baselines to train on the same data and budget, "
                                 "e.g. full,lora,cogvlm-skip,genieblue-pre,genieblue-post."),
     llm: Optional[str] = typer.Option(None, help=LLM_HELP),
-    n_train: int = typer.Option(1000, help="Training images (the default fits ~15 min on 2 CPU cores)."),
+    n_train: int = typer.Option(1200, help="Training images (the default fits ~15 min on 2 CPU cores)."),
     n_test: int = typer.Option(240, help="Test images."),
-    stage1_steps: int = typer.Option(20, help="Stage-1 optimizer steps (projector only)."),
+    stage1_steps: int = typer.Option(25, help="Stage-1 optimizer steps (projector only)."),
     stage2_epochs: float = typer.Option(1.0, help="Stage-2 epochs."),
     seed: int = typer.Option(0, help="Seed for data and training."),
 ):

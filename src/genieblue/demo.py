@@ -33,14 +33,14 @@ class DemoConfig:
     out: str = "demo_out"
     llm: str | None = None
     compare: list[str] = field(default_factory=list)
-    n_train: int = 1000
+    n_train: int = 1200
     n_test: int = 240
     text_fraction: float = 0.1  # text-only samples mixed into stage 2
-    stage1_steps: int = 20
+    stage1_steps: int = 25
     stage2_epochs: float = 1.0
     max_length: int = 640  # ~12 samples per packed row: one optimizer step
-    lr: float = 1e-4  # copies / experts / LoRA / full weights
-    vision_lr: float = 5e-4  # from-scratch ViT (top block) and projector
+    lr: float = 2e-4  # copies / experts / LoRA / full weights
+    vision_lr: float = 2e-3  # from-scratch ViT (top block) and projector
     image_size: int = 64
     seed: int = 0
 
