@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -66,6 +68,17 @@ def measure(model, seq: int, steps: int, device: str, checkpointing: bool) -> di
     return {"tokens_per_s": seq * len(times) / sum(times), "step_s": sum(times) / len(times), "peak_bytes": peak}
 
 
+def _run_alone(strategy: str) -> dict:
+    """This script again, for one strategy, in a fresh process."""
+    argv = [a for a in sys.argv[1:] if a != "--json"]
+    if "--strategies" in argv:
+        i = argv.index("--strategies")
+        del argv[i : i + 2]
+    out = subprocess.run([sys.executable, __file__, *argv, "--strategies", strategy, "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m", help=f"one of {list(SHAPES)} or an HF config id/folder")
@@ -77,14 +90,18 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    rows = []
-    for strategy in args.strategies.split(","):
-        model = build(args.shape, strategy, device, dtype)
-        rows.append({"strategy": strategy, "shape": args.shape, "seq": args.seq, "device": device,
-                     **measure(model, args.seq, args.steps, device, args.checkpointing)})
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    strategies = args.strategies.split(",")
+    if device == "cpu" and len(strategies) > 1:  # peak RSS never goes down: one process per strategy
+        rows = [_run_alone(strategy) for strategy in strategies]
+    else:
+        rows = []
+        for strategy in strategies:
+            model = build(args.shape, strategy, device, dtype)
+            rows.append({"strategy": strategy, "shape": args.shape, "seq": args.seq, "device": device,
+                         **measure(model, args.seq, args.steps, device, args.checkpointing)})
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
     full = next((r for r in rows if r["strategy"] == "full"), None)
     for r in rows:
         if full:
