@@ -42,6 +42,11 @@ MANIFEST = "genieblue.json"
 DELTA = "delta.safetensors"
 
 
+def _refuse_placeholders(placeholders: int) -> None:
+    if placeholders:
+        raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
+
+
 class GenieBlueForConditionalGeneration(nn.Module):
     """A multimodal LLM whose base LLM weights are frozen and shared with text-only inference."""
 
@@ -151,8 +156,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(visual, 0))
         placeholders = int(visual.sum())
         if pixel_values is None:
-            if placeholders:
-                raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
+            _refuse_placeholders(placeholders)
             return embeds, visual
         feats = self.vision(pixel_values)
         tiles, per_tile, width = feats.shape
@@ -167,9 +171,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
     def _text_only(self, input_ids, pixel_values, shared_base) -> bool:
         shared = self.shared_base if shared_base is None else shared_base
         if pixel_values is None and not shared:
-            placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())
-            if placeholders:
-                raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
+            _refuse_placeholders(int((input_ids == IMAGE_TOKEN_INDEX).sum()))
             return True
         return False
 
