@@ -92,8 +92,9 @@ def train(
 ):
     """Train stage 1 (projector) or stage 2 (ViT + projector + copies + LoRA) on LLaVA JSON/JSONL.
 
-    Multi-process: `accelerate launch -m genieblue.cli train -c cfg.yaml` (DDP, or FSDP with an
-    accelerate config). Interrupted? Run the same command with --resume.
+    Multi-process (DDP): `accelerate launch -m genieblue.cli train -c cfg.yaml` on GPUs, or
+    `torchrun --nproc_per_node N -m genieblue.cli train -c cfg.yaml` on CPUs (gloo).
+    Interrupted? Run the same command with --resume.
     """
     from .train import BadDataError, TrainConfig, Trainer
 

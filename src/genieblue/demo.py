@@ -16,11 +16,11 @@ import torch
 from rich.console import Console
 
 from ._io import write_json
-from .data import load_processor, read_records
+from .data import load_model_and_processor, read_records
 from .data.synthetic import TASKS, generate_dataset, task_info, text_only_samples
 from .eval.answers import answer_records, exact_match
 from .eval.text import logit_equality, perplexity, text_qa
-from .model import GenieBlueForConditionalGeneration, load_llm, load_tokenizer
+from .model import load_llm
 from .plots import grouped_bars
 from .train import DataSource, TrainConfig, Trainer
 
@@ -87,8 +87,7 @@ class Demo:
         For the main strategy, also the retention comparison against an independently loaded base."""
         self.console.rule(f"{strategy}: evaluation")
         start = time.perf_counter()
-        model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=self.cfg.llm).eval()
-        processor = load_processor(model_dir, model, load_tokenizer(self.cfg.llm))
+        model, processor = load_model_and_processor(model_dir, self.cfg.llm)
         tok = processor.tokenizer
         test = read_records(data["test"])
         mm = exact_match(test, answer_records(model, processor, test, max_new_tokens=4))

@@ -19,7 +19,7 @@ _EXPORTS = {
         "tile_image",
     ),
     "packing": ("collate", "collate_prompts", "first_fit", "pack"),
-    "processor": ("IGNORE_INDEX", "GenieBlueProcessor", "Sample", "load_processor", "save_processor_settings"),
+    "processor": ("IGNORE_INDEX", "GenieBlueProcessor", "Sample", "load_model_and_processor", "load_processor", "save_processor_settings"),
     "records": (
         "IMAGE_PLACEHOLDER",
         "ROLES",

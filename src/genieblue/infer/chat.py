@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.prompt import Prompt
 
-from ..data import load_processor
-from ..model import GenieBlueForConditionalGeneration, load_tokenizer
+from ..data import load_model_and_processor
+from ..model import GenieBlueForConditionalGeneration
 
 
 class ChatSession:
@@ -22,9 +22,7 @@ class ChatSession:
 
     @classmethod
     def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> "ChatSession":
-        model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=llm)
-        tokenizer = load_tokenizer(llm if llm is not None else model.base_spec)
-        return cls(model, load_processor(model_dir, model, tokenizer), **kwargs)
+        return cls(*load_model_and_processor(model_dir, llm), **kwargs)
 
     def ask(self, text: str, image: str | Path | None = None) -> str:
         """Add a user turn (with an image) and return the greedy reply, kept in the history."""

@@ -20,8 +20,8 @@ from typing import Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data import collate_prompts, load_processor
-from ..model import GenieBlueForConditionalGeneration, load_tokenizer
+from ..data import collate_prompts, load_model_and_processor
+from ..model import GenieBlueForConditionalGeneration
 
 
 class ContextOverflow(ValueError):
@@ -150,10 +150,7 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> "Engine":
         """An engine over a saved GenieBlue folder (its base from the manifest, or `llm`)."""
-        model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=llm)
-        tokenizer = load_tokenizer(llm if llm is not None else model.base_spec)
-        processor = load_processor(model_dir, model, tokenizer, max_length=model.llm.config.max_position_embeddings)
-        return cls(model, processor, **kwargs)
+        return cls(*load_model_and_processor(model_dir, llm), **kwargs)
 
     # requests ---------------------------------------------------------------------------------
     def submit(self, messages: list[dict], images=(), max_tokens: int = 256, temperature: float = 0.0,
