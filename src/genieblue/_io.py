@@ -30,9 +30,14 @@ def atomic_dir(target: str | os.PathLike):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: str | os.PathLike, data) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text through a temporary file and an atomic rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write JSON through a temporary file and an atomic rename."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
