@@ -201,5 +201,135 @@ def serve(
         _fail(str(err))
 
 
+# genieblue eval ---------------------------------------------------------------------------------
+eval_app = typer.Typer(
+    help="Retention tables on real benchmarks: lm-eval text tasks, VQA benchmarks from local files, judged "
+    "chat. Each writes OUT/<kind>.md, .json and .png and caches finished items in OUT/<kind>.cache.jsonl, "
+    "so running the same command again after an interruption resumes.",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+EVAL_PATHS_HELP = ("Comma-separated text paths: base (the base LLM loaded on its own), non-shared (the model's "
+                   "text path: the untouched base), shared (text through copies + LoRA).")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _print_report(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    print(Path(result["files"]["md"]).read_text(), end="")
+    console.print("wrote " + ", ".join(result["files"].values()))
+
+
+@eval_app.command("text")
+def eval_text(
+    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval tasks or task YAML files, e.g. gsm8k,mmlu."),
+    paths: str = typer.Option("base,non-shared,shared", help=EVAL_PATHS_HELP),
+    compare: list[str] = typer.Option([], help="Another checkpoint (repeatable), scored on the text path it deploys "
+                                      "with: non-shared for GenieBlue, shared for full / lora / cogvlm."),
+    include_path: list[str] = typer.Option([], help="Folder of extra lm-eval task YAMLs (repeatable)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many documents per task (a quick look)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: each task's own)."),
+    batch_size: int = typer.Option(8, help="Requests per forward pass."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    chat_template: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
+    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    out: str = typer.Option("eval_out", help="Output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+):
+    """Run lm-eval tasks on the base, the non-shared and the shared text path (and other checkpoints)
+    and print a Table-6-style table: score per task, average and retention vs the base.
+
+    Example: genieblue eval text -m runs/genieblue-skip/stage2/final -t gsm8k,mmlu --compare runs/full/stage2/final
+
+    lm-eval's own CLI knows the same model as "genieblue":
+    python -m genieblue.eval.harness --model genieblue --model_args pretrained=DIR,path=shared --tasks gsm8k
+    """
+    from .eval.text_tasks import evaluate_text
+
+    try:
+        result = evaluate_text(model, _csv(tasks), out, tuple(_csv(paths)), tuple(compare), llm, include_path or None,
+                               limit, num_fewshot, batch_size, device, chat_template)
+    except (ValueError, OSError) as err:  # FileNotFoundError and offline dataset downloads included
+        _fail(" ".join(str(err).split()))
+    _print_report(result, as_json)
+
+
+@eval_app.command("mm")
+def eval_mm(
+    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Benchmark file (repeatable), as FILE or NAME=FILE or "
+                                   "NAME:METRIC=FILE: LLaVA-style JSON/JSONL or VLMEvalKit-style TSV (base64 images)."),
+    reference: Optional[str] = typer.Option(None, help="Reference checkpoint for the retention column (e.g. full fine-tuning)."),
+    batch_size: int = typer.Option(8, help="Questions per generate call."),
+    max_new_tokens: int = typer.Option(32, help="Longest reply."),
+    limit: Optional[int] = typer.Option(None, help="At most this many items per benchmark."),
+    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    out: str = typer.Option("eval_out", help="Output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+):
+    """Score VQA benchmarks from local files with their standard metrics and print a Table-4/5-style
+    table: score per benchmark, average and retention vs --reference.
+
+    Metrics (picked from the benchmark name, e.g. MMBench_DEV_EN -> mc, or given as NAME:METRIC=FILE):
+    mc (AI2D, ScienceQA, MMBench: option extracted from free text), vqa (TextVQA), anls (DocVQA),
+    relaxed (ChartQA), ocr (OCRBench), exact. Malformed rows are skipped and counted.
+
+    Example: genieblue eval mm -m runs/genieblue-skip/stage2/final -d MMBench_DEV_EN.tsv -d textvqa=textvqa_val.jsonl
+    """
+    from rich.progress import Progress
+
+    from .eval.vqa import evaluate_mm
+
+    try:
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+            result = evaluate_mm(model, data, out, reference, llm, batch_size, max_new_tokens, limit, progress)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(" ".join(str(err).split()))
+    _print_report(result, as_json)
+
+
+@eval_app.command("chat")
+def eval_chat(
+    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    questions: str = typer.Option(..., "--questions", "-q", help="Question JSONL: MT-Bench (turns, reference) or "
+                                  "AlignBench (question, reference) lines."),
+    judge_url: str = typer.Option(..., help="OpenAI-compatible base URL of the judge, e.g. https://api.openai.com/v1 "
+                                  "or http://127.0.0.1:8000/v1 (a `genieblue serve`)."),
+    judge_model: Optional[str] = typer.Option(None, help="Judge model name (default: the endpoint's first model)."),
+    judge_api_key: Optional[str] = typer.Option(None, envvar="OPENAI_API_KEY", show_default=False,
+                                                help="API key for the judge (default: $OPENAI_API_KEY)."),
+    judge_max_tokens: int = typer.Option(1024, help="Longest judgment."),
+    paths: str = typer.Option("base,non-shared,shared", help=EVAL_PATHS_HELP),
+    batch_size: int = typer.Option(8, help="Questions per generate call."),
+    max_new_tokens: int = typer.Option(512, help="Longest answer."),
+    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    out: str = typer.Option("eval_out", help="Output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+):
+    """Answer chat questions on each text path and have a judge rate every answer 1-10 (MT-Bench
+    single-answer grading); print mean rating per category, average and retention vs the base.
+    Judgments without a rating count as failures and stay out of the averages.
+
+    Example: genieblue eval chat -m runs/genieblue-skip/stage2/final -q mt_bench.jsonl --judge-url https://api.openai.com/v1 --judge-model gpt-4o
+    """
+    from rich.progress import Progress
+
+    from .eval.judge import Judge, JudgeUnavailable, evaluate_chat
+
+    try:
+        judge = Judge(judge_url, judge_model, judge_api_key, judge_max_tokens)
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+            result = evaluate_chat(model, questions, out, judge, tuple(_csv(paths)), llm, batch_size, max_new_tokens, progress)
+    except (ValueError, FileNotFoundError, JudgeUnavailable) as err:
+        _fail(" ".join(str(err).split()))
+    _print_report(result, as_json)
+
+
 if __name__ == "__main__":
     app()
