@@ -3,8 +3,15 @@ an independent copy of the base exactly as a user would."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+import urllib.request
+
 import pytest
 import torch
+import uvicorn
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -91,3 +98,28 @@ def synth_data(tmp_path_factory):
     paths = generate_dataset(folder, n_train=48, n_val=12, n_test=12, seed=0, image_size=32)
     write_json(folder / "text.json", text_only_samples(8, seed=0))
     return {**paths, "text": folder / "text.json"}
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app on a real uvicorn server on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -5,12 +5,9 @@ real uvicorn socket (text, image, streaming, every bad input, a concurrent mixed
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import itertools
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +17,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-import uvicorn
-from conftest import TINY_SIGLIP, load_reference
+from conftest import TINY_SIGLIP, load_reference, serving
 from PIL import Image
 
 from genieblue.data import GenieBlueProcessor, collate_prompts
@@ -133,35 +129,10 @@ def test_sampling_runs_and_bad_settings_are_refused(engine):
 
 
 # server -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _serving(app):
-    """The app on a real uvicorn server on a free loopback port; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def client(engine):
     app = create_app(engine, model_name="tiny", max_image_bytes=200_000, max_image_pixels=1_000_000)
-    with _serving(app) as url:
+    with serving(app) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
 
 
@@ -225,7 +196,7 @@ def test_bad_input_gets_a_4xx_error_body_and_the_server_keeps_serving(client, ca
 
 def test_local_images_when_allowed(engine, tmp_path):
     (tmp_path / "x.png").write_bytes(_png())
-    with _serving(create_app(engine, allow_local_images=True)) as url:
+    with serving(create_app(engine, allow_local_images=True)) as url:
         local = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
         reply = _chat(local, _image(str(tmp_path / "x.png"))).choices[0].message.content
     assert reply == engine.generate(_user("<image>\nWhat is this?"), [_png()], max_tokens=N).text
