@@ -103,13 +103,15 @@ def _load(pretrained: str, path: str, llm: str | None):
 class GenieBlueLM(HFLM):
     """lm-eval model over one text path. `pretrained`: a saved GenieBlue folder (or, for path=base,
     any LLM spec), or an already loaded GenieBlue model / base LLM together with `tokenizer`.
-    Other keyword arguments go to `HFLM` (batch_size, max_length, ...)."""
+    `resume_cache`: a JSONL file (or a `ResultCache`) of finished requests. Other keyword arguments
+    go to `HFLM` (batch_size, max_length, ...). From lm-eval's CLI:
+    `--model_args pretrained=DIR,path=shared,resume_cache=out/cache.jsonl`."""
 
     def __init__(self, pretrained, path: str = "non-shared", llm: str | None = None, tokenizer=None,
                  device: str | None = None, resume_cache: str | ResultCache | None = None, **kwargs):
         if path not in PATHS:
             raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
-        name = pretrained
+        name = None
         if isinstance(pretrained, (str, os.PathLike)):
             name = str(Path(pretrained).resolve()) if Path(pretrained).exists() else str(pretrained)
             pretrained, tokenizer = _load(str(pretrained), path, llm)
@@ -121,8 +123,9 @@ class GenieBlueLM(HFLM):
         if isinstance(pretrained, GenieBlueForConditionalGeneration):
             pretrained = _TextPath(pretrained, shared_base=path == "shared")
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
-        self.path = path
         if isinstance(resume_cache, (str, os.PathLike)):
+            if name is None:
+                raise ValueError("resume_cache as a file needs pretrained as a folder; pass a loaded model a ResultCache")
             resume_cache = ResultCache(resume_cache, name, path)
         self.resume_cache = resume_cache
         if resume_cache is not None:

@@ -84,7 +84,7 @@ def _item(record: dict, answers: list[str], options: dict[str, str] | None, cate
 def _skip_reason(err: Exception) -> str:
     if isinstance(err, ImageError):
         return "unusable image"
-    return str(err.reason if isinstance(err, BadRecord) else err).split(":")[0].split(" (")[0]
+    return str(err.reason if isinstance(err, BadRecord) else err).split(":")[0].split(" (")[0].split(", got")[0]
 
 
 def _llava_record(raw: dict, index: int) -> tuple[dict, list]:
