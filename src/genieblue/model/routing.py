@@ -102,8 +102,12 @@ class LoRALinear(_Wrapper):
     def forward(self, x):
         y = self.original(x)
         if self._router.image:
-            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+            y = y + self.low_rank(x)
         return y
+
+    def low_rank(self, x):
+        """The image-mode update B(A(x)) * alpha / r."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
 
 class Expert(_Wrapper):

@@ -3,6 +3,8 @@ that maps image tiles to embeddings in the LLM's input space (LLaVA / InternVL s
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -12,7 +14,7 @@ def pixel_unshuffle_tokens(tokens: torch.Tensor, factor: int = 2) -> torch.Tenso
     """(N, h*w, C) patch tokens on a square grid -> (N, h*w/factor^2, C*factor^2): each output token
     concatenates a factor x factor neighbourhood."""
     n, length, channels = tokens.shape
-    side = int(round(length**0.5))
+    side = math.isqrt(int(length))  # int(): a plain number also while tracing for export
     if side * side != length or side % factor:
         raise ValueError(f"{length} patch tokens do not form a square grid divisible by {factor}")
     grid = tokens.reshape(n, side // factor, factor, side // factor, factor, channels)
