@@ -55,43 +55,66 @@ def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, bits: int, colum
     return (centred * scales.unsqueeze(-1).to(dtype)).flatten(-2)[..., :columns]
 
 
+def dequantize_matrix(packed: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int, dtype) -> torch.Tensor:
+    """The float (out, in) weight of MatMulNBits-layout `packed` and flat `scales`."""
+    return dequantize_rows(packed, scales.view(packed.shape[:2]), bits, in_features, dtype)
+
+
 class _MatMulNBits(torch.autograd.Function):
-    """x @ dequantised(W).T; exported as onnxruntime's com.microsoft::MatMulNBits."""
+    """x @ W.T for a packed W; exported as onnxruntime's com.microsoft::MatMulNBits."""
 
     @staticmethod
     def forward(ctx, x, packed, scales, in_features: int, bits: int, block_size: int):
-        weight = dequantize_rows(packed, scales.view(packed.shape[:2]), bits, in_features, x.dtype)
-        return F.linear(x, weight)
+        return F.linear(x, dequantize_matrix(packed, scales, bits, in_features, x.dtype))
 
     @staticmethod
     def symbolic(g, x, packed, scales, in_features, bits, block_size):
         n = packed.type().sizes()[0]
-        return g.op("com.microsoft::MatMulNBits", x, packed, scales,
-                    K_i=in_features, N_i=n, bits_i=bits, block_size_i=block_size)
+        y = g.op("com.microsoft::MatMulNBits", x, packed, scales, K_i=in_features, N_i=n, bits_i=bits, block_size_i=block_size)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:  # tell the exporter's shape inference what comes out: (..., N), x's dtype
+            y.setType(x.type().with_sizes(sizes[:-1] + [n]))
+        return y
+
+
+def block_size_for(in_features: int, block_size: int = BLOCK_SIZE) -> int:
+    """`block_size`, or for narrower inputs (LoRA B: the rank) the smallest power of two >= 16
+    (MatMulNBits' minimum) that covers them, so padding stays small."""
+    return block_size if in_features >= block_size else max(16, 1 << (in_features - 1).bit_length())
 
 
 class WeightOnlyLinear(nn.Module):
     """A linear layer whose weight is held quantised (`bits` per value, one scale per block of
-    `block_size` inputs) and dequantised on the fly; activations and bias stay float."""
+    `block_size` inputs) and dequantised on the fly; activations and bias stay float.
 
-    def __init__(self, packed, scales, in_features: int, bits: int, block_size: int, bias=None):
+    `keep_packed` exports it as MatMulNBits (the weight stays packed in memory); otherwise as plain
+    ops that onnxruntime folds into a float weight when it loads the graph - for the rank-r LoRA
+    slivers, where a MatMulNBits call costs more than the float weight's memory."""
+
+    def __init__(self, packed, scales, in_features: int, bits: int, block_size: int, bias=None, keep_packed: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, packed.shape[0]
-        self.bits, self.block_size = bits, block_size
+        self.bits, self.block_size, self.keep_packed = bits, block_size, keep_packed
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZE, bias=None) -> "WeightOnlyLinear":
-        return cls(*quantize_weight(weight, bits, block_size), weight.shape[1], bits, block_size, bias)
+    def from_weight(cls, weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZE, bias=None,
+                    keep_packed: bool = True) -> "WeightOnlyLinear":
+        block = block_size_for(weight.shape[1], block_size)
+        return cls(*quantize_weight(weight, bits, block), weight.shape[1], bits, block, bias, keep_packed)
 
     def forward(self, x):
-        y = _MatMulNBits.apply(x, self.packed, self.scales, self.in_features, self.bits, self.block_size)
+        if self.keep_packed:
+            y = _MatMulNBits.apply(x, self.packed, self.scales, self.in_features, self.bits, self.block_size)
+        else:
+            y = F.linear(x, dequantize_matrix(self.packed, self.scales, self.bits, self.in_features, x.dtype))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block_size={self.block_size}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block_size={self.block_size}, "
+                f"keep_packed={self.keep_packed}")
 
 
 class WeightOnlyEmbedding(nn.Module):
@@ -113,12 +136,13 @@ class WeightOnlyEmbedding(nn.Module):
 
 
 class QuantizedLoRALinear(LoRALinear):
-    """`LoRALinear` with a quantised original and 8-bit A and B (B pre-multiplied by alpha / r)."""
+    """`LoRALinear` with a quantised original and 8-bit A and B (B pre-multiplied by alpha / r,
+    both dequantised at load by onnxruntime: see `WeightOnlyLinear.keep_packed`)."""
 
     def __init__(self, lora: LoRALinear, bits: int, delta_bits: int, block_size: int):
         _Wrapper.__init__(self, _quantize_linear(lora.original, bits, block_size), lora._router)
-        self.lora_A = WeightOnlyLinear.from_weight(lora.lora_A, delta_bits, block_size)
-        self.lora_B = WeightOnlyLinear.from_weight(lora.lora_B * lora.scaling, delta_bits, block_size)
+        self.lora_A = WeightOnlyLinear.from_weight(lora.lora_A, delta_bits, block_size, keep_packed=False)
+        self.lora_B = WeightOnlyLinear.from_weight(lora.lora_B * lora.scaling, delta_bits, block_size, keep_packed=False)
 
     def low_rank(self, x):
         return self.lora_B(self.lora_A(x))
