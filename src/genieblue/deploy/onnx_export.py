@@ -1,0 +1,284 @@
+"""ONNX export for phones: a text graph, an image graph and a vision graph that read ONE copy of the
+base weights on disk.
+
+  * `text.onnx`   - one decoder step of the untouched base: (input_ids, attention_mask, past KV) ->
+                    (last-position logits, present KV);
+  * `image.onnx`  - the same step on the multimodal path: block copies replace their originals, LoRA
+                    adds, and image features are spliced in at the placeholder positions with dense
+                    ops (Equal, CumSum, Gather, Where) - no routing, no data-dependent control flow;
+  * `vision.onnx` - ViT -> 2x2 downsampler -> projector: pixel tiles -> image features (one static
+                    tile with `single_tile`, the phone's single-patch mode).
+
+Initializers live in external data files: `base.onnx.data` holds every tensor of the text graph and
+the image graph points at the same file and offsets for the base tensors it uses; `delta.onnx.data`
+holds the copies, LoRA, ViT and projector. Graphs come from torch's TorchScript-based ONNX exporter
+around the HF modules with a plain-tensor KV cache (a `DynamicCache` rebuilt inside the step); a
+quantised model exports its weights as onnxruntime `MatMulNBits` (W4A16 / W8A16, see `quant`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import onnx
+import torch
+from onnx.external_data_helper import set_external_data
+from torch import nn
+from transformers import DynamicCache
+
+from .._io import atomic_dir, write_json
+from ..data import load_model_and_processor
+from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
+from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, WeightOnlyLinear, quantize_model
+
+OPSET = 18
+MANIFEST = "deploy.json"
+GRAPHS = {"text": "text.onnx", "image": "image.onnx", "vision": "vision.onnx"}
+BASE_DATA, DELTA_DATA = "base.onnx.data", "delta.onnx.data"
+INLINE_BYTES = 128
+"""Tensors smaller than this stay inside their graph file (scalars, shape constants)."""
+ALIGN = 64
+"""Byte alignment of each tensor inside the external data files."""
+
+
+def _attention_bias(attention_mask: torch.Tensor, query_length, window: int | None, dtype) -> torch.Tensor:
+    """(B, 1, T, S) additive mask: key s is visible to query t (at position S - T + t) when it is not
+    padding, not in the future and, for a sliding window, less than `window` positions back."""
+    total = attention_mask.shape[1]
+    query = torch.arange(query_length) + (total - query_length)
+    key = torch.arange(total)
+    visible = key[None, :] <= query[:, None]
+    if window is not None:
+        visible = visible & (query[:, None] - key[None, :] < window)
+    visible = visible[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+class DecoderStep(nn.Module):
+    """One decoder call of a GenieBlue model with an explicit KV cache, on the text path or the image
+    path. Inputs: input_ids (B, T), attention_mask (B, past + T), [image_features (N, D): the image
+    path only, consumed in order by the IMAGE_TOKEN_INDEX positions], past keys, past values (each
+    (B, kv_heads, past, head_dim) per layer). Outputs: logits of the last position (B, 1, V),
+    present keys, present values."""
+
+    def __init__(self, model: GenieBlueForConditionalGeneration, image: bool):
+        super().__init__()
+        self.model, self.image = model, image
+        config = model.llm.config
+        self.window = getattr(config, "sliding_window", None)
+        self.layer_types = getattr(config, "layer_types", None)
+
+    def _masks(self, attention_mask, query_length, dtype):
+        """The 4D mask HF takes as prepared: one per layer type, or one for all layers."""
+        if self.layer_types is None:
+            return _attention_bias(attention_mask, query_length, self.window, dtype)
+        return {kind: _attention_bias(attention_mask, query_length, self.window if kind == "sliding_attention" else None, dtype)
+                for kind in set(self.layer_types)}
+
+    def forward(self, input_ids, attention_mask, *rest):
+        llm, router = self.model.llm, self.model.router
+        features, past = (rest[0], rest[1:]) if self.image else (None, rest)
+        layers = len(past) // 2
+        cache = DynamicCache(list(zip(past[:layers], past[layers:])))
+        query_length = input_ids.shape[1]
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, attention_mask.shape[1] - query_length :]
+        common = dict(position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if self.image:
+            visual = input_ids == IMAGE_TOKEN_INDEX
+            embeds = llm.get_input_embeddings()(input_ids.masked_fill(visual, 0))
+            order = (visual.long().flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)
+            embeds = torch.where(visual.unsqueeze(-1), features[order].to(embeds.dtype), embeds)
+            with router.route(image=True):
+                out = llm(inputs_embeds=embeds, attention_mask=self._masks(attention_mask, query_length, embeds.dtype), **common)
+        else:
+            with router.route(image=False):
+                mask = self._masks(attention_mask, query_length, llm.dtype)
+                out = llm(input_ids=input_ids, attention_mask=mask, **common)
+        return (out.logits, *[layer.keys for layer in cache.layers], *[layer.values for layer in cache.layers])
+
+
+class VisionStep(nn.Module):
+    """Pixel tiles (tiles, 3, S, S) -> image features (tiles * tokens_per_tile, D)."""
+
+    def __init__(self, model: GenieBlueForConditionalGeneration):
+        super().__init__()
+        self.vision = model.vision
+
+    def forward(self, pixel_values):
+        return self.vision(pixel_values).flatten(0, 1)
+
+
+def _kv_names(layers: int, kind: str) -> list[str]:
+    return [f"{kind}_key.{i}" for i in range(layers)] + [f"{kind}_value.{i}" for i in range(layers)]
+
+
+def _to_proto(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic: dict) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module, args, buffer, dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,
+        dynamic_axes=dynamic, do_constant_folding=False,  # keep every weight under its module name
+        custom_opsets={"com.microsoft": 1},
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _decoder_graph(model, image: bool, layers: int, kv_shape: tuple[int, int]) -> onnx.ModelProto:
+    batch, query, past = 1, 3, 2  # sample sizes; every one of them is a dynamic axis of the graph
+    ids = torch.randint(0, model.llm.config.vocab_size, (batch, query))
+    heads, head_dim = kv_shape
+    kv = tuple(torch.zeros(batch, heads, past, head_dim) for _ in range(2 * layers))
+    inputs = ["input_ids", "attention_mask"]
+    args = [ids, torch.ones(batch, past + query, dtype=torch.long)]
+    dynamic = {"input_ids": {0: "batch", 1: "query"}, "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch"}}
+    if image:
+        ids[0, 0] = IMAGE_TOKEN_INDEX
+        inputs.append("image_features")
+        args.append(torch.zeros(2, model.llm.config.hidden_size))
+        dynamic["image_features"] = {0: "image_tokens"}
+    dynamic |= {n: {0: "batch", 2: "past"} for n in _kv_names(layers, "past")}
+    dynamic |= {n: {0: "batch", 2: "total"} for n in _kv_names(layers, "present")}
+    return _to_proto(DecoderStep(model, image), (*args, *kv), inputs + _kv_names(layers, "past"),
+                     ["logits", *_kv_names(layers, "present")], dynamic)
+
+
+def _vision_graph(model, single_tile: bool) -> onnx.ModelProto:
+    size = model.vision.image_size
+    dynamic = {} if single_tile else {"pixel_values": {0: "tiles"}, "image_features": {0: "image_tokens"}}
+    return _to_proto(VisionStep(model), (torch.zeros(1, 3, size, size),), ["pixel_values"], ["image_features"], dynamic)
+
+
+def _kv_shape(model) -> tuple[int, int]:
+    """(kv heads, head dim) of the cache, read from one real forward."""
+    with torch.no_grad(), model.router.route(image=False):
+        cache = model.llm(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True).past_key_values
+    return tuple(cache.layers[0].keys.shape[1::2])
+
+
+class _DataWriter:
+    """Appends tensors to one external data file and points their TensorProtos at it."""
+
+    def __init__(self, folder: Path, name: str):
+        self.name, self.file, self.size = name, open(folder / name, "wb"), 0
+        self.where: dict[tuple[str, str], tuple[int, int]] = {}  # (name, sha256) -> (offset, length)
+
+    def place(self, tensor: onnx.TensorProto, data: bytes, key: tuple[str, str]) -> None:
+        if key not in self.where:
+            self.file.write(b"\0" * (-self.size % ALIGN))
+            self.size += -self.size % ALIGN
+            self.where[key] = (self.size, len(data))
+            self.file.write(data)
+            self.size += len(data)
+        _point(tensor, self.name, *self.where[key])
+
+
+def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    set_external_data(tensor, location, offset, length)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+def _raw(tensor: onnx.TensorProto) -> bytes:
+    """The tensor's bytes, after moving them into `raw_data` if the exporter used a typed field."""
+    if not tensor.HasField("raw_data"):
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+    return tensor.raw_data
+
+
+def _delta_part(name: str) -> str:
+    for marker, part in ((".copy.", "copies"), (".lora_", "lora"), ("vision.", "vision")):
+        if marker in name:
+            return part
+    return "other"
+
+
+def write_shared(graphs: dict[str, onnx.ModelProto], folder: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Save the graphs with their large initializers in two external data files: every tensor of the
+    text graph in BASE_DATA (once); a tensor of another graph with the same name and the same bytes
+    reads those bytes; every other tensor goes to DELTA_DATA. Returns the bytes of each file and the
+    delta's bytes by part (block copies, LoRA, ViT + projector)."""
+    base, delta = _DataWriter(folder, BASE_DATA), _DataWriter(folder, DELTA_DATA)
+    parts = dict.fromkeys(("copies", "lora", "vision", "other"), 0)
+    for kind, proto in graphs.items():
+        for tensor in proto.graph.initializer:
+            data = _raw(tensor)
+            if len(data) < INLINE_BYTES:
+                continue
+            key = (tensor.name, hashlib.sha256(data).hexdigest())
+            if kind != "text" and key not in base.where and key not in delta.where:
+                parts[_delta_part(tensor.name)] += len(data)
+            (base if kind == "text" or key in base.where else delta).place(tensor, data, key)
+        onnx.save(proto, folder / GRAPHS[kind])
+    for writer in (base, delta):
+        writer.file.close()
+    return {name: os.path.getsize(folder / name) for name in (*GRAPHS.values(), BASE_DATA, DELTA_DATA)}, parts
+
+
+def _precision(model) -> str:
+    return f"w{LLM_BITS}a16" if any(isinstance(m, WeightOnlyLinear) for m in model.modules()) else "fp32"
+
+
+@torch.no_grad()
+def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, single_tile: bool = False,
+                eos_token_ids: list[int] | None = None) -> dict:
+    """Write text.onnx, image.onnx, vision.onnx, base.onnx.data, delta.onnx.data and deploy.json
+    into `folder` (atomically). Quantise first (`quant.quantize_model`) for W4A16; a float model
+    exports float32. Returns the manifest."""
+    if model.strategy.family == "cogvlm":
+        raise ValueError("cogvlm visual experts pick weights per token (MoE-style routing); export supports "
+                         "the genieblue-*, lora and full strategies")
+    model.eval()
+    precision = _precision(model)
+    layers = len(model.llm.model.layers)
+    kv_shape = _kv_shape(model)
+    graphs = {
+        "text": _decoder_graph(model, False, layers, kv_shape),
+        "image": _decoder_graph(model, True, layers, kv_shape),
+        "vision": _vision_graph(model, single_tile),
+    }
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        files, parts = write_shared(graphs, tmp)
+        manifest = {
+            "format": "genieblue-onnx",
+            "version": 1,
+            "precision": precision,
+            "quantization": None if precision == "fp32" else {
+                "llm_bits": LLM_BITS, "delta_bits": DELTA_BITS, "block_size": BLOCK_SIZE, "op": "com.microsoft.MatMulNBits"},
+            "graphs": GRAPHS,
+            "data": {"base": BASE_DATA, "delta": DELTA_DATA},
+            "bytes": files,
+            "delta_parts": parts,
+            "num_layers": layers,
+            "kv_heads": kv_shape[0],
+            "head_dim": kv_shape[1],
+            "hidden_size": model.llm.config.hidden_size,
+            "vocab_size": model.llm.config.vocab_size,
+            "image_token_index": IMAGE_TOKEN_INDEX,
+            "image_size": model.vision.image_size,
+            "tokens_per_tile": model.vision.tokens_per_tile,
+            "vision_type": model.vision.vit.config.model_type,
+            "single_tile": single_tile,
+            "eos_token_ids": eos_token_ids or [],
+            "genieblue": model.manifest(),
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+PRECISIONS = ("w4a16", "fp32")
+
+
+def export_saved_model(model_dir: str | Path, out: str | Path, precision: str = "w4a16", single_tile: bool = False,
+                       llm: str | None = None) -> dict:
+    """Load a saved GenieBlue folder, quantise it (`w4a16`) or keep it float (`fp32`) and export it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    model, processor = load_model_and_processor(model_dir, llm)
+    if precision == "w4a16":
+        quantize_model(model)
+    eos = model.llm.generation_config.eos_token_id
+    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), processor.tokenizer.eos_token_id} - {None})
+    return export_onnx(model, out, single_tile, eos)

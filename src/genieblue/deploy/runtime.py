@@ -1,0 +1,87 @@
+"""Run an exported GenieBlue folder (`genieblue export`) with onnxruntime on the CPU, with numpy only
+(no torch), as a phone app would: the text graph for text-only requests, the vision graph plus the
+image graph for requests with an image, a plain-array KV cache carried from step to step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+MANIFEST = "deploy.json"
+MODE_GRAPHS = {"text": ("text",), "image": ("image", "vision")}
+"""The graphs each mode loads."""
+
+
+class DeployedModel:
+    """An exported folder behind onnxruntime sessions, loaded per mode on demand."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: not an exported GenieBlue folder (see genieblue export)")
+        self.manifest = json.loads(path.read_text())
+        self.options = ort.SessionOptions()
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # a shared CPU: no busy-waiting
+        if threads:
+            self.options.intra_op_num_threads = threads
+        self.sessions: dict[str, ort.InferenceSession] = {}
+
+    def load(self, mode: str) -> None:
+        """Create the sessions `mode` ("text" or "image") needs."""
+        for graph in MODE_GRAPHS[mode]:
+            if graph not in self.sessions:
+                path = self.folder / self.manifest["graphs"][graph]
+                self.sessions[graph] = ort.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
+
+    def files(self, mode: str) -> list[str]:
+        """The files on disk `mode` reads (graphs and external data)."""
+        data = self.manifest["data"]
+        graphs = [self.manifest["graphs"][g] for g in MODE_GRAPHS[mode]]
+        return graphs + ([data["base"]] if mode == "text" else [data["base"], data["delta"]])
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        m = self.manifest
+        return [np.zeros((batch, m["kv_heads"], 0, m["head_dim"]), np.float32)] * (2 * m["num_layers"])
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(tiles, 3, S, S) normalised pixels -> (tiles * tokens_per_tile, D) features."""
+        self.load("image")
+        return self.sessions["vision"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+
+    def step(self, input_ids: np.ndarray, cache: list[np.ndarray], image_features: np.ndarray | None = None,
+             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: (B, T) ids after `cache` -> (last-position logits (B, V), new cache).
+        With `image_features` it runs the image graph (pass the features on the step whose ids hold
+        the placeholders; any (1, D) array on later steps), else the text graph."""
+        mode = "text" if image_features is None else "image"
+        self.load(mode)
+        layers = self.manifest["num_layers"]
+        if attention_mask is None:
+            attention_mask = np.ones((input_ids.shape[0], cache[0].shape[2] + input_ids.shape[1]), np.int64)
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask}
+        if image_features is not None:
+            feed["image_features"] = image_features
+        names = [f"past_{kind}.{i}" for kind in ("key", "value") for i in range(layers)]
+        feed.update(zip(names, cache))
+        logits, *present = self.sessions[mode].run(None, feed)
+        return logits[:, -1], present
+
+    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None, max_new_tokens: int = 32,
+                 stop_at_eos: bool = True) -> list[int]:
+        """Greedy tokens for one prompt (1, T) (with an image: its placeholders and pixel tiles)."""
+        features = None if pixel_values is None else self.image_features(pixel_values)
+        logits, cache = self.step(input_ids, self.empty_cache(), features)
+        later = None if features is None else features[:1]
+        tokens: list[int] = []
+        while len(tokens) < max_new_tokens:
+            token = int(logits[0].argmax())
+            if stop_at_eos and token in self.manifest["eos_token_ids"]:
+                break
+            tokens.append(token)
+            logits, cache = self.step(np.array([[token]]), cache, later)
+        return tokens
