@@ -1,0 +1,233 @@
+"""On-device deployment: W4A16 / W8A16 quantisation (text path bit-identical to the base quantised on
+its own), ONNX export of the text, image and vision graphs (matched against the PyTorch model under
+onnxruntime, prefill and decode with a KV cache), one copy of the base weights on disk, the 1-tile
+vision graph, and the `genieblue export` / `genieblue bench deploy` commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import TINY_SIGLIP, load_reference
+from torch import nn
+
+from genieblue import GenieBlueForConditionalGeneration as GenieBlue
+from genieblue.data import save_processor_settings
+from genieblue.deploy.onnx_export import ALIGN, BASE_DATA, DELTA_DATA, export_onnx
+from genieblue.deploy.quant import WeightOnlyEmbedding, WeightOnlyLinear, quantize_llm, quantize_model
+from genieblue.deploy.runtime import DeployedModel
+from genieblue.model import IMAGE_TOKEN_INDEX
+
+TOLERANCE = 1e-4  # |ONNX - PyTorch| on logits of order 1: float32 summation order only
+
+
+def _trained_like(base, seed: int = 0) -> GenieBlue:
+    """A GenieBlue model whose delta differs from the base, as after training (an untrained LoRA B
+    is zero and untrained copies equal their originals)."""
+    torch.manual_seed(seed)
+    model = GenieBlue.from_base(base, vision=TINY_SIGLIP).eval()
+    with torch.no_grad():
+        for p in model.llm_delta_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _image_prompt(model, tiles: int = 1, text: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.llm.config.vocab_size
+    ids = torch.cat([torch.randint(3, vocab, (1, 2), generator=g),
+                     torch.full((1, tiles * model.vision.tokens_per_tile), IMAGE_TOKEN_INDEX),
+                     torch.randint(3, vocab, (1, text), generator=g)], 1)
+    size = model.vision.image_size
+    return ids, torch.randn(tiles, 3, size, size, generator=g)
+
+
+# quantisation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gemma3_text"])
+def test_quantised_text_path_is_the_independently_quantised_base(base_dirs, family):
+    model = quantize_model(_trained_like(base_dirs[family]))
+    base = quantize_llm(load_reference(base_dirs[family]))
+    ids = torch.randint(3, 128, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row too
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        theirs = base(input_ids=ids, attention_mask=mask).logits
+        through_delta = model(ids, attention_mask=mask, shared_base=True).logits
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(through_delta, ours)  # the quantised copies and LoRA are there, and used off the text path
+
+    # everything is really quantised: LLM linears 4-bit (base and copies), LoRA / ViT / projector 8-bit
+    assert not [n for n, m in model.llm.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    assert not [n for n, m in model.vision.named_modules() if isinstance(m, nn.Linear)]  # (patch conv, positions: float)
+    bits = {n: m.bits for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    assert {b for n, b in bits.items() if n.startswith("llm.") and ".lora_" not in n} == {4}
+    assert {b for n, b in bits.items() if n.startswith("vision.") or ".lora_" in n} == {8}
+    assert any(".copy." in n for n in bits) and isinstance(model.llm.get_input_embeddings(), WeightOnlyEmbedding)
+    q = model.llm.model.layers[0].self_attn.q_proj.original
+    assert q.packed.dtype == torch.uint8 and q.packed.numel() == q.in_features * q.out_features // 2
+
+
+def test_w4_weights_sit_on_a_16_level_grid_per_block_of_32(base_dirs):
+    reference = load_reference(base_dirs["llama"])
+    weight = reference.model.layers[0].mlp.down_proj.weight.detach()  # (32, 64): two blocks per row
+    layer = WeightOnlyLinear.from_weight(weight, bits=4)
+    dequantised = layer(torch.eye(weight.shape[1])).T  # W @ e_j, column by column: the weight it uses
+    step = layer.scales.abs().view(weight.shape[0], -1)
+    assert torch.allclose(step * 8, weight.abs().view(weight.shape[0], -1, 32).amax(-1))  # symmetric, absmax -> -8
+    levels = dequantised.view(weight.shape[0], -1, 32) / step.unsqueeze(-1)
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= 8 + 1e-4
+    err = (dequantised - weight).abs() / step.repeat_interleave(32, 1)
+    assert err.max() <= 1 + 1e-4 and (err <= 0.5 + 1e-4).float().mean() > 0.95 and err.max() > 0
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_model(quantize_model(_trained_like(base_dirs["llama"])))
+
+
+# ONNX export ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen2_export(base_dirs, tmp_path_factory):
+    """A quantised Qwen2 GenieBlue and its export with a vision graph for any number of tiles."""
+    model = quantize_model(_trained_like(base_dirs["qwen2"]))
+    folder = tmp_path_factory.mktemp("onnx") / "qwen2"
+    export_onnx(model, folder, single_tile=False)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def cli_export(chat_base, tmp_path_factory):
+    """A saved Llama GenieBlue (real chat tokenizer) exported by `genieblue export --single-tile`."""
+    root = tmp_path_factory.mktemp("cli")
+    _trained_like(chat_base, seed=1).save_pretrained(root / "model")
+    save_processor_settings(root / "model")
+    run = _cli("export", "-m", str(root / "model"), "-o", str(root / "onnx"), "--single-tile", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root / "model", root / "onnx", json.loads(run.stdout)
+
+
+def _cli(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genieblue.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _check_steps(model, deployed: DeployedModel, ids, pixels, follow=(7, 9, 11)) -> None:
+    """Prefill then decode `follow` one token at a time with the KV cache; each step's last logits
+    equal the PyTorch model's logits at that position of the whole sequence."""
+    with torch.no_grad():
+        full = model(torch.cat([ids, torch.tensor([follow])], 1), pixel_values=pixels).logits[0]
+    features = None if pixels is None else deployed.image_features(pixels.numpy())
+    logits, cache = deployed.step(ids.numpy(), deployed.empty_cache(), features)
+    assert cache[0].shape[2] == ids.shape[1]
+    np.testing.assert_allclose(logits[0], full[ids.shape[1] - 1].numpy(), atol=TOLERANCE, rtol=0)
+    for k, token in enumerate(follow):
+        later = None if features is None else np.zeros_like(features[:1])
+        logits, cache = deployed.step(np.array([[token]]), cache, later)
+        np.testing.assert_allclose(logits[0], full[ids.shape[1] + k].numpy(), atol=TOLERANCE, rtol=0)
+
+
+def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
+    model, folder = qwen2_export
+    deployed = DeployedModel(folder)
+    assert deployed.manifest["precision"] == "w4a16"
+    _check_steps(model, deployed, torch.randint(3, 128, (1, 9)), None)
+    _check_steps(model, deployed, *_image_prompt(model, tiles=2))  # a vision graph for any number of tiles
+    ops = {n.op_type for g in ("text", "image") for n in onnx.load(folder / f"{g}.onnx", load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and not ops & {"If", "Loop", "Scan", "TopK", "NonZero"}  # static dense ops only
+
+
+def test_base_weights_are_stored_once_and_read_by_both_graphs(qwen2_export):
+    model, folder = qwen2_export
+    graphs = {g: onnx.load(folder / f"{g}.onnx", load_external_data=False) for g in ("text", "image", "vision")}
+
+    def places(graph):
+        return {t.name: (e["location"], int(e["offset"]), int(e["length"]))
+                for t in graph.graph.initializer if (e := {x.key: x.value for x in t.external_data})}
+
+    text, image, vision = (places(graphs[g]) for g in ("text", "image", "vision"))
+    assert {loc for loc, *_ in text.values()} == {BASE_DATA}
+    assert {loc for loc, *_ in image.values()} == {BASE_DATA, DELTA_DATA}
+    assert {loc for loc, *_ in vision.values()} == {DELTA_DATA}
+    shared = {n for n, p in image.items() if p[0] == BASE_DATA}
+    assert shared and all(image[n] == text[n] for n in shared)  # same file, same offsets
+    assert not any(".copy." in n or ".lora_" in n for n in text)  # the text graph never reads the delta
+    assert not any(n.startswith(f"model.llm.model.layers.{i}.original.") for i in model.strategy.block_indices(8) for n in image)
+
+    # bytes on disk: the base once (not once per graph), the delta once
+    def nbytes(state):
+        unique = {t.data_ptr(): t.nbytes for t in state.values()}
+        return sum(unique.values())
+
+    delta = model.delta_state_dict()
+    base = {k: v for k, v in model.state_dict().items() if k not in delta and not k.startswith("vision.")}
+    base_file, delta_file = (folder / BASE_DATA).stat().st_size, (folder / DELTA_DATA).stat().st_size
+    slack = ALIGN * len({*text.values(), *image.values(), *vision.values()})  # padding before each stored tensor
+    assert base_file <= nbytes(base) + slack and delta_file <= nbytes(delta) + slack
+    assert base_file + delta_file <= nbytes(base) + nbytes(delta) + slack < 2 * nbytes(base) + nbytes(delta)
+    # and onnxruntime loads both decoder graphs from those files
+    deployed = DeployedModel(folder)
+    deployed.load("text")
+    deployed.load("image")
+    assert set(deployed.sessions) == {"text", "image", "vision"}
+
+
+def test_cli_export_single_tile_vision_graph_and_greedy_tokens(cli_export):
+    model_dir, folder, manifest = cli_export
+    assert manifest["single_tile"] and manifest["precision"] == "w4a16"
+    vision = onnx.load(folder / "vision.onnx", load_external_data=False).graph
+    dims = [d.dim_value for d in vision.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, manifest["image_size"], manifest["image_size"]]  # static: one tile
+
+    # the exported bytes are the ones `quantize_model` computes for the saved folder
+    model = quantize_model(GenieBlue.from_pretrained(model_dir).eval())
+    deployed = DeployedModel(folder)
+    ids, pixels = _image_prompt(model, tiles=1)
+    _check_steps(model, deployed, ids, pixels)
+    with pytest.raises(Exception):  # two tiles do not fit the single-tile graph
+        deployed.image_features(np.zeros((2, 3, manifest["image_size"], manifest["image_size"]), np.float32))
+
+    # greedy generation under onnxruntime == PyTorch generate, text mode and image mode
+    text_ids = torch.randint(3, 1000, (1, 6))
+    for prompt, px in ((text_ids, None), (ids, pixels)):
+        expected = model.generate(prompt, pixel_values=px, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0].tolist()
+        got = deployed.generate(prompt.numpy(), None if px is None else px.numpy(), max_new_tokens=5, stop_at_eos=False)
+        assert got == expected
+
+
+def test_cli_bench_deploy_reports_table9(cli_export):
+    model_dir, folder, _ = cli_export
+    run = _cli("bench", "deploy", "-m", str(model_dir), "--onnx", str(folder), "--no-accuracy", "--json",
+               "--prompt-tokens", "24", "--new-tokens", "4", "--repeats", "1", "--rounds", "1", "--threads", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    text, image = result["modes"]["text"], result["modes"]["image"]
+    for row in (text, image):
+        assert row["load_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["peak_rss_mb"] > row["rss_before_load_mb"] > 0
+    assert text["vit_s"] is None and image["vit_s"] > 0
+    sizes = {p.name: p.stat().st_size for p in Path(folder).iterdir()}
+    assert text["storage_bytes"] == sizes["text.onnx"] + sizes[BASE_DATA]
+    assert image["storage_bytes"] == sizes["image.onnx"] + sizes["vision.onnx"] + sizes[BASE_DATA] + sizes[DELTA_DATA]
+    targets = result["targets"]
+    assert targets["storage_overhead"]["value"] == pytest.approx(image["storage_bytes"] / text["storage_bytes"] - 1)
+    assert targets["decode_ratio"]["value"] == pytest.approx(image["decode_tokens_per_s"] / text["decode_tokens_per_s"])
+    assert targets["single_base_in_memory"]["image_minus_text_peak_rss_mb"] == pytest.approx(
+        image["peak_rss_mb"] - text["peak_rss_mb"])
+
+
+def test_cli_errors_are_one_line(tmp_path, cli_export):
+    model_dir, folder, _ = cli_export
+    for args, message in (
+        (("export", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "out")), "genieblue.json is missing"),
+        (("export", "-m", str(model_dir), "--format", "tflite"), "unknown format 'tflite'"),
+        (("export", "-m", str(model_dir), "--precision", "w3"), "unknown precision 'w3'"),
+        (("bench", "deploy", "-m", str(tmp_path / "nope")), "genieblue.json is missing"),
+        (("bench", "deploy", "-m", str(model_dir), "--onnx", str(folder), "--no-accuracy", "--prompt-tokens", "3"),
+         "an image prompt needs more than"),
+    ):
+        run = _cli(*args, timeout=300)
+        assert run.returncode == 2, (args, run.stderr[-2000:])
+        assert run.stderr.startswith("error:") and message in run.stderr and len(run.stderr.strip().splitlines()) == 1
