@@ -492,7 +492,8 @@ def bench_deploy(
     import tempfile
 
     from .deploy.bench import table9
-    from .deploy.onnx_export import MANIFEST, export_saved_model
+    from .deploy.onnx_export import export_saved_model
+    from .deploy.runtime import MANIFEST
     from .model.modeling import MANIFEST as MODEL_MANIFEST
 
     if not (Path(model) / MODEL_MANIFEST).is_file():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from pathlib import Path
 
 import onnx
@@ -33,9 +34,10 @@ from .._io import atomic_dir, write_json
 from ..data import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
 from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, WeightOnlyLinear, quantize_model
+from .runtime import MANIFEST
 
 OPSET = 18
-MANIFEST = "deploy.json"
+PRECISIONS = ("w4a16", "fp32")
 GRAPHS = {"text": "text.onnx", "image": "image.onnx", "vision": "vision.onnx"}
 BASE_DATA, DELTA_DATA = "base.onnx.data", "delta.onnx.data"
 INLINE_BYTES = 128
@@ -117,16 +119,20 @@ def _kv_names(layers: int, kind: str) -> list[str]:
 
 def _to_proto(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic: dict) -> onnx.ModelProto:
     buffer = io.BytesIO()
-    torch.onnx.export(
-        module, args, buffer, dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,
-        dynamic_axes=dynamic, do_constant_folding=False,  # keep every weight under its module name
-        custom_opsets={"com.microsoft": 1},
-    )
+    with warnings.catch_warnings():  # the tracer notes every Python-level shape check it freezes
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module, args, buffer, dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,
+            dynamic_axes=dynamic, do_constant_folding=False,  # keep every weight under its module name
+            custom_opsets={"com.microsoft": 1},
+        )
     return onnx.load_from_string(buffer.getvalue())
 
 
 def _decoder_graph(model, image: bool, layers: int, kv_shape: tuple[int, int]) -> onnx.ModelProto:
-    batch, query, past = 1, 3, 2  # sample sizes; every one of them is a dynamic axis of the graph
+    # sample sizes, all dynamic axes of the graph; a query longer than 1 token makes HF trace its
+    # general attention branch (its single-token branch would be frozen into the graph otherwise)
+    batch, query, past = 1, 3, 2
     ids = torch.randint(0, model.llm.config.vocab_size, (batch, query))
     heads, head_dim = kv_shape
     kv = tuple(torch.zeros(batch, heads, past, head_dim) for _ in range(2 * layers))
@@ -267,8 +273,6 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
         write_json(tmp / MANIFEST, manifest)
     return manifest
 
-
-PRECISIONS = ("w4a16", "fp32")
 
 
 def export_saved_model(model_dir: str | Path, out: str | Path, precision: str = "w4a16", single_tile: bool = False,

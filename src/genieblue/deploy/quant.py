@@ -45,19 +45,30 @@ def quantize_weight(weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZ
     return torch.from_numpy(packed), torch.from_numpy(scales.reshape(-1))
 
 
+def _values(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed bytes (..., blocks, bytes) -> unsigned integers (..., blocks, block_size), in order."""
+    if bits == 8:
+        return packed
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
 def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, bits: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
     """Packed rows (..., blocks, bytes) and their scales (..., blocks) -> float rows (..., columns)."""
-    if bits == 4:
-        values = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
-    else:
-        values = packed
-    centred = values.to(dtype) - 2 ** (bits - 1)
+    centred = _values(packed, bits).to(dtype) - 2 ** (bits - 1)
     return (centred * scales.unsqueeze(-1).to(dtype)).flatten(-2)[..., :columns]
 
 
-def dequantize_matrix(packed: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int, dtype) -> torch.Tensor:
-    """The float (out, in) weight of MatMulNBits-layout `packed` and flat `scales`."""
-    return dequantize_rows(packed, scales.view(packed.shape[:2]), bits, in_features, dtype)
+def dequantize_matrix(packed: torch.Tensor, scales: torch.Tensor, bits: int, shape: tuple[int, int], block_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The float (out, in) = `shape` weight of MatMulNBits-layout `packed` and flat `scales`. Shapes
+    come from Python ints, so an exported graph holds a few constant-shape ops that onnxruntime
+    folds into the float weight when it loads the graph."""
+    rows, columns = shape
+    blocks = -(-columns // block_size)
+    values = _values(packed, bits).reshape(rows, blocks, block_size) if bits == 4 else packed
+    weight = (values.to(dtype) - 2 ** (bits - 1)) * scales.reshape(rows, blocks, 1).to(dtype)
+    weight = weight.reshape(rows, blocks * block_size)
+    return weight if columns == blocks * block_size else weight[:, :columns]
 
 
 class _MatMulNBits(torch.autograd.Function):
@@ -65,7 +76,8 @@ class _MatMulNBits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, scales, in_features: int, bits: int, block_size: int):
-        return F.linear(x, dequantize_matrix(packed, scales, bits, in_features, x.dtype))
+        shape = (packed.shape[0], in_features)
+        return F.linear(x, dequantize_matrix(packed, scales, bits, shape, block_size, x.dtype))
 
     @staticmethod
     def symbolic(g, x, packed, scales, in_features, bits, block_size):
@@ -109,7 +121,8 @@ class WeightOnlyLinear(nn.Module):
         if self.keep_packed:
             y = _MatMulNBits.apply(x, self.packed, self.scales, self.in_features, self.bits, self.block_size)
         else:
-            y = F.linear(x, dequantize_matrix(self.packed, self.scales, self.bits, self.in_features, x.dtype))
+            shape = (self.out_features, self.in_features)
+            y = F.linear(x, dequantize_matrix(self.packed, self.scales, self.bits, shape, self.block_size, x.dtype))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -26,7 +26,6 @@ class DeployedModel:
             raise FileNotFoundError(f"{path} is missing: not an exported GenieBlue folder (see genieblue export)")
         self.manifest = json.loads(path.read_text())
         self.options = ort.SessionOptions()
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # a shared CPU: no busy-waiting
         if threads:
             self.options.intra_op_num_threads = threads
         self.sessions: dict[str, ort.InferenceSession] = {}
