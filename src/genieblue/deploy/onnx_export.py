@@ -11,9 +11,13 @@ base weights on disk.
 
 Initializers live in external data files: `base.onnx.data` holds every tensor of the text graph and
 the image graph points at the same file and offsets for the base tensors it uses; `delta.onnx.data`
-holds the copies, LoRA, ViT and projector. Graphs come from torch's TorchScript-based ONNX exporter
-around the HF modules with a plain-tensor KV cache (a `DynamicCache` rebuilt inside the step); a
-quantised model exports its weights as onnxruntime `MatMulNBits` (W4A16 / W8A16, see `quant`).
+holds the copies, LoRA, ViT and projector. A quantised model exports its weights as onnxruntime
+`MatMulNBits` (W4A16 / W8A16, see `quant`).
+
+The graphs are traced around the HF modules with a plain-tensor KV cache (a `DynamicCache` rebuilt
+inside the step) by torch's TorchScript-based exporter: deprecated since torch 2.9 but still there,
+it exports these graphs in seconds where the torch.export-based one took over 25x longer, and it takes
+the MatMulNBits op as a plain `symbolic`.
 """
 
 from __future__ import annotations
