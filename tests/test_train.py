@@ -37,6 +37,7 @@ from genieblue.train.checkpoint import latest_checkpoint, load_checkpoint, remov
 from genieblue.train.loss import causal_lm_loss
 from genieblue.train.optim import build_optimizer, param_groups
 from genieblue.train.trainer import build_model
+from genieblue.train.vision_pretrain import reply_embeddings
 
 PARTIAL = re.compile(r"\.(tmp|old)\d*$")  # what atomic_dir / write_json leave behind when killed
 
@@ -480,3 +481,34 @@ def test_loss_goes_down(tmp_path, chat_base, synth_data):
     processor = GenieBlueProcessor.from_model(after, load_tokenizer(chat_base), max_length=256)
     held_out = read_records(synth_data["val"])
     assert _mean_loss(after, processor, held_out) < _mean_loss(before, processor, held_out) - 0.1
+
+
+# stage 0: a from-scratch vision tower aligned to the LLM's embeddings of the replies ----------------
+def test_reply_embeddings_leave_out_tokens_common_to_most_replies():
+    embed = torch.nn.Embedding(10, 4)
+    corpus = [(1, 9), (2, 9), (3, 9), (1, 2, 9)]  # 9 ends every reply, like an end-of-turn marker
+    got = reply_embeddings(embed, [(1, 9), (1, 2, 9)], corpus)
+    assert torch.equal(got[0], embed.weight[1].detach())
+    assert torch.allclose(got[1], embed.weight[[1, 2]].detach().mean(0))
+
+
+def test_stage0_trains_the_vision_tower_only(tmp_path, chat_base, synth_data):
+    cfg = TrainConfig(llm=chat_base, vision=TINY_SIGLIP, data=[{"path": str(synth_data["train"])}], max_length=256,
+                      batch_size=2, max_steps=1, stage=1, stage0_steps=30, stage0_batch=16, stage0_lr=1e-2,
+                      output_dir=str(tmp_path / "run"))
+    set_seed(cfg.seed)
+    before = build_model(cfg)
+    final = Trainer(cfg).run()
+    after = GenieBlueForConditionalGeneration.from_pretrained(final, llm=chat_base)
+    losses = json.loads((tmp_path / "run" / "stage0.json").read_text())["losses"]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    vit_before, vit_after = before.vision.vit.state_dict(), after.vision.vit.state_dict()
+    assert any(not torch.equal(vit_before[k], vit_after[k]) for k in vit_before)  # stage 1 alone freezes the ViT
+    llm_before, llm_after = before.llm.state_dict(), after.llm.state_dict()
+    assert all(torch.equal(llm_before[k], llm_after[k]) for k in llm_before)
+    # the image tokens moved to the scale of the LLM's input embeddings
+    pixels = torch.randn(4, 3, after.vision.image_size, after.vision.image_size)
+    target = after.llm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    rms = lambda m: m.vision(pixels).pow(2).mean().sqrt()  # noqa: E731
+    with torch.no_grad():
+        assert abs(torch.log(rms(after) / target)) < abs(torch.log(rms(before) / target))

@@ -33,6 +33,11 @@ class TrainConfig:
     system_prompt: str | None = None  # for conversations without a system turn (None: the template's)
     max_length: int = 4096  # packing length
     max_bad_fraction: float = 0.01  # stop with an error when more records than this are bad
+    # stage 0, run at the start of a fresh stage 1 (see `vision_pretrain`): sigmoid-loss alignment of a
+    # from-scratch ViT + projector to the LLM's embeddings of each image's reply (0: off, for a pretrained ViT)
+    stage0_steps: int = 0
+    stage0_batch: int = 64
+    stage0_lr: float = 3e-3
     # optimisation (paper defaults)
     stage: int = 2  # 1: projector only; 2: ViT + projector + copies/experts + LoRA
     epochs: float = 1.0

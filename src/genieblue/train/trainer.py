@@ -35,6 +35,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save
 from .config import TrainConfig
 from .loss import causal_lm_loss
 from .optim import build_optimizer
+from .vision_pretrain import pretrain_vision
 
 
 class BadDataError(RuntimeError):
@@ -179,6 +180,8 @@ class Trainer:
             )
             data = prepare_data(cfg, processor, progress)
             self._check_bad_data(data)
+            if cfg.stage == 1 and cfg.stage0_steps and not latest:
+                self._stage0(model, data.samples, progress)
             rows = self._rows(data.samples)
             steps_per_epoch = len(rows) // self._global_rows()
             if steps_per_epoch == 0:
@@ -265,6 +268,21 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         return {"step": step + 1, "loss": loss_value, "lr": lr, "tokens": seen * acc.num_processes,
                 "tokens_per_s": seen * acc.num_processes / elapsed, "time_s": elapsed}
+
+    def _stage0(self, model: GenieBlueForConditionalGeneration, samples: list[Sample], progress) -> None:
+        """Stage 0 (see `vision_pretrain`); every process runs the same seeded steps, so ViTs agree."""
+        cfg = self.cfg
+        task = progress.add_task("stage 0 (vision tower)", total=cfg.stage0_steps, status="") if progress else None
+
+        def on_step(step: int, loss: float) -> None:
+            if progress:
+                progress.update(task, completed=step, status=f"loss {loss:.4f}")
+
+        losses = pretrain_vision(model, samples, cfg.stage0_steps, cfg.stage0_batch, cfg.stage0_lr,
+                              cfg.seed, on_step)
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "stage0.json", {"steps": len(losses), "losses": losses})
 
     # bookkeeping ------------------------------------------------------------------------------
     def _check_bad_data(self, data: PreparedData) -> None:
