@@ -24,7 +24,7 @@ def _cli(*args, timeout=1800) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run = _cli("demo", "--out", str(out), "--n-train", "24", "--n-test", "12", "--stage1-steps", "1")
+    run = _cli("demo", "--out", str(out), "--n-train", "24", "--n-test", "12", "--stage0-steps", "2", "--stage1-steps", "1")
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 

@@ -133,6 +133,8 @@ def demo(
     llm: Optional[str] = typer.Option(None, help=LLM_HELP),
     n_train: int = typer.Option(1200, help="Training images (the default fits ~15 min on 2 CPU cores)."),
     n_test: int = typer.Option(240, help="Test images."),
+    stage0_steps: int = typer.Option(200, help="Stage-0 steps: the from-scratch vision tower learns to map images "
+                                     "next to the LLM's embeddings of their replies (0: skip)."),
     stage1_steps: int = typer.Option(25, help="Stage-1 optimizer steps (projector only)."),
     stage2_epochs: float = typer.Option(1.0, help="Stage-2 epochs."),
     seed: int = typer.Option(0, help="Seed for data and training."),
@@ -148,7 +150,7 @@ def demo(
     if unknown:
         _fail(f"unknown strategies {unknown}; choose from: {', '.join(STRATEGIES)}")
     cfg = DemoConfig(out=out, llm=llm, compare=baselines, n_train=n_train, n_test=n_test,
-                     stage1_steps=stage1_steps, stage2_epochs=stage2_epochs, seed=seed)
+                     stage0_steps=stage0_steps, stage1_steps=stage1_steps, stage2_epochs=stage2_epochs, seed=seed)
     try:
         Demo(cfg, console).run()
     except (ValueError, FileNotFoundError) as err:

@@ -36,6 +36,7 @@ class DemoConfig:
     n_train: int = 1200
     n_test: int = 240
     text_fraction: float = 0.1  # text-only samples mixed into stage 2
+    stage0_steps: int = 200  # vision tower alignment before stage 1 (see train.vision_pretrain)
     stage1_steps: int = 25
     stage2_epochs: float = 1.0
     max_length: int = 640  # ~12 samples per packed row: one optimizer step
@@ -72,9 +73,9 @@ class Demo:
         shutil.rmtree(root, ignore_errors=True)  # a demo run always starts fresh
         common = dict(llm=cfg.llm, strategy=strategy, max_length=cfg.max_length, system_prompt=SYSTEM_PROMPT,
                       seed=cfg.seed, save_every=50, keep_last=1, projector_lr=cfg.vision_lr, vit_lr=cfg.vision_lr, lr=cfg.lr)
-        self.console.rule(f"{strategy}: stage 1 (projector)")
+        self.console.rule(f"{strategy}: stage 0 (vision tower) + stage 1 (projector)")
         stage1 = TrainConfig(stage=1, data=[DataSource(str(data["train"]))], max_steps=cfg.stage1_steps,
-                             output_dir=str(root / "stage1"), **common)
+                             stage0_steps=cfg.stage0_steps, output_dir=str(root / "stage1"), **common)
         first = self._timed(f"{strategy}/stage1_s", Trainer(stage1, self.console).run)
         self.console.rule(f"{strategy}: stage 2 (ViT + projector + {strategy} delta)")
         sources = [DataSource(str(data["train"]), 1 - cfg.text_fraction), DataSource(str(data["text"]), cfg.text_fraction)]
