@@ -117,12 +117,16 @@ class WeightOnlyLinear(nn.Module):
         block = block_size_for(weight.shape[1], block_size)
         return cls(*quantize_weight(weight, bits, block), weight.shape[1], bits, block, bias, keep_packed)
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float (out, in) weight."""
+        shape = (self.out_features, self.in_features)
+        return dequantize_matrix(self.packed, self.scales, self.bits, shape, self.block_size, dtype)
+
     def forward(self, x):
         if self.keep_packed:
             y = _MatMulNBits.apply(x, self.packed, self.scales, self.in_features, self.bits, self.block_size)
         else:
-            shape = (self.out_features, self.in_features)
-            y = F.linear(x, dequantize_matrix(self.packed, self.scales, self.bits, shape, self.block_size, x.dtype))
+            y = F.linear(x, self.dequantized(x.dtype))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
