@@ -1,17 +1,20 @@
 """On-device deployment: W4A16 / W8A16 quantisation (text path bit-identical to the base quantised on
-its own), ONNX export of the text, image and vision graphs (matched against the PyTorch model under
-onnxruntime, prefill and decode with a KV cache), one copy of the base weights on disk, the 1-tile
-vision graph, and the `genieblue export` / `genieblue bench deploy` commands."""
+its own), the export-time fusion of q/k/v, gate/up and their LoRA (same outputs as the unfused model),
+ONNX export of the text, image and vision graphs (matched against the unfused PyTorch model under
+onnxruntime, prefill and decode with a KV cache; fused weights folded at load), one copy of the base
+weights on disk, the 1-tile vision graph, and the `genieblue export` / `genieblue bench deploy` commands."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import TINY_SIGLIP, load_reference
@@ -21,19 +24,21 @@ from typer.testing import CliRunner
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue.cli import app
 from genieblue.data import save_processor_settings
+from genieblue.deploy.fuse import FusedProjections, fused_projections
 from genieblue.deploy.onnx_export import ALIGN, BASE_DATA, DELTA_DATA, export_onnx
-from genieblue.deploy.quant import WeightOnlyEmbedding, WeightOnlyLinear, quantize_llm, quantize_model
+from genieblue.deploy.quant import (QuantizedLoRALinear, WeightOnlyEmbedding, WeightOnlyLinear, quantize_llm,
+                                    quantize_model)
 from genieblue.deploy.runtime import DeployedModel
 from genieblue.model import IMAGE_TOKEN_INDEX
 
 TOLERANCE = 1e-4  # |ONNX - PyTorch| on logits of order 1: float32 summation order only
 
 
-def _trained_like(base, seed: int = 0) -> GenieBlue:
+def _trained_like(base, seed: int = 0, **strategy_options) -> GenieBlue:
     """A GenieBlue model whose delta differs from the base, as after training (an untrained LoRA B
     is zero and untrained copies equal their originals)."""
     torch.manual_seed(seed)
-    model = GenieBlue.from_base(base, vision=TINY_SIGLIP).eval()
+    model = GenieBlue.from_base(base, vision=TINY_SIGLIP, **strategy_options).eval()
     with torch.no_grad():
         for p in model.llm_delta_parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -91,6 +96,37 @@ def test_w4_weights_sit_on_a_16_level_grid_per_block_of_32(base_dirs):
         quantize_model(quantize_model(_trained_like(base_dirs["llama"])))
 
 
+# fusion of the projections that read one input -------------------------------------------------
+@pytest.mark.parametrize("family, targets", [("qwen2", None), ("llama", ("q_proj", "v_proj", "up_proj", "down_proj"))])
+def test_fused_projections_compute_what_the_unfused_model_does(base_dirs, family, targets):
+    options = {} if targets is None else {"lora_targets": targets}  # some members without LoRA: zero rows of B
+    model = quantize_model(_trained_like(base_dirs[family], **options))
+    text_ids = torch.randint(3, 128, (1, 7))
+    ids, pixels = _image_prompt(model)
+    with torch.no_grad():
+        text, image = model(text_ids).logits, model(ids, pixel_values=pixels).logits
+        with fused_projections(model) as groups:
+            fused_text, fused_image = model(text_ids).logits, model(ids, pixel_values=pixels).logits
+        after = model(text_ids).logits
+    np.testing.assert_allclose(fused_text, text, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(fused_image, image, atol=TOLERANCE, rtol=0)
+    # q/k/v and gate/up of every block, original or copy, and q/k/v of every ViT layer
+    layers = len(model.llm.model.layers)
+    assert len(groups) == 2 * (layers + len(model.strategy.block_indices(layers))) + model.vision.vit.config.num_hidden_layers
+    # the fused LoRA holds the members' own 8-bit values: A stacked, B block-diagonal (zero rows without LoRA)
+    with_lora = [g for g in groups if g.lora_A is not None]
+    assert len(with_lora) == 2 * len(model.strategy.lora_indices(layers))
+    for group in with_lora:
+        loras = [m if isinstance(m, QuantizedLoRALinear) else None for m in group.members]
+        a = [m.lora_A.dequantized(torch.float32) for m in loras if m is not None]
+        b = [torch.zeros(size, 0) if m is None else m.lora_B.dequantized(torch.float32) for m, size in zip(loras, group.sizes)]
+        assert torch.equal(group.lora_A.dequantized(torch.float32), torch.cat(a))
+        assert torch.equal(group.lora_B.dequantized(torch.float32), torch.block_diag(*b))
+    # outside the context the model is itself again: its text path op for op
+    assert torch.equal(after, text) and not any("forward" in vars(m) for g in groups for m in g.members)
+    assert not any(isinstance(m, FusedProjections) for m in model.modules())
+
+
 # ONNX export ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qwen2_export(base_dirs, tmp_path_factory):
@@ -137,8 +173,28 @@ def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
     assert deployed.manifest["precision"] == "w4a16"
     _check_steps(model, deployed, torch.randint(3, 128, (1, 9)), None)
     _check_steps(model, deployed, *_image_prompt(model, tiles=2))  # a vision graph for any number of tiles
-    ops = {n.op_type for g in ("text", "image") for n in onnx.load(folder / f"{g}.onnx", load_external_data=False).graph.node}
-    assert "MatMulNBits" in ops and not ops & {"If", "Loop", "Scan", "TopK", "NonZero"}  # static dense ops only
+    ops = {g: Counter(n.op_type for n in onnx.load(folder / f"{g}.onnx", load_external_data=False).graph.node)
+           for g in ("text", "image")}
+    assert not (ops["text"] | ops["image"]).keys() & {"If", "Loop", "Scan", "TopK", "NonZero"}  # static dense ops only
+    # fused: one MatMulNBits for q/k/v, o, gate/up and down of each block, and the LM head; the image graph
+    # adds one low-rank update (two MatMuls) per group of each LoRA block
+    layers = len(model.llm.model.layers)
+    assert ops["text"]["MatMulNBits"] == ops["image"]["MatMulNBits"] == 4 * layers + 1
+    assert ops["image"]["MatMul"] - ops["text"]["MatMul"] == 2 * 4 * len(model.strategy.lora_indices(layers))
+
+
+def test_onnxruntime_folds_the_fused_weights_when_it_loads_a_graph(qwen2_export, tmp_path):
+    model, folder = qwen2_export
+    lora_matmuls = 2 * 4 * len(model.strategy.lora_indices(len(model.llm.model.layers)))
+    for graph, expected in (("text", 0), ("image", lora_matmuls)):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{graph}.onnx")  # the graph as onnxruntime runs it
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{graph}.data")
+        ort.InferenceSession(str(folder / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(tmp_path / f"{graph}.onnx", load_external_data=False).graph
+        constant = {t.name for t in nodes.initializer}
+        assert all(n.input[1] in constant for n in nodes.node if n.op_type == "MatMulNBits")  # concatenated at load
+        assert sum(n.input[1] in constant for n in nodes.node if n.op_type == "MatMul") == expected  # LoRA A, B
 
 
 def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_path):

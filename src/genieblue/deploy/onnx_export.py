@@ -12,7 +12,8 @@ base weights on disk.
 Initializers live in external data files: `base.onnx.data` holds every tensor of the text graph and
 the image graph points at the same file and offsets for the base tensors it uses; `delta.onnx.data`
 holds the copies, LoRA, ViT and projector. A quantised model exports its weights as onnxruntime
-`MatMulNBits` (W4A16 / W8A16, see `quant`).
+`MatMulNBits` (W4A16 / W8A16, see `quant`), with the projections that read one input (q/k/v,
+gate/up) and their LoRA updates fused into one op each (see `fuse`).
 
 The graphs are traced around the HF modules with a plain-tensor KV cache (a `DynamicCache` rebuilt
 inside the step) by torch's TorchScript-based exporter: deprecated since torch 2.9 but still there,
@@ -37,6 +38,7 @@ from transformers import DynamicCache
 from .._io import atomic_dir, write_json
 from ..data import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
+from .fuse import fused_projections
 from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, WeightOnlyLinear, quantize_model
 from .runtime import MANIFEST
 
@@ -243,11 +245,12 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
     precision = _precision(model)
     layers = len(model.llm.model.layers)
     kv_shape = _kv_shape(model)
-    graphs = {
-        "text": _decoder_graph(model, False, layers, kv_shape),
-        "image": _decoder_graph(model, True, layers, kv_shape),
-        "vision": _vision_graph(model, single_tile),
-    }
+    with fused_projections(model):
+        graphs = {
+            "text": _decoder_graph(model, False, layers, kv_shape),
+            "image": _decoder_graph(model, True, layers, kv_shape),
+            "vision": _vision_graph(model, single_tile),
+        }
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         files, parts = write_shared(graphs, tmp)
