@@ -276,6 +276,7 @@ def test_cli_bench_deploy_reports_table9(cli_export):
     text, image = result["modes"]["text"], result["modes"]["image"]
     for row in (text, image):
         assert row["load_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["decode_steps"] == 4  # new tokens x repeats x rounds, timed one step at a time
         assert row["peak_rss_mb"] > row["rss_before_load_mb"] > 0
     assert text["vit_s"] is None and image["vit_s"] > 0
     sizes = {p.name: p.stat().st_size for p in Path(folder).iterdir()}
