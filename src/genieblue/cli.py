@@ -368,7 +368,7 @@ def export(
     with block copies and LoRA, image features spliced in at the placeholders), OUT/vision.onnx (ViT +
     downsampler + projector), OUT/base.onnx.data (the base weights, ONE copy, read by both decoder graphs),
     OUT/delta.onnx.data (copies, LoRA, ViT, projector) and OUT/deploy.json. Static dense ops only: no routing,
-    no data-dependent control flow.
+    no data-dependent control flow; with w4a16, q/k/v and gate/up (and their LoRA) run as one op each.
 
     Example: genieblue export -m demo_out/runs/genieblue-skip/stage2/final -o phone --single-tile
     """
