@@ -488,8 +488,9 @@ def bench_deploy(
 ):
     """The paper's deployment table (Table 9) on this machine: text mode vs image mode under onnxruntime -
     load time, ViT time, prefill and decode tokens/s, storage, peak memory (each mode in its own process;
-    decode from one process alternating the modes' steps, tokens/s = 1 / median step) - checked against the targets: image-mode storage overhead vs the paper's +8.5%, one copy of the base in
-    memory, image-mode decode >= 97% of text-mode decode.
+    decode from one process alternating the modes' steps, tokens/s = 1 / median step) - checked against
+    the targets: image-mode storage overhead vs the paper's +8.5%, one copy of the base in memory,
+    image-mode decode >= 97% of text-mode decode.
 
     Example: genieblue bench deploy -m demo_out/runs/genieblue-skip/stage2/final --json
     """
