@@ -10,6 +10,7 @@ one), so CPU float results of different processes can be compared bit for bit.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -37,7 +38,7 @@ from genieblue.train.checkpoint import latest_checkpoint, load_checkpoint, remov
 from genieblue.train.loss import causal_lm_loss
 from genieblue.train.optim import build_optimizer, param_groups
 from genieblue.train.trainer import build_model
-from genieblue.train.vision_pretrain import reply_embeddings
+from genieblue.train.vision_pretrain import informative_tokens, mixture_nll, target_matrix
 
 PARTIAL = re.compile(r"\.(tmp|old)\d*$")  # what atomic_dir / write_json leave behind when killed
 
@@ -483,13 +484,27 @@ def test_loss_goes_down(tmp_path, chat_base, synth_data):
     assert _mean_loss(after, processor, held_out) < _mean_loss(before, processor, held_out) - 0.1
 
 
-# stage 0: a from-scratch vision tower aligned to the LLM's embeddings of the replies ----------------
-def test_reply_embeddings_leave_out_tokens_common_to_most_replies():
-    embed = torch.nn.Embedding(10, 4)
-    corpus = [(1, 9), (2, 9), (3, 9), (1, 2, 9)]  # 9 ends every reply, like an end-of-turn marker
-    got = reply_embeddings(embed, [(1, 9), (1, 2, 9)], corpus)
-    assert torch.equal(got[0], embed.weight[1].detach())
-    assert torch.allclose(got[1], embed.weight[[1, 2]].detach().mean(0))
+# stage 0: a from-scratch vision tower learns to say its replies' words in the LLM's embeddings --------
+def test_stage0_targets_leave_out_tokens_common_to_most_replies():
+    replies = [(1, 9), (2, 9), (3, 9), (1, 2, 9)]  # 9 ends every reply, like an end-of-turn marker
+    informative = informative_tokens(replies)
+    assert informative == [(1,), (2,), (3,), (1, 2)]
+    assert informative_tokens([(9,), (9,), (1, 9)])[0] == (9,)  # nothing else left: kept whole
+    targets = target_matrix(informative, [1, 2, 3])
+    assert torch.equal(targets, torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0]]))
+
+
+def test_stage0_loss_lets_each_image_token_carry_its_own_word():
+    weight = torch.eye(4) * 8  # a 4-word vocabulary
+    two_words = torch.stack([weight[0], weight[1]])[None]  # token 0 says word 0, token 1 says word 1
+    one_word = torch.stack([weight[0], weight[0]])[None]
+    word = lambda i: torch.nn.functional.one_hot(torch.tensor([i]), 4).float()  # noqa: E731
+    loss = lambda tokens, i: mixture_nll(tokens, weight, torch.zeros(()), word(i)).item()  # noqa: E731
+    # either word is found in the two-word image at the cost of sharing it (log 2), whichever token holds it
+    assert loss(two_words, 0) == pytest.approx(math.log(2), abs=1e-2)
+    assert loss(two_words, 1) == pytest.approx(loss(two_words.flip(1), 1))
+    assert loss(one_word, 0) < 1e-2 and loss(one_word, 1) > 5  # a word no token says costs a lot
+    assert loss(two_words, 2) > 5
 
 
 def test_stage0_trains_the_vision_tower_only(tmp_path, chat_base, synth_data):

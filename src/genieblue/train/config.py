@@ -33,8 +33,8 @@ class TrainConfig:
     system_prompt: str | None = None  # for conversations without a system turn (None: the template's)
     max_length: int = 4096  # packing length
     max_bad_fraction: float = 0.01  # stop with an error when more records than this are bad
-    # stage 0, run at the start of a fresh stage 1 (see `vision_pretrain`): sigmoid-loss alignment of a
-    # from-scratch ViT + projector to the LLM's embeddings of each image's reply (0: off, for a pretrained ViT)
+    # stage 0, run at the start of a fresh stage 1 (see `vision_pretrain`): a from-scratch ViT + projector
+    # learns to put each image's reply words into its tokens, in the LLM's embeddings (0: off, for a pretrained ViT)
     stage0_steps: int = 0
     stage0_batch: int = 64
     stage0_lr: float = 3e-3
