@@ -1,5 +1,6 @@
-"""Synthetic dataset: determinism, LLaVA format, balance, answer sets, chance rates, and images whose
-pixels really carry the answer (colour, count, position, chart height, shape, rendered text)."""
+"""Synthetic dataset: determinism, LLaVA format, balance, answer sets, chance rates, captions, and
+images whose pixels really carry the answer (colour, count, position, chart height, shape, rendered
+text)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _generate(tmp_path, name, seed=0, **kw):
 
 
 def _samples(task, n, size=64):
-    return [make_sample(task, random.Random(f"test-{task}-{i}"), size) for i in range(n)]
+    return [make_sample(task, random.Random(f"test-{task}-{i}"), size)[:3] for i in range(n)]
 
 
 def _pixels(image):
@@ -85,7 +86,7 @@ def test_task_info_answers_and_chance():
 
 def test_same_seed_identical_bytes_different_seed_differs(tmp_path):
     a, b, c = (_generate(tmp_path, name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
-    for split in SPLITS:
+    for split in (*SPLITS, "caption"):
         assert a[split].read_bytes() == b[split].read_bytes()
         assert a[split].read_bytes() != c[split].read_bytes()
     assert (tmp_path / "a/dataset.json").read_bytes() == (tmp_path / "b/dataset.json").read_bytes()
@@ -98,7 +99,7 @@ def test_same_seed_identical_bytes_different_seed_differs(tmp_path):
 def test_records_format_balance_and_splits(tmp_path):
     calls = []
     paths = _generate(tmp_path, "d", image_size=48, progress=lambda done, total: calls.append((done, total)))
-    assert set(paths) == set(SPLITS) and calls[-1] == (48, 48) and len(calls) == 48
+    assert set(paths) == {*SPLITS, "caption"} and calls[-1] == (48, 48) and len(calls) == 48
     root = tmp_path / "d"
     meta = json.loads((root / "dataset.json").read_text())
     assert meta["sizes"] == {"train": 24, "val": 12, "test": 12} and meta["image_size"] == 48
@@ -122,6 +123,20 @@ def test_records_format_balance_and_splits(tmp_path):
             images.setdefault(split, set()).add((root / r["image"]).read_bytes())
     assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
     assert not (images["train"] & images["test"] or images["train"] & images["val"])
+
+
+def test_captions_describe_every_training_image_and_name_its_answer(tmp_path):
+    paths = _generate(tmp_path, "c")
+    train, captions = (json.loads(paths[k].read_text()) for k in ("train", "caption"))
+    assert [c["image"] for c in captions] == [r["image"] for r in train]
+    for record, caption in zip(train, captions):
+        human, gpt = caption["conversations"]
+        assert human["value"] == "<image>\nDescribe the image briefly." and caption["task"] == record["task"]
+        assert record["conversations"][1]["value"] in gpt["value"].replace(",", "").split()
+    # a colour image's caption also names its kind, which only a shape question asks about
+    for task in ("colour", "shape"):
+        _, _, answer, caption = make_sample(task, random.Random(1))
+        assert re.fullmatch(rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})", caption) and answer in caption
 
 
 def test_colour_is_the_dominant_non_background_colour():

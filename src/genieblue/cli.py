@@ -115,7 +115,8 @@ def synth(
     image_size: int = typer.Option(64, help="Image side in pixels."),
 ):
     """Write the built-in synthetic multimodal dataset (colour, shape, count, position, reading,
-    bar charts) in LLaVA format, ready for `genieblue train`."""
+    bar charts) in LLaVA format, ready for `genieblue train`: train/val/test questions, caption.json
+    (a description of every training image, for stage 1) and text.json (text-only samples to mix in)."""
     from ._io import write_json
     from .data.synthetic import generate_dataset, text_only_samples
 
@@ -133,8 +134,8 @@ def demo(
     llm: Optional[str] = typer.Option(None, help=LLM_HELP),
     n_train: int = typer.Option(1200, help="Training images (the default fits ~15 min on 2 CPU cores)."),
     n_test: int = typer.Option(240, help="Test images."),
-    stage0_steps: int = typer.Option(200, help="Stage-0 steps: the from-scratch vision tower learns to map images "
-                                     "next to the LLM's embeddings of their replies (0: skip)."),
+    stage0_steps: int = typer.Option(200, help="Stage-0 steps: the from-scratch vision tower learns to put the words of "
+                                     "each image's reply into its image tokens, in the LLM's embeddings (0: skip)."),
     stage1_steps: int = typer.Option(25, help="Stage-1 optimizer steps (projector only)."),
     stage2_epochs: float = typer.Option(1.0, help="Stage-2 epochs."),
     seed: int = typer.Option(0, help="Seed for data and training."),

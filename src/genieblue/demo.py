@@ -74,7 +74,7 @@ class Demo:
         common = dict(llm=cfg.llm, strategy=strategy, max_length=cfg.max_length, system_prompt=SYSTEM_PROMPT,
                       seed=cfg.seed, save_every=50, keep_last=1, projector_lr=cfg.vision_lr, vit_lr=cfg.vision_lr, lr=cfg.lr)
         self.console.rule(f"{strategy}: stage 0 (vision tower) + stage 1 (projector)")
-        stage1 = TrainConfig(stage=1, data=[DataSource(str(data["train"]))], max_steps=cfg.stage1_steps,
+        stage1 = TrainConfig(stage=1, data=[DataSource(str(data["caption"]))], max_steps=cfg.stage1_steps,
                              stage0_steps=cfg.stage0_steps, output_dir=str(root / "stage1"), **common)
         first = self._timed(f"{strategy}/stage1_s", Trainer(stage1, self.console).run)
         self.console.rule(f"{strategy}: stage 2 (ViT + projector + {strategy} delta)")

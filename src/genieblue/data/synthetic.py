@@ -3,8 +3,9 @@
 Six task families (`TASKS`): the colour of a shape, its kind, how many shapes there are, where one
 shape is relative to another, a rendered word or number, and a bar-chart value. Every answer is one
 short word from the task's finite answer set (`task_info`), which also gives the text-only chance
-rate to report accuracy against. `make_sample` draws one (image, question, answer) from a
-`random.Random`; `generate_dataset` writes a LLaVA-format dataset, byte-identical for a given seed;
+rate to report accuracy against. `make_sample` draws one (image, question, answer, caption)
+from a `random.Random`; `generate_dataset` writes a LLaVA-format dataset with a caption set for
+alignment, byte-identical for a given seed;
 `text_only_samples` gives text-only records (arithmetic, capitals) to mix into training.
 
 Images are drawn at `SCALE` times their final size and box-downsampled, so small shapes keep clean,
@@ -47,6 +48,7 @@ INKS = ((0, 0, 0), (20, 30, 110), (120, 20, 20), (20, 80, 30))
 SCALE = 4
 ONE_WORD = " Answer with one word."
 A_NUMBER = " Answer with a number."
+CAPTION_PROMPT = "Describe the image briefly."
 
 # Each task's questions as (probability, answers that question can have); answers are uniform
 # within a question, so a model that sees only the text can do no better than sum(p / len(answers)).
@@ -125,13 +127,13 @@ def _one_shape(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
 
 
 def _colour(rng: random.Random, size: int):
-    image, colour, _ = _one_shape(rng, size)
-    return image, "What colour is the shape?" + ONE_WORD, colour
+    image, colour, kind = _one_shape(rng, size)
+    return image, "What colour is the shape?" + ONE_WORD, colour, f"a {colour} {kind}"
 
 
 def _shape(rng: random.Random, size: int):
-    image, _, kind = _one_shape(rng, size)
-    return image, "What shape is shown?" + ONE_WORD, kind
+    image, colour, kind = _one_shape(rng, size)
+    return image, "What shape is shown?" + ONE_WORD, kind, f"a {colour} {kind}"
 
 
 def _count(rng: random.Random, size: int):
@@ -144,7 +146,7 @@ def _count(rng: random.Random, size: int):
         slack = cell / 2 - r - 1.5 * SCALE
         cx, cy = ((c + 0.5) * cell + rng.uniform(-slack, slack) for c in (k % 3, k // 3))
         _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, rng.choice(tuple(COLOURS.values())))
-    return image, "How many shapes are there?" + A_NUMBER, str(n)
+    return image, "How many shapes are there?" + A_NUMBER, str(n), f"{n} shape{'s' if n > 1 else ''}"
 
 
 def _position(rng: random.Random, size: int):
@@ -165,7 +167,8 @@ def _position(rng: random.Random, size: int):
         cx, cy = (main, off) if horizontal else (off, main)
         _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, rgb)
     relation = "left or right of" if horizontal else "above or below"
-    return image, f"Is the {name_a} shape {relation} the {name_b} shape?" + ONE_WORD, answer
+    caption = f"the {name_a} shape is {answer}{' of' if horizontal else ''} the {name_b} shape"
+    return image, f"Is the {name_a} shape {relation} the {name_b} shape?" + ONE_WORD, answer, caption
 
 
 def _read(rng: random.Random, size: int):
@@ -179,8 +182,8 @@ def _read(rng: random.Random, size: int):
     y = rng.uniform(SCALE - top, width - SCALE - bottom)
     draw.text((round(x), round(y)), text, fill=rng.choice(INKS), font=font)
     if is_word:
-        return image, "What word is written in the image?" + ONE_WORD, text
-    return image, "What number is written in the image?" + A_NUMBER, text
+        return image, "What word is written in the image?" + ONE_WORD, text, f"the word {text}"
+    return image, "What number is written in the image?" + A_NUMBER, text, f"the number {text}"
 
 
 def _chart(rng: random.Random, size: int):
@@ -217,20 +220,21 @@ def _chart(rng: random.Random, size: int):
         draw.text((cx, bottom + 2 * SCALE), letter, fill=(0, 0, 0), font=font, anchor="mt")
     draw.rectangle((left, bottom, right - 1, bottom + SCALE - 1), fill=(0, 0, 0))  # x axis
     draw.rectangle((left, bottom - 10 * unit, left + SCALE - 1, bottom - 1), fill=(0, 0, 0))  # y axis
-    return image, question + A_NUMBER, str(answer)
+    return image, question + A_NUMBER, str(answer), "bars " + ", ".join(f"{k} {v}" for k, v in zip(letters, values))
 
 
-_MAKERS: dict[str, Callable[[random.Random, int], tuple[Image.Image, str, str]]] = {
+_MAKERS: dict[str, Callable[[random.Random, int], tuple[Image.Image, str, str, str]]] = {
     "colour": _colour, "shape": _shape, "count": _count,
     "position": _position, "read": _read, "chart": _chart,
 }  # fmt: skip
 
 
-def make_sample(task: str, rng: random.Random, image_size: int = 64) -> tuple[Image.Image, str, str]:
-    """One (RGB image of image_size x image_size, question, answer) of `task`, drawn from `rng`."""
+def make_sample(task: str, rng: random.Random, image_size: int = 64) -> tuple[Image.Image, str, str, str]:
+    """One (RGB image of image_size x image_size, question, answer, caption) of `task`, drawn from
+    `rng`; the caption names everything the task's questions can ask about the image."""
     task_info(task)
-    image, question, answer = _MAKERS[task](rng, image_size)
-    return image.resize((image_size, image_size), Image.Resampling.BOX), question, answer
+    image, question, answer, caption = _MAKERS[task](rng, image_size)
+    return image.resize((image_size, image_size), Image.Resampling.BOX), question, answer, caption
 
 
 def generate_dataset(
@@ -245,37 +249,47 @@ def generate_dataset(
 ) -> dict[str, Path]:
     """Write out_dir/images/<split>/<id>.png and out_dir/<split>.json (LLaVA format, image paths
     relative to out_dir), tasks round-robin, every sample seeded by (seed, split, index); then
-    out_dir/dataset.json with the metadata. Each JSON appears only once its images are written."""
+    out_dir/caption.json, a caption record for every training image (LLaVA's alignment data: stage 1
+    learns from descriptions, stage 2 from questions), and out_dir/dataset.json with the metadata.
+    Each JSON appears only once its images are written."""
     out_dir, tasks = Path(out_dir), tuple(tasks)
     if not tasks:
         raise ValueError("tasks must not be empty")
     infos = [task_info(t) for t in tasks]
     sizes = {"train": n_train, "val": n_val, "test": n_test}
-    total, done, paths = sum(sizes.values()), 0, {}
+    total, done, paths, captions = sum(sizes.values()), 0, {}, []
     for split, n in sizes.items():
         (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
         records = []
         for i in range(n):
             task = tasks[i % len(tasks)]
             rng = random.Random(f"genieblue-synthetic:{seed}:{split}:{i}")
-            image, question, answer = make_sample(task, rng, image_size)
+            image, question, answer, caption = make_sample(task, rng, image_size)
             sample_id = f"{task}-{split}-{i:06d}"
             rel = f"images/{split}/{sample_id}.png"
             image.save(out_dir / rel, format="PNG")
-            records.append({"id": sample_id, "image": rel, "task": task, "conversations": [
-                {"from": "human", "value": "<image>\n" + question},
-                {"from": "gpt", "value": answer},
-            ]})  # fmt: skip
+            records.append(_record(sample_id, rel, task, question, answer))
+            if split == "train":
+                captions.append(_record(f"{sample_id}-caption", rel, task, CAPTION_PROMPT, caption))
             done += 1
             if progress:
                 progress(done, total)
         paths[split] = out_dir / f"{split}.json"
         write_json(paths[split], records)
+    paths["caption"] = out_dir / "caption.json"
+    write_json(paths["caption"], captions)
     write_json(out_dir / "dataset.json", {
         "seed": seed, "image_size": image_size, "sizes": sizes,
         "tasks": {info.name: {"answers": list(info.answers), "chance": info.chance} for info in infos},
     })  # fmt: skip
     return paths
+
+
+def _record(sample_id: str, image: str, task: str, question: str, answer: str) -> dict:
+    return {"id": sample_id, "image": image, "task": task, "conversations": [
+        {"from": "human", "value": "<image>\n" + question},
+        {"from": "gpt", "value": answer},
+    ]}  # fmt: skip
 
 
 CAPITALS = {
