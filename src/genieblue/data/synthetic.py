@@ -268,9 +268,9 @@ def generate_dataset(
             sample_id = f"{task}-{split}-{i:06d}"
             rel = f"images/{split}/{sample_id}.png"
             image.save(out_dir / rel, format="PNG")
-            records.append(_record(sample_id, rel, task, question, answer))
+            records.append(_record(sample_id, task, question, answer, rel))
             if split == "train":
-                captions.append(_record(f"{sample_id}-caption", rel, task, CAPTION_PROMPT, caption))
+                captions.append(_record(f"{sample_id}-caption", task, CAPTION_PROMPT, caption, rel))
             done += 1
             if progress:
                 progress(done, total)
@@ -285,11 +285,14 @@ def generate_dataset(
     return paths
 
 
-def _record(sample_id: str, image: str, task: str, question: str, answer: str) -> dict:
-    return {"id": sample_id, "image": image, "task": task, "conversations": [
-        {"from": "human", "value": "<image>\n" + question},
+def _record(sample_id: str, task: str, question: str, answer: str, image: str | None = None) -> dict:
+    """One LLaVA-format question and answer, about `image` (a path) when given."""
+    record = {"id": sample_id, **({"image": image} if image else {}), "task": task}
+    record["conversations"] = [
+        {"from": "human", "value": ("<image>\n" if image else "") + question},
         {"from": "gpt", "value": answer},
-    ]}  # fmt: skip
+    ]
+    return record
 
 
 CAPITALS = {
@@ -314,8 +317,5 @@ def text_only_samples(n: int, seed: int = 0) -> list[dict]:
         else:
             country = rng.choice(tuple(CAPITALS))
             question, answer = f"What is the capital of {country}?" + ONE_WORD, CAPITALS[country]
-        records.append({"id": f"text-{i:06d}", "task": "text", "conversations": [
-            {"from": "human", "value": question},
-            {"from": "gpt", "value": answer},
-        ]})  # fmt: skip
+        records.append(_record(f"text-{i:06d}", "text", question, answer))
     return records
