@@ -53,6 +53,18 @@ TINY_SIGLIP = {
     "num_attention_heads": 2,
 }
 TINY_CLIP = dict(TINY_SIGLIP, model_type="clip_vision_model")
+TINY_RESNET = {
+    "model_type": "resnet",
+    "image_size": 32,
+    "embedding_size": 8,
+    "hidden_sizes": [8, 16],
+    "depths": [1, 1],
+    "layer_type": "basic",
+    "out_features": ["stage2"],
+    "downsample": 1,
+    "mix_tokens": True,
+}
+"""A transformers ResNet backbone (AutoBackbone) as the tower, the demo's kind: 32 px -> 4x4 cells."""
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genieblue.data import (
+    BACKBONE_STATS,
     IMAGE_STATS,
     BadRecord,
     DataMixture,
@@ -158,8 +159,9 @@ def test_normalisation_follows_the_vision_type():
     assert clip.shape == (1, 3, SIZE, SIZE) and clip.dtype == torch.float32
     assert torch.allclose(clip[0, :, 0, 0], (1 - torch.tensor(mean)) / torch.tensor(std))
     assert torch.allclose(image_to_tensor(white[0], SIZE), torch.ones(1))
-    with pytest.raises(ValueError, match="unknown vision type"):
-        image_to_tensor(white[0], SIZE, vision_type="resnet")
+    mean, std = BACKBONE_STATS  # a convolutional backbone: ImageNet's statistics
+    resnet = image_to_tensor(white[0], SIZE, vision_type="resnet")
+    assert torch.allclose(resnet[0, :, 0, 0], (1 - torch.tensor(mean)) / torch.tensor(std))
 
 
 # records --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_SIGLIP, load_reference
+from conftest import TINY_RESNET, TINY_SIGLIP, load_reference
 from torch import nn
 from typer.testing import CliRunner
 
@@ -34,13 +34,13 @@ from genieblue.model import IMAGE_TOKEN_INDEX
 TOLERANCE = 1e-4  # |ONNX - PyTorch| on logits of order 1: float32 summation order only
 
 
-def _trained_like(base, seed: int = 0, **strategy_options) -> GenieBlue:
+def _trained_like(base, seed: int = 0, vision=TINY_SIGLIP, **strategy_options) -> GenieBlue:
     """A GenieBlue model whose delta differs from the base, as after training (an untrained LoRA B
-    is zero and untrained copies equal their originals)."""
+    is zero, untrained copies equal their originals, an untrained token mixer is the identity)."""
     torch.manual_seed(seed)
-    model = GenieBlue.from_base(base, vision=TINY_SIGLIP, **strategy_options).eval()
+    model = GenieBlue.from_base(base, vision=vision, **strategy_options).eval()
     with torch.no_grad():
-        for p in model.llm_delta_parameters():
+        for p in [*model.llm_delta_parameters(), *(model.vision.mixer.parameters() if model.vision.mixer else ())]:
             p.add_(torch.randn_like(p) * 0.05)
     return model
 
@@ -207,6 +207,18 @@ def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_
     image = onnx.load(tmp_path / "fp32" / "image.onnx", load_external_data=False)
     locations = {e.value for t in image.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {BASE_DATA, DELTA_DATA}
+
+
+def test_conv_backbone_tower_exports_and_runs(base_dirs, tmp_path):
+    """The demo's tower (ResNet AutoBackbone + token mixer) in the W8A16 vision graph, then decoding."""
+    model = quantize_model(_trained_like(base_dirs["llama"], vision=TINY_RESNET))
+    export_onnx(model, tmp_path / "resnet")
+    deployed = DeployedModel(tmp_path / "resnet")
+    ids, pixels = _image_prompt(model)
+    with torch.no_grad():
+        expected = model.vision(pixels).flatten(0, 1).numpy()
+    np.testing.assert_allclose(deployed.image_features(pixels.numpy()), expected, atol=TOLERANCE, rtol=0)
+    _check_steps(model, deployed, ids, pixels)
 
 
 def test_base_weights_are_stored_once_and_read_by_both_graphs(qwen2_export):

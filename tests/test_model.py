@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, TINY_CLIP, TINY_SIGLIP, VOCAB, load_reference
+from conftest import FAMILIES, TINY_CLIP, TINY_RESNET, TINY_SIGLIP, VOCAB, load_reference
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
@@ -210,3 +210,49 @@ def test_pretrained_vision_folders(base_dirs, tmp_path):
         assert torch.equal(ours, expected)
         assert not any("head" in n for n, _ in tower.vit.named_parameters())
         assert tower(pixels).shape == (2, tower.tokens_per_tile, 32)
+
+
+def test_conv_backbone_tower_round_trips_and_stage1_trains_the_connector_only(base_dirs, tmp_path):
+    """The demo's kind of tower: a transformers ResNet (AutoBackbone) -> token mixer -> projector."""
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_RESNET).eval()
+    tower = model.vision
+    assert not tower.is_vit and tower.tokens_per_tile == 16 and tower.image_size == 32
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        cells = tower.encode(pixels)
+        assert cells.shape == (3, 16, 16)  # 4x4 cells of the stage-2 feature map, 16 channels
+        assert torch.equal(tower(pixels), tower.projector(cells))  # the mixer starts as the identity
+        tower.mixer.mix.weight.normal_()
+        mixed = tower(pixels)
+    assert not torch.equal(mixed, tower.projector(cells))
+    model.save_pretrained(tmp_path / "d")
+    manifest = json.loads((tmp_path / "d" / "genieblue.json").read_text())
+    assert manifest["vision"]["mix_tokens"] and manifest["vision"]["config"]["model_type"] == "resnet"
+    loaded = GenieBlue.from_pretrained(tmp_path / "d", llm=base_dirs["llama"]).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.vision(pixels), mixed)
+    loaded.set_stage(1)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("vision.projector.", "vision.mixer.")) for n in trainable)
+    loaded.set_stage(2)
+    assert any(n.startswith("vision.vit.") and p.requires_grad for n, p in loaded.named_parameters())
+
+
+def test_pretrained_backbone_folder_loads_its_weights(base_dirs, tmp_path):
+    from transformers import AutoBackbone, AutoConfig
+
+    options = ("downsample", "mix_tokens", "model_type")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("resnet", **{k: v for k, v in TINY_RESNET.items() if k not in options})
+    reference = AutoBackbone.from_config(config).eval()
+    reference.save_pretrained(tmp_path / "resnet")
+    tower = GenieBlue.from_base(base_dirs["llama"], vision=str(tmp_path / "resnet")).eval().vision
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(tower.encode(pixels), reference(pixels).feature_maps[-1].flatten(2).transpose(1, 2), atol=1e-6)
+    assert tower.tokens_per_tile == 4  # the default 2x2 downsampler over the 4x4 cells
+
+
+def test_unknown_vision_type_lists_the_choices(base_dirs):
+    with pytest.raises(ValueError, match="supported: siglip_vision_model, clip_vision_model, .*resnet"):
+        GenieBlue.from_base(base_dirs["llama"], vision={"model_type": "no-such-tower"})

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -30,7 +31,7 @@ from typer.testing import CliRunner
 from conftest import TINY_SIGLIP
 from genieblue._io import atomic_dir, write_json
 from genieblue.cli import app
-from genieblue.data import GenieBlueProcessor, pack, read_records
+from genieblue.data import GenieBlueProcessor, image_to_tensor, pack, read_records
 from genieblue.model import GenieBlueForConditionalGeneration, load_tokenizer
 from genieblue.train import BadDataError, TrainConfig, Trainer
 from genieblue.train import checkpoint as checkpoint_module
@@ -38,7 +39,7 @@ from genieblue.train.checkpoint import latest_checkpoint, load_checkpoint, remov
 from genieblue.train.loss import causal_lm_loss
 from genieblue.train.optim import build_optimizer, param_groups
 from genieblue.train.trainer import build_model
-from genieblue.train.vision_pretrain import informative_tokens, mixture_nll, target_matrix
+from genieblue.train.vision_pretrain import caption_loss, cyclic_targets, informative_tokens, stream_batches
 
 PARTIAL = re.compile(r"\.(tmp|old)\d*$")  # what atomic_dir / write_json leave behind when killed
 
@@ -484,27 +485,37 @@ def test_loss_goes_down(tmp_path, chat_base, synth_data):
     assert _mean_loss(after, processor, held_out) < _mean_loss(before, processor, held_out) - 0.1
 
 
-# stage 0: a from-scratch vision tower learns to say its replies' words in the LLM's embeddings --------
-def test_stage0_targets_leave_out_tokens_common_to_most_replies():
+# stage 0: a from-scratch vision tower learns to spell its replies in the LLM's embeddings ------------
+def test_stage0_targets_leave_out_tokens_common_to_most_replies_and_repeat_each_reply():
     replies = [(1, 9), (2, 9), (3, 9), (1, 2, 9)]  # 9 ends every reply, like an end-of-turn marker
     informative = informative_tokens(replies)
     assert informative == [(1,), (2,), (3,), (1, 2)]
     assert informative_tokens([(9,), (9,), (1, 9)])[0] == (9,)  # nothing else left: kept whole
-    targets = target_matrix(informative, [1, 2, 3])
-    assert torch.equal(targets, torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0]]))
+    assert torch.equal(cyclic_targets([(1,), (1, 2), (4, 5, 6, 7, 8)], 4),
+                       torch.tensor([[1, 1, 1, 1], [1, 2, 1, 2], [4, 5, 6, 7]]))
 
 
-def test_stage0_loss_lets_each_image_token_carry_its_own_word():
-    weight = torch.eye(4) * 8  # a 4-word vocabulary
-    two_words = torch.stack([weight[0], weight[1]])[None]  # token 0 says word 0, token 1 says word 1
-    one_word = torch.stack([weight[0], weight[0]])[None]
-    word = lambda i: torch.nn.functional.one_hot(torch.tensor([i]), 4).float()  # noqa: E731
-    loss = lambda tokens, i: mixture_nll(tokens, weight, torch.zeros(()), word(i)).item()  # noqa: E731
-    # either word is found in the two-word image at the cost of sharing it (log 2), whichever token holds it
-    assert loss(two_words, 0) == pytest.approx(math.log(2), abs=1e-2)
-    assert loss(two_words, 1) == pytest.approx(loss(two_words.flip(1), 1))
-    assert loss(one_word, 0) < 1e-2 and loss(one_word, 1) > 5  # a word no token says costs a lot
-    assert loss(two_words, 2) > 5
+def test_stage0_loss_wants_token_k_to_say_the_replys_token_k():
+    weight = torch.eye(6) * 8  # a 6-word vocabulary
+    tokens = torch.stack([weight[0], weight[1]])[None]  # image token 0 says word 0, token 1 says word 1
+    loss = lambda targets: caption_loss(tokens, weight, torch.zeros(()), torch.tensor([targets]),  # noqa: E731
+                                        torch.tensor([2, 3, 4, 5])).item()
+    assert loss([0, 1]) < 1e-2
+    assert loss([1, 0]) > 5  # the right words in the wrong order cost as much as wrong words
+    # token 0 right (~0); token 1 says word 1, no candidate here: uniform over the rows {0, 2, 3, 4, 5}
+    assert loss([0, 3]) == pytest.approx(math.log(5) / 2, rel=1e-3)
+    assert loss([4, 4]) == pytest.approx(math.log(4), rel=1e-3)  # the words said are no candidates: uniform
+
+
+def test_stage0_stream_batches_encode_fresh_images_like_the_processor(chat_base):
+    model = GenieBlueForConditionalGeneration.from_base(chat_base, TINY_SIGLIP)
+    processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base))
+    images = [Image.new("RGB", (50, 40), (255, 0, 0)), Image.new("RGB", (20, 20), (0, 0, 255))]
+    pixels, replies = next(stream_batches(iter(zip(images, ["a red box", "blue"])), processor, 2))
+    assert pixels.shape == (2, 3, model.vision.image_size, model.vision.image_size)
+    assert torch.equal(pixels[1:], image_to_tensor(images[1], model.vision.image_size))
+    assert replies == [tuple(processor.tokenizer("a red box", add_special_tokens=False)["input_ids"]),
+                       tuple(processor.tokenizer("blue", add_special_tokens=False)["input_ids"])]
 
 
 def test_stage0_trains_the_vision_tower_only(tmp_path, chat_base, synth_data):

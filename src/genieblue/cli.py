@@ -132,12 +132,14 @@ def demo(
     compare: str = typer.Option("", help="Comma-separated baselines to train on the same data and budget, "
                                 "e.g. full,lora,cogvlm-skip,genieblue-pre,genieblue-post."),
     llm: Optional[str] = typer.Option(None, help=LLM_HELP),
-    n_train: int = typer.Option(1200, help="Training images (the default fits ~15 min on 2 CPU cores)."),
-    n_test: int = typer.Option(240, help="Test images."),
-    stage0_steps: int = typer.Option(200, help="Stage-0 steps: the from-scratch vision tower learns to put the words of "
-                                     "each image's reply into its image tokens, in the LLM's embeddings (0: skip)."),
-    stage1_steps: int = typer.Option(25, help="Stage-1 optimizer steps (projector only)."),
-    stage2_epochs: float = typer.Option(1.0, help="Stage-2 epochs."),
+    n_train: Optional[int] = typer.Option(None, help="Training images (default 1200: the whole demo fits ~12 min on 2 CPU cores)."),
+    n_test: Optional[int] = typer.Option(None, help="Test questions (default 480, 80 per task)."),
+    seeds: int = typer.Option(1, help="Training seeds per strategy (seed, seed+1, ...) on the same data; with more "
+                              "than one the report adds mean +- sd per task and the ratio to full fine-tuning."),
+    stage0_steps: Optional[int] = typer.Option(None, help="Stage-0 steps (default 300): the from-scratch vision tower learns "
+                                               "to spell captions of freshly drawn images in the LLM's embeddings (0: skip)."),
+    stage1_steps: Optional[int] = typer.Option(None, help="Stage-1 optimizer steps (token mixer + projector only; default 25)."),
+    stage2_epochs: Optional[float] = typer.Option(None, help="Stage-2 epochs (default 1)."),
     seed: int = typer.Option(0, help="Seed for data and training."),
 ):
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
@@ -150,8 +152,10 @@ def demo(
     unknown = [s for s in baselines if s not in STRATEGIES]
     if unknown:
         _fail(f"unknown strategies {unknown}; choose from: {', '.join(STRATEGIES)}")
-    cfg = DemoConfig(out=out, llm=llm, compare=baselines, n_train=n_train, n_test=n_test,
-                     stage0_steps=stage0_steps, stage1_steps=stage1_steps, stage2_epochs=stage2_epochs, seed=seed)
+    given = dict(n_train=n_train, n_test=n_test, stage0_steps=stage0_steps, stage1_steps=stage1_steps,
+                 stage2_epochs=stage2_epochs)
+    cfg = DemoConfig(out=out, llm=llm, compare=baselines, seeds=seeds, seed=seed,
+                     **{k: v for k, v in given.items() if v is not None})
     try:
         Demo(cfg, console).run()
     except (ValueError, FileNotFoundError) as err:

@@ -7,7 +7,9 @@ text QA, perplexity: base vs non-shared vs shared path), and writes report.md, r
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +19,8 @@ from rich.console import Console
 
 from ._io import write_json
 from .data import load_model_and_processor, read_records
-from .data.synthetic import TASKS, generate_dataset, task_info, text_only_samples
-from .eval.answers import answer_records, exact_match
+from .data.synthetic import TASKS, caption_stream, generate_dataset, task_info, text_only_samples
+from .eval.answers import answer_loss, answer_records, exact_match
 from .eval.text import logit_equality, perplexity, text_qa
 from .model import load_llm
 from .plots import grouped_bars
@@ -34,9 +36,10 @@ class DemoConfig:
     llm: str | None = None
     compare: list[str] = field(default_factory=list)
     n_train: int = 1200
-    n_test: int = 240
+    n_test: int = 480
+    seeds: int = 1  # training seeds per strategy (seed, seed+1, ...); the data stay those of `seed`
     text_fraction: float = 0.1  # text-only samples mixed into stage 2
-    stage0_steps: int = 200  # vision tower alignment before stage 1 (see train.vision_pretrain)
+    stage0_steps: int = 300  # the vision tower learns to spell captions of fresh images (see train.vision_pretrain)
     stage1_steps: int = 25
     stage2_epochs: float = 1.0
     max_length: int = 640  # ~12 samples per packed row: one optimizer step
@@ -68,25 +71,32 @@ class Demo:
         write_json(paths["text"], text_only_samples(max(1, round(cfg.n_train * cfg.text_fraction)), cfg.seed))
         return paths
 
-    def train(self, strategy: str, data: dict[str, Path]) -> Path:
-        cfg, root = self.cfg, self.out / "runs" / strategy
+    def run_name(self, strategy: str, k: int) -> str:
+        return strategy if k == 0 else f"{strategy}-seed{self.cfg.seed + k}"
+
+    def train(self, strategy: str, data: dict[str, Path], k: int = 0) -> Path:
+        cfg, root, seed = self.cfg, self.out / "runs" / self.run_name(strategy, k), self.cfg.seed + k
         shutil.rmtree(root, ignore_errors=True)  # a demo run always starts fresh
         common = dict(llm=cfg.llm, strategy=strategy, max_length=cfg.max_length, system_prompt=SYSTEM_PROMPT,
-                      seed=cfg.seed, save_every=50, keep_last=1, projector_lr=cfg.vision_lr, vit_lr=cfg.vision_lr, lr=cfg.lr)
+                      seed=seed, save_every=50, keep_last=1, projector_lr=cfg.vision_lr, vit_lr=cfg.vision_lr, lr=cfg.lr)
+        strategy = self.run_name(strategy, k)
         self.console.rule(f"{strategy}: stage 0 (vision tower) + stage 1 (projector)")
         stage1 = TrainConfig(stage=1, data=[DataSource(str(data["caption"]))], max_steps=cfg.stage1_steps,
                              stage0_steps=cfg.stage0_steps, output_dir=str(root / "stage1"), **common)
-        first = self._timed(f"{strategy}/stage1_s", Trainer(stage1, self.console).run)
+        fresh = caption_stream(seed, cfg.image_size)
+        first = self._timed(f"{strategy}/stage1_s", Trainer(stage1, self.console, stage0_source=fresh).run)
         self.console.rule(f"{strategy}: stage 2 (ViT + projector + {strategy} delta)")
         sources = [DataSource(str(data["train"]), 1 - cfg.text_fraction), DataSource(str(data["text"]), cfg.text_fraction)]
         stage2 = TrainConfig(stage=2, init_from=str(first), data=sources, epochs=cfg.stage2_epochs,
                              output_dir=str(root / "stage2"), **common)
         return self._timed(f"{strategy}/stage2_s", Trainer(stage2, self.console).run)
 
-    def evaluate(self, strategy: str, model_dir: Path, data: dict[str, Path]) -> dict:
+    def evaluate(self, strategy: str, model_dir: Path, data: dict[str, Path], k: int = 0) -> dict:
         """Test accuracy per task, and text QA / perplexity on the path this strategy deploys for text.
-        For the main strategy, also the retention comparison against an independently loaded base."""
-        self.console.rule(f"{strategy}: evaluation")
+        For the main strategy's first seed, also the test loss with real vs shuffled images and the
+        retention comparison against an independently loaded base."""
+        name = self.run_name(strategy, k)
+        self.console.rule(f"{name}: evaluation")
         start = time.perf_counter()
         model, processor = load_model_and_processor(model_dir, self.cfg.llm)
         tok = processor.tokenizer
@@ -100,10 +110,12 @@ class Demo:
             "text_qa_deployed": qa["accuracy"],
             "perplexity_deployed": perplexity(model, tok, shared_base=not non_shared),
         }
-        if strategy == MAIN:
+        if strategy == MAIN and k == 0:
+            result["test_loss"] = {"real_images": answer_loss(model, processor, test),
+                                   "shuffled_images": answer_loss(model, processor, test, shuffle_images=True)}
             result["retention"] = self.retention(model, processor, qa, test)
-        self.timings[f"{strategy}/eval_s"] = round(time.perf_counter() - start, 1)
-        self.console.print(f"{strategy}: multimodal accuracy {mm['accuracy']:.3f} · text QA (deployed) {qa['accuracy']:.3f}")
+        self.timings[f"{name}/eval_s"] = round(time.perf_counter() - start, 1)
+        self.console.print(f"{name}: multimodal accuracy {mm['accuracy']:.3f} · text QA (deployed) {qa['accuracy']:.3f}")
         return result
 
     def retention(self, model, processor, qa_non_shared: dict, test: list[dict]) -> dict:
@@ -137,10 +149,12 @@ class Demo:
         start = time.perf_counter()
         data = self._timed("data_s", self.make_data)
         strategies = [MAIN] + [s for s in self.cfg.compare if s != MAIN]
-        results = {s: self.evaluate(s, self.train(s, data), data) for s in strategies}
+        runs = {s: [self.evaluate(s, self.train(s, data, k), data, k) for k in range(self.cfg.seeds)] for s in strategies}
+        results = {s: r[0] for s, r in runs.items()}
         self.timings["total_s"] = round(time.perf_counter() - start, 1)
         report = {"config": asdict(self.cfg), "tasks": {t: asdict(task_info(t)) for t in TASKS},
                   "results": results, "retention": results[MAIN].pop("retention"), "timings": self.timings,
+                  "seeds": seed_summary(runs) if self.cfg.seeds > 1 else None,
                   "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
         write_json(self.out / "report.json", report)
         self._chart(report)
@@ -158,6 +172,35 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _mean_sd(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    return {"mean": mean, "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+
+def seed_summary(runs: dict[str, list[dict]]) -> dict:
+    """Per strategy, mean and sd over seeds of each task's accuracy, overall accuracy and the deployed
+    text path's perplexity; and each strategy's overall accuracy as a ratio to full fine-tuning's,
+    with its standard error (delta method over the two means)."""
+    out = {}
+    for name, results in runs.items():
+        accuracy = [r["multimodal"]["accuracy"] for r in results]
+        out[name] = {
+            "seeds": len(results),
+            "accuracy": _mean_sd(accuracy),
+            "per_task": {t: _mean_sd([r["multimodal"]["per_group"].get(t, 0.0) for r in results]) for t in TASKS},
+            "perplexity_deployed": _mean_sd([r["perplexity_deployed"] for r in results]),
+            "text_qa_deployed": _mean_sd([r["text_qa_deployed"] for r in results]),
+        }
+    full = out.get("full", {}).get("accuracy")
+    for name, summary in out.items():
+        if full and full["mean"] > 0:
+            mine, n = summary["accuracy"], summary["seeds"]
+            ratio = mine["mean"] / full["mean"]
+            rel = math.sqrt((mine["sd"] / mine["mean"]) ** 2 / n + (full["sd"] / full["mean"]) ** 2 / out["full"]["seeds"])
+            summary["vs_full"] = {"ratio": ratio, "se": ratio * rel}
+    return out
+
+
 def comparison_rows(results: dict) -> list[dict]:
     """Table-5/6-style rows: multimodal score, retention vs full fine-tuning, text score, text retention."""
     full = results.get("full", {}).get("multimodal", {}).get("accuracy")
@@ -173,17 +216,39 @@ def comparison_rows(results: dict) -> list[dict]:
     return rows
 
 
+def _interval(bounds) -> str:
+    return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}%"
+
+
+def _seed_lines(seeds: dict) -> list[str]:
+    n = max(s["seeds"] for s in seeds.values())
+    lines = [f"## Over {n} training seeds (same data): mean +- sd", "",
+             "| strategy | " + " | ".join(TASKS) + " | all | vs full FT | perplexity (deployed text path) |",
+             "|---|" + "---|" * (len(TASKS) + 3)]
+    for name, s in seeds.items():
+        cells = [f"{100 * s['per_task'][t]['mean']:.1f} +- {100 * s['per_task'][t]['sd']:.1f}" for t in TASKS]
+        vs = f"{100 * s['vs_full']['ratio']:.1f}% +- {100 * s['vs_full']['se']:.1f}" if "vs_full" in s else "-"
+        ppl = s["perplexity_deployed"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{100 * s['accuracy']['mean']:.1f} +- "
+                     f"{100 * s['accuracy']['sd']:.1f}** | {vs} | {ppl['mean']:.2f} +- {ppl['sd']:.2f} |")
+    return lines + [""]
+
+
 def render_markdown(report: dict) -> str:
     ret, tasks = report["retention"], report["tasks"]
-    main = report["results"][MAIN]["multimodal"]
+    main, loss = report["results"][MAIN]["multimodal"], report["results"][MAIN]["test_loss"]
     lines = [
         "# GenieBlue demo report", "",
         f"Base LLM: `{report['config']['llm'] or 'SmolLM2-135M-Instruct (built-in)'}` · vision: tiny SigLIP trained "
         f"from scratch · {report['config']['n_train']} training images · total time {report['timings']['total_s'] / 60:.1f} min.", "",
-        "## Multimodal accuracy (genieblue-skip, test split)", "",
-        "| task | accuracy | chance |", "|---|---|---|",
-        *(f"| {t} | {_pct(main['per_group'].get(t, 0))} | {_pct(tasks[t]['chance'])} |" for t in tasks),
-        f"| **all** | **{_pct(main['accuracy'])}** | |", "",
+        f"## Multimodal accuracy (genieblue-skip, test split, n = {main['n']})", "",
+        "| task | accuracy | 95% interval | n | chance |", "|---|---|---|---|---|",
+        *(f"| {t} | {_pct(main['per_group'].get(t, 0))} | {_interval(main['per_group_interval'][t])} | "
+          f"{main['per_group_n'][t]} | {_pct(tasks[t]['chance'])} |" for t in tasks if t in main["per_group"]),
+        f"| **all** | **{_pct(main['accuracy'])}** | {_interval(main['interval'])} | {main['n']} | |", "",
+        "Test loss per answer token (does the model use the image?): "
+        f"{loss['real_images']:.3f} with each question's own image, {loss['shuffled_images']:.3f} with another "
+        "question's image.", "",
         "![accuracy per task](accuracy.png)", "",
         "## Text retention: base vs non-shared text path vs shared-base path", "",
         "| measure | base | non-shared (GenieBlue) | shared base |", "|---|---|---|---|",
@@ -204,6 +269,8 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {row['strategy']} | {_pct(row['multimodal'])} | {vs} | {_pct(row['text_qa'])} | {tr} | "
                          f"{row['perplexity']:.3f} | {row['text_path']} |")
         lines.append("")
+    if report.get("seeds"):
+        lines += _seed_lines(report["seeds"])
     lines += ["## Sample conversations", "", "| image | question | reference | reply |", "|---|---|---|---|"]
     for s in ret["samples"]:
         image = f"![]({Path(s['image']).relative_to(Path(report['config']['out']).resolve())})" if s["image"] else "(none)"

@@ -9,6 +9,7 @@ import importlib
 
 _EXPORTS = {
     "images": (
+        "BACKBONE_STATS",
         "IMAGE_STATS",
         "MAX_PIXELS",
         "ImageError",

@@ -19,7 +19,10 @@ IMAGE_STATS = {
     "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
-"""Per-channel (mean, std) of each vision tower type, for pixels scaled to [0, 1]."""
+"""Per-channel (mean, std) of each ViT type, for pixels scaled to [0, 1]."""
+
+BACKBONE_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+"""ImageNet's (mean, std): what convolutional backbones (AutoBackbone: ResNet, ConvNeXt, ...) expect."""
 
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError)
 
@@ -122,10 +125,10 @@ def tile_image(image: Image.Image, image_size: int, max_tiles: int = 1) -> list[
 
 
 def normalize(tiles: list[Image.Image], vision_type: str = "siglip_vision_model") -> torch.Tensor:
-    """Stack RGB tiles into a (tiles, 3, S, S) float tensor with the tower's mean / std."""
-    if vision_type not in IMAGE_STATS:
-        raise ValueError(f"unknown vision type {vision_type!r}; known: {', '.join(IMAGE_STATS)}")
-    mean, std = (np.asarray(v, dtype=np.float32)[:, None, None] for v in IMAGE_STATS[vision_type])
+    """Stack RGB tiles into a (tiles, 3, S, S) float tensor with the tower's mean / std (a ViT's own,
+    ImageNet's for any other encoder type)."""
+    stats = IMAGE_STATS.get(vision_type, BACKBONE_STATS)
+    mean, std = (np.asarray(v, dtype=np.float32)[:, None, None] for v in stats)
     pixels = np.stack([np.asarray(t, dtype=np.float32).transpose(2, 0, 1) / 255.0 for t in tiles])
     return torch.from_numpy((pixels - mean) / std)
 

@@ -6,6 +6,7 @@ short word from the task's finite answer set (`task_info`), which also gives the
 rate to report accuracy against. `make_sample` draws one (image, question, answer, caption)
 from a `random.Random`; `generate_dataset` writes a LLaVA-format dataset with a caption set for
 alignment, byte-identical for a given seed;
+`caption_stream` draws endless fresh (image, caption) pairs (the demo's stage 0);
 `text_only_samples` gives text-only records (arithmetic, capitals) to mix into training.
 
 Images are drawn at `SCALE` times their final size and box-downsampled, so small shapes keep clean,
@@ -15,10 +16,11 @@ anti-aliased edges while shape interiors keep their exact palette colour.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +237,15 @@ def make_sample(task: str, rng: random.Random, image_size: int = 64) -> tuple[Im
     task_info(task)
     image, question, answer, caption = _MAKERS[task](rng, image_size)
     return image.resize((image_size, image_size), Image.Resampling.BOX), question, answer, caption
+
+
+def caption_stream(seed: int = 0, image_size: int = 64, tasks: Sequence[str] = TASKS) -> Iterator[tuple[Image.Image, str]]:
+    """Endless (image, caption) pairs, tasks round-robin, sample i seeded by (seed, i); the seeds
+    never meet `generate_dataset`'s, so no stream image is a test image."""
+    for i in itertools.count():
+        rng = random.Random(f"genieblue-stream:{seed}:{i}")
+        image, _, _, caption = make_sample(tasks[i % len(tasks)], rng, image_size)
+        yield image, caption
 
 
 def generate_dataset(

@@ -125,6 +125,7 @@ def _kv_names(layers: int, kind: str) -> list[str]:
 
 def _to_proto(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic: dict) -> onnx.ModelProto:
     buffer = io.BytesIO()
+    module.eval()  # the exporter restores the wrapper's mode afterwards, recursively: train() would reach BatchNorm
     with warnings.catch_warnings():  # the tracer notes every Python-level shape check it freezes
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(

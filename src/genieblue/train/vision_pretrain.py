@@ -1,42 +1,41 @@
-"""Stage 0 for a ViT trained from scratch: before stage 1, the vision tower (ViT + projector) learns
-to put the words of each image's reply into its image tokens, in the frozen LLM's own input-embedding
-space (the words the LLM already knows how to read).
+"""Stage 0 for a vision tower trained from scratch: before stage 1, the tower (encoder, token mixer,
+projector) learns to write each image's reply as text, in the frozen LLM's own input-embedding
+space: image token k is pulled towards the input embedding of the reply's token k (the reply
+repeated to fill every image token), so the LLM is handed something close to words it already reads.
 
-The paper starts from a pretrained ViT. A from-scratch ViT frozen in stage 1 hands the projector
+The paper starts from a pretrained ViT. A from-scratch tower frozen in stage 1 hands the projector
 features that barely depend on the image, and end-to-end training through a frozen LLM teaches a
-random ViT far too slowly for a small budget. Stage 0 is a classification of reply tokens in the
-spirit of SuperClass (Huang et al., 2024), with the LLM's input embeddings as the classifier's
-weights and no head: every image token scores the vocabulary by its dot product with each token's
-input embedding, an image's distribution is the mean of its tokens' softmaxes, and the loss is the
-cross-entropy of the reply's informative tokens under that mixture. The mixture lets different image
-tokens carry different words: a VQA image is asked about its colour in one record and its shape in
-another. Tokens ending most replies (the end-of-turn marker) carry nothing and are left out. The
-softmax runs over every token seen in a reply plus random negatives drawn from the whole vocabulary
-each step, so the image tokens must come near the right word and not only nearer than the other
-answers. A second term pulls the image tokens' RMS to the embeddings' RMS.
+random tower far too slowly for a small budget. Stage 0 is parallel captioning in the spirit of
+CapPa (Tschannen et al., 2023, which predicts all caption tokens at once) with the LLM's input
+embeddings as the classifier's weights and no head: image token k scores the vocabulary by its dot
+product with each token's input embedding and is trained with the cross-entropy of the reply's
+token k. A reply that names everything in the image (a caption) therefore becomes a sequence of
+image tokens that spell it. The softmax runs over every token of the batch's replies plus random
+negatives drawn from the whole vocabulary each step, so an image token must come near the right
+word and not only nearer than the other answers. A second term pulls the tokens' RMS to the
+embeddings' RMS. Tokens ending most replies (the end-of-turn marker) carry nothing and are left out.
+
+`pretrain_vision` takes any stream of (pixels, replies) batches: the trainer's comes from the stage-1
+records; the demo's draws freshly generated images every step.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
+from ..data.images import image_to_tensor
 from ..data.processor import Sample
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
 from .loss import IGNORE_INDEX
 
-
-def mixture_nll(tokens: torch.Tensor, weight: torch.Tensor, log_scale: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over images of -sum_v targets[i, v] * log p_i(v), where p_i is the mean over image i's
-    tokens of softmax(exp(log_scale) * token @ weight.T). tokens (N, K, D), weight (V, D), targets
-    (N, V) with rows summing to 1."""
-    log_p = (tokens @ weight.T * log_scale.exp()).log_softmax(-1)
-    mixture = torch.logsumexp(log_p, dim=1) - math.log(tokens.shape[1])
-    return -(mixture * targets).sum() / len(tokens)
+Batch = tuple[torch.Tensor, list[tuple[int, ...]]]
+"""(pixels (N, 3, S, S), N token-id replies)."""
 
 
 def _pairs(samples: list[Sample]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
@@ -60,34 +59,57 @@ def informative_tokens(replies: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     return [tuple(t for t in r if t not in common) or r for r in replies]
 
 
-def target_matrix(replies: list[tuple[int, ...]], vocab: list[int]) -> torch.Tensor:
-    """(len(replies), len(vocab)): each reply's token frequencies over `vocab`, rows summing to 1."""
-    column = {t: i for i, t in enumerate(vocab)}
-    targets = torch.zeros(len(replies), len(vocab))
-    for row, reply in enumerate(replies):
-        for t in reply:
-            targets[row, column[t]] += 1 / len(reply)
-    return targets
+def cyclic_targets(replies: list[tuple[int, ...]], tokens: int) -> torch.Tensor:
+    """(len(replies), tokens): row i is reply i repeated (and cut) to `tokens` ids."""
+    return torch.tensor([[reply[k % len(reply)] for k in range(tokens)] for reply in replies])
+
+
+def sample_batches(samples: list[Sample], batch_size: int, seed: int = 0) -> Iterator[Batch]:
+    """Endless shuffled batches of the samples' images and informative reply tokens."""
+    tiles, replies = _pairs(samples)
+    if len(replies) < 2:
+        raise ValueError("stage 0 needs at least 2 samples with an image and a reply")
+    replies = informative_tokens(replies)
+    rng, order = random.Random(seed), []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(len(replies)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch, order = order[:batch_size], order[batch_size:]
+        yield tiles[batch], [replies[i] for i in batch]
+
+
+def stream_batches(pairs: Iterator, processor, batch_size: int) -> Iterator[Batch]:
+    """Batches from an endless iterator of (PIL image, reply text), encoded as `processor` would
+    (one tile per image; the reply's tokens without special tokens)."""
+    while True:
+        chunk = [next(pairs) for _ in range(batch_size)]
+        pixels = torch.cat([image_to_tensor(image, processor.image_size, 1, processor.vision_type) for image, _ in chunk])
+        replies = [tuple(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for _, text in chunk]
+        yield pixels, replies
+
+
+def caption_loss(tokens: torch.Tensor, weight: torch.Tensor, log_scale: torch.Tensor, targets: torch.Tensor,
+                 negatives: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of targets (N, K) for image tokens (N, K, D), each scored against the
+    embedding rows `weight` (V, D) of the batch's target ids plus `negatives` (random ids)."""
+    rows, column = torch.unique(torch.cat([targets.flatten(), negatives]), return_inverse=True)
+    logits = tokens @ weight[rows].T * log_scale.exp()
+    return F.cross_entropy(logits.flatten(0, 1), column[: targets.numel()])
 
 
 def pretrain_vision(
     model: GenieBlueForConditionalGeneration,
-    samples: list[Sample],
+    batches: Iterator[Batch],
     steps: int,
-    batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
     on_step=None,
     negatives: int = 2048,
 ) -> list[float]:
-    """Train `model.vision` (ViT and projector) for `steps` steps; returns the losses.
+    """Train `model.vision` (encoder, mixer, projector) on `steps` batches; returns the losses.
     `on_step(step, loss)` is called after each step (progress bars)."""
-    tiles, replies = _pairs(samples)
-    if len(replies) < 2:
-        raise ValueError("stage 0 needs at least 2 samples with an image and a reply")
-    replies = informative_tokens(replies)
-    vocab = sorted({t for r in replies for t in r})
-    targets = target_matrix(replies, vocab)
     tower, embed = model.vision, model.llm.get_input_embeddings()
     weight = embed.weight.detach().float()
     target_rms = weight.pow(2).mean().sqrt()
@@ -97,21 +119,13 @@ def pretrain_vision(
     tower.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 100), steps)
-    rng, order, losses = random.Random(seed), [], []
-    sampler = torch.Generator().manual_seed(seed)
-    known = torch.tensor(vocab)
+    sampler, losses = torch.Generator().manual_seed(seed), []
     for step in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(replies)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch, order = order[:batch_size], order[batch_size:]
-        rows = torch.cat([known, torch.randint(len(weight), (negatives,), generator=sampler)])
-        tokens = tower(tiles[batch]).float()
-        batch_targets = torch.cat([targets[batch], torch.zeros(len(batch), negatives)], dim=1)
-        rms = tokens.pow(2).mean(-1).sqrt()
-        loss = mixture_nll(tokens, weight[rows], log_scale, batch_targets)
-        loss = loss + (rms.log() - target_rms.log()).pow(2).mean()
+        pixels, replies = next(batches)
+        tokens = tower(pixels).float()
+        targets = cyclic_targets(replies, tokens.shape[1])
+        loss = caption_loss(tokens, weight, log_scale, targets, torch.randint(len(weight), (negatives,), generator=sampler))
+        loss = loss + (tokens.pow(2).mean(-1).sqrt().log() - target_rms.log()).pow(2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
