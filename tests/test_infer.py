@@ -10,11 +10,13 @@ import base64
 import io
 import json
 import itertools
+import socket
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -291,3 +293,119 @@ def test_chat_command_and_session_text_turns_equal_the_base(model_dir, base, bas
     assert first == _base_text(base, base_tok, QUESTIONS[0]).strip()
     history = [*_user(QUESTIONS[0]), {"role": "assistant", "content": first}, *_user(QUESTIONS[3])]
     assert session.ask(QUESTIONS[3]) == _base_text(base, base_tok, history).strip()
+
+
+# server limits ------------------------------------------------------------------------------------
+KEY = "sekret-key"
+
+
+@pytest.fixture(scope="module")
+def guarded(engine):
+    """A server with an API key, at most 2 images per request and the default body cap."""
+    with serving(create_app(engine, model_name="tiny", api_key=KEY, max_images=2)) as url:
+        yield url
+
+
+def _error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["code"] == code and body["message"]
+
+
+def test_every_v1_route_needs_the_api_key(guarded):
+    """Without `Authorization: Bearer KEY` every /v1 route answers 401 (unknown ones too); /health
+    stays open; the openai client with the key is served."""
+    body = {"model": "tiny", "messages": _user("Hi"), "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        _error(httpx.get(guarded + "/v1/models", headers=headers), 401, "invalid_api_key")
+        _error(httpx.post(guarded + "/v1/chat/completions", json=body, headers=headers), 401, "invalid_api_key")
+        _error(httpx.get(guarded + "/v1/nope", headers=headers), 401, "invalid_api_key")
+    assert httpx.get(guarded + "/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=guarded + "/v1", api_key="wrong", max_retries=0).models.list()
+    keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    assert _chat(keyed, "Hi", max_tokens=2).choices[0].message.content is not None
+
+
+def _head(url: str, length: int) -> tuple[socket.socket, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+    return sock, head.encode()
+
+
+def test_a_200_mb_body_gets_413_at_once_without_being_read(guarded):
+    """The cap is checked on Content-Length: the server answers 413 after the headers and 64 KiB of
+    a declared 200 MB body (the rest never sent), closes the connection, and keeps serving; a
+    200 MB upload from httpx is refused within seconds too."""
+    start = time.monotonic()
+    sock, head = _head(guarded, 200 * 2**20)
+    with sock:
+        sock.sendall(head + b"x" * 2**16)
+        reply = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413 ") and time.monotonic() - start < 5
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+
+    sent = []
+
+    def upload(chunk=b"x" * 2**20):
+        for _ in range(200):
+            sent.append(len(chunk))
+            yield chunk
+
+    start = time.monotonic()
+    response = httpx.post(guarded + "/v1/chat/completions", content=upload(), timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Length": str(200 * 2**20)})
+    _error(response, 413, "request_too_large")
+    assert time.monotonic() - start < 10 and sum(sent) < 200 * 2**20
+    keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    assert _chat(keyed, "Hi", max_tokens=2).choices[0].message.content is not None
+
+
+def test_a_chunked_body_over_the_cap_gets_413(engine):
+    """Without a Content-Length the running size is counted: 413 once it passes the cap."""
+    with serving(create_app(engine, max_body_bytes=2**20)) as url:
+        chunks = (b"x" * 2**16 for _ in range(64))  # 4 MiB, sent chunked
+        _error(httpx.post(url + "/v1/chat/completions", content=chunks, timeout=30), 413, "request_too_large")
+        small = {"model": "tiny", "messages": _user("Hi"), "max_tokens": 2}
+        assert httpx.post(url + "/v1/chat/completions", json=small, timeout=30).status_code == 200
+
+
+def test_too_many_images_are_refused(guarded):
+    keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    image = {"type": "image_url", "image_url": {"url": _data_url(_png())}}
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(keyed, [image] * 3 + [{"type": "text", "text": "What are these?"}])
+    assert info.value.code == "too_many_images"
+    assert _chat(keyed, [image] * 2 + [{"type": "text", "text": "What are these?"}]).choices[0].message.content
+
+
+def test_a_full_queue_gets_503_and_serving_resumes(engine):
+    """With `max_queue` requests waiting (the batching thread not started yet) the next gets 503,
+    at once; once the engine runs, the waiting requests finish and new ones are served."""
+    stalled = Engine(engine.model, engine.processor, start=False, max_queue=2)
+    waiting = [stalled.submit(_user(q), max_tokens=2) for q in QUESTIONS[:2]]
+    with serving(create_app(stalled, model_name="tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as info:
+            _chat(client, "Hi", max_tokens=2)
+        assert info.value.status_code == 503 and info.value.code == "queue_full"
+        stalled.start()
+        assert all(r.result().completion_tokens > 0 for r in waiting)
+        assert _chat(client, "Hi", max_tokens=2).choices[0].message.content is not None
+    stalled.close()
+
+
+def test_serve_warns_on_a_non_loopback_host_without_a_key(tmp_path, monkeypatch):
+    """`genieblue serve --host 0.0.0.0` warns before loading anything unless a key is set (the
+    option or GENIEBLUE_API_KEY); the missing model then fails as one line."""
+    missing = str(tmp_path / "none")
+    monkeypatch.delenv("GENIEBLUE_API_KEY", raising=False)
+    for args, env, warned in ((["--host", "0.0.0.0"], {}, True), (["--host", "0.0.0.0", "--api-key", "k"], {}, False),
+                              (["--host", "0.0.0.0"], {"GENIEBLUE_API_KEY": "k"}, False), ([], {}, False)):
+        result = CliRunner().invoke(cli, ["serve", "-m", missing, *args], env=env)
+        assert result.exit_code == 2 and "is missing: not a genieblue model folder" in result.stderr
+        assert ("without an API key" in result.stderr) == warned
