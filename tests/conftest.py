@@ -1,9 +1,12 @@
 """Shared fixtures: tiny random-weight bases of real architectures, saved to disk so tests can load
-an independent copy of the base exactly as a user would."""
+an independent copy of the base exactly as a user would. Every run starts by printing the versions
+it runs with (pytest's report header; `.ci/run` shows them before the tests)."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import platform
 import socket
 import threading
 import time
@@ -20,6 +23,19 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+VERSIONS = ("torch", "transformers", "accelerate", "onnxruntime", "lm-eval")
+
+
+def pytest_report_header(config):
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return "versions: " + ", ".join([f"python {platform.python_version()}", *(f"{n} {version(n)}" for n in VERSIONS)])
+
 
 VOCAB = 128
 _COMMON = dict(

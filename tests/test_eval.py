@@ -15,17 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SIGLIP, serving
+from conftest import TINY_SIGLIP, load_reference, serving
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from PIL import Image
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from genieblue.cli import app
-from genieblue.data import load_model_and_processor
+from genieblue.data import load_model_and_processor, save_processor_settings
 from genieblue.eval.harness import GenieBlueLM
 from genieblue.eval.judge import JUDGE_SYSTEM, judge_prompt, parse_rating
+from genieblue.eval.text import TEXT_QA, text_qa
 from genieblue.eval.text_tasks import task_manager
 from genieblue.eval.vqa_data import MC_PROMPT
 from genieblue.eval.vqa_metrics import anls, extract_choice, normalize_vqa, ocr_match, relaxed_accuracy, vqa_accuracy
@@ -41,7 +43,8 @@ N = 8  # new tokens in generation tests
 @pytest.fixture(scope="module")
 def models(chat_base, tmp_path_factory):
     """Two tiny checkpoints on one base, their deltas moved away from the base so that the shared
-    path differs from it: `main` (genieblue-skip) and `lora` (a baseline, deployed shared)."""
+    path differs from it: `main` (genieblue-skip, saved with a training system prompt) and `lora`
+    (a baseline, deployed shared)."""
     root = tmp_path_factory.mktemp("eval_models")
     out = {}
     for seed, (name, strategy) in enumerate((("main", "genieblue-skip"), ("lora", "lora"))):
@@ -50,6 +53,7 @@ def models(chat_base, tmp_path_factory):
         for p in model.llm_delta_parameters():
             p.data.add_(torch.randn_like(p) * 0.05)
         out[name] = str(model.save_pretrained(root / name))
+    save_processor_settings(out["main"], system_prompt="Answer briefly.")
     return out
 
 
@@ -141,6 +145,23 @@ def test_text_table_non_shared_equals_base_request_by_request_and_resumes(models
     _drop(cache, 7, lambda row: row["path"] == "shared")
     assert _cli(*args)["table"] == table
     assert len(cache.read_text().splitlines()) == lines  # only the 7 dropped requests ran again
+
+
+def test_text_qa_non_shared_replies_are_the_base_on_its_own_chat_template(models, chat_base):
+    """The QA measure's non-shared path (a model saved with a training system prompt) gives the
+    replies of the base loaded on its own, prompted by its own tokenizer's template, in the same
+    left-padded batches of 16."""
+    model, processor = load_model_and_processor(models["main"])
+    assert processor.system_prompt == "Answer briefly."
+    replies = [r["reply"] for r in text_qa(model, processor, shared_base=False)["replies"]]
+    base, tok = load_reference(chat_base), AutoTokenizer.from_pretrained(chat_base, padding_side="left")
+    expected = []
+    for start in range(0, len(TEXT_QA), 16):
+        conversations = [[{"role": "user", "content": f"{q} Answer with one word."}] for q, _ in TEXT_QA[start : start + 16]]
+        batch = tok.apply_chat_template(conversations, add_generation_prompt=True, padding=True, return_tensors="pt")
+        out = base.generate(**batch, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+        expected += tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert replies == expected
 
 
 def test_lm_eval_runs_genieblue_by_name_and_its_base_path_equals_stock_hf(models, lm_tasks, chat_base):

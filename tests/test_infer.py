@@ -1,6 +1,8 @@
 """Serving: the batching engine (text rows stay bit-identical to the base, stop strings, streaming,
-context overflow) and the OpenAI-compatible server driven by the official `openai` client over a
-real uvicorn socket (text, image, streaming, every bad input, a concurrent mixed load)."""
+context overflow), the OpenAI-compatible server driven by the official `openai` client over a
+real uvicorn socket (text, image, streaming, every bad input, a concurrent mixed load) and
+`genieblue chat`. The model is saved with a training system prompt, and every text reply is
+checked against the base loaded on its own: its own tokenizer's chat template, `generate`."""
 
 from __future__ import annotations
 
@@ -8,25 +10,32 @@ import base64
 import io
 import json
 import itertools
+import socket
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import openai
 import pytest
 import torch
 from conftest import TINY_SIGLIP, load_reference, serving
 from PIL import Image
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
 
-from genieblue.data import GenieBlueProcessor, collate_prompts
+from genieblue.cli import app as cli
+from genieblue.data import GenieBlueProcessor, collate_prompts, save_processor_settings
+from genieblue.infer.chat import ChatSession
 from genieblue.infer.engine import ContextOverflow, Engine
 from genieblue.infer.server import create_app
 from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
 
 QUESTIONS = ["Hi!", "What is the capital of France?", "Name three colours of the rainbow, please.", "2+2?"]
 N = 8  # max_tokens in most tests
+TRAINING_SYSTEM = "Answer briefly."  # the system prompt the model was "trained" with (processor.json)
 
 
 def _png(size=(40, 40), seed=0, noise=True) -> bytes:
@@ -58,7 +67,9 @@ def model_dir(chat_base, tmp_path_factory):
         model(ids, pixel_values=pixels, labels=ids.masked_fill(ids == IMAGE_TOKEN_INDEX, -100)).loss.backward()
         opt.step()
         opt.zero_grad()
-    return model.save_pretrained(tmp_path_factory.mktemp("served") / "tiny")
+    folder = model.save_pretrained(tmp_path_factory.mktemp("served") / "tiny")
+    save_processor_settings(folder, system_prompt=TRAINING_SYSTEM)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +84,17 @@ def base(chat_base):
     return load_reference(chat_base)
 
 
+@pytest.fixture(scope="module")
+def base_tok(chat_base):
+    """The base's own tokenizer, loaded on its own."""
+    return AutoTokenizer.from_pretrained(chat_base)
+
+
+def _base_prompt(tok, messages: list[dict]) -> torch.Tensor:
+    """(1, T): the base's own rendering of a conversation, assistant turn opened."""
+    return torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)])
+
+
 def _base_tokens(base, prompts: list[torch.Tensor], pad_id: int, n: int = N) -> list[list[int]]:
     """Greedy tokens of the independently loaded base on the left-padded batch, cut at end of turn."""
     batch = collate_prompts([(p, None) for p in prompts], pad_id)
@@ -83,29 +105,55 @@ def _base_tokens(base, prompts: list[torch.Tensor], pad_id: int, n: int = N) -> 
     return [list(itertools.takewhile(lambda t: t not in eos, row)) for row in out.tolist()]
 
 
-def _base_text(base, processor, question: str, n: int = N) -> str:
-    ids, _ = processor.prompt(_user(question))
-    return processor.tokenizer.decode(_base_tokens(base, [ids], processor.pad_id, n)[0], skip_special_tokens=True)
+def _base_text(base, tok, messages: str | list[dict], n: int = N) -> str:
+    """The base's greedy reply to a question (or a conversation), as its tokenizer decodes it."""
+    messages = _user(messages) if isinstance(messages, str) else messages
+    tokens = _base_tokens(base, [_base_prompt(tok, messages)], tok.pad_token_id, n)[0]
+    return tok.decode(tokens, skip_special_tokens=True)
 
 
 # engine -------------------------------------------------------------------------------------------
-def test_batched_text_rows_equal_the_base_on_the_same_padded_batch(engine, base):
+def test_text_prompts_are_the_base_template_and_only_images_get_the_training_system_prompt(engine, base_tok):
+    """A text-only conversation is exactly the base tokenizer's own rendering, whatever the model
+    was trained with; an image request without a system turn gets the training system prompt, and
+    a system turn of its own replaces it."""
+    processor = engine.processor
+    assert processor.system_prompt == TRAINING_SYSTEM  # read back from processor.json
+    conversations = [
+        _user(QUESTIONS[1]),
+        [*_user("Hi!"), {"role": "assistant", "content": "Hello."}, *_user(QUESTIONS[2])],
+        [{"role": "system", "content": "Be a poet."}, *_user(QUESTIONS[0])],
+        _user("What is <image> in text?"),  # a literal placeholder in a text request is just text
+    ]
+    for messages in conversations:
+        ids, pixels = processor.prompt(messages)
+        assert pixels is None and torch.equal(ids, _base_prompt(base_tok, messages))
+        assert TRAINING_SYSTEM not in base_tok.decode(ids[0])
+    ids, _ = processor.prompt(_user("What is this?"), [_png()])
+    assert TRAINING_SYSTEM in base_tok.decode(ids[0][ids[0] >= 0])
+    own = [{"role": "system", "content": "Be a poet."}, *_user("What is this?")]
+    text = base_tok.decode(processor.prompt(own, [_png()])[0][0].clamp(min=0))
+    assert "Be a poet." in text and TRAINING_SYSTEM not in text
+
+
+def test_batched_text_rows_equal_the_base_on_the_same_padded_batch(engine, base, base_tok):
     """Requests queued together run as one text batch and one image batch; the text rows' greedy
-    tokens equal the independently loaded base's on the same left-padded batch."""
+    tokens equal the independently loaded base's on the same left-padded batch of its own prompts."""
     batcher = Engine(engine.model, engine.processor, start=False)
     texts = [batcher.submit(_user(q), max_tokens=N) for q in QUESTIONS]
     images = [batcher.submit(_user("What is this?"), [_png(seed=s)], max_tokens=N) for s in range(2)]
     batcher.start()
     results = [r.result() for r in texts + images]
     batcher.close()
-    expected = _base_tokens(base, [r.ids for r in texts], engine.processor.pad_id)
-    assert [r.tokens for r in texts] == expected
+    prompts = [_base_prompt(base_tok, _user(q)) for q in QUESTIONS]
+    assert all(torch.equal(r.ids, p) for r, p in zip(texts, prompts))
+    assert [r.tokens for r in texts] == _base_tokens(base, prompts, base_tok.pad_token_id)
     assert all(c.completion_tokens > 0 for c in results)
 
 
-def test_single_row_equals_the_base_and_the_image_path_differs(engine, base):
+def test_single_row_equals_the_base_and_the_image_path_differs(engine, base, base_tok):
     reply = engine.generate(_user(QUESTIONS[1]), max_tokens=N)
-    assert reply.text == _base_text(base, engine.processor, QUESTIONS[1])
+    assert reply.text == _base_text(base, base_tok, QUESTIONS[1])
     assert reply.prompt_tokens > 0 and reply.finish_reason in ("stop", "length")
     assert engine.generate(_user(QUESTIONS[1]), [_png()], max_tokens=N).text != reply.text
 
@@ -142,9 +190,10 @@ def _chat(client, content, **kwargs):
                                           temperature=0, **kwargs)
 
 
-def test_text_chat_equals_the_base(client, engine, base):
+def test_text_chat_equals_the_base(client, base, base_tok):
     reply = _chat(client, QUESTIONS[1])
-    assert reply.choices[0].message.content == _base_text(base, engine.processor, QUESTIONS[1])
+    assert reply.choices[0].message.content == _base_text(base, base_tok, QUESTIONS[1])
+    assert reply.usage.prompt_tokens == _base_prompt(base_tok, _user(QUESTIONS[1])).shape[1]
     assert reply.usage.completion_tokens > 0
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
@@ -202,9 +251,9 @@ def test_local_images_when_allowed(engine, tmp_path):
     assert reply == engine.generate(_user("<image>\nWhat is this?"), [_png()], max_tokens=N).text
 
 
-def test_concurrent_mixed_load(client, engine, base):
+def test_concurrent_mixed_load(client, base, base_tok):
     """24 clients at once, text and image mixed: no failures, each text reply is the base's."""
-    expected = {q: _base_text(base, engine.processor, q) for q in QUESTIONS}
+    expected = {q: _base_text(base, base_tok, q) for q in QUESTIONS}
 
     def one(i):
         question = QUESTIONS[i % len(QUESTIONS)]
@@ -231,3 +280,132 @@ def test_invalid_json_and_unknown_routes_get_error_bodies(client):
             urllib.request.urlopen(request, timeout=10)
         assert info.value.code in (400, 404)
         assert set(json.loads(info.value.read())["error"]) == {"message", "type", "param", "code"}
+
+
+# genieblue chat -----------------------------------------------------------------------------------
+def test_chat_command_and_session_text_turns_equal_the_base(model_dir, base, base_tok):
+    """`genieblue chat` (in-process) and a two-turn `ChatSession` reply to text as the base does."""
+    result = CliRunner().invoke(cli, ["chat", "-m", str(model_dir), "--max-new-tokens", str(N), QUESTIONS[1]])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == _base_text(base, base_tok, QUESTIONS[1]).strip()
+    session = ChatSession.load(model_dir, max_new_tokens=N)
+    first = session.ask(QUESTIONS[0])
+    assert first == _base_text(base, base_tok, QUESTIONS[0]).strip()
+    history = [*_user(QUESTIONS[0]), {"role": "assistant", "content": first}, *_user(QUESTIONS[3])]
+    assert session.ask(QUESTIONS[3]) == _base_text(base, base_tok, history).strip()
+
+
+# server limits ------------------------------------------------------------------------------------
+KEY = "sekret-key"
+
+
+@pytest.fixture(scope="module")
+def guarded(engine):
+    """A server with an API key, at most 2 images per request and the default body cap."""
+    with serving(create_app(engine, model_name="tiny", api_key=KEY, max_images=2)) as url:
+        yield url
+
+
+def _error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["code"] == code and body["message"]
+
+
+def test_every_v1_route_needs_the_api_key(guarded):
+    """Without `Authorization: Bearer KEY` every /v1 route answers 401 (unknown ones too); /health
+    stays open; the openai client with the key is served."""
+    body = {"model": "tiny", "messages": _user("Hi"), "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        _error(httpx.get(guarded + "/v1/models", headers=headers), 401, "invalid_api_key")
+        _error(httpx.post(guarded + "/v1/chat/completions", json=body, headers=headers), 401, "invalid_api_key")
+        _error(httpx.get(guarded + "/v1/nope", headers=headers), 401, "invalid_api_key")
+    assert httpx.get(guarded + "/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=guarded + "/v1", api_key="wrong", max_retries=0).models.list()
+    keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    assert _chat(keyed, "Hi", max_tokens=2).choices[0].message.content is not None
+
+
+def _head(url: str, length: int) -> tuple[socket.socket, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+    return sock, head.encode()
+
+
+def test_a_200_mb_body_gets_413_at_once_without_being_read(guarded):
+    """The cap is checked on Content-Length: the server answers 413 after the headers and 64 KiB of
+    a declared 200 MB body (the rest never sent), closes the connection, and keeps serving; a
+    200 MB upload from httpx is refused within seconds too."""
+    start = time.monotonic()
+    sock, head = _head(guarded, 200 * 2**20)
+    with sock:
+        sock.sendall(head + b"x" * 2**16)
+        reply = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413 ") and time.monotonic() - start < 5
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+
+    sent = []
+
+    def upload(chunk=b"x" * 2**20):
+        for _ in range(200):
+            sent.append(len(chunk))
+            yield chunk
+
+    start = time.monotonic()
+    response = httpx.post(guarded + "/v1/chat/completions", content=upload(), timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Length": str(200 * 2**20)})
+    _error(response, 413, "request_too_large")
+    assert time.monotonic() - start < 10 and sum(sent) < 200 * 2**20
+    keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    assert _chat(keyed, "Hi", max_tokens=2).choices[0].message.content is not None
+
+
+def test_a_chunked_body_over_the_cap_gets_413(engine):
+    """Without a Content-Length the running size is counted: 413 once it passes the cap."""
+    with serving(create_app(engine, max_body_bytes=2**20)) as url:
+        chunks = (b"x" * 2**16 for _ in range(64))  # 4 MiB, sent chunked
+        _error(httpx.post(url + "/v1/chat/completions", content=chunks, timeout=30), 413, "request_too_large")
+        small = {"model": "tiny", "messages": _user("Hi"), "max_tokens": 2}
+        assert httpx.post(url + "/v1/chat/completions", json=small, timeout=30).status_code == 200
+
+
+def test_too_many_images_are_refused(guarded):
+    keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    image = {"type": "image_url", "image_url": {"url": _data_url(_png())}}
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(keyed, [image] * 3 + [{"type": "text", "text": "What are these?"}])
+    assert info.value.code == "too_many_images"
+    assert _chat(keyed, [image] * 2 + [{"type": "text", "text": "What are these?"}]).choices[0].message.content
+
+
+def test_a_full_queue_gets_503_and_serving_resumes(engine):
+    """With `max_queue` requests waiting (the batching thread not started yet) the next gets 503,
+    at once; once the engine runs, the waiting requests finish and new ones are served."""
+    stalled = Engine(engine.model, engine.processor, start=False, max_queue=2)
+    waiting = [stalled.submit(_user(q), max_tokens=2) for q in QUESTIONS[:2]]
+    with serving(create_app(stalled, model_name="tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as info:
+            _chat(client, "Hi", max_tokens=2)
+        assert info.value.status_code == 503 and info.value.code == "queue_full"
+        stalled.start()
+        assert all(r.result().completion_tokens > 0 for r in waiting)
+        assert _chat(client, "Hi", max_tokens=2).choices[0].message.content is not None
+    stalled.close()
+
+
+def test_serve_warns_on_a_non_loopback_host_without_a_key(tmp_path, monkeypatch):
+    """`genieblue serve --host 0.0.0.0` warns before loading anything unless a key is set (the
+    option or GENIEBLUE_API_KEY); the missing model then fails as one line."""
+    missing = str(tmp_path / "none")
+    monkeypatch.delenv("GENIEBLUE_API_KEY", raising=False)
+    for args, env, warned in ((["--host", "0.0.0.0"], {}, True), (["--host", "0.0.0.0", "--api-key", "k"], {}, False),
+                              (["--host", "0.0.0.0"], {"GENIEBLUE_API_KEY": "k"}, False), ([], {}, False)):
+        result = CliRunner().invoke(cli, ["serve", "-m", missing, *args], env=env)
+        assert result.exit_code == 2 and "is missing: not a genieblue model folder" in result.stderr
+        assert ("without an API key" in result.stderr) == warned

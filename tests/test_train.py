@@ -428,6 +428,39 @@ def test_causal_lm_loss_equals_transformers_loss_on_a_packed_batch(chat_base, sy
     assert abs(ours.item() - theirs.item()) < 1e-6
 
 
+@pytest.mark.parametrize("strategy,stage", [("genieblue-skip", 2), ("cogvlm-skip", 2), ("genieblue-skip", 1)])
+def test_a_text_only_micro_batch_touches_every_trainable_parameter(chat_base, synth_data, strategy, stage):
+    """Through the training forward (`causal_lm_loss`, train mode), a micro-batch without images
+    gives every trainable parameter a gradient - zero for the vision tower and projector, none left
+    None - as data-parallel ranks seeing different modalities need; its loss is unchanged by it
+    and an image micro-batch gives the tower a real gradient."""
+    torch.manual_seed(0)
+    model = GenieBlueForConditionalGeneration.from_base(chat_base, TINY_SIGLIP, strategy=strategy)
+    model.set_stage(stage)
+    processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base), max_length=160)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("vision.") for n in trainable) and (stage == 1 or any(not n.startswith("vision.") for n in trainable))
+
+    def backward(records) -> torch.Tensor:
+        batch = pack([processor.encode(r) for r in records], 160, processor.pad_id)
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model.train(), batch, int((batch["labels"][:, 1:] != -100).sum()))
+        loss.backward()
+        with torch.no_grad():
+            assert torch.equal(loss, causal_lm_loss(model.eval(), batch, int((batch["labels"][:, 1:] != -100).sum())))
+        return batch["pixel_values"]
+
+    assert backward(read_records(synth_data["text"])[:3]) is None
+    untouched = [n for n, p in trainable.items() if p.grad is None]
+    assert not untouched, untouched[:5]
+    assert all(torch.count_nonzero(p.grad) == 0 for n, p in trainable.items() if n.startswith("vision."))
+    if stage == 2:
+        assert any(torch.count_nonzero(p.grad) for n, p in trainable.items() if not n.startswith("vision."))
+    assert backward(read_records(synth_data["train"])[:2]) is not None
+    assert all(p.grad is not None for p in trainable.values())
+    assert any(torch.count_nonzero(p.grad) for n, p in trainable.items() if n.startswith("vision."))
+
+
 def test_param_groups_vit_layer_decay_and_weight_decay(chat_base):
     model = GenieBlueForConditionalGeneration.from_base(chat_base, TINY_SIGLIP)
     lr, L = 1e-3, TINY_SIGLIP["num_hidden_layers"]

@@ -194,16 +194,22 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on."),
     allow_local_images: bool = typer.Option(False, help="Accept local file paths as image URLs (never http)."),
     llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    api_key: Optional[str] = typer.Option(None, envvar="GENIEBLUE_API_KEY", show_default=False,
+                                          help="Require `Authorization: Bearer KEY` on every /v1 route (401 without)."),
+    max_body_mb: float = typer.Option(32, min=0.001, help="Largest request body in MiB (413 above it)."),
+    max_images: int = typer.Option(8, min=0, help="Most images in one request (400 above it)."),
+    max_queue: int = typer.Option(64, min=1, help="Most requests waiting for the model (503 when full)."),
 ):
     """Serve an OpenAI-compatible API: POST /v1/chat/completions (streaming too), GET /v1/models,
     GET /health. Text-only requests run the untouched base; concurrent requests are batched.
+    Binding a --host other than loopback without --api-key prints a warning.
 
-    Example: genieblue serve -m demo_out/runs/genieblue-skip/stage2/final --port 8000
+    Example: GENIEBLUE_API_KEY=secret genieblue serve -m demo_out/runs/genieblue-skip/stage2/final --port 8000
     """
     from .infer.server import serve as run_server
 
     try:
-        run_server(model, host, port, allow_local_images, llm)
+        run_server(model, host, port, allow_local_images, llm, api_key, int(max_body_mb * 2**20), max_images, max_queue)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
 

@@ -59,7 +59,7 @@ class GenieBlueProcessor:
         self.max_tiles = max_tiles
         self.vision_type = vision_type
         self.max_length = max_length
-        self.system_prompt = system_prompt  # used when a conversation has no system turn of its own
+        self.system_prompt = system_prompt  # training records and image prompts without a system turn
 
     @classmethod
     def from_model(
@@ -95,8 +95,17 @@ class GenieBlueProcessor:
 
     def prompt(self, messages: list[dict], images: list | tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(input_ids (1, T), pixel_values or None) for generation: the chat template with the
-        assistant turn opened. `images` are PIL images, paths or bytes; without any `<image>` in
-        the messages they go before the first user text."""
+        assistant turn opened.
+
+        A text-only conversation is exactly what the base's own tokenizer makes of it
+        (`apply_chat_template(messages, add_generation_prompt=True)`, nothing added, the training
+        `system_prompt` left out), so it runs as the base. With images, a conversation without a
+        system turn gets the training `system_prompt` (the delta learnt with it); a system turn of
+        its own wins. `images` are PIL images, paths or bytes; without any `<image>` in the
+        messages they go before the first user text."""
+        if not images:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+            return torch.tensor([ids]), None
         messages = self._with_system(_with_image_prefix(messages, len(images)))
         pixels = [self._pixels(image) for image in images]
         ids, _ = self._tokenize(self._render(messages, add_generation_prompt=True), pixels)

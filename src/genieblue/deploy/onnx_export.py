@@ -93,7 +93,7 @@ class DecoderStep(nn.Module):
         cache = DynamicCache(list(zip(past[:layers], past[layers:])))
         query_length = input_ids.shape[1]
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, attention_mask.shape[1] - query_length :]
-        common = dict(position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        common = dict(position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         if self.image:
             visual = input_ids == IMAGE_TOKEN_INDEX
             embeds = llm.get_input_embeddings()(input_ids.masked_fill(visual, 0))
@@ -166,7 +166,7 @@ def _vision_graph(model, single_tile: bool) -> onnx.ModelProto:
 def _kv_shape(model) -> tuple[int, int]:
     """(kv heads, head dim) of the cache, read from one real forward."""
     with torch.no_grad(), model.router.route(image=False):
-        cache = model.llm(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True).past_key_values
+        cache = model.llm(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True).cache
     return tuple(cache.layers[0].keys.shape[1::2])
 
 

@@ -5,7 +5,8 @@ waiting, groups them by route and sampling settings (text-only rows together, im
 and runs each group as one left-padded `generate` call. Text-only groups run the untouched base
 path, so their greedy tokens equal the base model's on the same padded batch. Each row is followed
 token by token (a stopping criterion sees every new token): its own `max_tokens`, stop strings and
-incremental detokenisation, with text deltas handed to the caller as they are produced.
+incremental detokenisation, with text deltas handed to the caller as they are produced. At most
+`max_queue` requests wait at a time; `submit` refuses more (`EngineBusy`) instead of holding them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from ..model import GenieBlueForConditionalGeneration
 
 class ContextOverflow(ValueError):
     """A prompt plus its `max_tokens` does not fit the model's context window."""
+
+
+class EngineBusy(RuntimeError):
+    """The queue of waiting requests is full."""
 
 
 @dataclass
@@ -135,14 +140,17 @@ class Engine:
     """Routes chat requests through one GenieBlue model: text-only -> the untouched base path,
     image -> the copies + LoRA path; concurrent requests are batched by route."""
 
-    def __init__(self, model: GenieBlueForConditionalGeneration, processor, max_batch: int = 8, start: bool = True):
+    MAX_QUEUE = 64
+
+    def __init__(self, model: GenieBlueForConditionalGeneration, processor, max_batch: int = 8, start: bool = True,
+                 max_queue: int = MAX_QUEUE):
         self.model, self.processor = model.eval(), processor
-        self.max_batch = max_batch
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.context_length = model.llm.config.max_position_embeddings
         eos = model.llm.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = set(eos) | {processor.tokenizer.eos_token_id}
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._loop, name="genieblue-engine", daemon=True)
         if start:
             self.start()
@@ -156,7 +164,8 @@ class Engine:
     def submit(self, messages: list[dict], images=(), max_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, stop: str | list[str] | tuple[str, ...] | None = None) -> Request:
         """Encode and queue a request. Raises `ValueError` for bad settings, `ContextOverflow` when
-        prompt + max_tokens exceeds the context window, `ImageError` for an unusable image."""
+        prompt + max_tokens exceeds the context window, `ImageError` for an unusable image and
+        `EngineBusy` when `max_queue` requests are already waiting."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -169,7 +178,10 @@ class Engine:
                 f"model's context of {self.context_length} tokens; shorten the conversation or lower max_tokens"
             )
         request = Request(ids, pixels, max_tokens, temperature, top_p, stop, self.processor.tokenizer, self.eos_ids)
-        self._queue.put(request)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise EngineBusy(f"{self.max_queue} requests are already waiting; retry shortly") from None
         return request
 
     def generate(self, messages: list[dict], images=(), max_tokens: int = 256, temperature: float = 0.0,

@@ -3,16 +3,18 @@ streaming), GET /v1/models and GET /health.
 
 Images arrive as `image_url` content parts holding base64 `data:` URLs (local file paths only when
 allowed; http(s) URLs are never fetched). Every bad request - oversized or corrupt image, bad
-base64, unknown content part, max_tokens too large, context overflow, malformed body - gets a 4xx
-with an OpenAI-style body {"error": {"message", "type", "param", "code"}}, and the server keeps
-serving.
+base64, unknown content part, too many images, max_tokens too large, context overflow, malformed
+or oversized body, missing API key - gets a 4xx with an OpenAI-style body {"error": {"message",
+"type", "param", "code"}}, a full queue a 503, and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,9 +27,12 @@ from starlette.exceptions import HTTPException
 
 from ..data.images import MAX_PIXELS, ImageError, load_image
 from ..data.records import IMAGE_PLACEHOLDER
-from .engine import ContextOverflow, Engine
+from .engine import ContextOverflow, Engine, EngineBusy
+from .guards import Guard, error_response
 
 MAX_IMAGE_BYTES = 10 * 2**20
+MAX_BODY_BYTES = 32 * 2**20
+MAX_IMAGES = 8
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "user", "assistant")
 
@@ -36,13 +41,13 @@ class APIError(Exception):
     """A request the server refuses, rendered as an OpenAI error body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+        return error_response(self.status, self.message, self.param, self.code, self.type, self.headers)
 
 
 class Message(BaseModel):
@@ -104,8 +109,15 @@ class ImageReader:
         return path.read_bytes()
 
 
-def _conversation(messages: list[Message], read_image: ImageReader) -> tuple[list[dict], list]:
+def _image_parts(messages: list[Message]) -> int:
+    return sum(isinstance(m.content, list) and sum(p.get("type") == "image_url" for p in m.content) for m in messages)
+
+
+def _conversation(messages: list[Message], read_image: ImageReader, max_images: int) -> tuple[list[dict], list]:
     """OpenAI messages -> processor messages (an `<image>` where each image part was) + images."""
+    if (n := _image_parts(messages)) > max_images:
+        raise APIError(400, f"the request has {n} images, over this server's limit of {max_images} "
+                       "(genieblue serve --max-images)", "messages", "too_many_images")
     out, images = [], []
     for i, message in enumerate(messages):
         if message.role not in ROLES:
@@ -133,9 +145,12 @@ def _conversation(messages: list[Message], read_image: ImageReader) -> tuple[lis
 
 def create_app(engine: Engine, model_name: str = "genieblue", allow_local_images: bool = False,
                max_image_bytes: int = MAX_IMAGE_BYTES, max_image_pixels: int = MAX_PIXELS,
-               max_tokens_limit: int | None = None) -> FastAPI:
-    """The FastAPI app. `max_tokens_limit` caps max_tokens per request (default: the context)."""
+               max_tokens_limit: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               max_images: int = MAX_IMAGES, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app. `max_tokens_limit` caps max_tokens per request (default: the context);
+    with an `api_key` every /v1 route needs `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="GenieBlue", version="1")
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     read_image = ImageReader(allow_local_images, max_image_bytes, max_image_pixels)
     limit = max_tokens_limit or engine.context_length
     created = int(time.time())
@@ -172,9 +187,11 @@ def create_app(engine: Engine, model_name: str = "genieblue", allow_local_images
         if max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limit}", "max_tokens",
                            "max_tokens_too_large")
-        messages, images = _conversation(body.messages, read_image)
+        messages, images = _conversation(body.messages, read_image, max_images)
         try:
             request = engine.submit(messages, images, max_tokens, body.temperature, body.top_p, body.stop)
+        except EngineBusy as err:
+            raise APIError(503, str(err), code="queue_full", type="server_error", headers={"retry-after": "1"}) from err
         except ContextOverflow as err:
             raise APIError(400, str(err), "messages", "context_length_exceeded") from err
         except ValueError as err:  # ImageError included
@@ -218,11 +235,24 @@ def _sse(request, reply: dict):
     yield "data: [DONE]\n\n"
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, allow_local_images: bool = False,
-          llm: str | None = None) -> None:
-    """Load a saved model and serve it until interrupted."""
+          llm: str | None = None, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+          max_images: int = MAX_IMAGES, max_queue: int = Engine.MAX_QUEUE) -> None:
+    """Load a saved model and serve it until interrupted (a warning first when `host` reaches
+    beyond this machine and no `api_key` protects it)."""
     import uvicorn
 
-    engine = Engine.load(model_dir, llm=llm)
-    app = create_app(engine, model_name=Path(model_dir).resolve().name, allow_local_images=allow_local_images)
+    if not api_key and not is_loopback(host):
+        print(f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
+              "pass --api-key or set GENIEBLUE_API_KEY", file=sys.stderr)
+    engine = Engine.load(model_dir, llm=llm, max_queue=max_queue)
+    app = create_app(engine, model_name=Path(model_dir).resolve().name, allow_local_images=allow_local_images,
+                     max_body_bytes=max_body_bytes, max_images=max_images, api_key=api_key)
     uvicorn.run(app, host=host, port=port)

@@ -158,12 +158,20 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
     # forward --------------------------------------------------------------------------------
     def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
-        """Token embeddings with image features spliced in; returns (embeds, visual-token mask)."""
+        """Token embeddings with image features spliced in; returns (embeds, visual-token mask).
+        In training, a batch without images still runs the vision tower on one blank tile and adds
+        0 x its output, so every trainable parameter gets a gradient (zero for ViT and projector):
+        data-parallel ranks that see different modalities then reduce the same parameters (what
+        FSDP and ZeRO-3 need, or they hang)."""
         visual = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(visual, 0))
         placeholders = int(visual.sum())
         if pixel_values is None:
             _refuse_placeholders(placeholders)
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters()):
+                size, param = self.vision.image_size, next(self.vision.parameters())
+                blank = torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device)
+                embeds = embeds + 0 * self.vision(blank).sum().to(embeds.dtype)
             return embeds, visual
         feats = self.vision(pixel_values)
         tiles, per_tile, width = feats.shape

@@ -30,7 +30,8 @@ class TrainConfig:
     # data
     data: list[DataSource] = field(default_factory=list)
     max_tiles: int = 1  # dynamic resolution: up to N tiles + a thumbnail; 1 = single-patch mode
-    system_prompt: str | None = None  # for conversations without a system turn (None: the template's)
+    # for training records without a system turn (None: the template's); after training, image requests only
+    system_prompt: str | None = None
     max_length: int = 4096  # packing length
     max_bad_fraction: float = 0.01  # stop with an error when more records than this are bad
     # stage 0, run at the start of a fresh stage 1 (see `vision_pretrain`): a from-scratch ViT + projector
