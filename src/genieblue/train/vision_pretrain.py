@@ -107,6 +107,7 @@ def pretrain_vision(
     seed: int = 0,
     on_step=None,
     negatives: int = 2048,
+    match: float = 0.0,
 ) -> list[float]:
     """Train `model.vision` (encoder, mixer, projector) on `steps` batches; returns the losses.
     `on_step(step, loss)` is called after each step (progress bars)."""
@@ -126,6 +127,8 @@ def pretrain_vision(
         targets = cyclic_targets(replies, tokens.shape[1])
         loss = caption_loss(tokens, weight, log_scale, targets, torch.randint(len(weight), (negatives,), generator=sampler))
         loss = loss + (tokens.pow(2).mean(-1).sqrt().log() - target_rms.log()).pow(2).mean()
+        if match:
+            loss = loss + match * (1 - F.cosine_similarity(tokens, weight[targets], dim=-1)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
