@@ -351,7 +351,7 @@ def test_fsdp_two_cpu_processes(tmp_path, chat_base, synth_data):
 BAD = {
     "bad-missing-image": r"image file not found: .*no-such-image\.png",
     "bad-corrupt-png": r"corrupt\.png: cannot decode image",
-    "bad-no-conversations": r"conversations must be a non-empty list",
+    "bad-no-conversations": r"no turns: a record needs `conversations`",
     "bad-placeholders": r"2 <image> placeholders but 1 images",
     "bad-too-long": r"\d+ tokens exceed max_length=256",
 }

@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .._io import write_json
-from ..data.images import ImageError
+from ..data.dataset import MixtureSamples
 from ..data.packing import first_fit, pack
-from ..data.processor import GenieBlueProcessor, Sample, save_processor_settings
-from ..data.records import BadRecord, DataMixture, Source
+from ..data.processor import GenieBlueProcessor, save_processor_settings
+from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
@@ -44,7 +44,7 @@ class BadDataError(RuntimeError):
 
 @dataclass
 class PreparedData:
-    samples: list[Sample]
+    samples: MixtureSamples
     bad: list[dict] = field(default_factory=list)  # {"id", "reason"}
     total: int = 0
 
@@ -63,34 +63,19 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
 
 
 def prepare_data(cfg: TrainConfig, processor: GenieBlueProcessor, progress=None) -> PreparedData:
-    """Encode every record of the mixture; unusable ones are skipped and listed, never fatal alone."""
+    """Read, check and measure every record of the mixture (no pixel decoded: samples are encoded
+    when a step asks for them); unusable ones are skipped and listed, never fatal alone."""
     if not cfg.data:
         raise ValueError("the config names no data: add `data: [{path: train.json}]`")
     sources = [Source(d.path, d.ratio, d.image_folder) for d in cfg.data]
-    mixture = DataMixture(sources, seed=cfg.seed)
-    out = PreparedData(samples=[])
-    out.bad = [{"id": b.record_id, "reason": b.reason} for b in mixture.bad]
-    # a mixture repeats the same record objects to fill a source's share: encode (and report) each once
-    encoded: dict[int, Sample | None] = {}
-    task = progress.add_task("preparing data", total=len(mixture), status="") if progress else None
-    for record in mixture:
-        key = id(record)
-        if key not in encoded:
-            encoded[key] = None
-            try:
-                encoded[key] = processor.encode(record)
-            except BadRecord as err:
-                out.bad.append({"id": err.record_id, "reason": err.reason})
-            except (ImageError, ValueError) as err:
-                out.bad.append({"id": str(record.get("id", "?")), "reason": str(err)})
-        if encoded[key] is not None:
-            out.samples.append(encoded[key])
-        if progress:
-            progress.advance(task)
+    task = progress.add_task("reading data", total=None, status="") if progress else None
+    advance = (lambda n: progress.advance(task, n)) if progress else None  # noqa: E731
+    samples = MixtureSamples.from_sources(sources, processor, cfg.seed, advance)
     if progress:
         progress.remove_task(task)
-    out.total = len(encoded) + len(mixture.bad)
-    return out
+    mixture = samples.mixture
+    bad = [{"id": b.record_id, "reason": b.reason} for b in mixture.bad]
+    return PreparedData(samples, bad, total=mixture.unique + len(mixture.bad))
 
 
 def _restart_metrics(path: Path, last_step: int) -> None:
@@ -141,10 +126,11 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.out = Path(cfg.output_dir)
+        self._epoch_order: tuple[int | None, list[int]] = (None, [])
 
     # data schedule ------------------------------------------------------------------------------
-    def _rows(self, samples: list[Sample]) -> list[list[int]]:
-        return first_fit([len(s) for s in samples], self.cfg.max_length)
+    def _rows(self, samples: MixtureSamples) -> list[list[int]]:
+        return first_fit(samples.lengths, self.cfg.max_length)
 
     def _global_rows(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
@@ -152,8 +138,11 @@ class Trainer:
     def _step_rows(self, rows: list[list[int]], step: int, steps_per_epoch: int) -> list[list[int]]:
         """The rows of optimizer step `step`: each epoch visits the rows in a seeded order."""
         epoch, offset = divmod(step, steps_per_epoch)
-        order = list(range(len(rows)))
-        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(rows)))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        order = self._epoch_order[1]
         g = self._global_rows()
         return [rows[i] for i in order[offset * g : (offset + 1) * g]]
 
@@ -222,6 +211,7 @@ class Trainer:
             metrics = (self.out / "metrics.jsonl").open("a") if main else None
             for step in range(start, total):
                 record = self._step(ddp_model, optimizer, scheduler, data.samples, rows, step, steps_per_epoch, processor.pad_id)
+                self._note_late_failures(data)
                 if main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -241,9 +231,11 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         t0 = time.perf_counter()
         mine = self._step_rows(rows, step, steps_per_epoch)[acc.process_index :: acc.num_processes]
-        micro = [pack([samples[i] for row in mine[j : j + cfg.batch_size] for i in row], cfg.max_length, pad_id)
-                 for j in range(0, len(mine), cfg.batch_size)]
-        seen = sum(len(samples[i]) for row in mine for i in row)
+        # the step's samples, pixels and all, encoded now; one failing only now is left out (and listed)
+        encoded = [[s for s in map(samples.sample, row) if s is not None] for row in mine]
+        micro = [pack([s for row in encoded[j : j + cfg.batch_size] for s in row], cfg.max_length, pad_id)
+                 for j in range(0, len(encoded), cfg.batch_size) if any(encoded[j : j + cfg.batch_size])]
+        seen = sum(len(s) for row in encoded for s in row)
         # the token count of the whole global batch normalises every micro-batch's summed loss
         local = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), dtype=torch.float64)
         n_tokens = acc.reduce(local.to(acc.device), reduction="sum").item()
@@ -300,6 +292,15 @@ class Trainer:
                 f"max_bad_fraction={self.cfg.max_bad_fraction:g} (e.g. {examples}); all listed in "
                 f"{self.out / 'bad_records.json'}"
             )
+
+    def _note_late_failures(self, data: PreparedData) -> None:
+        """Records that failed only when a step encoded them (pixels that do not decode) join the
+        bad list and its checks."""
+        listed = {b["id"] for b in data.bad}
+        late = [{"id": b.record_id, "reason": b.reason} for b in data.samples.failed if b.record_id not in listed]
+        if late:
+            data.bad += late
+            self._check_bad_data(data)
 
     def _finish(self, model: GenieBlueForConditionalGeneration, data: PreparedData) -> Path:
         acc = self.accelerator
