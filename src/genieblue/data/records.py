@@ -175,12 +175,13 @@ def check_record(record, image_folder: str | Path | None = None, fallback_id="?"
     return out
 
 
-def unusable_file(path, count: int, first, reason: str) -> str:
-    """The one-line error for a file none of whose `count` records can be used."""
+def unusable_file(path, count: int, first, reason: str, needs: str = NEEDS) -> str:
+    """The one-line error for a file none of whose `count` records can be used; `first` is its
+    first record and `reason` why that one was refused."""
     if not count:
         return f"{path}: no records"
     keys = f"keys [{', '.join(map(str, first))}]" if isinstance(first, dict) else f"a {type(first).__name__}"
-    return f"{path}: none of its {count} records is usable: {NEEDS}; the first record has {keys} ({reason})"
+    return f"{path}: none of its {count} records is usable: {needs}; the first record has {keys} ({reason})"
 
 
 # files ----------------------------------------------------------------------------------------------

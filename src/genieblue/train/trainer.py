@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .._io import write_json
 from ..data.dataset import MixtureSamples
 from ..data.packing import first_fit, pack
-from ..data.processor import GenieBlueProcessor, save_processor_settings
+from ..data.processor import GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
