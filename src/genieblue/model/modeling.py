@@ -81,10 +81,13 @@ class GenieBlueForConditionalGeneration(nn.Module):
         strategy: str | Strategy = "genieblue-skip",
         dtype: torch.dtype = torch.float32,
         shared_base: bool = False,
+        downsample: int = 2,
         **strategy_options,
     ) -> "GenieBlueForConditionalGeneration":
         """Build from a base LLM (hub id, folder, .gguf, None for the built-in default, or a loaded
-        model) and a vision tower (SigLIP/CLIP id or folder, or a config dict for a new ViT)."""
+        model) and a vision tower (SigLIP/CLIP id or folder, or a config dict for a new ViT);
+        `downsample` merges downsample x downsample patch tokens into one image token (1: none,
+        for a patch grid of odd side such as SigLIP so400m's 27 x 27 at 384 px)."""
         if isinstance(strategy, str):
             strategy = Strategy(strategy, **strategy_options)
         if isinstance(llm, PreTrainedModel):
@@ -92,7 +95,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
         else:
             base, spec = load_llm(llm, dtype), llm
         fp = fingerprint(base)
-        tower = VisionTower(load_vision(DEFAULT_VISION if vision is None else vision, dtype), base.config.hidden_size)
+        tower = VisionTower(load_vision(DEFAULT_VISION if vision is None else vision, dtype), base.config.hidden_size,
+                            downsample)
         return cls(base, tower, strategy, spec, fp, shared_base)
 
     def _install_delta(self) -> None:

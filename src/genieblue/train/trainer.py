@@ -56,7 +56,8 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
             raise ValueError(f"init_from {cfg.init_from} uses strategy {model.strategy.name}, config asks {cfg.strategy}")
     else:
         model = GenieBlueForConditionalGeneration.from_base(
-            cfg.llm, cfg.vision, cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha
+            cfg.llm, cfg.vision, cfg.strategy, downsample=cfg.vision_downsample, fraction=cfg.fraction,
+            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         )
     model.set_stage(cfg.stage)
     return model
