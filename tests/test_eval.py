@@ -327,6 +327,9 @@ def test_mm_reads_the_training_formats_and_names_what_an_unusable_file_lacks(mod
     summary = json.loads(result.output[result.output.index("{"):])
     assert summary["benchmarks"]["colours"] == {"metric": "exact", "items": 2, "skipped": 1,
                                                 "skipped_by_reason": {"image file not found": 1}}
+    card = (Path(models["main"]) / "README.md").read_text()  # the model card keeps the table
+    score = summary["table"]["rows"][models["main"]]["scores"]["colours"]
+    assert "## Evaluation" in card and f"| {models['main']} | {score:.4g} |" in card
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Q", "output": "A"}]))
     result = CliRunner().invoke(app, ["eval", "mm", "-m", models["main"], "-d", str(tmp_path / "alpaca.json"),
                                       "--out", str(tmp_path / "out")])

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .._io import atomic_dir, write_json
+from .card import TRAINING, write_card
 from .routing import Expert, LoRALinear, Router, Switch
 from .sources import fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
@@ -209,6 +210,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
     # persistence ----------------------------------------------------------------------------
     def manifest(self) -> dict:
+        from .report import parameter_report  # report builds on this module
+
         n = len(self.llm.model.layers)
         return {
             "format": "genieblue-delta",
@@ -227,16 +230,22 @@ class GenieBlueForConditionalGeneration(nn.Module):
             "tokens_per_tile": self.vision.tokens_per_tile,
             "image_size": self.vision.image_size,
             "shared_base": self.shared_base,
+            "params": parameter_report(self, measure_disk=False)["params"],
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the delta (safetensors) and a manifest naming the base and its fingerprint.
-        The folder appears atomically; the base weights are never written."""
+    def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
+        """Write the delta (safetensors), a manifest naming the base and its fingerprint, and a
+        model card (README.md, see `card`); `training` (what the model was trained on, from the
+        trainer) goes to training.json and into the card. The folder appears atomically; the base
+        weights are never written."""
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             state = {k: v.detach().contiguous() for k, v in self.delta_state_dict().items()}
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
             write_json(tmp / MANIFEST, self.manifest())
+            if training is not None:
+                write_json(tmp / TRAINING, training)
+            write_card(tmp, name=str(directory))
         return directory
 
     @classmethod

@@ -31,6 +31,7 @@ from ..data.packing import first_fit, pack
 from ..data.processor import GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, load_tokenizer
+from ..model.card import TRAINING
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
@@ -303,6 +304,20 @@ class Trainer:
             data.bad += late
             self._check_bad_data(data)
 
+    def _training_record(self, data: PreparedData) -> dict:
+        """What the model was trained on, for its card: the stages before (from init_from) and this one."""
+        cfg = self.cfg
+        log = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        earlier = Path(cfg.init_from or "") / TRAINING
+        stage = {
+            "stage": cfg.stage, "strategy": cfg.strategy, "init_from": cfg.init_from, "steps": len(log),
+            "tokens": sum(r["tokens"] for r in log), "final_loss": log[-1]["loss"], "samples": len(data.samples),
+            "bad_records": len(data.bad), "lr": cfg.lr, "max_length": cfg.max_length,
+            "precision": _precision(cfg.precision),
+            "data": [{"path": d.path, "ratio": d.ratio, "samples": n} for d, n in zip(cfg.data, data.samples.mixture.counts)],
+        }
+        return {"stages": (json.loads(earlier.read_text())["stages"] if cfg.init_from and earlier.is_file() else []) + [stage]}
+
     def _finish(self, model: GenieBlueForConditionalGeneration, data: PreparedData) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -310,7 +325,7 @@ class Trainer:
         if acc.is_main_process:
             from ..plots import loss_curve  # matplotlib: only the main process, only at the end
 
-            acc.unwrap_model(model).save_pretrained(final)
+            acc.unwrap_model(model).save_pretrained(final, training=self._training_record(data))
             save_processor_settings(final, max_tiles=self.cfg.max_tiles, system_prompt=self.cfg.system_prompt)
             loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}")
             if data.bad:
