@@ -37,9 +37,9 @@ def _sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
 
-def write_records(path: Path, n: int, with_images: int, seed: int = 0) -> None:
-    """n records, alternating LLaVA and LLaMA-Factory rows of 1-3 turns; `with_images` of them
-    (spread over the file) show one of 8 small PNGs."""
+def write_records(path: Path, n: int, with_images: int, llava_only: bool = False, seed: int = 0) -> None:
+    """n records of 1-3 turns, alternating LLaVA and LLaMA-Factory rows (or LLaVA only, which
+    older checkouts read); `with_images` of them (spread over the file) show one of 8 small PNGs."""
     rng = random.Random(seed)
     (path.parent / "images").mkdir(parents=True, exist_ok=True)
     for k in range(8):
@@ -50,7 +50,7 @@ def write_records(path: Path, n: int, with_images: int, seed: int = 0) -> None:
             turns = [(_sentence(rng, rng.randint(5, 30)) + "?", _sentence(rng, rng.randint(5, 60)))
                      for _ in range(rng.randint(1, 3))]
             image = f"images/{i % 8}.png" if every and i % every == 0 else None
-            if i % 2:
+            if i % 2 or llava_only:
                 record = {"id": f"r{i}", "conversations": [
                     {"from": s, "value": v} for q, a in turns for s, v in (("human", q), ("gpt", a))]}
                 if image:
@@ -63,10 +63,18 @@ def write_records(path: Path, n: int, with_images: int, seed: int = 0) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def run(records: int, images: int, folder: Path, pythonpath: str | None, max_length: int) -> dict:
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak RSS so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(records: int, images: int, folder: Path, pythonpath: str | None, max_length: int, llava_only: bool) -> dict:
     data = folder / "large.jsonl"
     t0 = time.perf_counter()
-    write_records(data, records, images)
+    write_records(data, records, images, llava_only)
     written = time.perf_counter() - t0
     out = folder / "run"
     config = folder / "large.yaml"
@@ -79,11 +87,11 @@ def run(records: int, images: int, folder: Path, pythonpath: str | None, max_len
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "genieblue.cli", "train", "-c", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ready, lines = None, []
+    ready, ready_rss, lines = None, None, []
     for line in proc.stderr:  # the trainer prints its plan ("... samples in ... rows") as the first step begins
         lines.append(line)
         if ready is None and " samples in " in line:
-            ready = time.perf_counter() - start
+            ready, ready_rss = time.perf_counter() - start, _peak_rss_mib(proc.pid)
     proc.wait()
     total = time.perf_counter() - start
     if proc.returncode or ready is None:
@@ -91,7 +99,7 @@ def run(records: int, images: int, folder: Path, pythonpath: str | None, max_len
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"records": records, "with_images": images, "file_mib": data.stat().st_size / 2**20,
             "write_s": written, "time_to_first_step_s": ready, "first_step_done_s": total,
-            "peak_rss_mib": peak_kib / 1024, "pythonpath": pythonpath}
+            "peak_rss_before_first_step_mib": ready_rss, "peak_rss_mib": peak_kib / 1024, "pythonpath": pythonpath}
 
 
 def main() -> None:
@@ -101,15 +109,17 @@ def main() -> None:
     parser.add_argument("--folder", help="where to write the data and the run (default: a temporary folder)")
     parser.add_argument("--max-length", type=int, default=1024, help="packing length (the one step's cost)")
     parser.add_argument("--pythonpath", help="PYTHONPATH of the training subprocess (another checkout)")
+    parser.add_argument("--llava-only", action="store_true", help="only LLaVA rows (what older checkouts read)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        result = run(args.records, args.images, Path(args.folder or scratch), args.pythonpath, args.max_length)
+        result = run(args.records, args.images, Path(args.folder or scratch), args.pythonpath, args.max_length, args.llava_only)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['records']:,} records ({result['with_images']} with an image, {result['file_mib']:.0f} MiB): "
-          f"first step after {result['time_to_first_step_s']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB "
+          f"first step after {result['time_to_first_step_s']:.1f} s (peak RSS by then "
+          f"{result['peak_rss_before_first_step_mib']:.0f} MiB), peak RSS {result['peak_rss_mib']:.0f} MiB "
           f"(step done and model saved after {result['first_step_done_s']:.1f} s)")
 
 
