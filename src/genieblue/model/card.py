@@ -99,7 +99,7 @@ def render_card(folder: str | Path, name: str | None = None) -> str:
         f"per tile ({manifest['vision']['downsample']}x{manifest['vision']['downsample']} merge), shared base: "
         f"{manifest['shared_base']}",
         "",
-        *_parameters(manifest, delta.stat().st_size if delta.is_file() else None),
+        *(_parameters(manifest, delta.stat().st_size if delta.is_file() else None) if "params" in manifest else []),
     ]
     training = _read(folder / TRAINING)
     lines += ["", "## Training", ""] + (_training(training["stages"]) if training else ["Not trained (as built)."])

@@ -210,8 +210,6 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
     # persistence ----------------------------------------------------------------------------
     def manifest(self) -> dict:
-        from .report import parameter_report  # report builds on this module
-
         n = len(self.llm.model.layers)
         return {
             "format": "genieblue-delta",
@@ -230,7 +228,6 @@ class GenieBlueForConditionalGeneration(nn.Module):
             "tokens_per_tile": self.vision.tokens_per_tile,
             "image_size": self.vision.image_size,
             "shared_base": self.shared_base,
-            "params": parameter_report(self, measure_disk=False)["params"],
         }
 
     def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
@@ -242,7 +239,9 @@ class GenieBlueForConditionalGeneration(nn.Module):
         with atomic_dir(directory) as tmp:
             state = {k: v.detach().contiguous() for k, v in self.delta_state_dict().items()}
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
-            write_json(tmp / MANIFEST, self.manifest())
+            from .report import parameter_report  # report builds on this module
+
+            write_json(tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]})
             if training is not None:
                 write_json(tmp / TRAINING, training)
             write_card(tmp, name=str(directory))
