@@ -4,6 +4,7 @@ losses (no attention leaks across packed samples, with or without images, sdpa a
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import zlib
@@ -24,6 +25,7 @@ from genieblue.data import (
     best_grid,
     collate,
     first_fit,
+    image_tiles,
     image_to_tensor,
     load_image,
     pack,
@@ -31,6 +33,7 @@ from genieblue.data import (
     scan_records,
     tile_image,
 )
+from genieblue.data.records import RecordFile
 from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
 
 SIZE, PER_TILE = 32, 4  # tile pixels and image tokens per tile of the tiny SigLIP below
@@ -211,6 +214,117 @@ def test_bad_records_name_the_record_and_the_reason(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"id": 1}\n{oops\n')
     with pytest.raises(ValueError, match="broken.jsonl:2: invalid JSON"):
         read_records(tmp_path / "broken.jsonl")
+
+
+def _jpeg(path, size, color, orientation=None):
+    """A JPEG photo; `orientation` 6 stores it sideways with an EXIF tag saying so."""
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.new("RGB", size, color).save(path, "JPEG", exif=exif.tobytes())
+    return path
+
+
+def _formats(tmp_path) -> dict[str, dict]:
+    """The same two-image, two-turn conversation (system prompt, `<image>` in the middle of the
+    first turn and in the second) in each format people bring."""
+    (tmp_path / "photos").mkdir()
+    _jpeg(tmp_path / "photos" / "a.jpg", (64, 48), (200, 30, 30))
+    _png(tmp_path / "photos" / "b.png", size=(40, 40), color=(10, 20, 200))
+    b_url = "data:image/png;base64," + base64.b64encode((tmp_path / "photos" / "b.png").read_bytes()).decode()
+    system, q1, a1, q2, a2 = "Be brief.", "Look: <image>\nWhat colour?", "Red.", "<image>\nAnd this one?", "Blue."
+    llava = {"id": "r", "images": ["photos/a.jpg", "photos/b.png"], "conversations": [
+        {"from": "system", "value": system}, {"from": "human", "value": q1}, {"from": "gpt", "value": a1},
+        {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]}
+    factory = {"id": "r", "system": system, "images": ["photos/a.jpg", "photos/b.png"], "messages": [
+        {"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+        {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]}
+    openai = {"id": "r", "messages": [
+        {"role": "system", "content": [{"type": "text", "text": system}]},
+        {"role": "user", "content": [{"type": "text", "text": "Look: "},
+                                     {"type": "image_url", "image_url": {"url": "photos/a.jpg"}},
+                                     {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": a1},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": b_url}},
+                                     {"type": "text", "text": "And this one?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": a2}]}]}
+    bare_parts = {"id": "r", "images": ["photos/a.jpg", "photos/b.png"], "messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": a1},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
+        {"role": "assistant", "content": a2}]}
+    return {"llava": llava, "llama-factory": factory, "openai": openai, "bare-image-parts": bare_parts}
+
+
+def test_every_format_reads_as_the_same_sample(tmp_path, proc):
+    """LLaVA, ShareGPT / LLaMA-Factory and OpenAI content parts (paths and data URLs), in JSON
+    and JSONL, relative to the file: the same conversation encodes to the same tokens, labels and
+    pixels; its length is known from the headers alone."""
+    formats = _formats(tmp_path)
+    reference = proc.encode(formats["llava"], tmp_path)
+    tiles = [len(image_to_tensor(tmp_path / "photos" / name, SIZE, 6)) for name in ("a.jpg", "b.png")]
+    assert tiles[0] > 1 and int((reference.input_ids == IMAGE_TOKEN_INDEX).sum()) == sum(tiles) * PER_TILE
+    assert proc.tokenizer.decode(_labelled(reference)) == "Red.<|im_end|>Blue.<|im_end|>"
+    for name, record in formats.items():
+        for jsonl in (False, True):
+            path = _write_json(tmp_path / f"{name}.json{'l' * jsonl}", [record, {"id": "text", "messages": [
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}], jsonl)
+            got = read_records(path)
+            assert [r["id"] for r in got] == ["r", "text"], name
+            sample = proc.encode(got[0])
+            assert torch.equal(sample.input_ids, reference.input_ids), name
+            assert torch.equal(sample.labels, reference.labels), name
+            assert torch.equal(sample.pixel_values, reference.pixel_values), name
+            assert proc.lengths(got) == [len(sample), len(proc.encode(got[1]))], name
+    assert formats["openai"]["messages"][1]["content"][1]["image_url"]["url"] == "photos/a.jpg"  # input untouched
+
+
+def test_format_errors_and_the_all_unusable_file(tmp_path):
+    _png(tmp_path / "a.png")
+    ask = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    cases = [
+        ({"id": "remote", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+                                       ask[1]]}, "remote image URLs are never fetched"),
+        ({"id": "both", "images": ["a.png"], "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": "a.png"}, {"type": "text", "text": "Q"}]}, ask[1]]}, "images both inline"),
+        ({"id": "part", "messages": [{"role": "user", "content": [{"type": "audio"}]}, ask[1]]}, "not a text, image_url"),
+        ({"id": "role", "messages": [{"role": "tool", "content": "x"}, *ask]}, "turn 0 must be"),
+        ({"id": "count", "images": ["a.png"], "messages": [{"role": "user", "content": "<image><image>"}, ask[1]]},
+         "2 <image> placeholders but 1 images"),
+        ({"id": "none", "question": "Q", "answer": "A"}, "no turns: a record needs `conversations`"),
+    ]
+    records, errors = scan_records(_write_json(tmp_path / "mixed.json", [r for r, _ in cases]))
+    assert records == [] and [e.record_id for e in errors] == [r["id"] for r, _ in cases]
+    for err, (_, reason) in zip(errors, cases):
+        assert reason in err.reason, err.reason
+    alpaca = _write_json(tmp_path / "alpaca.jsonl", [{"instruction": "Q", "output": "A"}] * 4, jsonl=True)
+    with pytest.raises(ValueError) as err:
+        DataMixture([(alpaca, 1)])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{alpaca}: none of its 4 records is usable: a record needs")
+    assert "`messages`" in message and "the first record has keys [instruction, output]" in message
+    with pytest.raises(ValueError, match="empty.json: no records"):
+        DataMixture([(_write_json(tmp_path / "empty.json", []), 1)])
+
+
+def test_record_file_spans_and_header_tile_counts(tmp_path):
+    """Records come back from their byte spans (JSON lists with non-ASCII text too); an EXIF-rotated
+    photo's tile count from its header equals the decoded one's."""
+    records = [_chat("Grüße, 東京?", "Ja ✓", id=f"r{i}") for i in range(5)]
+    for name, jsonl in (("list.json", False), ("lines.jsonl", True)):
+        path = tmp_path / name
+        path.write_text(("\n\n".join if jsonl else lambda rs: "[\n " + ",\n ".join(rs) + " ]\n")(
+            [json.dumps(r, ensure_ascii=False) for r in records]), encoding="utf-8")
+        file = RecordFile(path)
+        assert [raw for _, raw in file.scan()] == records and len(file) == 5
+        assert [file.load(i) for i in (4, 0, 2)] == [records[4], records[0], records[2]]
+    sideways = _jpeg(tmp_path / "side.jpg", (120, 40), (1, 2, 3), orientation=6)  # shown 40 x 120
+    for max_tiles in (1, 6):
+        assert image_tiles(sideways, SIZE, max_tiles) == len(image_to_tensor(sideways, SIZE, max_tiles)), max_tiles
+    assert image_tiles(sideways, SIZE, 6) == 4  # 1x3 upright, not 3x1, plus the thumbnail
+    with pytest.raises(ImageError, match="cannot decode image"):
+        image_tiles(_write_json(tmp_path / "not-an-image.png", []), SIZE, 6)
 
 
 def test_mixture_follows_ratios_deterministically(tmp_path):

@@ -327,6 +327,38 @@ def test_mm_errors_are_one_line(models, tmp_path):
         assert result.output.count("\n") == 1
 
 
+def test_mm_reads_the_training_formats_and_names_what_an_unusable_file_lacks(models, tmp_path):
+    """LLaMA-Factory `messages` with `images` and OpenAI content parts (a data URL) as benchmark
+    files: the final reply is the reference; a file of nothing usable is a one-line error."""
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "red.png")
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
+    rows = [
+        {"id": "factory", "images": ["red.png"], "messages": [
+            {"role": "user", "content": "What colour is <image> this?"}, {"role": "assistant", "content": "red"}]},
+        {"id": "openai", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]},
+        {"id": "missing", "images": ["nope.png"], "messages": [
+            {"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}]},
+    ]
+    (tmp_path / "colours.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = CliRunner().invoke(app, ["eval", "mm", "-m", models["main"], "-d", f"colours:exact={tmp_path / 'colours.jsonl'}",
+                                      "--out", str(tmp_path / "out"), "--json", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["benchmarks"]["colours"] == {"metric": "exact", "items": 2, "skipped": 1,
+                                                "skipped_by_reason": {"image file not found": 1}}
+    card = (Path(models["main"]) / "README.md").read_text()  # the model card keeps the table
+    score = summary["table"]["rows"][models["main"]]["scores"]["colours"]
+    assert "## Evaluation" in card and f"| {models['main']} | {score:.4g} |" in card
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Q", "output": "A"}]))
+    result = CliRunner().invoke(app, ["eval", "mm", "-m", models["main"], "-d", str(tmp_path / "alpaca.json"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "none of its 1 records is usable" in result.output and "keys [instruction, output]" in result.output
+    assert "`messages`" in result.output and "`question`" in result.output
+
+
 # chat: a judge behind an OpenAI-compatible endpoint -----------------------------------------------
 def test_parse_rating():
     assert parse_rating("Good answer. Rating: [[7]]") == 7

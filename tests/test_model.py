@@ -113,6 +113,28 @@ def test_save_and_reload_gives_identical_outputs(base_dirs, tmp_path):
     assert not any(".original." in k or k.startswith("llm.model.embed") for k in model.delta_state_dict())
 
 
+def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
+    """README.md beside the delta: the base and its fingerprint, the strategy and its copied
+    blocks, the parameter counts (counted here from the delta itself), the commands to use it."""
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP, strategy="genieblue-pre")
+    model.save_pretrained(tmp_path / "mllm")
+    card = (tmp_path / "mllm" / "README.md").read_text()
+    manifest = json.loads((tmp_path / "mllm" / "genieblue.json").read_text())
+    assert card.startswith("---\nlibrary_name: genieblue\n") and "base_model:" not in card  # a local folder, no hub id
+    assert f"base LLM: `{base_dirs['llama']}` (llama, 8 blocks), fingerprint `{manifest['base']['fingerprint']}`" in card
+    assert manifest["block_indices"] == [0, 1] and "strategy: `genieblue-pre`, fraction 0.25; copied blocks: 0, 1;" in card
+    delta = model.delta_state_dict()
+    trainable = sum(t.numel() for t in delta.values())
+    llm_delta = sum(t.numel() for k, t in delta.items() if not k.startswith("vision."))
+    assert f"| trainable (LLM delta + ViT + projector) | {trainable / 1e6:,.2f}M |" in card
+    assert f"| LLM delta (copies + experts + LoRA) | {llm_delta / 1e6:,.2f}M |" in card
+    assert "## Training\n\nNot trained (as built)." in card
+    mllm = tmp_path / "mllm"
+    for command in (f"genieblue chat -m {mllm} -i photo.jpg", f"genieblue serve -m {mllm}", f"genieblue export -m {mllm}"):
+        assert command in card
+    assert not list(tmp_path.glob(".mllm*"))  # written inside the atomic folder
+
+
 def test_reload_refuses_a_different_base(base_dirs, tmp_path):
     GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP).save_pretrained(tmp_path / "d")
     other = load_reference(base_dirs["llama"])

@@ -38,6 +38,7 @@ from genieblue.train import checkpoint as checkpoint_module
 from genieblue.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from genieblue.train.loss import causal_lm_loss
 from genieblue.train.optim import build_optimizer, param_groups
+from genieblue.train import trainer as trainer_module
 from genieblue.train.trainer import build_model
 from genieblue.train.vision_pretrain import caption_loss, cyclic_targets, informative_tokens, stream_batches
 
@@ -77,6 +78,11 @@ def _config(tmp_path: Path, synth_data, name: str = "cfg.yaml", **fields) -> Pat
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def _processor(llm: str) -> GenieBlueProcessor:
+    model = GenieBlueForConditionalGeneration.from_base(llm, TINY_SIGLIP)
+    return GenieBlueProcessor.from_model(model, load_tokenizer(llm), max_length=4096)
 
 
 def _train_cmd(config: Path, *extra: str) -> list[str]:
@@ -352,7 +358,7 @@ def test_fsdp_two_cpu_processes(tmp_path, chat_base, synth_data):
 BAD = {
     "bad-missing-image": r"image file not found: .*no-such-image\.png",
     "bad-corrupt-png": r"corrupt\.png: cannot decode image",
-    "bad-no-conversations": r"conversations must be a non-empty list",
+    "bad-no-conversations": r"no turns: a record needs `conversations`",
     "bad-placeholders": r"2 <image> placeholders but 1 images",
     "bad-too-long": r"\d+ tokens exceed max_length=256",
 }
@@ -411,6 +417,78 @@ def test_too_many_bad_records_stop_training(tmp_path, chat_base, synth_data, bad
     assert len(errors) == 1, result.output
     assert re.search(r"\b5 of \d+ records", errors[0]) and errors[0].rstrip().endswith("bad_records.json")
     assert "Traceback" not in result.output
+
+
+def _llama_factory_file(folder: Path) -> Path:
+    """What a new user brings: a LLaMA-Factory file (messages, images, `<image>` inside the first
+    user turn, several turns and images, a system turn) with JPEG photos beside it."""
+    (folder / "photos").mkdir(parents=True)
+    records = []
+    for i, colour in enumerate(["red", "green", "blue", "white"]):
+        rgb = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 220), "white": (250, 250, 250)}[colour]
+        Image.new("RGB", (48 + 8 * i, 40), rgb).save(folder / "photos" / f"{i}.jpg", "JPEG")
+        records.append({"messages": [
+            {"role": "system", "content": "You describe photos."},
+            {"role": "user", "content": "<image>What colour is this photo?"},
+            {"role": "assistant", "content": f"It is {colour}."},
+            {"role": "user", "content": "Compare it with <image>"},
+            {"role": "assistant", "content": "They are the same photo."}],
+            "images": [f"photos/{i}.jpg", f"photos/{i}.jpg"]})
+    path = folder / "mllm_demo.json"
+    path.write_text(json.dumps(records, indent=2))
+    return path
+
+
+def test_train_reads_a_llama_factory_file_and_names_what_an_unusable_file_lacks(tmp_path, chat_base, synth_data):
+    data = _llama_factory_file(tmp_path / "data")
+    config = _config(tmp_path, synth_data, "factory.yaml", llm=chat_base, max_steps=2, batch_size=1,
+                     output_dir=str(tmp_path / "run"), data=[{"path": os.path.relpath(data, tmp_path)}])
+    result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "4 samples" in result.output and not (tmp_path / "run" / "bad_records.json").exists()
+    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+    card = (tmp_path / "run" / "final" / "README.md").read_text()  # the model card says what it was trained on
+    assert "- **stage 2** (ViT, projector, copies and LoRA): 2 steps, 4 samples per epoch," in card
+    assert f"final loss {_losses(tmp_path / 'run')[2]:.4f}" in card
+    assert f"  - `{data}` (ratio 1): 4 samples in the mixture" in card
+
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text("\n".join(json.dumps({"instruction": "Q?", "input": "", "output": "A."}) for _ in range(4)))
+    config = _config(tmp_path, synth_data, "alpaca.yaml", llm=chat_base, max_steps=2, output_dir=str(tmp_path / "run2"),
+                     data=[{"path": "alpaca.jsonl"}])
+    result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert f"{alpaca}: none of its 4 records is usable: a record needs `conversations`" in errors[0]
+    assert "`messages`" in errors[0] and "the first record has keys [instruction, input, output]" in errors[0]
+
+
+def test_pixels_are_decoded_per_step_and_late_failures_are_counted(tmp_path, chat_base, synth_data, monkeypatch):
+    """No pixel is decoded before training: the steps decode only their own samples; an image
+    whose header reads but whose pixels do not is skipped at its step and listed."""
+    from genieblue.data import processor as processor_module
+
+    good = json.loads(Path(synth_data["train"]).read_text())[:12]
+    for record in good:
+        record["image"] = str(Path(synth_data["train"]).parent / record["image"])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(good[0]["image"]).read_bytes()[:-40])  # header intact, pixels cut short
+    bad = {"id": "late", "image": str(truncated), "conversations": good[0]["conversations"]}
+    data = tmp_path / "late.json"
+    write_json(data, good + [bad])
+    decoded = []
+    real = processor_module.image_to_tensor
+    monkeypatch.setattr(processor_module, "image_to_tensor", lambda source, *a, **k: decoded.append(source) or real(source, *a, **k))
+    config = _config(tmp_path, synth_data, "late.yaml", llm=chat_base, batch_size=1, max_length=4096,
+                     max_bad_fraction=0.5, output_dir=str(tmp_path / "run"), data=[{"path": "late.json"}])
+    trainer = Trainer(TrainConfig.from_yaml(config))
+    data_only = trainer_module.prepare_data(trainer.cfg, _processor(chat_base))
+    assert decoded == [] and data_only.bad == [] and len(data_only.samples) == 13
+    trainer.run()
+    assert len(decoded) == 13  # all 13 packed into one row: one step, each sample decoded there
+    report = json.loads((tmp_path / "run" / "bad_records.json").read_text())
+    assert [r["id"] for r in report] == ["late"] and "cannot decode image" in report[0]["reason"]
 
 
 # 5. loss and optimiser -----------------------------------------------------------------------------

@@ -218,7 +218,8 @@ def serve(
 eval_app = typer.Typer(
     help="Retention tables on real benchmarks: lm-eval text tasks, VQA benchmarks from local files, judged "
     "chat. Each writes OUT/<kind>.md, .json and .png and caches finished items in OUT/<kind>.cache.jsonl, "
-    "so running the same command again after an interruption resumes.",
+    "so running the same command again after an interruption resumes, and adds its table to the model's card "
+    "(MODEL/README.md).",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
@@ -230,7 +231,15 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _print_report(result: dict, as_json: bool) -> None:
+def _print_report(result: dict, as_json: bool, model: str, kind: str) -> None:
+    """Print the report and keep its table in the model's card (README.md: a read-only folder
+    only gets a warning)."""
+    from .model.card import add_evaluation
+
+    try:
+        add_evaluation(model, kind, result["table"])
+    except OSError as err:
+        console.print(f"[yellow]model card not updated: {' '.join(str(err).split())}[/yellow]")
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -270,7 +279,7 @@ def eval_text(
                                limit, num_fewshot, batch_size, device, chat_template)
     except (ValueError, OSError) as err:  # FileNotFoundError and offline dataset downloads included
         _fail(" ".join(str(err).split()))
-    _print_report(result, as_json)
+    _print_report(result, as_json, model, "text")
 
 
 @eval_app.command("mm")
@@ -304,7 +313,7 @@ def eval_mm(
             result = evaluate_mm(model, data, out, reference, llm, batch_size, max_new_tokens, limit, progress)
     except (ValueError, FileNotFoundError) as err:
         _fail(" ".join(str(err).split()))
-    _print_report(result, as_json)
+    _print_report(result, as_json, model, "mm")
 
 
 @eval_app.command("chat")
@@ -341,7 +350,7 @@ def eval_chat(
             result = evaluate_chat(model, questions, out, judge, tuple(_csv(paths)), llm, batch_size, max_new_tokens, progress)
     except (ValueError, FileNotFoundError, JudgeUnavailable) as err:
         _fail(" ".join(str(err).split()))
-    _print_report(result, as_json)
+    _print_report(result, as_json, model, "chat")
 
 
 # genieblue export / bench deploy ----------------------------------------------------------------

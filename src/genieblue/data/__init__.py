@@ -1,6 +1,8 @@
-"""The data room: LLaVA records in (JSON / JSONL, validated, mixed by ratio), images in (safe
-loading, dynamic-resolution tiling, normalisation), model inputs out (chat-template encoding with
-assistant-only labels, packed or padded batches), and the synthetic data sets.
+"""The data room: records in (LLaVA, ShareGPT / LLaMA-Factory or OpenAI-style JSON / JSONL, read
+lazily, validated, mixed by ratio), images in (safe loading, dynamic-resolution tiling,
+normalisation), model inputs out (chat-template encoding with assistant-only labels, lengths for
+packing before any pixel is decoded, samples encoded per step, packed or padded batches), and the
+synthetic data sets.
 
 Names are re-exported lazily, so `genieblue.data.synthetic` and the CLI do not load torch.
 """
@@ -14,11 +16,13 @@ _EXPORTS = {
         "MAX_PIXELS",
         "ImageError",
         "best_grid",
+        "image_tiles",
         "image_to_tensor",
         "load_image",
         "normalize",
         "tile_image",
     ),
+    "dataset": ("MixtureSamples",),
     "packing": ("collate", "collate_prompts", "first_fit", "pack"),
     "processor": ("IGNORE_INDEX", "GenieBlueProcessor", "Sample", "load_model_and_processor", "load_processor", "save_processor_settings"),
     "records": (
@@ -26,6 +30,7 @@ _EXPORTS = {
         "ROLES",
         "BadRecord",
         "DataMixture",
+        "RecordFile",
         "Source",
         "check_record",
         "read_records",

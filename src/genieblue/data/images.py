@@ -1,9 +1,12 @@
-"""Images in: safe loading of untrusted files or bytes, InternVL-style dynamic-resolution tiling
-(the best cols x rows grid for the aspect ratio, plus a global thumbnail), and normalisation to the
-(tiles, 3, S, S) float tensor the vision tower expects."""
+"""Images in: safe loading of untrusted files, bytes or base64 `data:` URLs, InternVL-style
+dynamic-resolution tiling (the best cols x rows grid for the aspect ratio, plus a global thumbnail),
+the tile count of an image from its header alone (for packing before any pixel is decoded), and
+normalisation to the (tiles, 3, S, S) float tensor the vision tower expects."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 from pathlib import Path
@@ -25,6 +28,7 @@ BACKBONE_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 """ImageNet's (mean, std): what convolutional backbones (AutoBackbone: ResNet, ConvNeXt, ...) expect."""
 
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError)
+_ORIENTATION = 0x0112  # the EXIF tag `exif_transpose` follows
 
 
 class ImageError(ValueError):
@@ -34,12 +38,28 @@ class ImageError(ValueError):
 ImageSource = str | os.PathLike | bytes | Image.Image
 
 
+def is_data_url(source) -> bool:
+    return isinstance(source, str) and source.startswith("data:")
+
+
 def _describe(source: ImageSource) -> str:
     if isinstance(source, bytes):
         return f"<{len(source)} bytes>"
     if isinstance(source, Image.Image):
         return f"<{source.width}x{source.height} image>"
+    if is_data_url(source):
+        return f"<data URL, {len(source)} characters>"
     return str(source)
+
+
+def _data_url_bytes(url: str) -> bytes:
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise ImageError(f"{_describe(url)}: data URLs must be base64 (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageError(f"{_describe(url)}: not valid base64 ({_one_line(err)})") from None
 
 
 def _one_line(err: Exception) -> str:
@@ -51,6 +71,8 @@ def _open(source: ImageSource) -> Image.Image:
         return source
     if isinstance(source, bytes):
         return Image.open(io.BytesIO(source))
+    if is_data_url(source):
+        return Image.open(io.BytesIO(_data_url_bytes(source)))
     if not Path(source).is_file():
         raise ImageError(f"image not found: {source}")
     return Image.open(source)
@@ -66,8 +88,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """A decoded RGB image from a path, raw bytes (e.g. base64-decoded) or a PIL image.
+def _opened(source: ImageSource, max_pixels: int, decode: bool):
+    """`decode`: the decoded upright RGB image; else (width, height) upright, from the header only.
 
     The size is checked from the header before decoding, so decompression bombs cost nothing;
     every failure becomes an `ImageError` naming the source.
@@ -77,6 +99,14 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         image = _open(source)
         if image.width * image.height > max_pixels:
             raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds max_pixels={max_pixels}")
+        if not decode:
+            # PNG keeps EXIF after the pixels unless it comes first: read it only when already there
+            exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+            turned = exif.get(_ORIENTATION, 1) in (5, 6, 7, 8)
+            size = (image.height, image.width) if turned else image.size
+            if not isinstance(source, Image.Image):
+                image.close()
+            return size
         image.load()
         return _to_rgb(image)
     except ImageError:
@@ -85,6 +115,19 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         raise ImageError(f"{name}: too many pixels ({_one_line(err)})") from err
     except _DECODE_ERRORS as err:
         raise ImageError(f"{name}: cannot decode image ({_one_line(err)})") from err
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A decoded RGB image from a path, a base64 `data:` URL, raw bytes or a PIL image."""
+    return _opened(source, max_pixels, decode=True)
+
+
+def image_tiles(source: ImageSource, image_size: int, max_tiles: int = 1, max_pixels: int = MAX_PIXELS) -> int:
+    """How many tiles `image_to_tensor` makes of an image, read from its header (no pixel is
+    decoded); raises `ImageError` like `load_image` for a missing, unreadable or too large image."""
+    width, height = _opened(source, max_pixels, decode=False)
+    cols, rows = best_grid(width, height, image_size, max_tiles)
+    return cols * rows + (cols * rows > 1)
 
 
 def best_grid(width: int, height: int, image_size: int, max_tiles: int) -> tuple[int, int]:

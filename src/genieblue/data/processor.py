@@ -19,7 +19,7 @@ from PIL import Image
 from .._io import write_json
 from ..model.modeling import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
 from ..model.sources import load_tokenizer
-from .images import image_to_tensor
+from .images import image_tiles, image_to_tensor
 from .records import IMAGE_PLACEHOLDER, ROLES, BadRecord, check_record, prepend_placeholders
 
 IGNORE_INDEX = -100
@@ -39,7 +39,8 @@ class Sample:
 
 
 class GenieBlueProcessor:
-    """Turns LLaVA records into training `Sample`s and chat messages into generation prompts."""
+    """Turns records (any format `check_record` reads) into training `Sample`s and chat messages
+    into generation prompts."""
 
     def __init__(
         self,
@@ -79,19 +80,41 @@ class GenieBlueProcessor:
 
     # public -----------------------------------------------------------------------------------
     def encode(self, record: dict, image_folder: str | Path | None = None) -> Sample:
-        """A training sample from a LLaVA record (validated with `check_record`). Raises
+        """A training sample from a record (validated and normalised with `check_record`). Raises
         `BadRecord` for an invalid record or one longer than `max_length` (never truncated), and
         `ImageError` for an image that cannot be read."""
-        record = check_record(record, image_folder)
-        messages = self._with_system([{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]])
+        record, messages, text = self._rendered(record, image_folder)
         pixels = [self._pixels(path) for path in record.get("images", [])]
-        text = self._render(messages, add_generation_prompt=False)
-        ids, starts = self._tokenize(text, pixels)
+        ids, starts = self._tokenize(text, [len(p) for p in pixels])
+        if len(ids) > self.max_length:
+            raise self._too_long(record, len(ids))
         spans = self._assistant_spans(messages, text)
         labels = [i if any(a <= s < b for a, b in spans) else IGNORE_INDEX for i, s in zip(ids, starts)]
-        if len(ids) > self.max_length:
-            raise BadRecord(record["id"], f"{len(ids)} tokens exceed max_length={self.max_length}")
         return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pixels) if pixels else None, record["id"])
+
+    def lengths(self, records: list[dict], image_folder: str | Path | None = None) -> list:
+        """`len(self.encode(record))` of each record, without decoding a pixel (tile counts come
+        from the image headers, all text goes through one tokenizer call): what packing needs
+        before training. Each entry is the length, or the error `encode` would raise for it."""
+        out, pieces = [], []
+        for record in records:
+            try:
+                record, _, text = self._rendered(record, image_folder)
+                tiles = [image_tiles(path, self.image_size, self.max_tiles) for path in record.get("images", [])]
+                parts = text.split(IMAGE_PLACEHOLDER)
+                _check_placeholders(parts, tiles)
+                out.append((record, len(pieces), len(parts), sum(tiles) * self.tokens_per_tile))
+                pieces += parts
+            except ValueError as err:  # BadRecord and ImageError included
+                out.append(err)
+        counts = [len(ids) for ids in self.tokenizer(pieces, add_special_tokens=False)["input_ids"]] if pieces else []
+        for k, entry in enumerate(out):
+            if not isinstance(entry, ValueError):
+                record, first, n, image_tokens = entry
+                out[k] = image_tokens + sum(counts[first : first + n])
+                if out[k] > self.max_length:
+                    out[k] = self._too_long(record, out[k])
+        return out
 
     def prompt(self, messages: list[dict], images: list | tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(input_ids (1, T), pixel_values or None) for generation: the chat template with the
@@ -108,10 +131,19 @@ class GenieBlueProcessor:
             return torch.tensor([ids]), None
         messages = self._with_system(_with_image_prefix(messages, len(images)))
         pixels = [self._pixels(image) for image in images]
-        ids, _ = self._tokenize(self._render(messages, add_generation_prompt=True), pixels)
+        ids, _ = self._tokenize(self._render(messages, add_generation_prompt=True), [len(p) for p in pixels])
         return torch.tensor([ids]), (torch.cat(pixels) if pixels else None)
 
     # internals --------------------------------------------------------------------------------
+    def _rendered(self, record: dict, image_folder) -> tuple[dict, list[dict], str]:
+        """(the checked record, its chat messages, the rendered conversation)."""
+        record = check_record(record, image_folder)
+        messages = self._with_system([{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]])
+        return record, messages, self._render(messages, add_generation_prompt=False)
+
+    def _too_long(self, record: dict, length: int) -> BadRecord:
+        return BadRecord(record["id"], f"{length} tokens exceed max_length={self.max_length}")
+
     def _with_system(self, messages: list[dict]) -> list[dict]:
         if self.system_prompt is None or (messages and messages[0]["role"] == "system"):
             return messages
@@ -142,18 +174,16 @@ class GenieBlueProcessor:
             spans.append((len(before), len(through)))
         return spans
 
-    def _tokenize(self, text: str, pixels: list[torch.Tensor]) -> tuple[list[int], list[int]]:
-        """Token ids of `text` with each `<image>` expanded to its image tokens, and each token's
-        start character in `text` (-1 for image tokens)."""
+    def _tokenize(self, text: str, tiles: list[int]) -> tuple[list[int], list[int]]:
+        """Token ids of `text` with each `<image>` expanded to its image's tiles times
+        `tokens_per_tile` image tokens, and each token's start character in `text` (-1 for image
+        tokens)."""
         pieces = text.split(IMAGE_PLACEHOLDER)
-        if len(pieces) - 1 != len(pixels):
-            raise ValueError(
-                f"the text has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(pixels)} images were given"
-            )
+        _check_placeholders(pieces, tiles)
         ids, starts, offset = [], [], 0
         for k, piece in enumerate(pieces):
             if k:
-                n = len(pixels[k - 1]) * self.tokens_per_tile
+                n = tiles[k - 1] * self.tokens_per_tile
                 ids += [IMAGE_TOKEN_INDEX] * n
                 starts += [-1] * n
                 offset += len(IMAGE_PLACEHOLDER)
@@ -162,6 +192,13 @@ class GenieBlueProcessor:
             starts += [offset + a for a, _ in enc["offset_mapping"]]
             offset += len(piece)
         return ids, starts
+
+
+def _check_placeholders(pieces: list[str], tiles: list[int]) -> None:
+    if len(pieces) - 1 != len(tiles):
+        raise ValueError(
+            f"the text has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(tiles)} images were given"
+        )
 
 
 def _with_image_prefix(messages: list[dict], n_images: int) -> list[dict]:

@@ -1,11 +1,22 @@
-"""Training records in the LLaVA format: reading JSON / JSONL files, validating each record
-(roles, `<image>` placeholders, image files) and mixing several sources by ratio (`DataMixture`,
-e.g. multimodal data plus a share of text-only data, as in the paper's ablation).
+"""Training records in the formats people already have, read lazily from JSON / JSONL files,
+validated (roles, `<image>` placeholders, image files) and mixed by ratio (`DataMixture`, e.g.
+multimodal data plus a share of text-only data, as in the paper's ablation).
 
-A record is a dict: `conversations` (list of {"from": "human" | "gpt" | "system", "value": str}),
-optional `image` (str) or `images` (list of str) relative to an image folder, optional `id`.
-Records that come out of this module are normalised copies: `images` is always a list of absolute
-paths (absent for text-only records) and the placeholder count matches the images.
+Formats, told apart per record:
+  * LLaVA / ShareGPT4V: `conversations` [{"from": "human" | "gpt" | "system", "value": str}],
+    `image` (str) or `images` (list);
+  * ShareGPT / LLaMA-Factory: `messages` [{"role": "user" | "assistant" | "system", "content": str}],
+    `images`, an optional top-level `system` prompt;
+  * OpenAI content parts: a turn's content is a list of {"type": "text", "text"} and
+    {"type": "image_url", "image_url": {"url"}} parts (the url a path or a base64 `data:` URL), or
+    bare {"type": "image"} parts standing for the record's next `images` entry.
+`<image>` may stand anywhere in any turn; without any, the images go before the first user text.
+Image paths are relative to an image folder (by default the data file's folder).
+
+Records that come out of this module are normalised LLaVA copies: `conversations` with from/value
+turns, `images` a list of absolute paths or data URLs (absent for text-only records) and exactly
+one placeholder per image. Files are indexed by the byte span of each record and records parsed on
+access, so a million-record file never sits in memory as Python objects.
 """
 
 from __future__ import annotations
@@ -13,12 +24,20 @@ from __future__ import annotations
 import json
 import math
 import random
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+
+from .images import is_data_url
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 """LLaVA speaker names -> chat-template roles."""
+_SPEAKERS = {"system": "system", "human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+"""Every speaker or role name read -> its LLaVA name."""
+NEEDS = ("a record needs `conversations` (LLaVA / ShareGPT: [{from: human|gpt|system, value}]) or `messages` "
+         "(LLaMA-Factory / OpenAI: [{role: user|assistant|system, content: text or parts}]), optionally "
+         "`image` / `images`")
 
 
 class BadRecord(ValueError):
@@ -34,19 +53,35 @@ def _record_id(record, fallback) -> str:
     return str(record["id"]) if isinstance(record, dict) and "id" in record else str(fallback)
 
 
-def _check_turns(turns) -> None:
-    """Raise ValueError unless turns are [system?] human, gpt, human, gpt, ... with string values."""
-    if not isinstance(turns, list) or not turns:
-        raise ValueError("conversations must be a non-empty list")
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            raise ValueError(f"turn {i} must be {{'from': human|gpt|system, 'value': str}}, got {turn!r:.80}")
-    speakers = [t["from"] for t in turns]
-    if speakers[0] == "system":
-        speakers = speakers[1:]
-    alternating = set(speakers[0::2]) == {"human"} and set(speakers[1::2]) == {"gpt"}
-    if not alternating or len(speakers) % 2:
-        raise ValueError(f"roles must alternate human, gpt, ... and end with gpt, got {speakers}")
+# formats -> LLaVA ---------------------------------------------------------------------------------
+def _part_text(part, inline: list[str]) -> str:
+    """The text of one content part; an image part becomes a placeholder (its source, if it names
+    one, goes to `inline`)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind in ("image_url", "image"):
+        source = part.get(kind)
+        source = source.get("url") if isinstance(source, dict) else source
+        if source is not None:
+            if not isinstance(source, str):
+                raise ValueError(f"an {kind} part needs a path or data URL, got {source!r:.80}")
+            inline.append(source)
+        return IMAGE_PLACEHOLDER + "\n"  # as the server renders an image part
+    raise ValueError(f"content part {part!r:.80} is not a text, image_url or image part")
+
+
+def _turn(turn, inline: list[str]):
+    """A LLaVA turn from a LLaVA / ShareGPT / OpenAI one; anything else is returned as it is for
+    `_check_turns` to name."""
+    if not isinstance(turn, dict):
+        return turn
+    speaker, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+    if isinstance(text, list):
+        text = "".join(_part_text(part, inline) for part in text)
+    if speaker not in _SPEAKERS or not isinstance(text, str):
+        return turn
+    return {"from": _SPEAKERS[speaker], "value": text}
 
 
 def _image_list(record: dict) -> list:
@@ -57,6 +92,38 @@ def _image_list(record: dict) -> list:
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise ValueError(f"image/images must be a path or a list of paths, got {images!r:.80}")
     return images
+
+
+def _llava_turns(record: dict) -> tuple[list, list[str]]:
+    """(turns in LLaVA form, image sources in placeholder order) of a record in any format."""
+    turns = record.get("conversations", record.get("messages"))
+    if turns is None:
+        raise ValueError(f"no turns: {NEEDS}")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"conversations / messages must be a non-empty list, got {turns!r:.80}")
+    inline: list[str] = []
+    turns = [_turn(t, inline) for t in turns]
+    system = record.get("system")
+    if isinstance(system, str) and system and not (isinstance(turns[0], dict) and turns[0].get("from") == "system"):
+        turns.insert(0, {"from": "system", "value": system})
+    listed = _image_list(record)
+    if inline and listed:
+        raise ValueError("images both inline (image parts with a url) and in image/images: give them one way")
+    return turns, inline or listed
+
+
+def _check_turns(turns) -> None:
+    """Raise ValueError unless turns are [system?] human, gpt, human, gpt, ... with string values."""
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {i} must be {{'from': human|gpt|system, 'value': str}} or {{'role': "
+                             f"user|assistant|system, 'content': str or parts}}, got {turn!r:.80}")
+    speakers = [t["from"] for t in turns]
+    if speakers[0] == "system":
+        speakers = speakers[1:]
+    alternating = set(speakers[0::2]) == {"human"} and set(speakers[1::2]) == {"gpt"}
+    if not alternating or len(speakers) % 2:
+        raise ValueError(f"roles must alternate human, gpt, ... and end with gpt, got {speakers}")
 
 
 def prepend_placeholders(turns: list[dict], index: int, text_key: str, n_images: int) -> list[dict]:
@@ -78,50 +145,128 @@ def _with_placeholders(turns: list[dict], n_images: int) -> list[dict]:
     return turns
 
 
+def _resolve(source: str, folder: Path) -> str:
+    if is_data_url(source):
+        return source
+    if source.startswith(("http://", "https://")):
+        raise ValueError(f"remote image URLs are never fetched, got {source:.80}: use a local path or a data: URL")
+    return str((folder / source.removeprefix("file://")).resolve())
+
+
 def check_record(record, image_folder: str | Path | None = None, fallback_id="?") -> dict:
-    """The normalised copy of a valid record, or `BadRecord` saying what is wrong with it."""
+    """The normalised LLaVA copy of a valid record in any supported format, or `BadRecord`
+    saying what is wrong with it."""
     rid = _record_id(record, fallback_id)
     if not isinstance(record, dict):
         raise BadRecord(rid, f"a record must be a JSON object, got {type(record).__name__}")
     try:
-        _check_turns(record.get("conversations"))
+        turns, images = _llava_turns(record)
+        _check_turns(turns)
         folder = Path(image_folder or ".")
-        images = [str((folder / p).resolve()) for p in _image_list(record)]
-        turns = _with_placeholders(record["conversations"], len(images))
+        images = [_resolve(p, folder) for p in images]
+        turns = _with_placeholders(turns, len(images))
     except ValueError as err:
         raise BadRecord(rid, str(err)) from None
-    missing = [p for p in images if not Path(p).is_file()]
+    missing = [p for p in images if not is_data_url(p) and not Path(p).is_file()]
     if missing:
         raise BadRecord(rid, f"image file not found: {missing[0]}")
-    out = {k: v for k, v in record.items() if k not in ("image", "images")}
+    out = {k: v for k, v in record.items() if k not in ("image", "images", "messages", "system")}
     out.update(id=rid, conversations=turns, **({"images": images} if images else {}))
     return out
 
 
-def _parse(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+def unusable_file(path, count: int, first, reason: str, needs: str = NEEDS) -> str:
+    """The one-line error for a file none of whose `count` records can be used; `first` is its
+    first record and `reason` why that one was refused."""
+    if not count:
+        return f"{path}: no records"
+    keys = f"keys [{', '.join(map(str, first))}]" if isinstance(first, dict) else f"a {type(first).__name__}"
+    return f"{path}: none of its {count} records is usable: {needs}; the first record has {keys} ({reason})"
+
+
+# files ----------------------------------------------------------------------------------------------
+class RecordFile:
+    """The records of one JSON list or JSONL file: `scan()` reads them once, front to back, and
+    keeps only each record's byte span; `load(i)` parses record i alone."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._starts, self._ends = array("q"), array("q")
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def scan(self):
+        """Yield every record (index, parsed JSON) in file order, indexing its span."""
+        self._starts, self._ends = array("q"), array("q")
+        with self.path.open("rb") as f:
+            head = f.read(4096).lstrip()
+        yield from (self._scan_list() if head.startswith(b"[") else self._scan_lines())
+
+    def load(self, index: int):
+        with self.path.open("rb") as f:
+            f.seek(self._starts[index])
+            return json.loads(f.read(self._ends[index] - self._starts[index]))
+
+    def _add(self, start: int, end: int) -> int:
+        self._starts.append(start)
+        self._ends.append(end)
+        return len(self._starts) - 1
+
+    def _scan_lines(self):
+        offset = 0
+        with self.path.open("rb") as f:
+            for n, line in enumerate(f, 1):
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise ValueError(f"{self.path}:{n}: invalid JSON line ({err})") from None
+                yield self._add(start, offset), record
+
+    def _scan_list(self):
+        """Elements of a JSON list one by one (`raw_decode`), their character spans turned into
+        byte spans by encoding the text between them."""
+        text = self.path.read_text(encoding="utf-8")
+        decoder, ascii_only = json.JSONDecoder(), text.isascii()
+        pos, byte, char = text.index("[") + 1, 0, 0
+
+        def skip(i: int) -> int:
+            while i < len(text) and text[i] in " \t\r\n":
+                i += 1
+            return i
+
+        def to_byte(i: int) -> int:
+            nonlocal byte, char
+            byte, char = (i, i) if ascii_only else (byte + len(text[char:i].encode()), i)
+            return byte
+
         try:
-            return json.loads(text)
+            pos = skip(pos)
+            if text[pos : pos + 1] == "]":
+                return
+            while True:
+                record, end = decoder.raw_decode(text, pos)
+                yield self._add(to_byte(pos), to_byte(end)), record
+                pos = skip(end)
+                if text[pos : pos + 1] == "]":
+                    return
+                if text[pos : pos + 1] != ",":
+                    raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+                pos = skip(pos + 1)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid JSON ({err})") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: invalid JSON line ({err})") from None
-    return rows
+            raise ValueError(f"{self.path}: invalid JSON ({err})") from None
 
 
 def scan_records(path: str | Path, image_folder: str | Path | None = None) -> tuple[list[dict], list[BadRecord]]:
-    """Read a LLaVA JSON list or JSONL file: (normalised good records, one BadRecord per bad one).
+    """Read a JSON list or JSONL file: (normalised good records, one BadRecord per bad one).
     Image paths are relative to `image_folder`, by default the data file's folder."""
     path = Path(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
     good, bad = [], []
-    for i, raw in enumerate(_parse(path)):
+    for i, raw in RecordFile(path).scan():
         try:
             good.append(check_record(raw, folder, fallback_id=f"{path.name}#{i}"))
         except BadRecord as err:
@@ -137,6 +282,7 @@ def read_records(path: str | Path, image_folder: str | Path | None = None) -> li
     return good
 
 
+# mixtures ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Source:
     """One data file in a mixture; `ratio` is its relative weight."""
@@ -146,13 +292,13 @@ class Source:
     image_folder: str | Path | None = None
 
 
-def _draw(records: list[dict], count: int, rng: random.Random) -> list[dict]:
-    """`count` records: whole shuffled passes over `records`, then a random part of one more."""
-    passes, rest = divmod(count, len(records))
+def _draw(pool, count: int, rng: random.Random) -> list:
+    """`count` items: whole shuffled passes over `pool`, then a random part of one more."""
+    passes, rest = divmod(count, len(pool))
     out = []
     for _ in range(passes):
-        out += rng.sample(records, len(records))
-    return out + rng.sample(records, rest)
+        out += rng.sample(pool, len(pool))
+    return out + rng.sample(pool, rest)
 
 
 def _shares(weights: list[float], size: int) -> list[int]:
@@ -165,33 +311,94 @@ def _shares(weights: list[float], size: int) -> list[int]:
     return counts
 
 
+MEASURE_BATCH = 1024
+"""Records measured per call of a mixture's `measure`."""
+
+
 class DataMixture:
     """Records of several sources, interleaved deterministically (by `seed`) so that each source's
     share of the list follows its ratio. `size` defaults to the total record count; a source with
     fewer records than its share is repeated (in reshuffled passes), a larger one subsampled.
-    Invalid records are left out and kept in `bad` (one `BadRecord` each) for the caller to report."""
 
-    def __init__(self, sources, seed: int = 0, size: int | None = None):
+    Every record is read once to validate it and, with `measure` (a function of a list of checked
+    records giving a number or an exception per record, e.g. a processor's `lengths`), to measure
+    it; what fails either is left out and kept in `bad` (one `BadRecord` each) for the caller to
+    report; `scanned` counts every record read and `on_record(n)` is told each time n more were.
+    Only byte spans, the drawn order and the measures stay in memory; `mixture[i]` re-reads
+    record i from its file."""
+
+    def __init__(self, sources, seed: int = 0, size: int | None = None, measure=None, on_record=None):
         self.sources = [s if isinstance(s, Source) else Source(*s) for s in sources]
         if not self.sources or any(s.ratio < 0 for s in self.sources) or not sum(s.ratio for s in self.sources):
             raise ValueError("a mixture needs at least one source and non-negative ratios with a positive sum")
+        self.files = [RecordFile(s.path) for s in self.sources]
+        self.bad: list[BadRecord] = []
+        self.scanned = 0
+        self._source, self._index, self._measures = array("l"), array("q"), array("q")  # per usable record
+        pools = [self._scan(n, measure, on_record) for n in range(len(self.sources))]
         rng = random.Random(seed)
-        scanned = [scan_records(s.path, s.image_folder) for s in self.sources]
-        pools = [good for good, _ in scanned]
-        self.bad: list[BadRecord] = [b for _, bad in scanned for b in bad]
-        for source, pool in zip(self.sources, pools):
-            if not pool:
-                raise ValueError(f"{source.path}: no records")
         size = sum(len(p) for p in pools) if size is None else size
         self.counts = _shares([s.ratio for s in self.sources], size)
-        self.records = [r for pool, n in zip(pools, self.counts) for r in _draw(pool, n, rng)]
-        rng.shuffle(self.records)
+        self._order = array("q", [g for pool, n in zip(pools, self.counts) for g in _draw(pool, n, rng)])
+        rng.shuffle(self._order)
+
+    def _scan(self, n: int, measure, on_record) -> range:
+        """Validate (and measure) source n's records; returns the ids of its usable ones."""
+        source, file = self.sources[n], self.files[n]
+        folder = Path(source.image_folder) if source.image_folder is not None else file.path.parent
+        first_good, checked, seen = len(self._index), [], {"count": 0, "first": None, "reason": ""}
+
+        def refuse(i: int, err: BadRecord) -> None:
+            self.bad.append(err)
+            if i == 0:
+                seen["reason"] = err.reason
+
+        def flush() -> None:
+            values = measure([record for _, record in checked]) if measure else [0] * len(checked)
+            for (i, record), value in zip(checked, values):
+                if isinstance(value, Exception):
+                    refuse(i, value if isinstance(value, BadRecord) else BadRecord(record["id"], str(value)))
+                else:
+                    self._source.append(n)
+                    self._index.append(i)
+                    self._measures.append(value)
+            if on_record:
+                on_record(len(checked))
+            checked.clear()
+
+        for i, raw in file.scan():
+            seen["count"] += 1
+            seen["first"] = raw if i == 0 else seen["first"]
+            try:
+                checked.append((i, check_record(raw, folder, fallback_id=f"{file.path.name}#{i}")))
+            except BadRecord as err:
+                refuse(i, err)
+            if len(checked) == MEASURE_BATCH:
+                flush()
+        flush()
+        self.scanned += seen["count"]
+        if len(self._index) == first_good:
+            raise ValueError(unusable_file(source.path, seen["count"], seen["first"], seen["reason"]))
+        return range(first_good, len(self._index))
+
+    @property
+    def unique(self) -> int:
+        """How many different usable records the drawn list holds."""
+        return len(set(self._order))
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self._order)
+
+    def measure(self, index: int) -> int:
+        """`measure` of the record at position `index` (0 without one)."""
+        return self._measures[self._order[index]]
 
     def __getitem__(self, index: int) -> dict:
-        return self.records[index]
+        g = self._order[index]
+        source, i = self._source[g], self._index[g]
+        file = self.files[source]
+        folder = self.sources[source].image_folder or file.path.parent
+        return check_record(file.load(i), folder, fallback_id=f"{file.path.name}#{i}")
 
     def __iter__(self):
-        return iter(self.records)
+        return (self[i] for i in range(len(self)))

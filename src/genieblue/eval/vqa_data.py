@@ -2,9 +2,9 @@
 its images, the first reference answer as the final turn) plus all its references, its options
 (multiple choice) and its category. Two formats:
 
-  * LLaVA-style JSON / JSONL: training-style records (`conversations`, `image`/`images`) or
-    LLaVA eval questions (`question_id`, `image`, `text`); references from `answers` (list),
-    `answer` or the final gpt turn; options from `options` (list or dict) or from "A. ..." lines in
+  * JSON / JSONL: records in any training format (`data.records`: LLaVA `conversations`,
+    ShareGPT / LLaMA-Factory `messages`, OpenAI content parts) or LLaVA eval questions
+    (`question_id`, `image`, `text`); references from `answers` (list), `answer` or the final reply; options from `options` (list or dict) or from "A. ..." lines in
     the question. Images are relative to the file's folder.
   * VLMEvalKit-style TSV: columns index, image (base64, a list of them, or the index of a row whose
     image it shares), question, answer (a letter, a text, or a list literal of texts), optional
@@ -20,7 +20,6 @@ import ast
 import base64
 import binascii
 import csv
-import json
 import re
 import string
 import sys
@@ -29,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.images import ImageError, load_image
-from ..data.records import BadRecord, check_record
+from ..data.records import NEEDS, BadRecord, RecordFile, check_record, unusable_file
 from .vqa_metrics import METRICS, metric_for
 
+NEEDS_QUESTION = f"{NEEDS}, or a `question` / `text` with `answer` / `answers` (LLaVA eval questions)"
 MC_PROMPT = "Answer with the option's letter from the given choices directly."
 SHORT_PROMPT = "Answer the question using a single word or phrase."
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.+?)\s*$", re.MULTILINE)
@@ -87,11 +87,12 @@ def _skip_reason(err: Exception) -> str:
     return str(err.reason if isinstance(err, BadRecord) else err).split(":")[0].split(" (")[0].split(", got")[0]
 
 
-def _llava_record(raw: dict, index: int) -> tuple[dict, list]:
-    """A training-style record for a LLaVA eval question or record, and its references."""
-    if "conversations" in raw:
-        record = dict(raw)
-        final = raw["conversations"][-1]["value"] if raw["conversations"] else ""
+def _llava_record(raw: dict, index: int, folder: Path) -> tuple[dict, list]:
+    """The checked training-style record of a LLaVA eval question or a record in any training
+    format, and its references."""
+    if "conversations" in raw or "messages" in raw:
+        record = check_record(raw, folder, fallback_id=index)
+        final = record["conversations"][-1]["value"]
     else:
         question = raw.get("text", raw.get("question", raw.get("prompt")))
         if not isinstance(question, str) or not question.strip():
@@ -99,27 +100,26 @@ def _llava_record(raw: dict, index: int) -> tuple[dict, list]:
         final = raw.get("answer", raw.get("gt_answer", ""))
         record = {k: v for k, v in raw.items() if k in ("image", "images")}
         record["conversations"] = [{"from": "human", "value": question}, {"from": "gpt", "value": str(final)}]
+        record = check_record(record, folder, fallback_id=index)
     record["id"] = str(raw.get("question_id", raw.get("id", index)))
     answers = raw.get("answers", [final])
     return record, answers if isinstance(answers, list) else [answers]
 
 
 def read_llava(path: Path, name: str, metric: str | None) -> Benchmark:
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
-    parsed, skipped = [], Counter()
-    for i, raw in enumerate(rows):
+    parsed, skipped, count, first, first_reason = [], Counter(), 0, None, ""
+    for i, raw in RecordFile(path).scan():
+        count, first = count + 1, raw if i == 0 else first
         try:
-            record, answers = _llava_record(raw, i)
-            record = check_record(record, path.parent, fallback_id=i)
+            record, answers = _llava_record(raw, i, path.parent)
             question = "\n".join(t["value"] for t in record["conversations"][:-1] if t["from"] == "human")
             options = _options(raw["options"]) if "options" in raw else dict(_OPTION_LINE.findall(question))
             parsed.append((record, answers, options, str(raw.get("category", ""))))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             skipped[_skip_reason(err)] += 1
+            first_reason = first_reason or str(getattr(err, "reason", err))
+    if not parsed:
+        raise ValueError(unusable_file(path, count, first, first_reason, NEEDS_QUESTION))
     metric = metric or metric_for(name, any(options for _, _, options, _ in parsed))
     return _finish(name, metric, parsed, skipped)
 

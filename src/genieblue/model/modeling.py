@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .._io import atomic_dir, write_json
+from .card import TRAINING, write_card
 from .routing import Expert, LoRALinear, Router, Switch
 from .sources import fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
@@ -85,11 +86,14 @@ class GenieBlueForConditionalGeneration(nn.Module):
         strategy: str | Strategy = "genieblue-skip",
         dtype: torch.dtype = torch.float32,
         shared_base: bool = False,
+        downsample: int | None = None,
         **strategy_options,
     ) -> "GenieBlueForConditionalGeneration":
         """Build from a base LLM (hub id, folder, .gguf, None for the built-in default, or a loaded
         model) and a vision tower (SigLIP / CLIP / AutoBackbone id or folder, or a config dict for a new
-        encoder, which may also hold the tower's `downsample` and `mix_tokens`; None: `DEFAULT_VISION`)."""
+        encoder, which may also hold the tower's `downsample` and `mix_tokens`; None: `DEFAULT_VISION`).
+        `downsample`, when given, merges downsample x downsample tokens into one image token (1: none,
+        for a patch grid of odd side such as SigLIP so400m's 27 x 27 at 384 px)."""
         if isinstance(strategy, str):
             strategy = Strategy(strategy, **strategy_options)
         if isinstance(llm, PreTrainedModel):
@@ -98,6 +102,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
             base, spec = load_llm(llm, dtype), llm
         fp = fingerprint(base)
         encoder, options = split_tower_options(DEFAULT_VISION if vision is None else vision)
+        if downsample is not None:
+            options["downsample"] = downsample
         tower = VisionTower(load_vision(encoder, dtype), base.config.hidden_size, **options)
         return cls(base, tower, strategy, spec, fp, shared_base)
 
@@ -240,14 +246,21 @@ class GenieBlueForConditionalGeneration(nn.Module):
             "shared_base": self.shared_base,
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the delta (safetensors) and a manifest naming the base and its fingerprint.
-        The folder appears atomically; the base weights are never written."""
+    def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
+        """Write the delta (safetensors), a manifest naming the base and its fingerprint, and a
+        model card (README.md, see `card`); `training` (what the model was trained on, from the
+        trainer) goes to training.json and into the card. The folder appears atomically; the base
+        weights are never written."""
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             state = {k: v.detach().contiguous() for k, v in self.delta_state_dict().items()}
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
-            write_json(tmp / MANIFEST, self.manifest())
+            from .report import parameter_report  # report builds on this module
+
+            write_json(tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]})
+            if training is not None:
+                write_json(tmp / TRAINING, training)
+            write_card(tmp, name=str(directory))
         return directory
 
     @classmethod

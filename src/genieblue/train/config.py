@@ -22,6 +22,7 @@ class TrainConfig:
     # model
     llm: str | None = None  # None: the built-in SmolLM2-135M-Instruct
     vision: str | dict | None = None  # None: the tiny from-scratch SigLIP
+    vision_downsample: int | None = None  # tokens merged per side into one image token (default: the tower's, 2 for a ViT; 1 for an odd grid: so400m-384)
     strategy: str = "genieblue-skip"
     fraction: float = 0.25
     lora_rank: int = 8

@@ -26,11 +26,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .._io import write_json
-from ..data.images import ImageError
+from ..data.dataset import MixtureSamples
 from ..data.packing import first_fit, pack
 from ..data.processor import GenieBlueProcessor, Sample, save_processor_settings
-from ..data.records import BadRecord, DataMixture, Source
+from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, load_tokenizer
+from ..model.card import TRAINING
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
@@ -44,7 +45,7 @@ class BadDataError(RuntimeError):
 
 @dataclass
 class PreparedData:
-    samples: list[Sample]
+    samples: MixtureSamples
     bad: list[dict] = field(default_factory=list)  # {"id", "reason"}
     total: int = 0
 
@@ -56,41 +57,27 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
             raise ValueError(f"init_from {cfg.init_from} uses strategy {model.strategy.name}, config asks {cfg.strategy}")
     else:
         model = GenieBlueForConditionalGeneration.from_base(
-            cfg.llm, cfg.vision, cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha
+            cfg.llm, cfg.vision, cfg.strategy, downsample=cfg.vision_downsample, fraction=cfg.fraction,
+            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         )
     model.set_stage(cfg.stage)
     return model
 
 
 def prepare_data(cfg: TrainConfig, processor: GenieBlueProcessor, progress=None) -> PreparedData:
-    """Encode every record of the mixture; unusable ones are skipped and listed, never fatal alone."""
+    """Read, check and measure every record of the mixture (no pixel decoded: samples are encoded
+    when a step asks for them); unusable ones are skipped and listed, never fatal alone."""
     if not cfg.data:
         raise ValueError("the config names no data: add `data: [{path: train.json}]`")
     sources = [Source(d.path, d.ratio, d.image_folder) for d in cfg.data]
-    mixture = DataMixture(sources, seed=cfg.seed)
-    out = PreparedData(samples=[])
-    out.bad = [{"id": b.record_id, "reason": b.reason} for b in mixture.bad]
-    # a mixture repeats the same record objects to fill a source's share: encode (and report) each once
-    encoded: dict[int, Sample | None] = {}
-    task = progress.add_task("preparing data", total=len(mixture), status="") if progress else None
-    for record in mixture:
-        key = id(record)
-        if key not in encoded:
-            encoded[key] = None
-            try:
-                encoded[key] = processor.encode(record)
-            except BadRecord as err:
-                out.bad.append({"id": err.record_id, "reason": err.reason})
-            except (ImageError, ValueError) as err:
-                out.bad.append({"id": str(record.get("id", "?")), "reason": str(err)})
-        if encoded[key] is not None:
-            out.samples.append(encoded[key])
-        if progress:
-            progress.advance(task)
+    task = progress.add_task("reading data", total=None, status="") if progress else None
+    advance = (lambda n: progress.advance(task, n)) if progress else None  # noqa: E731
+    samples = MixtureSamples.from_sources(sources, processor, cfg.seed, advance)
     if progress:
         progress.remove_task(task)
-    out.total = len(encoded) + len(mixture.bad)
-    return out
+    mixture = samples.mixture
+    bad = [{"id": b.record_id, "reason": b.reason} for b in mixture.bad]
+    return PreparedData(samples, bad, total=mixture.unique + len(mixture.bad))
 
 
 def _restart_metrics(path: Path, last_step: int) -> None:
@@ -144,10 +131,11 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.out = Path(cfg.output_dir)
+        self._epoch_order: tuple[int | None, list[int]] = (None, [])
 
     # data schedule ------------------------------------------------------------------------------
-    def _rows(self, samples: list[Sample]) -> list[list[int]]:
-        return first_fit([len(s) for s in samples], self.cfg.max_length)
+    def _rows(self, samples: MixtureSamples) -> list[list[int]]:
+        return first_fit(samples.lengths, self.cfg.max_length)
 
     def _global_rows(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
@@ -155,8 +143,11 @@ class Trainer:
     def _step_rows(self, rows: list[list[int]], step: int, steps_per_epoch: int) -> list[list[int]]:
         """The rows of optimizer step `step`: each epoch visits the rows in a seeded order."""
         epoch, offset = divmod(step, steps_per_epoch)
-        order = list(range(len(rows)))
-        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(rows)))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        order = self._epoch_order[1]
         g = self._global_rows()
         return [rows[i] for i in order[offset * g : (offset + 1) * g]]
 
@@ -225,6 +216,7 @@ class Trainer:
             metrics = (self.out / "metrics.jsonl").open("a") if main else None
             for step in range(start, total):
                 record = self._step(ddp_model, optimizer, scheduler, data.samples, rows, step, steps_per_epoch, processor.pad_id)
+                self._note_late_failures(data)
                 if main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -244,9 +236,11 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         t0 = time.perf_counter()
         mine = self._step_rows(rows, step, steps_per_epoch)[acc.process_index :: acc.num_processes]
-        micro = [pack([samples[i] for row in mine[j : j + cfg.batch_size] for i in row], cfg.max_length, pad_id)
-                 for j in range(0, len(mine), cfg.batch_size)]
-        seen = sum(len(samples[i]) for row in mine for i in row)
+        # the step's samples, pixels and all, encoded now; one failing only now is left out (and listed)
+        encoded = [[s for s in map(samples.sample, row) if s is not None] for row in mine]
+        micro = [pack([s for row in encoded[j : j + cfg.batch_size] for s in row], cfg.max_length, pad_id)
+                 for j in range(0, len(encoded), cfg.batch_size) if any(encoded[j : j + cfg.batch_size])]
+        seen = sum(len(s) for row in encoded for s in row)
         # the token count of the whole global batch normalises every micro-batch's summed loss
         local = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), dtype=torch.float64)
         n_tokens = acc.reduce(local.to(acc.device), reduction="sum").item()
@@ -307,6 +301,29 @@ class Trainer:
                 f"{self.out / 'bad_records.json'}"
             )
 
+    def _note_late_failures(self, data: PreparedData) -> None:
+        """Records that failed only when a step encoded them (pixels that do not decode) join the
+        bad list and its checks."""
+        listed = {b["id"] for b in data.bad}
+        late = [{"id": b.record_id, "reason": b.reason} for b in data.samples.failed if b.record_id not in listed]
+        if late:
+            data.bad += late
+            self._check_bad_data(data)
+
+    def _training_record(self, data: PreparedData) -> dict:
+        """What the model was trained on, for its card: the stages before (from init_from) and this one."""
+        cfg = self.cfg
+        log = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        earlier = Path(cfg.init_from or "") / TRAINING
+        stage = {
+            "stage": cfg.stage, "strategy": cfg.strategy, "init_from": cfg.init_from, "steps": len(log),
+            "tokens": sum(r["tokens"] for r in log), "final_loss": log[-1]["loss"], "samples": len(data.samples),
+            "bad_records": len(data.bad), "lr": cfg.lr, "max_length": cfg.max_length,
+            "precision": _precision(cfg.precision),
+            "data": [{"path": d.path, "ratio": d.ratio, "samples": n} for d, n in zip(cfg.data, data.samples.mixture.counts)],
+        }
+        return {"stages": (json.loads(earlier.read_text())["stages"] if cfg.init_from and earlier.is_file() else []) + [stage]}
+
     def _finish(self, model: GenieBlueForConditionalGeneration, data: PreparedData) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -314,7 +331,7 @@ class Trainer:
         if acc.is_main_process:
             from ..plots import loss_curve  # matplotlib: only the main process, only at the end
 
-            acc.unwrap_model(model).save_pretrained(final)
+            acc.unwrap_model(model).save_pretrained(final, training=self._training_record(data))
             save_processor_settings(final, max_tiles=self.cfg.max_tiles, system_prompt=self.cfg.system_prompt)
             loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}")
             if data.bad:

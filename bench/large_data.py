@@ -1,0 +1,127 @@
+"""Time to first step and peak memory of `genieblue train` on a large JSONL file: writes N synthetic
+text-ish records (LLaVA and LLaMA-Factory rows, a few with images), trains one step on the built-in
+SmolLM2-135M in a subprocess and reports when that step began (the trainer prints its plan: data
+read, checked, measured and packed, model built) and the subprocess's peak RSS.
+
+    python bench/large_data.py                       # 1,000,000 records, 100 of them with an image
+    python bench/large_data.py --records 100000 --json
+    python bench/large_data.py --pythonpath /tmp/old/src   # the same file through another checkout
+
+Records are read, checked and measured (token counts from text and image headers) before the
+first step; pixels are decoded per step, so memory grows with the record count only by a few
+bytes per record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+WORDS = ("the of and a to in is you that it he was for on are as with his they I at be this have from or one had "
+         "by word but not what all were we when your can said there use an each which she do how their if will up "
+         "other about out many then them these so some her would make like him into time has look two more write").split()
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def write_records(path: Path, n: int, with_images: int, llava_only: bool = False, seed: int = 0) -> None:
+    """n records of 1-3 turns, alternating LLaVA and LLaMA-Factory rows (or LLaVA only, which
+    older checkouts read); `with_images` of them (spread over the file) show one of 8 small PNGs."""
+    rng = random.Random(seed)
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    for k in range(8):
+        Image.new("RGB", (64, 48), (30 * k, 255 - 30 * k, 90)).save(path.parent / "images" / f"{k}.png")
+    every = n // with_images if with_images else 0
+    with path.open("w") as f:
+        for i in range(n):
+            turns = [(_sentence(rng, rng.randint(5, 30)) + "?", _sentence(rng, rng.randint(5, 60)))
+                     for _ in range(rng.randint(1, 3))]
+            image = f"images/{i % 8}.png" if every and i % every == 0 else None
+            if i % 2 or llava_only:
+                record = {"id": f"r{i}", "conversations": [
+                    {"from": s, "value": v} for q, a in turns for s, v in (("human", q), ("gpt", a))]}
+                if image:
+                    record["image"] = image
+            else:
+                record = {"id": f"r{i}", "messages": [
+                    {"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]}
+                if image:
+                    record["images"] = [image]
+            f.write(json.dumps(record) + "\n")
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak RSS so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(records: int, images: int, folder: Path, pythonpath: str | None, max_length: int, llava_only: bool) -> dict:
+    data = folder / "large.jsonl"
+    t0 = time.perf_counter()
+    write_records(data, records, images, llava_only)
+    written = time.perf_counter() - t0
+    out = folder / "run"
+    config = folder / "large.yaml"
+    config.write_text(yaml.safe_dump({"data": [{"path": str(data)}], "stage": 2, "max_steps": 1, "batch_size": 1,
+                                      "precision": "no", "output_dir": str(out), "save_every": 10**9,
+                                      "max_length": max_length}))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), COLUMNS="200")
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "genieblue.cli", "train", "-c", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ready, ready_rss, lines = None, None, []
+    for line in proc.stderr:  # the trainer prints its plan ("... samples in ... rows") as the first step begins
+        lines.append(line)
+        if ready is None and " samples in " in line:
+            ready, ready_rss = time.perf_counter() - start, _peak_rss_mib(proc.pid)
+    proc.wait()
+    total = time.perf_counter() - start
+    if proc.returncode or ready is None:
+        raise SystemExit(f"training failed ({proc.returncode}):\n{''.join(lines)[-3000:]}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"records": records, "with_images": images, "file_mib": data.stat().st_size / 2**20,
+            "write_s": written, "time_to_first_step_s": ready, "first_step_done_s": total,
+            "peak_rss_before_first_step_mib": ready_rss, "peak_rss_mib": peak_kib / 1024, "pythonpath": pythonpath}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--images", type=int, default=100, help="records that show an image")
+    parser.add_argument("--folder", help="where to write the data and the run (default: a temporary folder)")
+    parser.add_argument("--max-length", type=int, default=1024, help="packing length (the one step's cost)")
+    parser.add_argument("--pythonpath", help="PYTHONPATH of the training subprocess (another checkout)")
+    parser.add_argument("--llava-only", action="store_true", help="only LLaVA rows (what older checkouts read)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        result = run(args.records, args.images, Path(args.folder or scratch), args.pythonpath, args.max_length, args.llava_only)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['records']:,} records ({result['with_images']} with an image, {result['file_mib']:.0f} MiB): "
+          f"first step after {result['time_to_first_step_s']:.1f} s (peak RSS by then "
+          f"{result['peak_rss_before_first_step_mib']:.0f} MiB), peak RSS {result['peak_rss_mib']:.0f} MiB "
+          f"(step done and model saved after {result['first_step_done_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

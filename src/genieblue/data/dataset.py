@@ -1,0 +1,59 @@
+"""Training samples of a `DataMixture`, materialised lazily: every record is measured up front
+(token count from its text and its images' headers, enough to pack), and encoded, pixels and
+all, only when a step asks for it, so memory stays bounded however large the data files are."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .processor import GenieBlueProcessor, Sample
+from .records import BadRecord, DataMixture, Source
+
+
+class MixtureSamples(Sequence):
+    """`samples[i]` encodes position i of the mixture (raising `BadRecord` / `ImageError` /
+    `ValueError` for a record that fails only now, e.g. an image whose pixels are corrupt);
+    `length(i)` is its token count, known without encoding."""
+
+    def __init__(self, mixture: DataMixture, processor: GenieBlueProcessor):
+        self.mixture = mixture
+        self.processor = processor
+        self.failed: list[BadRecord] = []
+        self._failed_ids: set[str] = set()
+
+    @classmethod
+    def from_sources(cls, sources: list[Source], processor: GenieBlueProcessor, seed: int = 0,
+                     on_record=None) -> "MixtureSamples":
+        return cls(DataMixture(sources, seed=seed, measure=processor.lengths, on_record=on_record), processor)
+
+    def __len__(self) -> int:
+        return len(self.mixture)
+
+    def length(self, index: int) -> int:
+        return self.mixture.measure(index)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.mixture.measure(i) for i in range(len(self))]
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.processor.encode(self.mixture[index])
+        if len(sample) != self.length(index):  # an image whose header told another tile count
+            raise BadRecord(sample.id, f"{len(sample)} tokens once decoded, {self.length(index)} from the image headers")
+        return sample
+
+    def sample(self, index: int) -> Sample | None:
+        """`self[index]`, or None for a record that fails only now; its failure goes to `failed`
+        (once per record, however often the mixture repeats it)."""
+        try:
+            return self[index]
+        except ValueError as err:  # BadRecord and ImageError included
+            record_id = err.record_id if isinstance(err, BadRecord) else self.mixture[index]["id"]
+            if record_id not in self._failed_ids:
+                self._failed_ids.add(record_id)
+                self.failed.append(err if isinstance(err, BadRecord) else BadRecord(record_id, str(err)))
+            return None
+
+    def __iter__(self):
+        """The samples that encode, in mixture order."""
+        return (s for s in map(self.sample, range(len(self))) if s is not None)
