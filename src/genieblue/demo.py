@@ -40,11 +40,11 @@ class DemoConfig:
     seeds: int = 1  # training seeds per strategy (seed, seed+1, ...); the data stay those of `seed`
     text_fraction: float = 0.1  # text-only samples mixed into stage 2
     stage0_steps: int = 300  # the vision tower learns to spell captions of fresh images (see train.vision_pretrain)
-    stage1_steps: int = 25
-    stage2_epochs: float = 1.0
+    stage1_steps: int = 15
+    stage2_epochs: float = 0.6
     max_length: int = 640  # ~12 samples per packed row: one optimizer step
     lr: float = 2e-4  # copies / experts / LoRA / full weights
-    vision_lr: float = 2e-3  # from-scratch ViT (top block) and projector
+    vision_lr: float = 1e-3  # from-scratch tower (top stage), token mixer and projector in stages 1 and 2
     image_size: int = 64
     seed: int = 0
 

@@ -40,6 +40,7 @@ class TrainConfig:
     stage0_steps: int = 0
     stage0_batch: int = 64
     stage0_lr: float = 3e-3
+    stage0_match: float = 1.0  # weight of the cosine term that pulls each image token onto its target word's embedding
     # optimisation (paper defaults)
     stage: int = 2  # 1: projector only; 2: ViT + projector + copies/experts + LoRA
     epochs: float = 1.0

@@ -279,7 +279,7 @@ class Trainer:
             batches = sample_batches(samples, cfg.stage0_batch, cfg.seed)
         else:
             batches = stream_batches(self.stage0_source, processor, cfg.stage0_batch)
-        losses = pretrain_vision(model, batches, cfg.stage0_steps, cfg.stage0_lr, cfg.seed, on_step)
+        losses = pretrain_vision(model, batches, cfg.stage0_steps, cfg.stage0_lr, cfg.seed, on_step, match=cfg.stage0_match)
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "stage0.json", {"steps": len(losses), "losses": losses})
