@@ -29,8 +29,8 @@ from genieblue.data import save_processor_settings
 from genieblue.deploy.fuse import FusedProjections, fused_projections
 from genieblue.deploy.gguf_weights import gguf_layers
 from genieblue.deploy.onnx_export import ALIGN, BASE_DATA, DELTA_DATA, export_onnx
-from genieblue.deploy.quant import (QuantizedLoRALinear, WeightOnlyEmbedding, WeightOnlyLinear, quantize_llm,
-                                    quantize_model)
+from genieblue.deploy.quant import (PlanarLinear, QuantizedLoRALinear, WeightOnlyEmbedding, WeightOnlyLinear,
+                                    quantize_llm, quantize_model, quantize_weight)
 from genieblue.deploy.runtime import DeployedModel
 from genieblue.model import IMAGE_TOKEN_INDEX
 
@@ -112,6 +112,22 @@ def test_zero_points_fit_each_block_between_its_min_and_max(base_dirs):
     assert errors[1] < errors[0]
 
 
+def test_8_bit_tables_are_two_exact_4_bit_planes(base_dirs):
+    weight = load_reference(base_dirs["llama"]).lm_head.weight.detach()
+    packed, scales, _ = quantize_weight(weight, 8)
+    scales = scales.half().float()  # as quantize_llm stores them: the planes are then exact
+    planar, eight = PlanarLinear(packed, scales, weight.shape[1], 32), WeightOnlyLinear(packed, scales, weight.shape[1], 8, 32)
+    assert torch.equal(planar.dequantized(torch.float32), eight.dequantized(torch.float32))
+    assert [(p.bits, p.zero_points is None) for p in planar.planes()] == [(4, True), (4, False)]
+    llm = quantize_llm(load_reference(base_dirs["llama"]))  # embedding and (untied) LM head at TABLE_BITS = 8
+    assert isinstance(llm.get_output_embeddings(), PlanarLinear) and len(llm.get_input_embeddings().planes) == 2
+    ids = torch.randint(3, 128, (1, 5))
+    rows = torch.stack([quantize_llm(load_reference(base_dirs["llama"]), table_bits=4).get_input_embeddings()(ids),
+                        llm.get_input_embeddings()(ids)])
+    error = (rows - load_reference(base_dirs["llama"]).get_input_embeddings()(ids)).abs().mean((1, 2, 3))
+    assert error[1] < error[0] / 8  # 8 bits: 16x finer steps
+
+
 # a GGUF base's own quantisation ---------------------------------------------------------------
 GGUF_TYPES = {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
               "ffn_up": "Q4_1", "ffn_down": "Q8_0"}
@@ -183,8 +199,9 @@ def test_gguf_blocks_are_kept_exactly(tiny_gguf, base_dirs):
     base_modules = dict(float_base.named_modules())
     for name, layer in kept.items():
         assert torch.equal(layer.dequantized(torch.float32), base_modules[name].weight), name
-    q, k, down = (kept[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"))
-    assert (q.bits, q.offsets is not None, down.bits, down.offsets) == (4, True, 8, None)  # Q4_1: offsets; Q8_0: none
+    q, down = (kept[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "mlp.down_proj"))
+    assert q.bits == 4 and q.offsets is not None and q.zero_points is None  # Q4_1: offsets
+    assert isinstance(down, PlanarLinear) and [p.bits for p in down.planes()] == [4, 4]  # Q8_0: two exact 4-bit planes
     assert kept["lm_head"].bits == 4 and kept["lm_head"].offsets is None  # Q4_0: implicit zero point 8
 
     # so the quantised text path IS the float base as loaded from the GGUF: bit-identical logits
@@ -210,7 +227,11 @@ def test_gguf_export_runs_the_files_blocks_under_onnxruntime(tiny_gguf, tmp_path
     # Q4_1 offsets: one block-sum product per Q4_1 op: fused q/k/v and fused gate/up in each block, but
     # in blk.1 (k is Q8_0) q and v alone
     layers = len(model.llm.model.layers)
-    assert Counter(n.op_type for n in text.node)["ReduceSum"] == 2 * layers + 1
+    ops = Counter(n.op_type for n in text.node)
+    assert ops["ReduceSum"] == 2 * layers + 1
+    # Q8_0 (every down_proj, blk.1's k): two 4-bit MatMulNBits each; no 8-bit MatMulNBits anywhere
+    assert ops["MatMulNBits"] == 5 * layers + 3 + 1  # q/k/v, o, gate/up, down's 2 planes; blk.1: q, v, k's 2; head
+    assert not [n for n in text.node if n.op_type == "MatMulNBits" and {a.name: a.i for a in n.attribute}["bits"] != 4]
 
 
 # fusion of the projections that read one input -------------------------------------------------
@@ -293,10 +314,10 @@ def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
     ops = {g: Counter(n.op_type for n in onnx.load(folder / f"{g}.onnx", load_external_data=False).graph.node)
            for g in ("text", "image")}
     assert not (ops["text"] | ops["image"]).keys() & {"If", "Loop", "Scan", "TopK", "NonZero"}  # static dense ops only
-    # fused: one MatMulNBits for q/k/v, o, gate/up and down of each block, and the LM head; the image graph
-    # adds one low-rank update (two MatMuls) per group of each LoRA block
+    # fused: one MatMulNBits for q/k/v, o, gate/up and down of each block, two for the 8-bit LM head (4-bit
+    # planes); the image graph adds one low-rank update (two MatMuls) per group of each LoRA block
     layers = len(model.llm.model.layers)
-    assert ops["text"]["MatMulNBits"] == ops["image"]["MatMulNBits"] == 4 * layers + 1
+    assert ops["text"]["MatMulNBits"] == ops["image"]["MatMulNBits"] == 4 * layers + 2
     assert ops["image"]["MatMul"] - ops["text"]["MatMul"] == 2 * 4 * len(model.strategy.lora_indices(layers))
 
 

@@ -362,8 +362,9 @@ def export(
     model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
     out: str = typer.Option("deploy_out", "--out", "-o", help="Folder to write (replaced atomically)."),
     format: str = typer.Option("onnx", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."),
-    precision: str = typer.Option("w4a16", help="w4a16: LLM weights 4-bit, LoRA / ViT / projector 8-bit, one scale "
-                                  "per 32 weights, float activations (onnxruntime MatMulNBits); fp32: float weights."),
+    precision: str = typer.Option("w4a16", help="w4a16: LLM weights 4-bit (embedding and LM head 8-bit), LoRA / ViT / "
+                                  "projector 8-bit, one scale per 32 weights, float activations (onnxruntime "
+                                  "MatMulNBits); fp32: float weights."),
     single_tile: bool = typer.Option(False, help="Fix the vision graph to one tile (1x3xSxS), the phone's single-patch "
                                      "mode; by default it takes any number of tiles."),
     llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),

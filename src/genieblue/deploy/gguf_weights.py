@@ -3,7 +3,8 @@ becomes a `WeightOnlyLinear` with the same 32-weight blocks and the same values,
 text mode is the user's own model, not the base re-quantised by us.
 
   * Q4_0 block  w = d * (q - 8)  -> 4-bit q, scale d, implicit zero point 8;
-  * Q8_0 block  w = d * q (int8) -> 8-bit q + 128, scale d, implicit zero point 128;
+  * Q8_0 block  w = d * q (int8) -> 8-bit q + 128, scale d, implicit zero point 128, held and
+                                    exported as two exact 4-bit planes (`quant.PlanarLinear`);
   * Q4_1 block  w = d * q + m    -> 4-bit q, scale d, implicit zero point 8, offset m + 8d.
 
 d and m are float16 in the file and exact in float32, and so is every dequantised value: (q - 8) * d
@@ -30,10 +31,10 @@ from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorP
                                                       read_field)
 
 from ..model.sources import DEFAULT_LLM, _default_gguf
-from .quant import WeightOnlyLinear, base_name
+from .quant import PlanarLinear, WeightOnlyLinear, base_name
 
-KEPT = {GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 8}
-"""GGUF tensor types kept as they are, and their bit width."""
+KEPT = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
+"""GGUF tensor types kept as they are."""
 
 
 def gguf_file(spec: str | None) -> Path | None:
@@ -54,27 +55,27 @@ def _nibbles(blocks: np.ndarray, start: int) -> np.ndarray:
     return np.concatenate([qs & 15, qs >> 4], axis=-1)
 
 
-def _layer(kind: GGMLQuantizationType, data: np.ndarray, rows: np.ndarray, bias) -> WeightOnlyLinear:
-    """The (out, bytes) blocks of one tensor, its rows taken in `rows` order, as a WeightOnlyLinear."""
+def _layer(kind: GGMLQuantizationType, data: np.ndarray, rows: np.ndarray, bias) -> WeightOnlyLinear | PlanarLinear:
+    """The (out, bytes) blocks of one tensor, its rows taken in `rows` order, as a layer."""
     block_size, block_bytes = GGML_QUANT_SIZES[kind]
     blocks = data[rows].reshape(len(rows), -1, block_bytes)
     scales, offsets = _half(blocks, 0), None
     if kind == GGMLQuantizationType.Q8_0:
         packed = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    else:
-        values = _nibbles(blocks, 2 if kind == GGMLQuantizationType.Q4_0 else 4)
-        packed = values[..., 0::2] | (values[..., 1::2] << 4)
-        if kind == GGMLQuantizationType.Q4_1:
-            minimum = _half(blocks, 2)
-            offsets = minimum + 8 * scales
-            if not torch.equal(offsets.double(), minimum.double() + 8 * scales.double()):
-                raise ValueError("a Q4_1 block's m + 8d is not exact in float32")
+        return PlanarLinear(torch.from_numpy(packed), scales.reshape(-1), blocks.shape[1] * block_size, block_size, bias)
+    values = _nibbles(blocks, 2 if kind == GGMLQuantizationType.Q4_0 else 4)
+    packed = values[..., 0::2] | (values[..., 1::2] << 4)
+    if kind == GGMLQuantizationType.Q4_1:
+        minimum = _half(blocks, 2)
+        offsets = minimum + 8 * scales
+        if not torch.equal(offsets.double(), minimum.double() + 8 * scales.double()):
+            raise ValueError("a Q4_1 block's m + 8d is not exact in float32")
     return WeightOnlyLinear(torch.from_numpy(np.ascontiguousarray(packed)), scales.reshape(-1), blocks.shape[1] * block_size,
-                            KEPT[kind], block_size, bias, offsets=offsets)
+                            4, block_size, bias, offsets=offsets)
 
 
 @torch.no_grad()
-def gguf_layers(path: str | Path, llm: nn.Module) -> tuple[dict[str, WeightOnlyLinear], dict[str, int]]:
+def gguf_layers(path: str | Path, llm: nn.Module) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The GGUF file's Q4_0 / Q4_1 / Q8_0 weights as layers by base module name (see
     `quant.base_name`) for `llm`, the base loaded from that file (plain or inside a GenieBlue model),
     and the count of the file's tensor types (kept or not). ValueError if a layer's values are not

@@ -41,7 +41,7 @@ from ..data import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
 from .fuse import fused_projections
 from .gguf_weights import gguf_file, gguf_layers
-from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, SYMMETRIC, WeightOnlyLinear, quantize_model
+from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, SYMMETRIC, TABLE_BITS, WeightOnlyLinear, quantize_model
 from .runtime import MANIFEST
 
 OPSET = 18
@@ -241,8 +241,8 @@ def quantize(model: GenieBlueForConditionalGeneration, llm: str | None = None, k
     path = gguf_file(llm if llm is not None else model.base_spec) if keep_gguf else None
     kept, types = gguf_layers(path, model.llm) if path is not None else ({}, {})
     quantize_model(model, kept=kept)
-    return {"llm_bits": LLM_BITS, "delta_bits": DELTA_BITS, "block_size": BLOCK_SIZE, "symmetric": SYMMETRIC,
-            "op": "com.microsoft.MatMulNBits",
+    return {"llm_bits": LLM_BITS, "table_bits": TABLE_BITS, "delta_bits": DELTA_BITS, "block_size": BLOCK_SIZE,
+            "symmetric": SYMMETRIC, "op": "com.microsoft.MatMulNBits",
             "gguf": None if path is None else {"file": path.name, "tensor_types": types, "kept": len(kept)}}
 
 
@@ -274,8 +274,8 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
             "version": 1,
             "precision": precision,
             "quantization": None if precision == "fp32" else quantization or {
-                "llm_bits": LLM_BITS, "delta_bits": DELTA_BITS, "block_size": BLOCK_SIZE, "symmetric": SYMMETRIC,
-                "op": "com.microsoft.MatMulNBits", "gguf": None},
+                "llm_bits": LLM_BITS, "table_bits": TABLE_BITS, "delta_bits": DELTA_BITS, "block_size": BLOCK_SIZE,
+                "symmetric": SYMMETRIC, "op": "com.microsoft.MatMulNBits", "gguf": None},
             "graphs": GRAPHS,
             "data": {"base": BASE_DATA, "delta": DELTA_DATA},
             "bytes": files,

@@ -31,7 +31,11 @@ LLM_BITS = 4
 DELTA_BITS = 8
 """LoRA, ViT and projector (W8A16)."""
 SYMMETRIC = True
-"""LLM weights without zero points (implicit 2^(bits-1)); False: one zero point per block."""
+"""LLM weights without zero points (implicit 2^(bits-1)); False: one zero point per block. Symmetric
+measured better (README, Deployment)."""
+TABLE_BITS = 8
+"""The embedding table and LM head (tied or not): 8-bit, as two 4-bit planes (`PlanarLinear`); at 4
+bits they cost most of W4A16's perplexity (README, Deployment)."""
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZE, symmetric: bool = True
@@ -152,6 +156,10 @@ class WeightOnlyLinear(nn.Module):
         packed, scales, zero_points = quantize_weight(weight, bits, block, symmetric)
         return cls(packed, scales, weight.shape[1], bits, block, bias, keep_packed, zero_points)
 
+    def planes(self) -> list[WeightOnlyLinear]:
+        """The 4- or 8-bit layers whose weights add up to this one's: itself (see `PlanarLinear`)."""
+        return [self]
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float (out, in) weight."""
         shape = (self.out_features, self.in_features)
@@ -171,23 +179,58 @@ class WeightOnlyLinear(nn.Module):
                 f"zero_points={self.zero_points is not None}, offsets={self.offsets is not None}, keep_packed={self.keep_packed}")
 
 
-class WeightOnlyEmbedding(nn.Module):
-    """An embedding table held quantised like `WeightOnlyLinear` (for a tied LM head: the same
-    buffers); looked-up rows are dequantised. Keeps a scaled embedding's factor (Gemma)."""
+class PlanarLinear(nn.Module):
+    """An 8-bit weight (MatMulNBits layout, implicit zero point 128) held as two 4-bit planes of its
+    values q = 16 h + l: `high` (h, scale 16 s, implicit zero point 8) and `low` (l, scale s, zero
+    point 0), whose weights add up to s (q - 128) exactly when s has at most 20 significant bits (a
+    GGUF's float16 scales; `quantize_llm` rounds its tables' scales to float16). Exported as two 4-bit MatMulNBits and an
+    Add: onnxruntime's 8-bit MatMulNBits runs ~30x slower than its 4-bit one on the CPU (1.32,
+    measured), for the same bytes. Eagerly it computes with the summed (exact) weight."""
 
-    def __init__(self, linear: WeightOnlyLinear, embed_scale: float | None = None):
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, in_features: int, block_size: int, bias=None):
         super().__init__()
-        self.embedding_dim, self.bits = linear.in_features, linear.bits
-        for name in ("packed", "scales", "zero_points", "offsets"):
-            self.register_buffer(name, getattr(linear, name))
+        rows, blocks = packed.shape[:2]
+        self.in_features, self.out_features, self.bits = in_features, rows, 8
+
+        def nibbles(values):
+            return values[..., 0::2] | (values[..., 1::2] << 4)
+
+        self.high = WeightOnlyLinear(nibbles(packed >> 4), scales * 16, in_features, 4, block_size, bias)
+        zero = torch.zeros(rows, -(-blocks // 2), dtype=torch.uint8)
+        self.low = WeightOnlyLinear(nibbles(packed & 15), scales, in_features, 4, block_size, zero_points=zero)
+
+    def planes(self) -> list[WeightOnlyLinear]:
+        return [self.high, self.low]
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.high.dequantized(dtype) + self.low.dequantized(dtype)
+
+    def forward(self, x):
+        if torch.onnx.is_in_onnx_export():
+            return self.high(x) + self.low(x)
+        y = F.linear(x, self.dequantized(x.dtype))
+        return y if self.high.bias is None else y + self.high.bias
+
+
+class WeightOnlyEmbedding(nn.Module):
+    """An embedding table held quantised like `WeightOnlyLinear` or `PlanarLinear` (for a tied LM
+    head: the same modules and buffers); looked-up rows are dequantised (planes summed). Keeps a
+    scaled embedding's factor (Gemma)."""
+
+    def __init__(self, table: WeightOnlyLinear | PlanarLinear, embed_scale: float | None = None):
+        super().__init__()
+        self.embedding_dim = table.in_features
+        self.planes = nn.ModuleList(table.planes())
         self.embed_scale = embed_scale
 
     def forward(self, input_ids):
-        blocks = self.packed.shape[1]  # gather the rows' scales from the flat (MatMulNBits) layout
-        scales = self.scales[input_ids.unsqueeze(-1) * blocks + torch.arange(blocks, device=input_ids.device)]
-        zero_points, offsets = (None if t is None else t[input_ids] for t in (self.zero_points, self.offsets))
-        rows = dequantize_rows(self.packed[input_ids], scales, self.bits, self.embedding_dim, self.scales.dtype,
-                               zero_points, offsets)
+        rows = 0
+        for plane in self.planes:
+            blocks = plane.packed.shape[1]  # gather the rows' scales from the flat (MatMulNBits) layout
+            scales = plane.scales[input_ids.unsqueeze(-1) * blocks + torch.arange(blocks, device=input_ids.device)]
+            zero_points, offsets = (None if t is None else t[input_ids] for t in (plane.zero_points, plane.offsets))
+            rows = rows + dequantize_rows(plane.packed[input_ids], scales, plane.bits, self.embedding_dim,
+                                          plane.scales.dtype, zero_points, offsets)
         return rows if self.embed_scale is None else rows * self.embed_scale
 
 
@@ -219,15 +262,18 @@ def _replace(root: nn.Module, make, kind: type) -> None:
             setattr(root.get_submodule(parent), attr, make(name, module))
 
 
-def _llm_quantizer(bits: int, block_size: int, symmetric: bool, kept: dict[str, WeightOnlyLinear] | None):
-    """(name, linear or embedding) -> its `kept` layer (by base name), else the weight quantised."""
+def _llm_quantizer(bits: int, block_size: int, symmetric: bool, kept: dict[str, nn.Module] | None):
+    """(name, linear or embedding, table bits or None) -> its `kept` layer (by base name), else the
+    weight quantised (an embedding table / LM head at `table_bits`: 8 as a `PlanarLinear`)."""
     kept = kept or {}
 
-    def make(name: str, module: nn.Module) -> WeightOnlyLinear:
-        layer = kept.get(base_name(name))
-        if layer is None:
-            layer = WeightOnlyLinear.from_weight(module.weight, bits, block_size, getattr(module, "bias", None),
-                                                 symmetric=symmetric)
+    def make(name: str, module: nn.Module, table_bits: int | None = None) -> WeightOnlyLinear | PlanarLinear:
+        layer, bias = kept.get(base_name(name)), getattr(module, "bias", None)
+        if layer is None and table_bits == 8:
+            packed, scales, _ = quantize_weight(module.weight, 8, block_size)
+            layer = PlanarLinear(packed, scales.half().float(), module.weight.shape[1], block_size, bias)
+        elif layer is None:
+            layer = WeightOnlyLinear.from_weight(module.weight, table_bits or bits, block_size, bias, symmetric=symmetric)
         return layer
 
     return make
@@ -235,17 +281,19 @@ def _llm_quantizer(bits: int, block_size: int, symmetric: bool, kept: dict[str, 
 
 @torch.no_grad()
 def quantize_llm(llm: nn.Module, bits: int = LLM_BITS, block_size: int = BLOCK_SIZE, symmetric: bool = SYMMETRIC,
-                 kept: dict[str, WeightOnlyLinear] | None = None) -> nn.Module:
-    """In place: every linear layer of a causal LM and its input embedding to `bits`-bit weight-only
-    blocks, or, for the base module names in `kept`, to those layers (a GGUF's own blocks: see
-    `gguf_weights`). A tied LM head and embedding keep sharing one quantised table."""
+                 kept: dict[str, nn.Module] | None = None, table_bits: int = TABLE_BITS) -> nn.Module:
+    """In place: every linear layer of a causal LM to `bits`-bit weight-only blocks, its input
+    embedding and LM head to `table_bits`, or, for the base module names in `kept`, to those layers
+    (a GGUF's own blocks: see `gguf_weights`). A tied LM head and embedding keep sharing one table."""
     make = _llm_quantizer(bits, block_size, symmetric, kept)
     embed, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     names = {id(m): n for n, m in llm.named_modules()}
     tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
-    table = make(names[id(embed)], embed)
+    table = make(names[id(embed)], embed, table_bits)
     if tied:
         llm.set_output_embeddings(table)
+    elif isinstance(head, nn.Linear):
+        llm.set_output_embeddings(make(names[id(head)], head, table_bits))
     llm.set_input_embeddings(WeightOnlyEmbedding(table, getattr(embed, "scalar_embed_scale", None)))
     _replace(llm, make, nn.Linear)
     return llm
@@ -258,16 +306,17 @@ def quantize_model(
     delta_bits: int = DELTA_BITS,
     block_size: int = BLOCK_SIZE,
     symmetric: bool = SYMMETRIC,
-    kept: dict[str, WeightOnlyLinear] | None = None,
+    kept: dict[str, nn.Module] | None = None,
+    table_bits: int = TABLE_BITS,
 ) -> GenieBlueForConditionalGeneration:
-    """In place: base LLM and block copies at `bits` (W4A16; the base's modules in `kept` as those
-    layers), LoRA, ViT linears and projector at `delta_bits` (W8A16, symmetric). The ViT's patch
-    convolution, position embeddings and norms stay float."""
-    if any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
+    """In place: base LLM and block copies at `bits` (W4A16; embedding and LM head at `table_bits`;
+    the base's modules in `kept` as those layers), LoRA, ViT linears and projector at `delta_bits`
+    (W8A16, symmetric). The ViT's patch convolution, position embeddings and norms stay float."""
+    if any(isinstance(m, (WeightOnlyLinear, PlanarLinear)) for m in model.modules()):
         raise ValueError("the model is already quantised")
     make = _llm_quantizer(bits, block_size, symmetric, kept)
     _replace(model.llm, lambda name, m: QuantizedLoRALinear(m, make(f"{name}.original", m.original), delta_bits, block_size),
              LoRALinear)
-    quantize_llm(model.llm, bits, block_size, symmetric, kept)
+    quantize_llm(model.llm, bits, block_size, symmetric, kept, table_bits)
     _replace(model.vision, lambda name, m: WeightOnlyLinear.from_weight(m.weight, delta_bits, block_size, m.bias), nn.Linear)
     return model
