@@ -128,6 +128,18 @@ def test_8_bit_tables_are_two_exact_4_bit_planes(base_dirs):
     assert error[1] < error[0] / 8  # 8 bits: 16x finer steps
 
 
+def test_copy_bits_knob_puts_block_copies_at_8_bits_and_leaves_the_text_path(base_dirs):
+    model = quantize_model(_trained_like(base_dirs["llama"]), copy_bits=8)
+    copies = [n for n, m in model.llm.named_modules() if ".copy." in n and isinstance(m, WeightOnlyLinear)]
+    assert copies and all(n.endswith((".high", ".low")) for n in copies)  # every copy linear: 8-bit, as planes
+    assert not [n for n, m in model.llm.named_modules() if ".original." in n and isinstance(m, PlanarLinear)]
+    ids = torch.randint(3, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, quantize_llm(load_reference(base_dirs["llama"]))(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        quantize_model(_trained_like(base_dirs["llama"]), copy_bits=3)
+
+
 # a GGUF base's own quantisation ---------------------------------------------------------------
 GGUF_TYPES = {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
               "ffn_up": "Q4_1", "ffn_down": "Q8_0"}
@@ -422,6 +434,10 @@ def test_cli_bench_deploy_reports_table9(cli_export):
     assert image["storage_bytes"] == sizes["image.onnx"] + sizes["vision.onnx"] + sizes[BASE_DATA] + sizes[DELTA_DATA]
     targets = result["targets"]
     assert targets["storage_overhead"]["value"] == pytest.approx(image["storage_bytes"] / text["storage_bytes"] - 1)
+    split = result["storage_breakdown"]  # every byte of the overhead is in one part
+    assert sum(v for k, v in split.items() if k != "floor_copies_at_base_precision") == pytest.approx(
+        targets["storage_overhead"]["value"], abs=1e-3)
+    assert split["floor_copies_at_base_precision"] == pytest.approx(split["copies"], rel=0.1)  # copies: about the base's scheme
     assert targets["decode_ratio"]["value"] == pytest.approx(image["decode_tokens_per_s"] / text["decode_tokens_per_s"])
     assert targets["single_base_in_memory"]["image_minus_text_peak_rss_mb"] == pytest.approx(
         image["peak_rss_mb"] - text["peak_rss_mb"])

@@ -371,6 +371,8 @@ def export(
     keep_gguf: bool = typer.Option(True, "--keep-gguf/--requantize", help="With w4a16 and a GGUF base (the built-in "
                                    "default is one): keep the file's own Q4_0 / Q4_1 / Q8_0 blocks, so text mode is "
                                    "the user's model; --requantize quantises the base's weights anew."),
+    copy_bits: int = typer.Option(4, help="With w4a16: bits of the block copies' weights (4 or 8: image-mode accuracy "
+                                  "for storage)."),
     as_json: bool = typer.Option(False, "--json", help="Print the export manifest as JSON."),
 ):
     """Export for on-device inference (onnxruntime, or a phone toolchain that takes ONNX).
@@ -388,7 +390,7 @@ def export(
     from .deploy.onnx_export import export_saved_model
 
     try:
-        manifest = export_saved_model(model, out, precision, single_tile, llm, keep_gguf)
+        manifest = export_saved_model(model, out, precision, single_tile, llm, keep_gguf, copy_bits)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if as_json:
@@ -415,7 +417,8 @@ def _deploy_accuracy(model_dir: str, llm: Optional[str], folder: str, vqa: Optio
     manifest = DeployedModel(folder).manifest
     reference, processor = load_model_and_processor(model_dir, llm)
     quantized = load_model_and_processor(model_dir, llm)[0]
-    quantize(quantized, llm, keep_gguf=bool((manifest["quantization"] or {}).get("gguf")))
+    scheme = manifest["quantization"] or {}
+    quantize(quantized, llm, keep_gguf=bool(scheme.get("gguf")), copy_bits=scheme.get("copy_bits") or 4)
     prompts = probe_prompts(processor)
     records = read_records(vqa, Path(vqa).parent) if vqa else []
     scores = {}
@@ -449,13 +452,16 @@ def _table9(result: dict) -> Table:
 
 def _targets(result: dict) -> list[str]:
     t = result["targets"]
-    parts = result["delta_bytes"]
+    parts, split = result["delta_bytes"], result["storage_breakdown"]
     storage, decode, memory = t["storage_overhead"], t["decode_ratio"], t["single_base_in_memory"]
     mark = {True: "met", False: "NOT met"}
     return [
         f"image-mode storage overhead: +{100 * storage['value']:.1f}% (paper +{100 * storage['paper']:.1f}%: "
         f"{mark[storage['met']]}); delta: copies {parts['copies'] / 2**20:.1f} MB, LoRA {parts['lora'] / 2**20:.1f} MB, "
         f"ViT + projector {parts['vision'] / 2**20:.1f} MB",
+        "  of text-mode storage: " + ", ".join(f"{name} +{100 * v:.1f}%" for name, v in split.items()
+                                                if name != "floor_copies_at_base_precision")
+        + f"; floor (copies at the base's precision) +{100 * split['floor_copies_at_base_precision']:.1f}%",
         f"image / text decode: {100 * decode['value']:.1f}% (target >= {100 * decode['target']:.0f}%, paper "
         f"{100 * decode['paper']:.0f}%: {mark[decode['met']]})",
         f"one copy of the base in memory: image-mode peak RSS exceeds text mode by {memory['image_minus_text_peak_rss_mb']:.0f} MB "

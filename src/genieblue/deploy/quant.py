@@ -262,30 +262,37 @@ def _replace(root: nn.Module, make, kind: type) -> None:
             setattr(root.get_submodule(parent), attr, make(name, module))
 
 
-def _llm_quantizer(bits: int, block_size: int, symmetric: bool, kept: dict[str, nn.Module] | None):
+def _llm_quantizer(bits: int, block_size: int, symmetric: bool, kept: dict[str, nn.Module] | None,
+                   copy_bits: int | None = None):
     """(name, linear or embedding, table bits or None) -> its `kept` layer (by base name), else the
-    weight quantised (an embedding table / LM head at `table_bits`: 8 as a `PlanarLinear`)."""
+    weight quantised: an embedding table / LM head at its table bits, a layer of the delta (block
+    copies) at `copy_bits` (default `bits`), any other at `bits`; 8-bit LLM layers as `PlanarLinear`."""
     kept = kept or {}
 
     def make(name: str, module: nn.Module, table_bits: int | None = None) -> WeightOnlyLinear | PlanarLinear:
-        layer, bias = kept.get(base_name(name)), getattr(module, "bias", None)
-        if layer is None and table_bits == 8:
+        base, bias = base_name(name), getattr(module, "bias", None)
+        if base in kept:
+            return kept[base]
+        width = table_bits or (copy_bits if base is None and copy_bits else bits)
+        if width == 8:
             packed, scales, _ = quantize_weight(module.weight, 8, block_size)
-            layer = PlanarLinear(packed, scales.half().float(), module.weight.shape[1], block_size, bias)
-        elif layer is None:
-            layer = WeightOnlyLinear.from_weight(module.weight, table_bits or bits, block_size, bias, symmetric=symmetric)
-        return layer
+            return PlanarLinear(packed, scales.half().float(), module.weight.shape[1], block_size, bias)
+        return WeightOnlyLinear.from_weight(module.weight, width, block_size, bias, symmetric=symmetric)
 
     return make
 
 
 @torch.no_grad()
 def quantize_llm(llm: nn.Module, bits: int = LLM_BITS, block_size: int = BLOCK_SIZE, symmetric: bool = SYMMETRIC,
-                 kept: dict[str, nn.Module] | None = None, table_bits: int = TABLE_BITS) -> nn.Module:
-    """In place: every linear layer of a causal LM to `bits`-bit weight-only blocks, its input
-    embedding and LM head to `table_bits`, or, for the base module names in `kept`, to those layers
-    (a GGUF's own blocks: see `gguf_weights`). A tied LM head and embedding keep sharing one table."""
-    make = _llm_quantizer(bits, block_size, symmetric, kept)
+                 kept: dict[str, nn.Module] | None = None, table_bits: int = TABLE_BITS,
+                 copy_bits: int | None = None) -> nn.Module:
+    """In place: every linear layer of a causal LM to `bits`-bit weight-only blocks (a GenieBlue
+    LLM's block copies to `copy_bits`, default `bits`), its input embedding and LM head to
+    `table_bits`, or, for the base module names in `kept`, to those layers (a GGUF's own blocks: see
+    `gguf_weights`). A tied LM head and embedding keep sharing one table."""
+    if {bits, table_bits, copy_bits or bits} - {4, 8}:
+        raise ValueError(f"LLM weights quantise to 4 or 8 bits, not {sorted({bits, table_bits, copy_bits or bits} - {4, 8})}")
+    make = _llm_quantizer(bits, block_size, symmetric, kept, copy_bits)
     embed, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     names = {id(m): n for n, m in llm.named_modules()}
     tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
@@ -308,15 +315,17 @@ def quantize_model(
     symmetric: bool = SYMMETRIC,
     kept: dict[str, nn.Module] | None = None,
     table_bits: int = TABLE_BITS,
+    copy_bits: int | None = None,
 ) -> GenieBlueForConditionalGeneration:
-    """In place: base LLM and block copies at `bits` (W4A16; embedding and LM head at `table_bits`;
-    the base's modules in `kept` as those layers), LoRA, ViT linears and projector at `delta_bits`
-    (W8A16, symmetric). The ViT's patch convolution, position embeddings and norms stay float."""
+    """In place: base LLM and block copies at `bits` (W4A16; copies at `copy_bits` if given;
+    embedding and LM head at `table_bits`; the base's modules in `kept` as those layers), LoRA, ViT
+    linears and projector at `delta_bits` (W8A16, symmetric). The ViT's patch convolution, position
+    embeddings and norms stay float."""
     if any(isinstance(m, (WeightOnlyLinear, PlanarLinear)) for m in model.modules()):
         raise ValueError("the model is already quantised")
-    make = _llm_quantizer(bits, block_size, symmetric, kept)
+    make = _llm_quantizer(bits, block_size, symmetric, kept, copy_bits)
     _replace(model.llm, lambda name, m: QuantizedLoRALinear(m, make(f"{name}.original", m.original), delta_bits, block_size),
              LoRALinear)
-    quantize_llm(model.llm, bits, block_size, symmetric, kept, table_bits)
+    quantize_llm(model.llm, bits, block_size, symmetric, kept, table_bits, copy_bits)
     _replace(model.vision, lambda name, m: WeightOnlyLinear.from_weight(m.weight, delta_bits, block_size, m.bias), nn.Linear)
     return model
