@@ -1,5 +1,5 @@
 """On-device deployment: W4A16 / W8A16 quantisation (text path bit-identical to the base quantised on
-its own), the export-time fusion of q/k/v, gate/up and their LoRA (same outputs as the unfused model),
+its own; zero points; a GGUF base's own Q4_0 / Q4_1 / Q8_0 blocks kept exactly), the export-time fusion of q/k/v, gate/up and their LoRA (same outputs as the unfused model),
 ONNX export of the text, image and vision graphs (matched against the unfused PyTorch model under
 onnxruntime, prefill and decode with a KV cache; fused weights folded at load), one copy of the base
 weights on disk, the 1-tile vision graph, and the `genieblue export` / `genieblue bench deploy` commands."""
@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import gguf
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,15 +20,17 @@ import pytest
 import torch
 from conftest import TINY_RESNET, TINY_SIGLIP, load_reference
 from torch import nn
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue.cli import app
 from genieblue.data import save_processor_settings
 from genieblue.deploy.fuse import FusedProjections, fused_projections
+from genieblue.deploy.gguf_weights import gguf_layers
 from genieblue.deploy.onnx_export import ALIGN, BASE_DATA, DELTA_DATA, export_onnx
-from genieblue.deploy.quant import (QuantizedLoRALinear, WeightOnlyEmbedding, WeightOnlyLinear, quantize_llm,
-                                    quantize_model)
+from genieblue.deploy.quant import (PlanarLinear, QuantizedLoRALinear, WeightOnlyEmbedding, WeightOnlyLinear,
+                                    quantize_llm, quantize_model, quantize_weight)
 from genieblue.deploy.runtime import DeployedModel
 from genieblue.model import IMAGE_TOKEN_INDEX
 
@@ -94,6 +97,153 @@ def test_w4_weights_sit_on_a_16_level_grid_per_block_of_32(base_dirs):
     assert err.max() <= 1 + 1e-4 and (err <= 0.5 + 1e-4).float().mean() > 0.95 and err.max() > 0
     with pytest.raises(ValueError, match="already quantised"):
         quantize_model(quantize_model(_trained_like(base_dirs["llama"])))
+
+
+def test_zero_points_fit_each_block_between_its_min_and_max(base_dirs):
+    weight = load_reference(base_dirs["llama"]).model.layers[0].mlp.down_proj.weight.detach() + 0.05  # off-centre
+    symmetric, asymmetric = (WeightOnlyLinear.from_weight(weight, bits=4, symmetric=s) for s in (True, False))
+    assert symmetric.zero_points is None and asymmetric.zero_points.shape == (weight.shape[0], 1)  # 2 blocks, 1 byte
+    zero = torch.stack((asymmetric.zero_points & 15, asymmetric.zero_points >> 4), -1).flatten(-2).float()
+    step = asymmetric.scales.view(weight.shape[0], -1)
+    blocks = weight.view(weight.shape[0], -1, 32)
+    assert torch.allclose(step * 15, blocks.amax(-1) - blocks.amin(-1).clamp(max=0), rtol=1e-5)  # 16 levels span the block
+    assert torch.allclose(-zero * step, blocks.amin(-1).clamp(max=0), atol=step.max().item() / 2 + 1e-6)  # zero point: min
+    errors = [(layer(torch.eye(64)).T - weight).abs().mean() for layer in (symmetric, asymmetric)]
+    assert errors[1] < errors[0]
+
+
+def test_8_bit_tables_are_two_exact_4_bit_planes(base_dirs):
+    weight = load_reference(base_dirs["llama"]).lm_head.weight.detach()
+    packed, scales, _ = quantize_weight(weight, 8)
+    scales = scales.half().float()  # as quantize_llm stores them: the planes are then exact
+    planar, eight = PlanarLinear(packed, scales, weight.shape[1], 32), WeightOnlyLinear(packed, scales, weight.shape[1], 8, 32)
+    assert torch.equal(planar.dequantized(torch.float32), eight.dequantized(torch.float32))
+    assert [(p.bits, p.zero_points is None) for p in planar.planes()] == [(4, True), (4, False)]
+    llm = quantize_llm(load_reference(base_dirs["llama"]))  # embedding and (untied) LM head at TABLE_BITS = 8
+    assert isinstance(llm.get_output_embeddings(), PlanarLinear) and len(llm.get_input_embeddings().planes) == 2
+    ids = torch.randint(3, 128, (1, 5))
+    rows = torch.stack([quantize_llm(load_reference(base_dirs["llama"]), table_bits=4).get_input_embeddings()(ids),
+                        llm.get_input_embeddings()(ids)])
+    error = (rows - load_reference(base_dirs["llama"]).get_input_embeddings()(ids)).abs().mean((1, 2, 3))
+    assert error[1] < error[0] / 8  # 8 bits: 16x finer steps
+
+
+def test_copy_bits_knob_puts_block_copies_at_8_bits_and_leaves_the_text_path(base_dirs):
+    model = quantize_model(_trained_like(base_dirs["llama"]), copy_bits=8)
+    copies = [n for n, m in model.llm.named_modules() if ".copy." in n and isinstance(m, WeightOnlyLinear)]
+    assert copies and all(n.endswith((".high", ".low")) for n in copies)  # every copy linear: 8-bit, as planes
+    assert not [n for n, m in model.llm.named_modules() if ".original." in n and isinstance(m, PlanarLinear)]
+    ids = torch.randint(3, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, quantize_llm(load_reference(base_dirs["llama"]))(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        quantize_model(_trained_like(base_dirs["llama"]), copy_bits=3)
+
+
+# a GGUF base's own quantisation ---------------------------------------------------------------
+GGUF_TYPES = {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
+              "ffn_up": "Q4_1", "ffn_down": "Q8_0"}
+"""Tensor types of the tiny GGUF (blk.1 has mixed q/k/v: those stay unfused)."""
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(base_dirs, tmp_path_factory):
+    """The tiny random Llama written as llama.cpp's converter writes a GGUF (q/k rows permuted for
+    its rotary layout), its matrices Q4_0 / Q4_1 / Q8_0 blocks; returns the file."""
+    reference = load_reference(base_dirs["llama"])
+    config = reference.config
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+
+    def permute(w, heads):  # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    def add(name, tensor, kind="F32"):
+        data = tensor.detach().numpy()
+        if kind == "F32":
+            writer.add_tensor(name, data)
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", reference.model.embed_tokens.weight, "Q8_0")
+    add("output.weight", reference.lm_head.weight, "Q4_0")
+    add("output_norm.weight", reference.model.norm.weight)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    for i, layer in enumerate(reference.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        types = dict(GGUF_TYPES, attn_k="Q8_0") if i == 1 else GGUF_TYPES
+        for name, module, weight in (("attn_q", attn.q_proj, permute(attn.q_proj.weight, heads)),
+                                     ("attn_k", attn.k_proj, permute(attn.k_proj.weight, kv_heads)),
+                                     ("attn_v", attn.v_proj, None), ("attn_output", attn.o_proj, None),
+                                     ("ffn_gate", mlp.gate_proj, None), ("ffn_up", mlp.up_proj, None),
+                                     ("ffn_down", mlp.down_proj, None)):
+            add(f"blk.{i}.{name}.weight", module.weight if weight is None else weight, types[name])
+        add(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight)
+        add(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _load_gguf(path):
+    """The base as transformers loads (and dequantises) the GGUF file."""
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_gguf_blocks_are_kept_exactly(tiny_gguf, base_dirs):
+    float_base = _load_gguf(tiny_gguf)
+    kept, types = gguf_layers(tiny_gguf, _load_gguf(tiny_gguf))
+    assert types == {"Q8_0": 1 + 8 + 1, "Q4_0": 1 + 8, "Q4_1": 5 * 8 - 1, "F32": 1 + 2 * 8}
+    assert len(kept) == 2 + 7 * 8  # every matrix, the (untied) embedding and LM head included
+    # same values: each kept layer dequantises to exactly the weight transformers loads from the file
+    base_modules = dict(float_base.named_modules())
+    for name, layer in kept.items():
+        assert torch.equal(layer.dequantized(torch.float32), base_modules[name].weight), name
+    q, down = (kept[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "mlp.down_proj"))
+    assert q.bits == 4 and q.offsets is not None and q.zero_points is None  # Q4_1: offsets
+    assert isinstance(down, PlanarLinear) and [p.bits for p in down.planes()] == [4, 4]  # Q8_0: two exact 4-bit planes
+    assert kept["lm_head"].bits == 4 and kept["lm_head"].offsets is None  # Q4_0: implicit zero point 8
+
+    # so the quantised text path IS the float base as loaded from the GGUF: bit-identical logits
+    ids = torch.randint(3, 128, (2, 9))
+    quantised = quantize_llm(_load_gguf(tiny_gguf), kept=gguf_layers(tiny_gguf, _load_gguf(tiny_gguf))[0])
+    with torch.no_grad():
+        assert torch.equal(quantised(input_ids=ids).logits, float_base(input_ids=ids).logits)
+    assert isinstance(quantised.get_input_embeddings(), WeightOnlyEmbedding)
+
+    # a GGUF that is not the loaded base stops the export
+    with pytest.raises(ValueError, match="is not the base's"):
+        gguf_layers(tiny_gguf, load_reference(base_dirs["qwen2"]))
+
+
+def test_gguf_export_runs_the_files_blocks_under_onnxruntime(tiny_gguf, tmp_path):
+    model = _trained_like(_load_gguf(tiny_gguf))
+    quantize_model(model, kept=gguf_layers(tiny_gguf, model.llm)[0])
+    export_onnx(model, tmp_path / "gguf")
+    deployed = DeployedModel(tmp_path / "gguf")
+    _check_steps(model, deployed, torch.randint(3, 128, (1, 9)), None)
+    _check_steps(model, deployed, *_image_prompt(model))
+    text = onnx.load(tmp_path / "gguf" / "text.onnx", load_external_data=False).graph
+    # Q4_1 offsets: one block-sum product per Q4_1 op: fused q/k/v and fused gate/up in each block, but
+    # in blk.1 (k is Q8_0) q and v alone
+    layers = len(model.llm.model.layers)
+    ops = Counter(n.op_type for n in text.node)
+    assert ops["ReduceSum"] == 2 * layers + 1
+    # Q8_0 (every down_proj, blk.1's k): two 4-bit MatMulNBits each; no 8-bit MatMulNBits anywhere
+    assert ops["MatMulNBits"] == 5 * layers + 3 + 1  # q/k/v, o, gate/up, down's 2 planes; blk.1: q, v, k's 2; head
+    assert not [n for n in text.node if n.op_type == "MatMulNBits" and {a.name: a.i for a in n.attribute}["bits"] != 4]
 
 
 # fusion of the projections that read one input -------------------------------------------------
@@ -176,10 +326,10 @@ def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
     ops = {g: Counter(n.op_type for n in onnx.load(folder / f"{g}.onnx", load_external_data=False).graph.node)
            for g in ("text", "image")}
     assert not (ops["text"] | ops["image"]).keys() & {"If", "Loop", "Scan", "TopK", "NonZero"}  # static dense ops only
-    # fused: one MatMulNBits for q/k/v, o, gate/up and down of each block, and the LM head; the image graph
-    # adds one low-rank update (two MatMuls) per group of each LoRA block
+    # fused: one MatMulNBits for q/k/v, o, gate/up and down of each block, two for the 8-bit LM head (4-bit
+    # planes); the image graph adds one low-rank update (two MatMuls) per group of each LoRA block
     layers = len(model.llm.model.layers)
-    assert ops["text"]["MatMulNBits"] == ops["image"]["MatMulNBits"] == 4 * layers + 1
+    assert ops["text"]["MatMulNBits"] == ops["image"]["MatMulNBits"] == 4 * layers + 2
     assert ops["image"]["MatMul"] - ops["text"]["MatMul"] == 2 * 4 * len(model.strategy.lora_indices(layers))
 
 
@@ -296,6 +446,10 @@ def test_cli_bench_deploy_reports_table9(cli_export):
     assert image["storage_bytes"] == sizes["image.onnx"] + sizes["vision.onnx"] + sizes[BASE_DATA] + sizes[DELTA_DATA]
     targets = result["targets"]
     assert targets["storage_overhead"]["value"] == pytest.approx(image["storage_bytes"] / text["storage_bytes"] - 1)
+    split = result["storage_breakdown"]  # every byte of the overhead is in one part
+    assert sum(v for k, v in split.items() if k != "floor_copies_at_base_precision") == pytest.approx(
+        targets["storage_overhead"]["value"], abs=1e-3)
+    assert split["floor_copies_at_base_precision"] == pytest.approx(split["copies"], rel=0.1)  # copies: about the base's scheme
     assert targets["decode_ratio"]["value"] == pytest.approx(image["decode_tokens_per_s"] / text["decode_tokens_per_s"])
     assert targets["single_base_in_memory"]["image_minus_text_peak_rss_mb"] == pytest.approx(
         image["peak_rss_mb"] - text["peak_rss_mb"])

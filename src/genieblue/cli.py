@@ -375,11 +375,17 @@ def export(
     model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
     out: str = typer.Option("deploy_out", "--out", "-o", help="Folder to write (replaced atomically)."),
     format: str = typer.Option("onnx", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."),
-    precision: str = typer.Option("w4a16", help="w4a16: LLM weights 4-bit, LoRA / ViT / projector 8-bit, one scale "
-                                  "per 32 weights, float activations (onnxruntime MatMulNBits); fp32: float weights."),
+    precision: str = typer.Option("w4a16", help="w4a16: LLM weights 4-bit (embedding and LM head 8-bit), LoRA / ViT / "
+                                  "projector 8-bit, one scale per 32 weights, float activations (onnxruntime "
+                                  "MatMulNBits); fp32: float weights."),
     single_tile: bool = typer.Option(False, help="Fix the vision graph to one tile (1x3xSxS), the phone's single-patch "
                                      "mode; by default it takes any number of tiles."),
     llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    keep_gguf: bool = typer.Option(True, "--keep-gguf/--requantize", help="With w4a16 and a GGUF base (the built-in "
+                                   "default is one): keep the file's own Q4_0 / Q4_1 / Q8_0 blocks, so text mode is "
+                                   "the user's model; --requantize quantises the base's weights anew."),
+    copy_bits: int = typer.Option(4, help="With w4a16: bits of the block copies' weights (4 or 8: image-mode accuracy "
+                                  "for storage)."),
     as_json: bool = typer.Option(False, "--json", help="Print the export manifest as JSON."),
 ):
     """Export for on-device inference (onnxruntime, or a phone toolchain that takes ONNX).
@@ -397,7 +403,7 @@ def export(
     from .deploy.onnx_export import export_saved_model
 
     try:
-        manifest = export_saved_model(model, out, precision, single_tile, llm)
+        manifest = export_saved_model(model, out, precision, single_tile, llm, keep_gguf, copy_bits)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if as_json:
@@ -412,17 +418,20 @@ app.add_typer(bench_app, name="bench")
 
 def _deploy_accuracy(model_dir: str, llm: Optional[str], folder: str, vqa: Optional[str]) -> dict:
     """What W4A16 costs against the float model: logit error per mode, held-out perplexity and text QA
-    on the text path, VQA exact match on `vqa` (LLaVA JSON) if given, and the exported graphs against
-    the PyTorch model."""
+    on the text path, VQA exact match on `vqa` (LLaVA JSON) if given, the exported graphs against
+    the PyTorch model, and the exported text graph decoding the held-out passages step by step."""
     from .data import load_model_and_processor, read_records
-    from .deploy.accuracy import logit_error, onnx_error, probe_prompts
-    from .deploy.quant import quantize_model
+    from .deploy.accuracy import logit_error, onnx_error, probe_prompts, stepwise_text
+    from .deploy.onnx_export import quantize
     from .deploy.runtime import DeployedModel
     from .eval.answers import answer_records, exact_match
-    from .eval.text import perplexity, text_qa
+    from .eval.text import PASSAGES, perplexity, text_qa
 
+    manifest = DeployedModel(folder).manifest
     reference, processor = load_model_and_processor(model_dir, llm)
-    quantized = quantize_model(load_model_and_processor(model_dir, llm)[0])
+    quantized = load_model_and_processor(model_dir, llm)[0]
+    scheme = manifest["quantization"] or {}
+    quantize(quantized, llm, keep_gguf=bool(scheme.get("gguf")), copy_bits=scheme.get("copy_bits") or 4)
     prompts = probe_prompts(processor)
     records = read_records(vqa, Path(vqa).parent) if vqa else []
     scores = {}
@@ -431,10 +440,11 @@ def _deploy_accuracy(model_dir: str, llm: Optional[str], folder: str, vqa: Optio
                         "text_qa": text_qa(m, processor)["accuracy"]}
         if records:
             scores[name]["vqa"] = exact_match(records, answer_records(m, processor, records, max_new_tokens=4))["accuracy"]
-    exported = DeployedModel(folder).manifest["precision"]
+    exported = manifest["precision"]
     return {"logit_error": logit_error(quantized, reference, prompts), "scores": scores,
             "onnx_vs_pytorch": onnx_error(folder, quantized if exported == "w4a16" else reference, prompts),
-            "exported_precision": exported}
+            "exported_precision": exported, "quantization": manifest["quantization"],
+            "deployed_text_stepwise": stepwise_text(folder, reference, processor.tokenizer, PASSAGES)}
 
 
 def _table9(result: dict) -> Table:
@@ -455,13 +465,16 @@ def _table9(result: dict) -> Table:
 
 def _targets(result: dict) -> list[str]:
     t = result["targets"]
-    parts = result["delta_bytes"]
+    parts, split = result["delta_bytes"], result["storage_breakdown"]
     storage, decode, memory = t["storage_overhead"], t["decode_ratio"], t["single_base_in_memory"]
     mark = {True: "met", False: "NOT met"}
     return [
         f"image-mode storage overhead: +{100 * storage['value']:.1f}% (paper +{100 * storage['paper']:.1f}%: "
         f"{mark[storage['met']]}); delta: copies {parts['copies'] / 2**20:.1f} MB, LoRA {parts['lora'] / 2**20:.1f} MB, "
         f"ViT + projector {parts['vision'] / 2**20:.1f} MB",
+        "  of text-mode storage: " + ", ".join(f"{name} +{100 * v:.1f}%" for name, v in split.items()
+                                                if name != "floor_copies_at_base_precision")
+        + f"; floor (copies at the base's precision) +{100 * split['floor_copies_at_base_precision']:.1f}%",
         f"image / text decode: {100 * decode['value']:.1f}% (target >= {100 * decode['target']:.0f}%, paper "
         f"{100 * decode['paper']:.0f}%: {mark[decode['met']]})",
         f"one copy of the base in memory: image-mode peak RSS exceeds text mode by {memory['image_minus_text_peak_rss_mb']:.0f} MB "
@@ -483,6 +496,10 @@ def _accuracy_table(acc: dict) -> Table:
         table.add_row(f"{mode} mode: same greedy token", "-", f"{100 * e['top1_agreement']:.1f}%")
     for mode, e in acc["onnx_vs_pytorch"].items():
         table.add_row(f"ONNX vs PyTorch ({acc['exported_precision']}), {mode} mode: max |logit diff|", "-", f"{e['max_abs']:.2e}")
+    step = acc["deployed_text_stepwise"]
+    table.add_row(f"exported text graph, token by token: perplexity ({step['positions']} tokens)",
+                  f"{step['perplexity_reference']:.3f}", f"{step['perplexity_deployed']:.3f}")
+    table.add_row("exported text graph, token by token: same next token", "-", f"{100 * step['same_next_token']:.1f}%")
     return table
 
 
@@ -504,6 +521,8 @@ def bench_deploy(
     vqa: Optional[str] = typer.Option(None, help="With --accuracy: a LLaVA JSON of short-answer image questions "
                                       "(e.g. demo_out/data/test.json) scored float vs W4A16."),
     llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    keep_gguf: bool = typer.Option(True, "--keep-gguf/--requantize", help="With a fresh export of a GGUF base: keep "
+                                   "the file's own quantisation (see genieblue export)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """The paper's deployment table (Table 9) on this machine: text mode vs image mode under onnxruntime -
@@ -527,7 +546,7 @@ def bench_deploy(
         folder = onnx or str(Path(scratch) / "export")
         try:
             if not (Path(folder) / MANIFEST).is_file():
-                export_saved_model(model, folder, "w4a16", single_tile, llm)
+                export_saved_model(model, folder, "w4a16", single_tile, llm, keep_gguf)
             result = table9(folder, prompt_tokens, new_tokens, threads, repeats, rounds)
             if accuracy:
                 result["accuracy"] = _deploy_accuracy(model, llm, folder, vqa)

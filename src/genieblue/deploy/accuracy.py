@@ -1,6 +1,7 @@
 """What deployment costs in accuracy: logits of the W4A16 model against the float model on the same
-chat prompts, on the text path and on the image path, and of the exported ONNX graphs against the
-PyTorch model they came from."""
+chat prompts, on the text path and on the image path, of the exported ONNX graphs against the
+PyTorch model they came from, and the exported text graph decoding step by step against the float
+model (perplexity, same next token)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,27 @@ def onnx_error(folder, model: GenieBlueForConditionalGeneration, prompts: dict[s
             pairs.append((torch.from_numpy(np.asarray(logits[0])), model(ids, pixel_values=px).logits[0, -1]))
         out[mode] = _stats(pairs)
     return out
+
+
+@torch.no_grad()
+def stepwise_text(folder, reference: GenieBlueForConditionalGeneration, tokenizer, texts: list[str]) -> dict:
+    """The exported text graph run token by token (`DeployedModel.step` with its KV cache, as a
+    phone decodes) over each of `texts`, against the PyTorch `reference` (its text path) on the
+    whole text: perplexity of both and how often their greedy next token is the same."""
+    deployed = DeployedModel(folder)
+    nll = {"deployed": 0.0, "reference": 0.0}
+    same = count = 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        expected = reference(ids).logits[0, :-1].double()
+        cache, steps = deployed.empty_cache(), []
+        for token in ids[0, :-1].tolist():
+            logits, cache = deployed.step(np.array([[token]]), cache)
+            steps.append(torch.from_numpy(np.asarray(logits[0])).double())
+        got, targets = torch.stack(steps), ids[0, 1:, None]
+        for name, logits in (("deployed", got), ("reference", expected)):
+            nll[name] -= torch.log_softmax(logits, -1).gather(-1, targets).sum().item()
+        same += (got.argmax(-1) == expected.argmax(-1)).sum().item()
+        count += len(steps)
+    return {f"perplexity_{name}": float(np.exp(total / count)) for name, total in nll.items()} | {
+        "same_next_token": same / count, "positions": count}

@@ -1,7 +1,7 @@
 """The paper's deployment table (Table 9) on this machine: text mode vs image mode of an exported
 folder under onnxruntime - load time, ViT time, prefill and decode tokens/s, storage, peak memory.
 
-Each mode runs in a fresh worker process (`python -m genieblue.deploy.bench MODE FOLDER ...`, numpy
+Image-mode storage is broken down against its floor (`storage_breakdown`). Each mode runs in a fresh worker process (`python -m genieblue.deploy.bench MODE FOLDER ...`, numpy
 and onnxruntime only) so its peak RSS is its own. Decode speed comes from a third worker that loads
 both modes and alternates their decode steps one by one, so that other load on the machine slows
 both alike (separate processes minutes apart can differ by more than the few percent the decode
@@ -48,6 +48,17 @@ def _prompt(model: DeployedModel, mode: str, prompt_tokens: int, rng) -> tuple[n
     ids[0, 1 : 1 + m["tokens_per_tile"]] = m["image_token_index"]
     size = m["image_size"]
     return ids, rng.standard_normal((1, 3, size, size)).astype(np.float32)
+
+
+def storage_breakdown(manifest: dict, text_bytes: int) -> dict:
+    """Image-mode storage beyond text mode, by part, as fractions of text-mode storage: block copies,
+    LoRA, ViT + projector, other delta tensors, the graphs (image + vision graph files minus the text
+    graph's); and the floor: the copied blocks at the base's own precision (their originals' bytes)."""
+    parts, files, graphs = manifest["delta_parts"], manifest["bytes"], manifest["graphs"]
+    over = {name: parts[name] for name in ("copies", "lora", "vision", "other")}
+    over["graphs"] = files[graphs["image"]] + files[graphs["vision"]] - files[graphs["text"]]
+    return {name: size / text_bytes for name, size in over.items()} | {
+        "floor_copies_at_base_precision": parts["copied_originals"] / text_bytes}
 
 
 def measure(folder: str | Path, mode: str, prompt_tokens: int = 64, threads: int | None = None, repeats: int = 3) -> dict:
@@ -161,6 +172,7 @@ def table9(folder: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, th
     decode_ratio = image["decode_tokens_per_s"] / text["decode_tokens_per_s"]
     extra_mb = image["peak_rss_mb"] - text["peak_rss_mb"]
     return {
+        "storage_breakdown": storage_breakdown(manifest, text["storage_bytes"]),
         "folder": str(folder),
         "precision": manifest["precision"],
         "single_tile": manifest["single_tile"],

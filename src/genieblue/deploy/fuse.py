@@ -33,15 +33,16 @@ def _base(member: nn.Module) -> WeightOnlyLinear:
 
 
 def _fusable(members: list[nn.Module | None]) -> bool:
-    """All members MatMulNBits projections of one input width, bit width and block size."""
+    """All members MatMulNBits projections of one input width, bit width, block size and form
+    (zero points or not, offsets or not)."""
     bases = [_base(m) for m in members if m is not None]
     return (len(bases) == len(members) and all(isinstance(b, WeightOnlyLinear) and b.keep_packed for b in bases)
-            and len({(b.in_features, b.bits, b.block_size) for b in bases}) == 1)
+            and len({(b.in_features, b.bits, b.block_size, b.zero_points is None, b.offsets is None) for b in bases}) == 1)
 
 
 class FusedProjections(WeightOnlyLinear):
-    """Sibling projections as one: their packed weights, scales and biases concatenated by output
-    (a member without a bias adds zeros) and, where members have LoRA, one low-rank update with the
+    """Sibling projections as one: their packed weights, scales, zero points, offsets and biases
+    concatenated by output (a member without a bias adds zeros) and, where members have LoRA, one low-rank update with the
     A matrices stacked (`lora_A`, their bytes concatenated) and the B matrices block-diagonal
     (`lora_B`, requantised: bit-exact while each member's rank fits one quantisation block, as any
     power-of-two rank does). `output(i, x)` is member i's output: the first member called on an input
@@ -53,8 +54,10 @@ class FusedProjections(WeightOnlyLinear):
         if any(b.bias is not None for b in bases):
             bias = torch.cat([b.scales.new_zeros(b.out_features) if b.bias is None else b.bias for b in bases])
         first = bases[0]
+        zero_points, offsets = (None if getattr(first, name) is None else torch.cat([getattr(b, name) for b in bases])
+                                for name in ("zero_points", "offsets"))
         super().__init__(torch.cat([b.packed for b in bases]), torch.cat([b.scales for b in bases]),
-                         first.in_features, first.bits, first.block_size, bias)
+                         first.in_features, first.bits, first.block_size, bias, zero_points=zero_points, offsets=offsets)
         self.members, self.router = members, router  # plain attributes: not submodules
         self.sizes = [b.out_features for b in bases]
         self._last = None  # (input, image mode, outputs)

@@ -12,8 +12,9 @@ base weights on disk.
 Initializers live in external data files: `base.onnx.data` holds every tensor of the text graph and
 the image graph points at the same file and offsets for the base tensors it uses; `delta.onnx.data`
 holds the copies, LoRA, ViT and projector. A quantised model exports its weights as onnxruntime
-`MatMulNBits` (W4A16 / W8A16, see `quant`), with the projections that read one input (q/k/v,
-gate/up) and their LoRA updates fused into one op each (see `fuse`).
+`MatMulNBits` (W4A16 / W8A16, see `quant`; a GGUF base keeps its own Q4_0 / Q4_1 / Q8_0 blocks, see
+`gguf_weights`), with the projections that read one input (q/k/v, gate/up) and their LoRA updates
+fused into one op each (see `fuse`).
 
 The graphs are traced around the HF modules with a plain-tensor KV cache (a `DynamicCache` rebuilt
 inside the step) by torch's TorchScript-based exporter: deprecated since torch 2.9 but still there,
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -39,7 +41,8 @@ from .._io import atomic_dir, write_json
 from ..data import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
 from .fuse import fused_projections
-from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, WeightOnlyLinear, quantize_model
+from .gguf_weights import gguf_file, gguf_layers
+from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, SYMMETRIC, TABLE_BITS, WeightOnlyLinear, quantize_model
 from .runtime import MANIFEST
 
 OPSET = 18
@@ -200,6 +203,10 @@ def _raw(tensor: onnx.TensorProto) -> bytes:
     return tensor.raw_data
 
 
+COPIED_ORIGINAL = re.compile(r"\.layers\.\d+\.original\.")
+"""Names of the base tensors of a copied block (a `Switch`'s original), whose bytes the copies repeat."""
+
+
 def _delta_part(name: str) -> str:
     for marker, part in ((".copy.", "copies"), (".lora_", "lora"), ("vision.", "vision")):
         if marker in name:
@@ -211,15 +218,18 @@ def write_shared(graphs: dict[str, onnx.ModelProto], folder: Path) -> tuple[dict
     """Save the graphs with their large initializers in two external data files: every tensor of the
     text graph in BASE_DATA (once); a tensor of another graph with the same name and the same bytes
     reads those bytes; every other tensor goes to DELTA_DATA. Returns the bytes of each file and the
-    delta's bytes by part (block copies, LoRA, ViT + projector)."""
+    delta's bytes by part (block copies, LoRA, ViT + projector) and the bytes of the base tensors the
+    copies replace (`copied_originals`: the copies' storage at the base's own precision)."""
     base, delta = _DataWriter(folder, BASE_DATA), _DataWriter(folder, DELTA_DATA)
-    parts = dict.fromkeys(("copies", "lora", "vision", "other"), 0)
+    parts = dict.fromkeys(("copies", "lora", "vision", "other", "copied_originals"), 0)
     for kind, proto in graphs.items():
         for tensor in proto.graph.initializer:
             data = _raw(tensor)
             if len(data) < INLINE_BYTES:
                 continue
             key = (tensor.name, hashlib.sha256(data).hexdigest())
+            if kind == "text" and key not in base.where and COPIED_ORIGINAL.search(tensor.name):
+                parts["copied_originals"] += len(data)
             if kind != "text" and key not in base.where and key not in delta.where:
                 parts[_delta_part(tensor.name)] += len(data)
             (base if kind == "text" or key in base.where else delta).place(tensor, data, key)
@@ -233,12 +243,26 @@ def _precision(model) -> str:
     return f"w{LLM_BITS}a16" if any(isinstance(m, WeightOnlyLinear) for m in model.modules()) else "fp32"
 
 
+def quantize(model: GenieBlueForConditionalGeneration, llm: str | None = None, keep_gguf: bool = True,
+             copy_bits: int = LLM_BITS) -> dict:
+    """Quantise `model` in place for a W4A16 export (block copies at `copy_bits`): when its base
+    (`llm`, else the one it names) is a GGUF file, with the file's own Q4_0 / Q4_1 / Q8_0 blocks for
+    those tensors (unless not `keep_gguf`). Returns the manifest's `quantization` entry."""
+    path = gguf_file(llm if llm is not None else model.base_spec) if keep_gguf else None
+    kept, types = gguf_layers(path, model.llm) if path is not None else ({}, {})
+    quantize_model(model, kept=kept, copy_bits=copy_bits)
+    return {"llm_bits": LLM_BITS, "table_bits": TABLE_BITS, "copy_bits": copy_bits, "delta_bits": DELTA_BITS,
+            "block_size": BLOCK_SIZE, "symmetric": SYMMETRIC, "op": "com.microsoft.MatMulNBits",
+            "gguf": None if path is None else {"file": path.name, "tensor_types": types, "kept": len(kept)}}
+
+
 @torch.no_grad()
 def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, single_tile: bool = False,
-                eos_token_ids: list[int] | None = None) -> dict:
+                eos_token_ids: list[int] | None = None, quantization: dict | None = None) -> dict:
     """Write text.onnx, image.onnx, vision.onnx, base.onnx.data, delta.onnx.data and deploy.json
-    into `folder` (atomically). Quantise first (`quant.quantize_model`) for W4A16; a float model
-    exports float32. Returns the manifest."""
+    into `folder` (atomically). Quantise first (`quantize`, or `quant.quantize_model`; its entry
+    goes to the manifest as `quantization`) for W4A16; a float model exports float32. Returns the
+    manifest."""
     if model.strategy.family == "cogvlm":
         raise ValueError("cogvlm visual experts pick weights per token (MoE-style routing); export supports "
                          "the genieblue-*, lora and full strategies")
@@ -259,8 +283,9 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
             "format": "genieblue-onnx",
             "version": 1,
             "precision": precision,
-            "quantization": None if precision == "fp32" else {
-                "llm_bits": LLM_BITS, "delta_bits": DELTA_BITS, "block_size": BLOCK_SIZE, "op": "com.microsoft.MatMulNBits"},
+            "quantization": None if precision == "fp32" else quantization or {
+                "llm_bits": LLM_BITS, "table_bits": TABLE_BITS, "copy_bits": None, "delta_bits": DELTA_BITS,
+                "block_size": BLOCK_SIZE, "symmetric": SYMMETRIC, "op": "com.microsoft.MatMulNBits", "gguf": None},
             "graphs": GRAPHS,
             "data": {"base": BASE_DATA, "delta": DELTA_DATA},
             "bytes": files,
@@ -282,15 +307,16 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
     return manifest
 
 
-
 def export_saved_model(model_dir: str | Path, out: str | Path, precision: str = "w4a16", single_tile: bool = False,
-                       llm: str | None = None) -> dict:
-    """Load a saved GenieBlue folder, quantise it (`w4a16`) or keep it float (`fp32`) and export it."""
+                       llm: str | None = None, keep_gguf: bool = True, copy_bits: int = LLM_BITS) -> dict:
+    """Load a saved GenieBlue folder, quantise it (`w4a16`, see `quantize`) or keep it float
+    (`fp32`) and export it."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if copy_bits not in (4, 8):
+        raise ValueError(f"block copies quantise to 4 or 8 bits, not {copy_bits}")
     model, processor = load_model_and_processor(model_dir, llm)
-    if precision == "w4a16":
-        quantize_model(model)
+    quantization = quantize(model, llm, keep_gguf, copy_bits) if precision == "w4a16" else None
     eos = model.llm.generation_config.eos_token_id
     eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), processor.tokenizer.eos_token_id} - {None})
-    return export_onnx(model, out, single_tile, eos)
+    return export_onnx(model, out, single_tile, eos, quantization)
