@@ -30,18 +30,10 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
                                                       read_field)
 
-from ..model.sources import DEFAULT_LLM, _default_gguf
 from .quant import PlanarLinear, WeightOnlyLinear, base_name
 
 KEPT = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
 """GGUF tensor types kept as they are."""
-
-
-def gguf_file(spec: str | None) -> Path | None:
-    """The GGUF file a base LLM spec loads from (the built-in default is one), or None."""
-    if spec in (None, "", DEFAULT_LLM):
-        return _default_gguf()
-    return Path(spec).expanduser().resolve() if str(spec).endswith(".gguf") else None
 
 
 def _half(blocks: np.ndarray, start: int) -> torch.Tensor:

@@ -40,8 +40,9 @@ from transformers import DynamicCache
 from .._io import atomic_dir, write_json
 from ..data import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
+from ..model.sources import gguf_file
 from .fuse import fused_projections
-from .gguf_weights import gguf_file, gguf_layers
+from .gguf_weights import gguf_layers
 from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, SYMMETRIC, TABLE_BITS, WeightOnlyLinear, quantize_model
 from .runtime import MANIFEST
 

@@ -54,17 +54,23 @@ def _default_gguf() -> Path:
     return files[0]
 
 
+def gguf_file(spec: str | None) -> Path | None:
+    """The GGUF file a base LLM spec loads from (the built-in default is one), or None."""
+    if spec in (None, "", DEFAULT_LLM):
+        return _default_gguf()
+    return Path(spec).expanduser().resolve() if str(spec).endswith(".gguf") else None
+
+
 def resolve_llm(spec: str | None) -> str:
     """Turn a user's LLM spec into a loadable folder or hub id.
 
     The default and any GGUF file are converted once (dequantised by transformers + gguf) into an
     HF folder under `cache_dir()`, so later loads take a second instead of half a minute.
     """
+    gguf = gguf_file(spec)
     if spec in (None, "", DEFAULT_LLM):
-        gguf = _default_gguf()
         target = cache_dir() / DEFAULT_LLM
-    elif str(spec).endswith(".gguf"):
-        gguf = Path(spec).expanduser().resolve()
+    elif gguf is not None:
         if not gguf.is_file():
             raise FileNotFoundError(f"GGUF file not found: {gguf}")
         digest = hashlib.sha256(f"{gguf}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()

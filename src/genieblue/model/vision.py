@@ -69,7 +69,7 @@ class VisionTower(nn.Module):
         if self.drop_cls:  # CLIP's post-layernorm only feeds the pooled output, which is unused
             vit.post_layernorm = nn.Identity()
         if self.is_vit:
-            self.image_size, patch = cfg.image_size, cfg.patch_size
+            self.image_size = cfg.image_size
             channels, side = cfg.hidden_size, cfg.image_size // cfg.patch_size
         else:  # a backbone: its output grid and width, read off one forward pass
             self.image_size = getattr(cfg, "image_size", 224)
