@@ -138,8 +138,8 @@ def demo(
                               "than one the report adds mean +- sd per task and the ratio to full fine-tuning."),
     stage0_steps: Optional[int] = typer.Option(None, help="Stage-0 steps (default 300): the from-scratch vision tower learns "
                                                "to spell captions of freshly drawn images in the LLM's embeddings (0: skip)."),
-    stage1_steps: Optional[int] = typer.Option(None, help="Stage-1 optimizer steps (token mixer + projector only; default 25)."),
-    stage2_epochs: Optional[float] = typer.Option(None, help="Stage-2 epochs (default 1)."),
+    stage1_steps: Optional[int] = typer.Option(None, help="Stage-1 optimizer steps (token mixer + projector only; default 15)."),
+    stage2_epochs: Optional[float] = typer.Option(None, help="Stage-2 epochs (default 0.5)."),
     seed: int = typer.Option(0, help="Seed for data and training."),
 ):
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
