@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.state import AcceleratorState
 from PIL import Image
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, SiglipConfig, SiglipModel
 
@@ -120,6 +121,14 @@ def _local_copy(config: Path, root: Path, llm: str, vision: str, n: int) -> Path
         folder = (target.parent / source["image_folder"]).resolve() if source.get("image_folder") else None
         _write_data((target.parent / source["path"]).resolve(), folder, n)
     return target
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """The recipes train in bf16 in this process; accelerate keeps one global state per process, and
+    the other test files' runs (fp32) need it cleared again."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("name", BASES)

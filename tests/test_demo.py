@@ -24,7 +24,8 @@ def _cli(*args, timeout=1800) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run = _cli("demo", "--out", str(out), "--n-train", "24", "--n-test", "12", "--stage0-steps", "2", "--stage1-steps", "1")
+    run = _cli("demo", "--out", str(out), "--n-train", "24", "--n-test", "12", "--stage0-steps", "2", "--stage1-steps", "1",
+               "--stage2-epochs", "1")  # 2 steps: the first one's learning rate is 0 (warm-up)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -63,6 +64,25 @@ def test_chat_answers_with_and_without_an_image(short_demo):
     # the text-only reply is the independently loaded base's reply, through the same chat template
     base_reply = answer_records(load_llm(None), processor, text_only, max_new_tokens=12)[0]
     assert text.stdout.strip() == base_reply.strip() != ""
+
+
+def test_seed_summary_means_sds_and_ratio_to_full_fine_tuning():
+    from genieblue.data.synthetic import TASKS
+    from genieblue.demo import _seed_lines, seed_summary
+
+    def run(accuracy, ppl):
+        return {"multimodal": {"accuracy": accuracy, "per_group": dict.fromkeys(TASKS, accuracy)},
+                "perplexity_deployed": ppl, "text_qa_deployed": 0.5}
+
+    summary = seed_summary({"genieblue-skip": [run(0.5, 39.0), run(0.7, 39.0)], "full": [run(0.6, 50.0), run(0.6, 54.0)]})
+    skip, full = summary["genieblue-skip"], summary["full"]
+    assert skip["accuracy"]["mean"] == pytest.approx(0.6) and skip["accuracy"]["sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert full["perplexity_deployed"]["mean"] == 52.0 and full["per_task"]["count"]["sd"] == 0.0
+    assert skip["vs_full"]["ratio"] == pytest.approx(1.0)
+    # se of the ratio by the delta method: sqrt((0.1414 / 0.6)^2 / 2 + 0) = 0.1667
+    assert skip["vs_full"]["se"] == pytest.approx(0.1667, abs=1e-4) and full["vs_full"]["se"] == 0.0
+    table = "\n".join(_seed_lines(summary))
+    assert "| genieblue-skip | 60.0 +- 14.1" in table and "100.0% +- 16.7" in table
 
 
 def test_chat_reports_a_missing_model_in_one_line(tmp_path):

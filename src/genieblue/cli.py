@@ -21,7 +21,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 LLM_HELP = "Base LLM: HF hub id, local folder or .gguf file (default: built-in SmolLM2-135M-Instruct)."
-VISION_HELP = "Vision tower: SigLIP/CLIP hub id or folder, or a JSON config for a new ViT (default: tiny SigLIP)."
+VISION_HELP = ("Vision tower: SigLIP / CLIP / AutoBackbone (ResNet, ConvNeXt, ...) hub id or folder, or a JSON config "
+               "for a new one (default: the small from-scratch ResNet of the demo).")
 
 
 @app.callback()

@@ -242,7 +242,7 @@ def render_markdown(report: dict) -> str:
     main, loss = report["results"][MAIN]["multimodal"], report["results"][MAIN]["test_loss"]
     lines = [
         "# GenieBlue demo report", "",
-        f"Base LLM: `{report['config']['llm'] or 'SmolLM2-135M-Instruct (built-in)'}` · vision: tiny SigLIP trained "
+        f"Base LLM: `{report['config']['llm'] or 'SmolLM2-135M-Instruct (built-in)'}` · vision: small ResNet trained "
         f"from scratch · {report['config']['n_train']} training images · total time {report['timings']['total_s'] / 60:.1f} min.", "",
         f"## Multimodal accuracy (genieblue-skip, test split, n = {main['n']})", "",
         "| task | accuracy | 95% interval | n | chance |", "|---|---|---|---|---|",
