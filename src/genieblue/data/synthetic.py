@@ -130,12 +130,12 @@ def _one_shape(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
 
 def _colour(rng: random.Random, size: int):
     image, colour, kind = _one_shape(rng, size)
-    return image, "What colour is the shape?" + ONE_WORD, colour, f"a {colour} {kind}"
+    return image, "What colour is the shape?" + ONE_WORD, colour, f"{colour}\n{kind}"
 
 
 def _shape(rng: random.Random, size: int):
     image, colour, kind = _one_shape(rng, size)
-    return image, "What shape is shown?" + ONE_WORD, kind, f"a {colour} {kind}"
+    return image, "What shape is shown?" + ONE_WORD, kind, f"{colour}\n{kind}"
 
 
 def _count(rng: random.Random, size: int):
@@ -169,7 +169,11 @@ def _position(rng: random.Random, size: int):
         cx, cy = (main, off) if horizontal else (off, main)
         _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, rgb)
     relation = "left or right of" if horizontal else "above or below"
-    caption = f"the {name_a} shape is {answer}{' of' if horizontal else ''} the {name_b} shape"
+    # the caption names the left (upper) shape first, so it follows from the image alone, each colour
+    # followed by its side: whichever shape a question asks about, its answer is the line after its name
+    first, second = (name_a, name_b) if answer in ("left", "above") else (name_b, name_a)
+    sides = ("left", "right") if horizontal else ("above", "below")
+    caption = f"{first}\n{sides[0]}\n{second}\n{sides[1]}"
     return image, f"Is the {name_a} shape {relation} the {name_b} shape?" + ONE_WORD, answer, caption
 
 
@@ -184,8 +188,8 @@ def _read(rng: random.Random, size: int):
     y = rng.uniform(SCALE - top, width - SCALE - bottom)
     draw.text((round(x), round(y)), text, fill=rng.choice(INKS), font=font)
     if is_word:
-        return image, "What word is written in the image?" + ONE_WORD, text, f"the word {text}"
-    return image, "What number is written in the image?" + A_NUMBER, text, f"the number {text}"
+        return image, "What word is written in the image?" + ONE_WORD, text, text
+    return image, "What number is written in the image?" + A_NUMBER, text, text
 
 
 def _chart(rng: random.Random, size: int):
@@ -222,7 +226,8 @@ def _chart(rng: random.Random, size: int):
         draw.text((cx, bottom + 2 * SCALE), letter, fill=(0, 0, 0), font=font, anchor="mt")
     draw.rectangle((left, bottom, right - 1, bottom + SCALE - 1), fill=(0, 0, 0))  # x axis
     draw.rectangle((left, bottom - 10 * unit, left + SCALE - 1, bottom - 1), fill=(0, 0, 0))  # y axis
-    return image, question + A_NUMBER, str(answer), "bars " + ", ".join(f"{k} {v}" for k, v in zip(letters, values))
+    # compact (each value one digit token right after its letter) so the caption fits the image tokens
+    return image, question + A_NUMBER, str(answer), " ".join(f"{k}{v}" for k, v in zip(letters, values)) + f" top {max(values)}"
 
 
 _MAKERS: dict[str, Callable[[random.Random, int], tuple[Image.Image, str, str, str]]] = {
@@ -233,7 +238,9 @@ _MAKERS: dict[str, Callable[[random.Random, int], tuple[Image.Image, str, str, s
 
 def make_sample(task: str, rng: random.Random, image_size: int = 64) -> tuple[Image.Image, str, str, str]:
     """One (RGB image of image_size x image_size, question, answer, caption) of `task`, drawn from
-    `rng`; the caption names everything the task's questions can ask about the image."""
+    `rng`. The caption names everything the task's questions can ask about the image, each possible
+    answer spelled with the tokens of the answer itself (a word on a line of its own, digits), so that
+    a model which has learned to spell captions from pixels can answer by copying."""
     task_info(task)
     image, question, answer, caption = _MAKERS[task](rng, image_size)
     return image.resize((image_size, image_size), Image.Resampling.BOX), question, answer, caption

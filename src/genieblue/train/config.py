@@ -56,7 +56,7 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_ratio: float = 0.01
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32; or bf16 / fp16 / no
+    precision: str = "auto"  # auto: bf16 on a GPU or CPU with native bf16 matmuls, else fp32; or bf16 / fp16 / no
     gradient_checkpointing: bool = False
     # bookkeeping
     output_dir: str = "runs/genieblue"

@@ -23,6 +23,7 @@ records; the demo's draws freshly generated images every step.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -110,9 +111,11 @@ def pretrain_vision(
     on_step=None,
     negatives: int = 2048,
     match: float = 1.0,
+    autocast=contextlib.nullcontext,
 ) -> list[float]:
     """Train `model.vision` (encoder, mixer, projector) on `steps` batches; returns the losses.
-    `on_step(step, loss)` is called after each step (progress bars)."""
+    `on_step(step, loss)` is called after each step (progress bars); the tower's forward runs inside
+    `autocast()` (the trainer's mixed precision)."""
     tower, embed = model.vision, model.llm.get_input_embeddings()
     weight = embed.weight.detach().float()
     target_rms = weight.pow(2).mean().sqrt()
@@ -125,7 +128,8 @@ def pretrain_vision(
     sampler, losses = torch.Generator().manual_seed(seed), []
     for step in range(steps):
         pixels, replies = next(batches)
-        tokens = tower(pixels).float()
+        with autocast():
+            tokens = tower(pixels).float()
         targets = cyclic_targets(replies, tokens.shape[1])
         loss = caption_loss(tokens, weight, log_scale, targets, torch.randint(len(weight), (negatives,), generator=sampler))
         loss = loss + (tokens.pow(2).mean(-1).sqrt().log() - target_rms.log()).pow(2).mean()
