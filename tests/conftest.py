@@ -108,8 +108,16 @@ def chat_base(tmp_path_factory):
 
     tokenizer = load_tokenizer(None)
     torch.manual_seed(0)
-    config = LlamaConfig(**dict(_COMMON, vocab_size=len(tokenizer), num_hidden_layers=4,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
+    config = LlamaConfig(
+        **dict(
+            _COMMON,
+            vocab_size=len(tokenizer),
+            num_hidden_layers=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    )
     folder = tmp_path_factory.mktemp("chat_base")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

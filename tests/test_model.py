@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, TINY_CLIP, TINY_RESNET, TINY_SIGLIP, VOCAB, load_reference
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import FAMILIES, TINY_CLIP, TINY_RESNET, TINY_SIGLIP, VOCAB, load_reference
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue import Strategy
 from genieblue.model import IMAGE_TOKEN_INDEX, STRATEGIES
@@ -108,7 +108,9 @@ def test_save_and_reload_gives_identical_outputs(base_dirs, tmp_path):
         assert torch.equal(model(ids, pixel_values=px).logits, reloaded(ids, pixel_values=px).logits)
         text = _text_batch()
         assert torch.equal(model(text).logits, reloaded(text).logits)
-    assert torch.equal(model.generate(ids, pixel_values=px, **GREEDY), reloaded.generate(ids, pixel_values=px, **GREEDY))
+    assert torch.equal(
+        model.generate(ids, pixel_values=px, **GREEDY), reloaded.generate(ids, pixel_values=px, **GREEDY)
+    )
     # only the delta is on disk: no original base tensor was written
     assert not any(".original." in k or k.startswith("llm.model.embed") for k in model.delta_state_dict())
 
@@ -121,8 +123,12 @@ def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
     card = (tmp_path / "mllm" / "README.md").read_text()
     manifest = json.loads((tmp_path / "mllm" / "genieblue.json").read_text())
     assert card.startswith("---\nlibrary_name: genieblue\n") and "base_model:" not in card  # a local folder, no hub id
-    assert f"base LLM: `{base_dirs['llama']}` (llama, 8 blocks), fingerprint `{manifest['base']['fingerprint']}`" in card
-    assert manifest["block_indices"] == [0, 1] and "strategy: `genieblue-pre`, fraction 0.25; copied blocks: 0, 1;" in card
+    assert (
+        f"base LLM: `{base_dirs['llama']}` (llama, 8 blocks), fingerprint `{manifest['base']['fingerprint']}`" in card
+    )
+    assert (
+        manifest["block_indices"] == [0, 1] and "strategy: `genieblue-pre`, fraction 0.25; copied blocks: 0, 1;" in card
+    )
     delta = model.delta_state_dict()
     trainable = sum(t.numel() for t in delta.values())
     llm_delta = sum(t.numel() for k, t in delta.items() if not k.startswith("vision."))
@@ -130,7 +136,11 @@ def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
     assert f"| LLM delta (copies + experts + LoRA) | {llm_delta / 1e6:,.2f}M |" in card
     assert "## Training\n\nNot trained (as built)." in card
     mllm = tmp_path / "mllm"
-    for command in (f"genieblue chat -m {mllm} -i photo.jpg", f"genieblue serve -m {mllm}", f"genieblue export -m {mllm}"):
+    for command in (
+        f"genieblue chat -m {mllm} -i photo.jpg",
+        f"genieblue serve -m {mllm}",
+        f"genieblue export -m {mllm}",
+    ):
         assert command in card
     assert not list(tmp_path.glob(".mllm*"))  # written inside the atomic folder
 
@@ -271,7 +281,9 @@ def test_pretrained_backbone_folder_loads_its_weights(base_dirs, tmp_path):
     tower = GenieBlue.from_base(base_dirs["llama"], vision=str(tmp_path / "resnet")).eval().vision
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(tower.encode(pixels), reference(pixels).feature_maps[-1].flatten(2).transpose(1, 2), atol=1e-6)
+        assert torch.allclose(
+            tower.encode(pixels), reference(pixels).feature_maps[-1].flatten(2).transpose(1, 2), atol=1e-6
+        )
     assert tower.tokens_per_tile == 4  # the default 2x2 downsampler over the 4x4 cells
 
 

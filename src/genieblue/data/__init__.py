@@ -24,7 +24,14 @@ _EXPORTS = {
     ),
     "dataset": ("MixtureSamples",),
     "packing": ("collate", "collate_prompts", "first_fit", "pack"),
-    "processor": ("IGNORE_INDEX", "GenieBlueProcessor", "Sample", "load_model_and_processor", "load_processor", "save_processor_settings"),
+    "processor": (
+        "IGNORE_INDEX",
+        "GenieBlueProcessor",
+        "Sample",
+        "load_model_and_processor",
+        "load_processor",
+        "save_processor_settings",
+    ),
     "records": (
         "IMAGE_PLACEHOLDER",
         "ROLES",

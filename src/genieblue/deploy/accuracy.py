@@ -43,17 +43,27 @@ def _stats(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     diff = torch.cat([(a - b).abs().flatten() for a, b in pairs])
     agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).flatten() for a, b in pairs])
     scale = max(b.abs().max().item() for _, b in pairs)
-    return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(), "max_abs_reference": scale,
-            "top1_agreement": agree.float().mean().item(), "positions": agree.numel()}
+    return {
+        "max_abs": diff.max().item(),
+        "mean_abs": diff.mean().item(),
+        "max_abs_reference": scale,
+        "top1_agreement": agree.float().mean().item(),
+        "positions": agree.numel(),
+    }
 
 
 @torch.no_grad()
-def logit_error(model: GenieBlueForConditionalGeneration, reference: GenieBlueForConditionalGeneration,
-                prompts: dict[str, list]) -> dict:
+def logit_error(
+    model: GenieBlueForConditionalGeneration, reference: GenieBlueForConditionalGeneration, prompts: dict[str, list]
+) -> dict:
     """Per mode: how far `model`'s logits are from `reference`'s at every prompt position (max and
     mean absolute difference, and how often the greedy next token is the same)."""
-    return {mode: _stats([(model(ids, pixel_values=px).logits[0], reference(ids, pixel_values=px).logits[0])
-                          for ids, px in items]) for mode, items in prompts.items()}
+    return {
+        mode: _stats(
+            [(model(ids, pixel_values=px).logits[0], reference(ids, pixel_values=px).logits[0]) for ids, px in items]
+        )
+        for mode, items in prompts.items()
+    }
 
 
 @torch.no_grad()
@@ -93,4 +103,6 @@ def stepwise_text(folder, reference: GenieBlueForConditionalGeneration, tokenize
         same += (got.argmax(-1) == expected.argmax(-1)).sum().item()
         count += len(steps)
     return {f"perplexity_{name}": float(np.exp(total / count)) for name, total in nll.items()} | {
-        "same_next_token": same / count, "positions": count}
+        "same_next_token": same / count,
+        "positions": count,
+    }

@@ -87,8 +87,12 @@ class DecoderStep(nn.Module):
         """The 4D mask HF takes as prepared: one per layer type, or one for all layers."""
         if self.layer_types is None:
             return _attention_bias(attention_mask, query_length, self.window, dtype)
-        return {kind: _attention_bias(attention_mask, query_length, self.window if kind == "sliding_attention" else None, dtype)
-                for kind in set(self.layer_types)}
+        return {
+            kind: _attention_bias(
+                attention_mask, query_length, self.window if kind == "sliding_attention" else None, dtype
+            )
+            for kind in set(self.layer_types)
+        }
 
     def forward(self, input_ids, attention_mask, *rest):
         llm, router = self.model.llm, self.model.router
@@ -104,7 +108,11 @@ class DecoderStep(nn.Module):
             order = (visual.long().flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)
             embeds = torch.where(visual.unsqueeze(-1), features[order].to(embeds.dtype), embeds)
             with router.route(image=True):
-                out = llm(inputs_embeds=embeds, attention_mask=self._masks(attention_mask, query_length, embeds.dtype), **common)
+                out = llm(
+                    inputs_embeds=embeds,
+                    attention_mask=self._masks(attention_mask, query_length, embeds.dtype),
+                    **common,
+                )
         else:
             with router.route(image=False):
                 mask = self._masks(attention_mask, query_length, llm.dtype)
@@ -133,8 +141,15 @@ def _to_proto(module: nn.Module, args: tuple, inputs: list[str], outputs: list[s
     with warnings.catch_warnings():  # the tracer notes every Python-level shape check it freezes
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            module, args, buffer, dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,
-            dynamic_axes=dynamic, do_constant_folding=False,  # keep every weight under its module name
+            module,
+            args,
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            do_constant_folding=False,  # keep every weight under its module name
             custom_opsets={"com.microsoft": 1},
         )
     return onnx.load_from_string(buffer.getvalue())
@@ -149,7 +164,11 @@ def _decoder_graph(model, image: bool, layers: int, kv_shape: tuple[int, int]) -
     kv = tuple(torch.zeros(batch, heads, past, head_dim) for _ in range(2 * layers))
     inputs = ["input_ids", "attention_mask"]
     args = [ids, torch.ones(batch, past + query, dtype=torch.long)]
-    dynamic = {"input_ids": {0: "batch", 1: "query"}, "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch"}}
+    dynamic = {
+        "input_ids": {0: "batch", 1: "query"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "logits": {0: "batch"},
+    }
     if image:
         ids[0, 0] = IMAGE_TOKEN_INDEX
         inputs.append("image_features")
@@ -157,8 +176,13 @@ def _decoder_graph(model, image: bool, layers: int, kv_shape: tuple[int, int]) -
         dynamic["image_features"] = {0: "image_tokens"}
     dynamic |= {n: {0: "batch", 2: "past"} for n in _kv_names(layers, "past")}
     dynamic |= {n: {0: "batch", 2: "total"} for n in _kv_names(layers, "present")}
-    return _to_proto(DecoderStep(model, image), (*args, *kv), inputs + _kv_names(layers, "past"),
-                     ["logits", *_kv_names(layers, "present")], dynamic)
+    return _to_proto(
+        DecoderStep(model, image),
+        (*args, *kv),
+        inputs + _kv_names(layers, "past"),
+        ["logits", *_kv_names(layers, "present")],
+        dynamic,
+    )
 
 
 def _vision_graph(model, single_tile: bool) -> onnx.ModelProto:
@@ -244,29 +268,44 @@ def _precision(model) -> str:
     return f"w{LLM_BITS}a16" if any(isinstance(m, WeightOnlyLinear) for m in model.modules()) else "fp32"
 
 
-def quantize(model: GenieBlueForConditionalGeneration, llm: str | None = None, keep_gguf: bool = True,
-             copy_bits: int = LLM_BITS) -> dict:
+def quantize(
+    model: GenieBlueForConditionalGeneration, llm: str | None = None, keep_gguf: bool = True, copy_bits: int = LLM_BITS
+) -> dict:
     """Quantise `model` in place for a W4A16 export (block copies at `copy_bits`): when its base
     (`llm`, else the one it names) is a GGUF file, with the file's own Q4_0 / Q4_1 / Q8_0 blocks for
     those tensors (unless not `keep_gguf`). Returns the manifest's `quantization` entry."""
     path = gguf_file(llm if llm is not None else model.base_spec) if keep_gguf else None
     kept, types = gguf_layers(path, model.llm) if path is not None else ({}, {})
     quantize_model(model, kept=kept, copy_bits=copy_bits)
-    return {"llm_bits": LLM_BITS, "table_bits": TABLE_BITS, "copy_bits": copy_bits, "delta_bits": DELTA_BITS,
-            "block_size": BLOCK_SIZE, "symmetric": SYMMETRIC, "op": "com.microsoft.MatMulNBits",
-            "gguf": None if path is None else {"file": path.name, "tensor_types": types, "kept": len(kept)}}
+    return {
+        "llm_bits": LLM_BITS,
+        "table_bits": TABLE_BITS,
+        "copy_bits": copy_bits,
+        "delta_bits": DELTA_BITS,
+        "block_size": BLOCK_SIZE,
+        "symmetric": SYMMETRIC,
+        "op": "com.microsoft.MatMulNBits",
+        "gguf": None if path is None else {"file": path.name, "tensor_types": types, "kept": len(kept)},
+    }
 
 
 @torch.no_grad()
-def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, single_tile: bool = False,
-                eos_token_ids: list[int] | None = None, quantization: dict | None = None) -> dict:
+def export_onnx(
+    model: GenieBlueForConditionalGeneration,
+    folder: str | Path,
+    single_tile: bool = False,
+    eos_token_ids: list[int] | None = None,
+    quantization: dict | None = None,
+) -> dict:
     """Write text.onnx, image.onnx, vision.onnx, base.onnx.data, delta.onnx.data and deploy.json
     into `folder` (atomically). Quantise first (`quantize`, or `quant.quantize_model`; its entry
     goes to the manifest as `quantization`) for W4A16; a float model exports float32. Returns the
     manifest."""
     if model.strategy.family == "cogvlm":
-        raise ValueError("cogvlm visual experts pick weights per token (MoE-style routing); export supports "
-                         "the genieblue-*, lora and full strategies")
+        raise ValueError(
+            "cogvlm visual experts pick weights per token (MoE-style routing); export supports "
+            "the genieblue-*, lora and full strategies"
+        )
     model.eval()
     precision = _precision(model)
     layers = len(model.llm.model.layers)
@@ -284,9 +323,19 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
             "format": "genieblue-onnx",
             "version": 1,
             "precision": precision,
-            "quantization": None if precision == "fp32" else quantization or {
-                "llm_bits": LLM_BITS, "table_bits": TABLE_BITS, "copy_bits": None, "delta_bits": DELTA_BITS,
-                "block_size": BLOCK_SIZE, "symmetric": SYMMETRIC, "op": "com.microsoft.MatMulNBits", "gguf": None},
+            "quantization": None
+            if precision == "fp32"
+            else quantization
+            or {
+                "llm_bits": LLM_BITS,
+                "table_bits": TABLE_BITS,
+                "copy_bits": None,
+                "delta_bits": DELTA_BITS,
+                "block_size": BLOCK_SIZE,
+                "symmetric": SYMMETRIC,
+                "op": "com.microsoft.MatMulNBits",
+                "gguf": None,
+            },
             "graphs": GRAPHS,
             "data": {"base": BASE_DATA, "delta": DELTA_DATA},
             "bytes": files,
@@ -308,8 +357,15 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
     return manifest
 
 
-def export_saved_model(model_dir: str | Path, out: str | Path, precision: str = "w4a16", single_tile: bool = False,
-                       llm: str | None = None, keep_gguf: bool = True, copy_bits: int = LLM_BITS) -> dict:
+def export_saved_model(
+    model_dir: str | Path,
+    out: str | Path,
+    precision: str = "w4a16",
+    single_tile: bool = False,
+    llm: str | None = None,
+    keep_gguf: bool = True,
+    copy_bits: int = LLM_BITS,
+) -> dict:
     """Load a saved GenieBlue folder, quantise it (`w4a16`, see `quantize`) or keep it float
     (`fp32`) and export it."""
     if precision not in PRECISIONS:
@@ -319,5 +375,8 @@ def export_saved_model(model_dir: str | Path, out: str | Path, precision: str = 
     model, processor = load_model_and_processor(model_dir, llm)
     quantization = quantize(model, llm, keep_gguf, copy_bits) if precision == "w4a16" else None
     eos = model.llm.generation_config.eos_token_id
-    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), processor.tokenizer.eos_token_id} - {None})
+    eos = sorted(
+        {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), processor.tokenizer.eos_token_id}
+        - {None}
+    )
     return export_onnx(model, out, single_tile, eos, quantization)

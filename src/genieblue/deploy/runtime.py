@@ -52,8 +52,13 @@ class DeployedModel:
         self.load("image")
         return self.sessions["vision"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
-    def step(self, input_ids: np.ndarray, cache: list[np.ndarray], image_features: np.ndarray | None = None,
-             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(
+        self,
+        input_ids: np.ndarray,
+        cache: list[np.ndarray],
+        image_features: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: (B, T) ids after `cache` -> (last-position logits (B, V), new cache).
         With `image_features` it runs the image graph (pass the features on the step whose ids hold
         the placeholders; any (1, D) array on later steps), else the text graph."""
@@ -70,8 +75,13 @@ class DeployedModel:
         logits, *present = self.sessions[mode].run(None, feed)
         return logits[:, -1], present
 
-    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None, max_new_tokens: int = 32,
-                 stop_at_eos: bool = True) -> list[int]:
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        pixel_values: np.ndarray | None = None,
+        max_new_tokens: int = 32,
+        stop_at_eos: bool = True,
+    ) -> list[int]:
         """Greedy tokens for one prompt (1, T) (with an image: its placeholders and pixel tiles)."""
         features = None if pixel_values is None else self.image_features(pixel_values)
         logits, cache = self.step(input_ids, self.empty_cache(), features)

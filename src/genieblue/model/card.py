@@ -38,21 +38,34 @@ def _front_matter(base: str | None) -> str:
 def _parameters(manifest: dict, delta_bytes: int | None) -> list[str]:
     p = manifest["params"]
     delta = p["copies"] + p["experts"] + p["lora"]
-    rows = [("frozen base LLM (shared with text-only requests)", p["base_llm"]), ("block copies", p["copies"]),
-            ("visual experts", p["experts"]), ("LoRA", p["lora"]), ("LLM delta (copies + experts + LoRA)", delta),
-            ("ViT", p["vit"]), ("projector", p["projector"]), ("trainable (LLM delta + ViT + projector)", p["trainable"])]
-    out = ["| parameters | count |", "|---|---|"] + [f"| {name} | {_millions(n)} |" for name, n in rows if n or "LLM" in name]
+    rows = [
+        ("frozen base LLM (shared with text-only requests)", p["base_llm"]),
+        ("block copies", p["copies"]),
+        ("visual experts", p["experts"]),
+        ("LoRA", p["lora"]),
+        ("LLM delta (copies + experts + LoRA)", delta),
+        ("ViT", p["vit"]),
+        ("projector", p["projector"]),
+        ("trainable (LLM delta + ViT + projector)", p["trainable"]),
+    ]
+    out = ["| parameters | count |", "|---|---|"] + [
+        f"| {name} | {_millions(n)} |" for name, n in rows if n or "LLM" in name
+    ]
     if delta_bytes is not None:
-        out.append(f"\nThe delta file (`delta.safetensors`) holds {delta_bytes / 2**20:,.1f} MiB; the base is never copied.")
+        out.append(
+            f"\nThe delta file (`delta.safetensors`) holds {delta_bytes / 2**20:,.1f} MiB; the base is never copied."
+        )
     return out
 
 
 def _training(stages: list[dict]) -> list[str]:
     out = []
     for s in stages:
-        out.append(f"- **stage {s['stage']}** ({'projector only' if s['stage'] == 1 else 'ViT, projector, copies and LoRA'}):"
-                   f" {s['steps']:,} steps, {s['samples']:,} samples per epoch, {s['tokens']:,} tokens seen, final loss "
-                   f"{s['final_loss']:.4f}; lr {s['lr']:g}, packing {s['max_length']}, precision {s['precision']}")
+        out.append(
+            f"- **stage {s['stage']}** ({'projector only' if s['stage'] == 1 else 'ViT, projector, copies and LoRA'}):"
+            f" {s['steps']:,} steps, {s['samples']:,} samples per epoch, {s['tokens']:,} tokens seen, final loss "
+            f"{s['final_loss']:.4f}; lr {s['lr']:g}, packing {s['max_length']}, precision {s['precision']}"
+        )
         for d in s["data"]:
             out.append(f"  - `{d['path']}` (ratio {d['ratio']:g}): {d['samples']:,} samples in the mixture")
         if s.get("bad_records"):
@@ -64,8 +77,11 @@ def _evaluations(evals: dict) -> list[str]:
     out = []
     for kind, table in evals.items():
         columns = table["columns"]
-        out += [f"\n**{kind}** (reference row: {table['reference']})\n",
-                "| | " + " | ".join(columns) + " | average | retention |", "|---" * (len(columns) + 3) + "|"]
+        out += [
+            f"\n**{kind}** (reference row: {table['reference']})\n",
+            "| | " + " | ".join(columns) + " | average | retention |",
+            "|---" * (len(columns) + 3) + "|",
+        ]
         for label, row in table["rows"].items():
             cells = [row["scores"].get(c) for c in columns] + [row["average"], row["retention"]]
             out.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells) + " |")
@@ -106,12 +122,18 @@ def render_card(folder: str | Path, name: str | None = None) -> str:
     evals = _read(folder / EVALS)
     if evals:
         lines += ["", "## Evaluation"] + _evaluations(evals)
-    lines += ["", "## Use", "", "```bash",
-              f'genieblue chat -m {name} -i photo.jpg "What is in this picture?"',
-              f'genieblue chat -m {name} "A text-only question runs the untouched base."',
-              f"genieblue serve -m {name} --port 8000  # OpenAI-compatible /v1/chat/completions",
-              f"genieblue export -m {name} -o {name}-onnx  # W4A16 ONNX graphs for on-device inference",
-              "```", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f'genieblue chat -m {name} -i photo.jpg "What is in this picture?"',
+        f'genieblue chat -m {name} "A text-only question runs the untouched base."',
+        f"genieblue serve -m {name} --port 8000  # OpenAI-compatible /v1/chat/completions",
+        f"genieblue export -m {name} -o {name}-onnx  # W4A16 ONNX graphs for on-device inference",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -88,7 +88,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         shared_base: bool = False,
         downsample: int | None = None,
         **strategy_options,
-    ) -> "GenieBlueForConditionalGeneration":
+    ) -> GenieBlueForConditionalGeneration:
         """Build from a base LLM (hub id, folder, .gguf, None for the built-in default, or a loaded
         model) and a vision tower (SigLIP / CLIP / AutoBackbone id or folder, or a config dict for a new
         encoder, which may also hold the tower's `downsample` and `mix_tokens`; None: `DEFAULT_VISION`).
@@ -209,7 +209,9 @@ class GenieBlueForConditionalGeneration(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, shared_base=None, **gen_kwargs):
         """transformers `generate` on the routed model; returns only the new tokens (B, new)."""
-        gen_kwargs.setdefault("pad_token_id", self.llm.generation_config.pad_token_id or self.llm.generation_config.eos_token_id)
+        gen_kwargs.setdefault(
+            "pad_token_id", self.llm.generation_config.pad_token_id or self.llm.generation_config.eos_token_id
+        )
         if self._text_only(input_ids, pixel_values, shared_base):
             with self.router.route(image=False):
                 out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
@@ -257,7 +259,9 @@ class GenieBlueForConditionalGeneration(nn.Module):
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
             from .report import parameter_report  # report builds on this module
 
-            write_json(tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]})
+            write_json(
+                tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]}
+            )
             if training is not None:
                 write_json(tmp / TRAINING, training)
             write_card(tmp, name=str(directory))
@@ -266,13 +270,15 @@ class GenieBlueForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, llm: str | PreTrainedModel | None = None, dtype: torch.dtype = torch.float32
-    ) -> "GenieBlueForConditionalGeneration":
+    ) -> GenieBlueForConditionalGeneration:
         """Load a saved delta onto its base (from the manifest, or `llm` to point elsewhere).
         Refuses a base whose weights differ from the ones the delta was trained on."""
         directory = Path(directory)
         for needed in (MANIFEST, DELTA):
             if not (directory / needed).is_file():
-                raise FileNotFoundError(f"{directory / needed} is missing: not a genieblue model folder (see save_pretrained)")
+                raise FileNotFoundError(
+                    f"{directory / needed} is missing: not a genieblue model folder (see save_pretrained)"
+                )
         manifest = json.loads((directory / MANIFEST).read_text())
         spec = manifest["base"]["llm"]
         if isinstance(llm, PreTrainedModel):
@@ -293,6 +299,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
         expected = set(model.delta_state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"{directory / DELTA} does not match the strategy: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise ValueError(
+                f"{directory / DELTA} does not match the strategy: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         model.load_state_dict(state, strict=False)
         return model

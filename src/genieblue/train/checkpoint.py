@@ -67,7 +67,13 @@ def save_checkpoint(
         save_file(tensors, tmp / OPTIM)
         write_json(
             tmp / STATE,
-            {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), "python_rng": random.getstate(), **extra},
+            {
+                "step": step,
+                "optimizer": meta,
+                "scheduler": scheduler.state_dict(),
+                "python_rng": random.getstate(),
+                **extra,
+            },
         )
     for old in sorted(folder.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -54,11 +54,18 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
     if cfg.init_from:
         model = GenieBlueForConditionalGeneration.from_pretrained(cfg.init_from, llm=cfg.llm)
         if model.strategy.name != cfg.strategy:
-            raise ValueError(f"init_from {cfg.init_from} uses strategy {model.strategy.name}, config asks {cfg.strategy}")
+            raise ValueError(
+                f"init_from {cfg.init_from} uses strategy {model.strategy.name}, config asks {cfg.strategy}"
+            )
     else:
         model = GenieBlueForConditionalGeneration.from_base(
-            cfg.llm, cfg.vision, cfg.strategy, downsample=cfg.vision_downsample, fraction=cfg.fraction,
-            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+            cfg.llm,
+            cfg.vision,
+            cfg.strategy,
+            downsample=cfg.vision_downsample,
+            fraction=cfg.fraction,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
         )
     model.set_stage(cfg.stage)
     return model
@@ -215,19 +222,25 @@ class Trainer:
             task = progress.add_task(f"stage {cfg.stage}", total=total, completed=start, status="") if main else None
             metrics = (self.out / "metrics.jsonl").open("a") if main else None
             for step in range(start, total):
-                record = self._step(ddp_model, optimizer, scheduler, data.samples, rows, step, steps_per_epoch, processor.pad_id)
+                record = self._step(
+                    ddp_model, optimizer, scheduler, data.samples, rows, step, steps_per_epoch, processor.pad_id
+                )
                 self._note_late_failures(data)
                 if main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     progress.update(
-                        task, advance=1,
-                        status=f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s",
+                        task,
+                        advance=1,
+                        status=f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
+                        f"{record['tokens_per_s']:.0f} tok/s",
                     )
                 if (step + 1) % cfg.save_every == 0 and step + 1 < total:
                     acc.wait_for_everyone()
                     if main:
-                        save_checkpoint(ckpt_dir, model, optimizer, scheduler, step + 1, {"total": total}, cfg.keep_last)
+                        save_checkpoint(
+                            ckpt_dir, model, optimizer, scheduler, step + 1, {"total": total}, cfg.keep_last
+                        )
             if main:
                 metrics.close()
         return self._finish(model, data)
@@ -238,8 +251,11 @@ class Trainer:
         mine = self._step_rows(rows, step, steps_per_epoch)[acc.process_index :: acc.num_processes]
         # the step's samples, pixels and all, encoded now; one failing only now is left out (and listed)
         encoded = [[s for s in map(samples.sample, row) if s is not None] for row in mine]
-        micro = [pack([s for row in encoded[j : j + cfg.batch_size] for s in row], cfg.max_length, pad_id)
-                 for j in range(0, len(encoded), cfg.batch_size) if any(encoded[j : j + cfg.batch_size])]
+        micro = [
+            pack([s for row in encoded[j : j + cfg.batch_size] for s in row], cfg.max_length, pad_id)
+            for j in range(0, len(encoded), cfg.batch_size)
+            if any(encoded[j : j + cfg.batch_size])
+        ]
         seen = sum(len(s) for row in encoded for s in row)
         # the token count of the whole global batch normalises every micro-batch's summed loss
         local = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), dtype=torch.float64)
@@ -263,8 +279,14 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss_value = acc.reduce(loss_sum.to(acc.device), reduction="sum").item()
         elapsed = time.perf_counter() - t0
-        return {"step": step + 1, "loss": loss_value, "lr": lr, "tokens": seen * acc.num_processes,
-                "tokens_per_s": seen * acc.num_processes / elapsed, "time_s": elapsed}
+        return {
+            "step": step + 1,
+            "loss": loss_value,
+            "lr": lr,
+            "tokens": seen * acc.num_processes,
+            "tokens_per_s": seen * acc.num_processes / elapsed,
+            "time_s": elapsed,
+        }
 
     def _stage0(self, model: GenieBlueForConditionalGeneration, samples: list[Sample], processor, progress) -> None:
         """Stage 0 (see `vision_pretrain`); every process runs the same seeded steps, so ViTs agree."""
@@ -279,7 +301,9 @@ class Trainer:
             batches = sample_batches(samples, cfg.stage0_batch, cfg.seed)
         else:
             batches = stream_batches(self.stage0_source, processor, cfg.stage0_batch)
-        losses = pretrain_vision(model, batches, cfg.stage0_steps, cfg.stage0_lr, cfg.seed, on_step, match=cfg.stage0_match)
+        losses = pretrain_vision(
+            model, batches, cfg.stage0_steps, cfg.stage0_lr, cfg.seed, on_step, match=cfg.stage0_match
+        )
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "stage0.json", {"steps": len(losses), "losses": losses})
@@ -316,13 +340,25 @@ class Trainer:
         log = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
         earlier = Path(cfg.init_from or "") / TRAINING
         stage = {
-            "stage": cfg.stage, "strategy": cfg.strategy, "init_from": cfg.init_from, "steps": len(log),
-            "tokens": sum(r["tokens"] for r in log), "final_loss": log[-1]["loss"], "samples": len(data.samples),
-            "bad_records": len(data.bad), "lr": cfg.lr, "max_length": cfg.max_length,
+            "stage": cfg.stage,
+            "strategy": cfg.strategy,
+            "init_from": cfg.init_from,
+            "steps": len(log),
+            "tokens": sum(r["tokens"] for r in log),
+            "final_loss": log[-1]["loss"],
+            "samples": len(data.samples),
+            "bad_records": len(data.bad),
+            "lr": cfg.lr,
+            "max_length": cfg.max_length,
             "precision": _precision(cfg.precision),
-            "data": [{"path": d.path, "ratio": d.ratio, "samples": n} for d, n in zip(cfg.data, data.samples.mixture.counts)],
+            "data": [
+                {"path": d.path, "ratio": d.ratio, "samples": n} for d, n in zip(cfg.data, data.samples.mixture.counts)
+            ],
         }
-        return {"stages": (json.loads(earlier.read_text())["stages"] if cfg.init_from and earlier.is_file() else []) + [stage]}
+        return {
+            "stages": (json.loads(earlier.read_text())["stages"] if cfg.init_from and earlier.is_file() else [])
+            + [stage]
+        }
 
     def _finish(self, model: GenieBlueForConditionalGeneration, data: PreparedData) -> Path:
         acc = self.accelerator
@@ -333,7 +369,9 @@ class Trainer:
 
             acc.unwrap_model(model).save_pretrained(final, training=self._training_record(data))
             save_processor_settings(final, max_tiles=self.cfg.max_tiles, system_prompt=self.cfg.system_prompt)
-            loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}")
+            loss_curve(
+                self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}"
+            )
             if data.bad:
                 self.console.print(
                     f"[yellow]skipped {len(data.bad)} of {data.total} records[/yellow] "
