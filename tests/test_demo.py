@@ -45,6 +45,7 @@ def short_demo(tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 def test_short_demo_writes_reports_and_keeps_the_base_exact(short_demo):
     report = json.loads((short_demo / "report.json").read_text())
     for name in ("report.md", "accuracy.png", f"{MODEL}/delta.safetensors", "runs/genieblue-skip/stage2/loss.png"):
@@ -59,6 +60,7 @@ def test_short_demo_writes_reports_and_keeps_the_base_exact(short_demo):
     assert "| colour |" in (short_demo / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_chat_answers_with_and_without_an_image(short_demo):
     model_dir = short_demo / MODEL
     model = GenieBlueForConditionalGeneration.from_pretrained(model_dir)
@@ -116,6 +118,7 @@ def test_seed_summary_means_sds_and_ratio_to_full_fine_tuning():
     assert "| genieblue-skip | 60.0 +- 14.1" in table and "100.0% +- 16.7" in table
 
 
+@pytest.mark.integration
 def test_chat_reports_a_missing_model_in_one_line(tmp_path):
     run = _cli("chat", "--model", str(tmp_path / "nope"), "hello", timeout=120)
     assert run.returncode == 2
@@ -123,6 +126,7 @@ def test_chat_reports_a_missing_model_in_one_line(tmp_path):
     assert len(run.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_full_default_demo_sees_and_keeps_the_base_exact(tmp_path):
     """The real `genieblue demo` with its defaults (about 13 minutes on 2 CPU cores)."""

@@ -266,6 +266,7 @@ def test_gguf_blocks_are_kept_exactly(tiny_gguf, base_dirs):
         gguf_layers(tiny_gguf, load_reference(base_dirs["qwen2"]))
 
 
+@pytest.mark.integration
 def test_gguf_export_runs_the_files_blocks_under_onnxruntime(tiny_gguf, tmp_path):
     model = _trained_like(_load_gguf(tiny_gguf))
     quantize_model(model, kept=gguf_layers(tiny_gguf, model.llm)[0])
@@ -363,6 +364,7 @@ def _check_steps(model, deployed: DeployedModel, ids, pixels, follow=(7, 9, 11))
         np.testing.assert_allclose(logits[0], full[ids.shape[1] + k].numpy(), atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.integration
 def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
     model, folder = qwen2_export
     deployed = DeployedModel(folder)
@@ -381,6 +383,7 @@ def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
     assert ops["image"]["MatMul"] - ops["text"]["MatMul"] == 2 * 4 * len(model.strategy.lora_indices(layers))
 
 
+@pytest.mark.integration
 def test_onnxruntime_folds_the_fused_weights_when_it_loads_a_graph(qwen2_export, tmp_path):
     model, folder = qwen2_export
     lora_matmuls = 2 * 4 * len(model.strategy.lora_indices(len(model.llm.model.layers)))
@@ -395,6 +398,7 @@ def test_onnxruntime_folds_the_fused_weights_when_it_loads_a_graph(qwen2_export,
         assert sum(n.input[1] in constant for n in nodes.node if n.op_type == "MatMul") == expected  # LoRA A, B
 
 
+@pytest.mark.integration
 def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_path):
     model = _trained_like(base_dirs["llama"])
     export_onnx(model, tmp_path / "fp32")
@@ -407,6 +411,7 @@ def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_
     assert locations == {BASE_DATA, DELTA_DATA}
 
 
+@pytest.mark.integration
 def test_conv_backbone_tower_exports_and_runs(base_dirs, tmp_path):
     """The demo's tower (ResNet AutoBackbone + token mixer) in the W8A16 vision graph, then decoding."""
     model = quantize_model(_trained_like(base_dirs["llama"], vision=TINY_RESNET))
@@ -419,6 +424,7 @@ def test_conv_backbone_tower_exports_and_runs(base_dirs, tmp_path):
     _check_steps(model, deployed, ids, pixels)
 
 
+@pytest.mark.integration
 def test_base_weights_are_stored_once_and_read_by_both_graphs(qwen2_export):
     model, folder = qwen2_export
     graphs = {g: onnx.load(folder / f"{g}.onnx", load_external_data=False) for g in ("text", "image", "vision")}
@@ -459,6 +465,7 @@ def test_base_weights_are_stored_once_and_read_by_both_graphs(qwen2_export):
     assert set(deployed.sessions) == {"text", "image", "vision"}
 
 
+@pytest.mark.integration
 def test_cli_export_single_tile_vision_graph_and_greedy_tokens(cli_export):
     model_dir, folder, manifest = cli_export
     assert manifest["single_tile"] and manifest["precision"] == "w4a16"
@@ -484,6 +491,7 @@ def test_cli_export_single_tile_vision_graph_and_greedy_tokens(cli_export):
         assert got == expected
 
 
+@pytest.mark.integration
 def test_cli_bench_deploy_reports_table9(cli_export):
     model_dir, folder, _ = cli_export
     run = _cli(
@@ -532,6 +540,7 @@ def test_cli_bench_deploy_reports_table9(cli_export):
     )
 
 
+@pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, cli_export):
     model_dir, folder, _ = cli_export
     for args, message in (

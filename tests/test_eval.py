@@ -477,6 +477,7 @@ QUESTIONS = [
 ]
 
 
+@pytest.mark.integration
 def test_chat_judged_through_a_served_model_counts_unparseable_ratings_and_resumes(models, judge, tmp_path):
     url, engine = judge
     questions = tmp_path / "questions.jsonl"

@@ -198,6 +198,7 @@ def _chat(client, content, **kwargs):
     )
 
 
+@pytest.mark.integration
 def test_text_chat_equals_the_base(client, base, base_tok):
     reply = _chat(client, QUESTIONS[1])
     assert reply.choices[0].message.content == _base_text(base, base_tok, QUESTIONS[1])
@@ -206,12 +207,14 @@ def test_text_chat_equals_the_base(client, base, base_tok):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
+@pytest.mark.integration
 def test_image_chat_matches_the_engine(client, engine):
     parts = [{"type": "image_url", "image_url": {"url": _data_url(_png())}}, {"type": "text", "text": "What is this?"}]
     reply = _chat(client, parts).choices[0].message.content
     assert reply == engine.generate(_user("<image>\nWhat is this?"), [_png()], max_tokens=N).text
 
 
+@pytest.mark.integration
 def test_stream_concatenates_to_the_plain_reply(client):
     chunks = list(_chat(client, QUESTIONS[2], stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -243,6 +246,7 @@ BAD = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_gets_a_4xx_error_body_and_the_server_keeps_serving(client, case):
     content, kwargs, status, code = BAD[case]
@@ -255,6 +259,7 @@ def test_bad_input_gets_a_4xx_error_body_and_the_server_keeps_serving(client, ca
     assert _chat(client, "Hi", max_tokens=2).choices[0].message.content is not None
 
 
+@pytest.mark.integration
 def test_local_images_when_allowed(engine, tmp_path):
     (tmp_path / "x.png").write_bytes(_png())
     with serving(create_app(engine, allow_local_images=True)) as url:
@@ -263,6 +268,7 @@ def test_local_images_when_allowed(engine, tmp_path):
     assert reply == engine.generate(_user("<image>\nWhat is this?"), [_png()], max_tokens=N).text
 
 
+@pytest.mark.integration
 def test_concurrent_mixed_load(client, base, base_tok):
     """24 clients at once, text and image mixed: no failures, each text reply is the base's."""
     expected = {q: _base_text(base, base_tok, q) for q in QUESTIONS}
@@ -284,6 +290,7 @@ def test_concurrent_mixed_load(client, base, base_tok):
             assert reply == expected[question]
 
 
+@pytest.mark.integration
 def test_invalid_json_and_unknown_routes_get_error_bodies(client):
     url = str(client.base_url).rstrip("/")
     for request in (
@@ -326,6 +333,7 @@ def _error(response: httpx.Response, status: int, code: str) -> None:
     assert set(body) == {"message", "type", "param", "code"} and body["code"] == code and body["message"]
 
 
+@pytest.mark.integration
 def test_every_v1_route_needs_the_api_key(guarded):
     """Without `Authorization: Bearer KEY` every /v1 route answers 401 (unknown ones too); /health
     stays open; the openai client with the key is served."""
@@ -351,6 +359,7 @@ def _head(url: str, length: int) -> tuple[socket.socket, bytes]:
     return sock, head.encode()
 
 
+@pytest.mark.integration
 def test_a_200_mb_body_gets_413_at_once_without_being_read(guarded):
     """The cap is checked on Content-Length: the server answers 413 after the headers and 64 KiB of
     a declared 200 MB body (the rest never sent), closes the connection, and keeps serving; a
@@ -385,6 +394,7 @@ def test_a_200_mb_body_gets_413_at_once_without_being_read(guarded):
     assert _chat(keyed, "Hi", max_tokens=2).choices[0].message.content is not None
 
 
+@pytest.mark.integration
 def test_a_chunked_body_over_the_cap_gets_413(engine):
     """Without a Content-Length the running size is counted: 413 once it passes the cap."""
     with serving(create_app(engine, max_body_bytes=2**20)) as url:
@@ -394,6 +404,7 @@ def test_a_chunked_body_over_the_cap_gets_413(engine):
         assert httpx.post(url + "/v1/chat/completions", json=small, timeout=30).status_code == 200
 
 
+@pytest.mark.integration
 def test_too_many_images_are_refused(guarded):
     keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
     image = {"type": "image_url", "image_url": {"url": _data_url(_png())}}
@@ -403,6 +414,7 @@ def test_too_many_images_are_refused(guarded):
     assert _chat(keyed, [image] * 2 + [{"type": "text", "text": "What are these?"}]).choices[0].message.content
 
 
+@pytest.mark.integration
 def test_a_full_queue_gets_503_and_serving_resumes(engine):
     """With `max_queue` requests waiting (the batching thread not started yet) the next gets 503,
     at once; once the engine runs, the waiting requests finish and new ones are served."""

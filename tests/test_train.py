@@ -123,6 +123,7 @@ def _steps(run: Path) -> list[str]:
 
 
 # 1. exact resume after a real kill -----------------------------------------------------------------
+@pytest.mark.integration
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, chat_base, synth_data):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     config = _config(
@@ -312,6 +313,7 @@ def _assert_same_training(one: Path, several: Path, steps: int) -> None:
         torch.testing.assert_close(dist[name], ref[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.integration
 def test_ddp_two_cpu_processes_equal_one_process(tmp_path, chat_base, synth_data):
     two, one = tmp_path / "ddp2", tmp_path / "ddp1"
     fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=3, save_every=2)
@@ -372,6 +374,7 @@ def _accelerate_launch_fsdp(*args: str) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_fsdp_two_cpu_processes(tmp_path, chat_base, synth_data):
     probe = tmp_path / "probe.py"
     probe.write_text(FSDP_PROBE)
