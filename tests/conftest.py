@@ -37,6 +37,17 @@ def pytest_report_header(config):
     return "versions: " + ", ".join([f"python {platform.python_version()}", *(f"{n} {version(n)}" for n in VERSIONS)])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    matmuls on shared cores run hundreds of times faster than on two contended threads, and a test
+    comparing against a one-thread subprocess computes as it does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 VOCAB = 128
 _COMMON = dict(
     vocab_size=VOCAB,

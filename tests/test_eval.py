@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_SIGLIP, load_reference, serving
 from genieblue.cli import app
-from genieblue.data import load_model_and_processor, save_processor_settings
+from genieblue.data import save_processor_settings
 from genieblue.eval.harness import GenieBlueLM
 from genieblue.eval.judge import JUDGE_SYSTEM, judge_prompt, parse_rating
 from genieblue.eval.text import TEXT_QA, text_qa
@@ -34,6 +34,7 @@ from genieblue.eval.vqa_metrics import anls, extract_choice, normalize_vqa, ocr_
 from genieblue.infer.chat import ChatSession
 from genieblue.infer.engine import Engine
 from genieblue.infer.server import create_app
+from genieblue.loading import load_model_and_processor
 from genieblue.model import GenieBlueForConditionalGeneration
 
 TASKS = "tiny_mc,tiny_gen,tiny_ppl"

@@ -52,12 +52,7 @@ from genieblue.train.vision_pretrain import (
 PARTIAL = re.compile(r"\.(tmp|old)\d*$")  # what atomic_dir / write_json leave behind when killed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env(cpu: bool = False) -> dict:

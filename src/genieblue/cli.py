@@ -5,8 +5,10 @@ Imports of the heavy rooms happen inside the commands, so `genieblue --help` ans
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,7 +21,18 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-LLM_HELP = "Base LLM: HF hub id, local folder or .gguf file (default: built-in SmolLM2-135M-Instruct)."
+# option types the commands share
+ModelDir = Annotated[
+    str,
+    typer.Option("--model", "-m", help="A saved GenieBlue folder (e.g. demo_out/runs/genieblue-skip/stage2/final)."),
+]
+BaseLLM = Annotated[
+    str | None,
+    typer.Option(help="Base LLM: HF hub id, local folder or .gguf file (default: built-in SmolLM2-135M-Instruct)."),
+]
+ManifestLLM = Annotated[str | None, typer.Option(help="Base LLM, if not the one named in the model's manifest.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+EvalOut = Annotated[str, typer.Option(help="Output folder.")]
 VISION_HELP = (
     "Vision tower: SigLIP / CLIP / AutoBackbone (ResNet, ConvNeXt, ...) hub id or folder, or a JSON config "
     "for a new one (default: the small from-scratch ResNet of the demo)."
@@ -39,16 +52,26 @@ def _vision_arg(vision: str | None):
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)  # one plain line, never wrapped
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one plain line, never wrapped
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _failures(*more: type[Exception]):
+    """The commands' one error handler: a ValueError, FileNotFoundError or one of `more` ends the
+    command with `error: <its message on one line>` and exit status 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, *more) as err:
+        _fail(str(err))
 
 
 @app.command()
 def info(
     strategy: list[str] = typer.Option(["genieblue-skip"], "--strategy", "-s", help="Strategy (repeatable)."),
-    llm: str | None = typer.Option(None, help=LLM_HELP),
+    llm: BaseLLM = None,
     vision: str | None = typer.Option(None, help=VISION_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: AsJson = False,
 ):
     """Trainable parameters per strategy (the paper's #Param column) and the delta's size on disk.
 
@@ -57,15 +80,13 @@ def info(
     from .model import DEFAULT_LLM, GenieBlueForConditionalGeneration
     from .model.report import parameter_report
 
-    try:
+    with _failures(OSError):
         reports = [
             parameter_report(
                 GenieBlueForConditionalGeneration.from_base(llm, vision=_vision_arg(vision), strategy=name)
             )
             for name in strategy
         ]
-    except (ValueError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
     if as_json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
         return
@@ -102,11 +123,9 @@ def train(
     """
     from .train import BadDataError, TrainConfig, Trainer
 
-    try:
+    with _failures(BadDataError):
         cfg = TrainConfig.from_yaml(config, output_dir=output_dir, max_steps=max_steps)
         Trainer(cfg, console).run(resume=resume)
-    except (ValueError, FileNotFoundError, BadDataError) as err:
-        _fail(str(err))
 
 
 @app.command()
@@ -138,7 +157,7 @@ def demo(
         help="Comma-separated baselines to train on the same data and budget, "
         "e.g. full,lora,cogvlm-skip,genieblue-pre,genieblue-post.",
     ),
-    llm: str | None = typer.Option(None, help=LLM_HELP),
+    llm: BaseLLM = None,
     n_train: int | None = typer.Option(
         None, help="Training images (default 1200: the whole demo fits ~12 min on 2 CPU cores)."
     ),
@@ -179,20 +198,16 @@ def demo(
     cfg = DemoConfig(
         out=out, llm=llm, compare=baselines, seeds=seeds, seed=seed, **{k: v for k, v in given.items() if v is not None}
     )
-    try:
+    with _failures():
         Demo(cfg, console).run()
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
 
 
 @app.command()
 def chat(
-    question: str | None = typer.Argument(None, help="One question; leave out for an interactive chat."),
-    model: str = typer.Option(
-        ..., "--model", "-m", help="A saved GenieBlue folder (e.g. demo_out/runs/genieblue-skip/stage2/final)."
-    ),
+    model: ModelDir,
+    question: Annotated[str | None, typer.Argument(help="One question; leave out for an interactive chat.")] = None,
     image: str | None = typer.Option(None, "--image", "-i", help="Image file to ask about."),
-    llm: str | None = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    llm: ManifestLLM = None,
     max_new_tokens: int = typer.Option(128, help="Longest reply."),
     shared_base: bool = typer.Option(False, help="Send text-only turns through the multimodal path too."),
 ):
@@ -202,23 +217,21 @@ def chat(
     """
     from .infer.chat import ChatSession
 
-    try:
+    with _failures():
         session = ChatSession.load(model, llm=llm, max_new_tokens=max_new_tokens, shared_base=shared_base)
         if question is not None:
             print(session.ask(question, image))
         else:
             session.interactive(Console(), image)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
 
 
 @app.command()
 def serve(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    model: ModelDir,
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     allow_local_images: bool = typer.Option(False, help="Accept local file paths as image URLs (never http)."),
-    llm: str | None = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    llm: ManifestLLM = None,
     api_key: str | None = typer.Option(
         None,
         envvar="GENIEBLUE_API_KEY",
@@ -237,10 +250,18 @@ def serve(
     """
     from .infer.server import serve as run_server
 
-    try:
-        run_server(model, host, port, allow_local_images, llm, api_key, int(max_body_mb * 2**20), max_images, max_queue)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    with _failures():
+        run_server(
+            model,
+            host=host,
+            port=port,
+            allow_local_images=allow_local_images,
+            llm=llm,
+            api_key=api_key,
+            max_body_bytes=int(max_body_mb * 2**20),
+            max_images=max_images,
+            max_queue=max_queue,
+        )
 
 
 # genieblue eval ---------------------------------------------------------------------------------
@@ -280,7 +301,7 @@ def _print_report(result: dict, as_json: bool, model: str, kind: str) -> None:
 
 @eval_app.command("text")
 def eval_text(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    model: ModelDir,
     tasks: str = typer.Option(
         ..., "--tasks", "-t", help="Comma-separated lm-eval tasks or task YAML files, e.g. gsm8k,mmlu."
     ),
@@ -296,9 +317,9 @@ def eval_text(
     batch_size: int = typer.Option(8, help="Requests per forward pass."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
     chat_template: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
-    llm: str | None = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    out: str = typer.Option("eval_out", help="Output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    llm: ManifestLLM = None,
+    out: EvalOut = "eval_out",
+    as_json: AsJson = False,
 ):
     """Run lm-eval tasks on the base, the non-shared and the shared text path (and other checkpoints)
     and print a Table-6-style table: score per task, average and retention vs the base.
@@ -310,29 +331,27 @@ def eval_text(
     """
     from .eval.text_tasks import evaluate_text
 
-    try:
+    with _failures(OSError):  # offline dataset downloads too
         result = evaluate_text(
             model,
             _csv(tasks),
             out,
-            tuple(_csv(paths)),
-            tuple(compare),
-            llm,
-            include_path or None,
-            limit,
-            num_fewshot,
-            batch_size,
-            device,
-            chat_template,
+            paths=tuple(_csv(paths)),
+            compare=tuple(compare),
+            llm=llm,
+            include_path=include_path or None,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            chat_template=chat_template,
         )
-    except (ValueError, OSError) as err:  # FileNotFoundError and offline dataset downloads included
-        _fail(" ".join(str(err).split()))
     _print_report(result, as_json, model, "text")
 
 
 @eval_app.command("mm")
 def eval_mm(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    model: ModelDir,
     data: list[str] = typer.Option(
         ...,
         "--data",
@@ -346,9 +365,9 @@ def eval_mm(
     batch_size: int = typer.Option(8, help="Questions per generate call."),
     max_new_tokens: int = typer.Option(32, help="Longest reply."),
     limit: int | None = typer.Option(None, help="At most this many items per benchmark."),
-    llm: str | None = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    out: str = typer.Option("eval_out", help="Output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    llm: ManifestLLM = None,
+    out: EvalOut = "eval_out",
+    as_json: AsJson = False,
 ):
     """Score VQA benchmarks from local files with their standard metrics and print a Table-4/5-style
     table: score per benchmark, average and retention vs --reference.
@@ -363,17 +382,25 @@ def eval_mm(
 
     from .eval.vqa import evaluate_mm
 
-    try:
+    with _failures():
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-            result = evaluate_mm(model, data, out, reference, llm, batch_size, max_new_tokens, limit, progress)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(" ".join(str(err).split()))
+            result = evaluate_mm(
+                model,
+                data,
+                out,
+                reference=reference,
+                llm=llm,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                limit=limit,
+                progress=progress,
+            )
     _print_report(result, as_json, model, "mm")
 
 
 @eval_app.command("chat")
 def eval_chat(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    model: ModelDir,
     questions: str = typer.Option(
         ...,
         "--questions",
@@ -393,9 +420,9 @@ def eval_chat(
     paths: str = typer.Option("base,non-shared,shared", help=EVAL_PATHS_HELP),
     batch_size: int = typer.Option(8, help="Questions per generate call."),
     max_new_tokens: int = typer.Option(512, help="Longest answer."),
-    llm: str | None = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    out: str = typer.Option("eval_out", help="Output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    llm: ManifestLLM = None,
+    out: EvalOut = "eval_out",
+    as_json: AsJson = False,
 ):
     """Answer chat questions on each text path and have a judge rate every answer 1-10 (MT-Bench
     single-answer grading); print mean rating per category, average and retention vs the base.
@@ -407,14 +434,20 @@ def eval_chat(
 
     from .eval.judge import Judge, JudgeUnavailable, evaluate_chat
 
-    try:
+    with _failures(JudgeUnavailable):
         judge = Judge(judge_url, judge_model, judge_api_key, judge_max_tokens)
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             result = evaluate_chat(
-                model, questions, out, judge, tuple(_csv(paths)), llm, batch_size, max_new_tokens, progress
+                model,
+                questions,
+                out,
+                judge=judge,
+                paths=tuple(_csv(paths)),
+                llm=llm,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
             )
-    except (ValueError, FileNotFoundError, JudgeUnavailable) as err:
-        _fail(" ".join(str(err).split()))
     _print_report(result, as_json, model, "chat")
 
 
@@ -444,7 +477,7 @@ def _export_table(manifest: dict, folder: str) -> Table:
 
 @app.command()
 def export(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    model: ModelDir,
     out: str = typer.Option("deploy_out", "--out", "-o", help="Folder to write (replaced atomically)."),
     format: str = typer.Option("onnx", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."),
     precision: str = typer.Option(
@@ -458,7 +491,7 @@ def export(
         help="Fix the vision graph to one tile (1x3xSxS), the phone's single-patch "
         "mode; by default it takes any number of tiles.",
     ),
-    llm: str | None = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    llm: ManifestLLM = None,
     keep_gguf: bool = typer.Option(
         True,
         "--keep-gguf/--requantize",
@@ -485,10 +518,16 @@ def export(
         _fail(f"unknown format {format!r}; supported: {', '.join(EXPORT_FORMATS)}")
     from .deploy.onnx_export import export_saved_model
 
-    try:
-        manifest = export_saved_model(model, out, precision, single_tile, llm, keep_gguf, copy_bits)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    with _failures():
+        manifest = export_saved_model(
+            model,
+            out,
+            precision=precision,
+            single_tile=single_tile,
+            llm=llm,
+            keep_gguf=keep_gguf,
+            copy_bits=copy_bits,
+        )
     if as_json:
         print(json.dumps(manifest, indent=2))
     else:
@@ -497,45 +536,6 @@ def export(
 
 bench_app = typer.Typer(help="Measurements on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-
-
-def _deploy_accuracy(model_dir: str, llm: str | None, folder: str, vqa: str | None) -> dict:
-    """What W4A16 costs against the float model: logit error per mode, held-out perplexity and text QA
-    on the text path, VQA exact match on `vqa` (LLaVA JSON) if given, the exported graphs against
-    the PyTorch model, and the exported text graph decoding the held-out passages step by step."""
-    from .data import load_model_and_processor, read_records
-    from .deploy.accuracy import logit_error, onnx_error, probe_prompts, stepwise_text
-    from .deploy.onnx_export import quantize
-    from .deploy.runtime import DeployedModel
-    from .eval.answers import answer_records, exact_match
-    from .eval.text import PASSAGES, perplexity, text_qa
-
-    manifest = DeployedModel(folder).manifest
-    reference, processor = load_model_and_processor(model_dir, llm)
-    quantized = load_model_and_processor(model_dir, llm)[0]
-    scheme = manifest["quantization"] or {}
-    quantize(quantized, llm, keep_gguf=bool(scheme.get("gguf")), copy_bits=scheme.get("copy_bits") or 4)
-    prompts = probe_prompts(processor)
-    records = read_records(vqa, Path(vqa).parent) if vqa else []
-    scores = {}
-    for name, m in (("float", reference), ("w4a16", quantized)):
-        scores[name] = {
-            "perplexity": perplexity(m, processor.tokenizer, shared_base=False),
-            "text_qa": text_qa(m, processor)["accuracy"],
-        }
-        if records:
-            scores[name]["vqa"] = exact_match(records, answer_records(m, processor, records, max_new_tokens=4))[
-                "accuracy"
-            ]
-    exported = manifest["precision"]
-    return {
-        "logit_error": logit_error(quantized, reference, prompts),
-        "scores": scores,
-        "onnx_vs_pytorch": onnx_error(folder, quantized if exported == "w4a16" else reference, prompts),
-        "exported_precision": exported,
-        "quantization": manifest["quantization"],
-        "deployed_text_stepwise": stepwise_text(folder, reference, processor.tokenizer, PASSAGES),
-    }
 
 
 def _table9(result: dict) -> Table:
@@ -622,7 +622,7 @@ def _accuracy_table(acc: dict) -> Table:
 
 @bench_app.command("deploy")
 def bench_deploy(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    model: ModelDir,
     onnx: str | None = typer.Option(
         None,
         help="Exported folder to measure (genieblue export); exported there "
@@ -649,13 +649,13 @@ def bench_deploy(
         help="With --accuracy: a LLaVA JSON of short-answer image questions "
         "(e.g. demo_out/data/test.json) scored float vs W4A16.",
     ),
-    llm: str | None = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    llm: ManifestLLM = None,
     keep_gguf: bool = typer.Option(
         True,
         "--keep-gguf/--requantize",
         help="With a fresh export of a GGUF base: keep the file's own quantisation (see genieblue export).",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: AsJson = False,
 ):
     """The paper's deployment table (Table 9) on this machine: text mode vs image mode under onnxruntime -
     load time, ViT time, prefill and decode tokens/s, storage, peak memory (each mode in its own process;
@@ -667,23 +667,24 @@ def bench_deploy(
     """
     import tempfile
 
+    from .deploy.accuracy import deployment_cost
     from .deploy.bench import table9
     from .deploy.onnx_export import export_saved_model
     from .deploy.runtime import MANIFEST
-    from .model.modeling import MANIFEST as MODEL_MANIFEST
+    from .model.folder import check_model_folder
 
-    if not (Path(model) / MODEL_MANIFEST).is_file():
-        _fail(f"{Path(model) / MODEL_MANIFEST} is missing: not a genieblue model folder (see save_pretrained)")
+    with _failures():
+        check_model_folder(model)
     with tempfile.TemporaryDirectory() as scratch:
         folder = onnx or str(Path(scratch) / "export")
-        try:
+        with _failures(RuntimeError):
             if not (Path(folder) / MANIFEST).is_file():
-                export_saved_model(model, folder, "w4a16", single_tile, llm, keep_gguf)
+                export_saved_model(
+                    model, folder, precision="w4a16", single_tile=single_tile, llm=llm, keep_gguf=keep_gguf
+                )
             result = table9(folder, prompt_tokens, new_tokens, threads, repeats, rounds)
             if accuracy:
-                result["accuracy"] = _deploy_accuracy(model, llm, folder, vqa)
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
-            _fail(str(err))
+                result["accuracy"] = deployment_cost(model, folder, llm=llm, vqa=vqa)
     if as_json:
         print(json.dumps(result, indent=2))
         return

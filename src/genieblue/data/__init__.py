@@ -28,7 +28,6 @@ _EXPORTS = {
         "IGNORE_INDEX",
         "GenieBlueProcessor",
         "Sample",
-        "load_model_and_processor",
         "load_processor",
         "save_processor_settings",
     ),

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from .._io import write_json
-from ..model.modeling import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
-from ..model.sources import load_tokenizer
+from ..model.modeling import IMAGE_TOKEN_INDEX
 from .images import image_tiles, image_to_tensor
 from .records import IMAGE_PLACEHOLDER, ROLES, BadRecord, check_record, prepend_placeholders
 
@@ -229,11 +228,3 @@ def load_processor(model_dir: str | Path, model, tokenizer, max_length: int = 40
     path = Path(model_dir) / PROCESSOR_SETTINGS
     settings = json.loads(path.read_text()) if path.is_file() else {}
     return GenieBlueProcessor.from_model(model, tokenizer, max_length=max_length, **settings)
-
-
-def load_model_and_processor(model_dir: str | Path, llm: str | None = None):
-    """A saved GenieBlue model (its base from the manifest, or `llm`) in eval mode, with the
-    tokenizer of that base and the processor the model was trained with."""
-    model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=llm).eval()
-    tokenizer = load_tokenizer(llm if llm is not None else model.base_spec)
-    return model, load_processor(model_dir, model, tokenizer, max_length=model.llm.config.max_position_embeddings)

@@ -49,7 +49,10 @@ class FusedProjections(WeightOnlyLinear):
     low-rank update with the A matrices stacked (`lora_A`, their bytes concatenated) and the B matrices block-diagonal
     (`lora_B`, requantised: bit-exact while each member's rank fits one quantisation block, as any
     power-of-two rank does). `output(i, x)` is member i's output: the first member called on an input
-    computes the whole group, the others take their slice of that result."""
+    computes the whole group, the others take their slice of that result. Its LoRA is delta (`TRAINABLE`,
+    as the routing wrappers name theirs)."""
+
+    TRAINABLE, PART = ("lora_A", "lora_B"), "lora"
 
     def __init__(self, members: list[nn.Module], router):
         bases = [_base(m) for m in members]

@@ -34,7 +34,8 @@ from transformers.modeling_gguf_pytorch_utils import (
     read_field,
 )
 
-from .quant import PlanarLinear, WeightOnlyLinear, base_name
+from ..model.routing import base_name
+from .quant import PlanarLinear, WeightOnlyLinear
 
 KEPT = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
 """GGUF tensor types kept as they are."""
@@ -84,7 +85,7 @@ def _layer(kind: GGMLQuantizationType, data: np.ndarray, rows: np.ndarray, bias)
 @torch.no_grad()
 def gguf_layers(path: str | Path, llm: nn.Module) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The GGUF file's Q4_0 / Q4_1 / Q8_0 weights as layers by base module name (see
-    `quant.base_name`) for `llm`, the base loaded from that file (plain or inside a GenieBlue model),
+    `routing.base_name`) for `llm`, the base loaded from that file (plain or inside a GenieBlue model),
     and the count of the file's tensor types (kept or not). ValueError if a layer's values are not
     exactly the loaded base's weight."""
     reader = GGUFReader(path)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import GenieBlueForConditionalGeneration
-from ..model.routing import LoRALinear, _Wrapper
+from ..model.routing import LoRALinear, Router, base_name, swap_modules
 
 BLOCK_SIZE = 32
 """Inputs per quantisation block (one scale each)."""
@@ -293,8 +293,8 @@ class QuantizedLoRALinear(LoRALinear):
     """`LoRALinear` with a quantised original and 8-bit A and B (B pre-multiplied by alpha / r,
     both dequantised at load by onnxruntime: see `WeightOnlyLinear.keep_packed`)."""
 
-    def __init__(self, lora: LoRALinear, original: WeightOnlyLinear, delta_bits: int, block_size: int):
-        _Wrapper.__init__(self, original, lora._router)
+    def __init__(self, lora: LoRALinear, original: WeightOnlyLinear, router: Router, delta_bits: int, block_size: int):
+        super().__init__(original, router)
         self.lora_A = WeightOnlyLinear.from_weight(lora.lora_A, delta_bits, block_size, keep_packed=False)
         self.lora_B = WeightOnlyLinear.from_weight(
             lora.lora_B * lora.scaling, delta_bits, block_size, keep_packed=False
@@ -304,19 +304,9 @@ class QuantizedLoRALinear(LoRALinear):
         return self.lora_B(self.lora_A(x))
 
 
-def base_name(path: str) -> str | None:
-    """The base model's name for the module at `path` in a (GenieBlue) LLM: the wrappers' `original`
-    levels dropped; None inside the delta (block copies, visual experts)."""
-    parts = path.split(".")
-    return None if {"copy", "expert"} & set(parts) else ".".join(p for p in parts if p != "original")
-
-
 def _replace(root: nn.Module, make, kind: type) -> None:
     """Swap every submodule that is a `kind` for `make(name, module)`."""
-    for name, module in list(root.named_modules()):
-        if name and isinstance(module, kind):
-            parent, _, attr = name.rpartition(".")
-            setattr(root.get_submodule(parent), attr, make(name, module))
+    swap_modules(root, make, lambda _, module: isinstance(module, kind))
 
 
 def _llm_quantizer(
@@ -392,7 +382,9 @@ def quantize_model(
     make = _llm_quantizer(bits, block_size, symmetric, kept, copy_bits)
     _replace(
         model.llm,
-        lambda name, m: QuantizedLoRALinear(m, make(f"{name}.original", m.original), delta_bits, block_size),
+        lambda name, m: QuantizedLoRALinear(
+            m, make(f"{name}.original", m.original), model.router, delta_bits, block_size
+        ),
         LoRALinear,
     )
     quantize_llm(model.llm, bits, block_size, symmetric, kept, table_bits, copy_bits)

@@ -16,6 +16,11 @@ MODE_GRAPHS = {"text": ("text",), "image": ("image", "vision")}
 """The graphs each mode loads."""
 
 
+def kv_names(layers: int, kind: str) -> list[str]:
+    """The decoder graphs' KV-cache inputs (`kind` "past") or outputs ("present"): keys, then values."""
+    return [f"{kind}_{part}.{i}" for part in ("key", "value") for i in range(layers)]
+
+
 class DeployedModel:
     """An exported folder behind onnxruntime sessions, loaded per mode on demand."""
 
@@ -70,7 +75,7 @@ class DeployedModel:
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask}
         if image_features is not None:
             feed["image_features"] = image_features
-        names = [f"past_{kind}.{i}" for kind in ("key", "value") for i in range(layers)]
+        names = kv_names(layers, "past")
         feed.update(zip(names, cache))
         logits, *present = self.sessions[mode].run(None, feed)
         return logits[:, -1], present

@@ -27,9 +27,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration, load_llm, load_tokenizer
-from ..model.modeling import MANIFEST
+from ..model.folder import MANIFEST
 from .cache import ResultCache
 
 PATHS = ("base", "non-shared", "shared")

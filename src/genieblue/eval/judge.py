@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 from rich.progress import Progress
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from ..model import load_llm
 from .answers import answer_records
 from .cache import ResultCache
@@ -218,6 +218,7 @@ def evaluate_chat(
     model_dir: str,
     questions_file: str,
     out: str | Path,
+    *,
     judge: Judge,
     paths: tuple[str, ...] = PATHS,
     llm: str | None = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from ..model import DEFAULT_LLM, GenieBlueForConditionalGeneration, load_llm
 from .cache import ResultCache
 from .harness import PATHS, GenieBlueLM
@@ -39,9 +39,8 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None) -> Tas
 
 
 def deployed_path(model: GenieBlueForConditionalGeneration) -> str:
-    """The text path a checkpoint is deployed with: GenieBlue keeps the base for text, the
-    baselines (full, LoRA, CogVLM) send text through their fine-tuned weights."""
-    return "non-shared" if model.strategy.family == "genieblue" and not model.shared_base else "shared"
+    """The harness path a checkpoint is deployed with (`deploys_base_for_text`)."""
+    return "non-shared" if model.deploys_base_for_text else "shared"
 
 
 def _headline(results: dict) -> dict[str, dict]:
@@ -67,6 +66,7 @@ def evaluate_text(
     model_dir: str | Path,
     tasks: list[str],
     out: str | Path,
+    *,
     paths: tuple[str, ...] = PATHS,
     compare: tuple[str, ...] = (),
     llm: str | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from .answers import answer_records
 from .cache import ResultCache
 from .report import retention_table, write_report
@@ -72,6 +72,7 @@ def evaluate_mm(
     model_dir: str,
     data: list[str],
     out: str | Path,
+    *,
     reference: str | None = None,
     llm: str | None = None,
     batch_size: int = 8,

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.prompt import Prompt
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data import collate_prompts, load_model_and_processor
+from ..data import collate_prompts
+from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
+from ..model.sources import eos_token_ids
 
 
 class ContextOverflow(ValueError):
@@ -162,9 +164,7 @@ class Engine:
         self.model, self.processor = model.eval(), processor
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context_length = model.llm.config.max_position_embeddings
-        eos = model.llm.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_ids = set(eos) | {processor.tokenizer.eos_token_id}
+        self.eos_ids = set(eos_token_ids(model.llm, processor.tokenizer))
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._loop, name="genieblue-engine", daemon=True)
         if start:
@@ -180,6 +180,7 @@ class Engine:
         self,
         messages: list[dict],
         images=(),
+        *,
         max_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -210,6 +211,7 @@ class Engine:
         self,
         messages: list[dict],
         images=(),
+        *,
         max_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -218,7 +220,7 @@ class Engine:
     ) -> Completion | Iterator[str]:
         """A reply (`Completion`), or with `stream=True` an iterator of text deltas.
         Greedy when temperature == 0, otherwise sampled with temperature and top_p."""
-        request = self.submit(messages, images, max_tokens, temperature, top_p, stop)
+        request = self.submit(messages, images, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop)
         return request.stream() if stream else request.result()
 
     # the batching thread ----------------------------------------------------------------------

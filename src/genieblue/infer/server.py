@@ -10,8 +10,6 @@ or oversized body, missing API key - gets a 4xx with an OpenAI-style body {"erro
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import json
 import sys
@@ -25,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from ..data.images import MAX_PIXELS, ImageError, load_image
+from ..data.images import MAX_PIXELS, ImageError, data_url_payload, decode_base64, is_data_url, load_image
 from ..data.records import IMAGE_PLACEHOLDER
 from .engine import ContextOverflow, Engine, EngineBusy
 from .guards import Guard, error_response
@@ -92,16 +90,17 @@ class ImageReader:
         return APIError(413, f"image is {size} bytes, over the limit of {self.max_bytes}", param, "image_too_large")
 
     def _bytes(self, url: str, param: str) -> bytes:
-        if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if not header.endswith(";base64"):
-                raise APIError(400, "data URLs must be base64: data:image/png;base64,...", param, "invalid_image_url")
+        if is_data_url(url):
+            try:
+                payload = data_url_payload(url)
+            except ValueError as err:
+                raise APIError(400, str(err), param, "invalid_image_url") from err
             if len(payload) * 3 // 4 > self.max_bytes:
                 raise self._too_large(len(payload) * 3 // 4, param)
             try:
-                return base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise APIError(400, f"image data is not valid base64 ({err})", param, "invalid_base64") from err
+                return decode_base64(payload)
+            except ValueError as err:
+                raise APIError(400, f"image data is {err}", param, "invalid_base64") from err
         if url.split(":", 1)[0].lower() in ("http", "https"):
             raise APIError(
                 400,
@@ -236,7 +235,9 @@ def create_app(
             )
         messages, images = _conversation(body.messages, read_image, max_images)
         try:
-            request = engine.submit(messages, images, max_tokens, body.temperature, body.top_p, body.stop)
+            request = engine.submit(
+                messages, images, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop
+            )
         except EngineBusy as err:
             raise APIError(503, str(err), code="queue_full", type="server_error", headers={"retry-after": "1"}) from err
         except ContextOverflow as err:
@@ -303,6 +304,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(
     model_dir: str,
+    *,
     host: str = "127.0.0.1",
     port: int = 8000,
     allow_local_images: bool = False,

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 
 from .._io import write_json, write_text
+from .folder import DELTA, MANIFEST, TRAINING
 
 CARD = "README.md"
-TRAINING = "training.json"
 EVALS = "evals.json"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _BUILT_IN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the built-in default base (None in the manifest)
@@ -52,9 +52,7 @@ def _parameters(manifest: dict, delta_bytes: int | None) -> list[str]:
         f"| {name} | {_millions(n)} |" for name, n in rows if n or "LLM" in name
     ]
     if delta_bytes is not None:
-        out.append(
-            f"\nThe delta file (`delta.safetensors`) holds {delta_bytes / 2**20:,.1f} MiB; the base is never copied."
-        )
+        out.append(f"\nThe delta file (`{DELTA}`) holds {delta_bytes / 2**20:,.1f} MiB; the base is never copied.")
     return out
 
 
@@ -91,8 +89,8 @@ def _evaluations(evals: dict) -> list[str]:
 def render_card(folder: str | Path, name: str | None = None) -> str:
     """The card of a saved model folder; `name` is how commands refer to it (default: the folder)."""
     folder = Path(folder)
-    manifest = json.loads((folder / "genieblue.json").read_text())
-    delta = folder / "delta.safetensors"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    delta = folder / DELTA
     name = name or str(folder)
     base, strategy = manifest["base"], manifest["strategy"]
     blocks = ", ".join(map(str, manifest["block_indices"])) or "none"

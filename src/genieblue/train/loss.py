@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..data.processor import IGNORE_INDEX
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:

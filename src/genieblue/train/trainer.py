@@ -28,10 +28,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .._io import write_json
 from ..data.dataset import MixtureSamples
 from ..data.packing import first_fit, pack
-from ..data.processor import GenieBlueProcessor, Sample, save_processor_settings
+from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, load_tokenizer
-from ..model.card import TRAINING
+from ..model.folder import TRAINING
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
@@ -258,7 +258,7 @@ class Trainer:
         ]
         seen = sum(len(s) for row in encoded for s in row)
         # the token count of the whole global batch normalises every micro-batch's summed loss
-        local = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), dtype=torch.float64)
+        local = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), dtype=torch.float64)
         n_tokens = acc.reduce(local.to(acc.device), reduction="sum").item()
         if n_tokens == 0:
             raise ValueError(f"step {step}: the global batch has no assistant tokens to learn from")
