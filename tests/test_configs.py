@@ -188,8 +188,9 @@ def _local_copy(config: Path, root: Path, llm: str, vision: str, n: int) -> Path
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    """The recipes train in bf16 in this process; accelerate keeps one global state per process, and
-    the other test files' runs (fp32) need it cleared again."""
+    """The recipes train in bf16 in this process; accelerate keeps one global state per process:
+    cleared before (after other files' fp32 runs) and after (for theirs), in any test order."""
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
 

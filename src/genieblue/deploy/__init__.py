@@ -7,16 +7,9 @@ exported folder (`runtime`, numpy + onnxruntime only) and the paper's Table-9 de
 Names are re-exported lazily, so the runtime and the benchmark's worker processes never load torch.
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "quant": ("quantize_llm", "quantize_model", "WeightOnlyEmbedding", "WeightOnlyLinear"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -208,19 +208,11 @@ class Engine:
         return request
 
     def generate(
-        self,
-        messages: list[dict],
-        images=(),
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop=None,
-        stream: bool = False,
+        self, messages: list[dict], images=(), *, stream: bool = False, **settings
     ) -> Completion | Iterator[str]:
-        """A reply (`Completion`), or with `stream=True` an iterator of text deltas.
-        Greedy when temperature == 0, otherwise sampled with temperature and top_p."""
-        request = self.submit(messages, images, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        """A reply (`Completion`), or with `stream=True` an iterator of text deltas; `settings` are
+        `submit`'s. Greedy when temperature == 0, otherwise sampled with temperature and top_p."""
+        request = self.submit(messages, images, **settings)
         return request.stream() if stream else request.result()
 
     # the batching thread ----------------------------------------------------------------------

@@ -38,21 +38,14 @@ ROLES = ("system", "user", "assistant")
 class APIError(Exception):
     """A request the server refuses, rendered as an OpenAI error body."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-        headers: dict | None = None,
-    ):
+    def __init__(self, status: int, message: str, *details, **options):
+        """The arguments of `guards.error_response`: status, message, param, code, type, headers."""
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
+        self.arguments = (status, message, *details), options
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.type, self.headers)
+        args, options = self.arguments
+        return error_response(*args, **options)
 
 
 class Message(BaseModel):
