@@ -13,6 +13,8 @@ from conftest import FAMILIES, TINY_CLIP, TINY_RESNET, TINY_SIGLIP, VOCAB, load_
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue import Strategy
 from genieblue.model import IMAGE_TOKEN_INDEX, STRATEGIES
+from genieblue.model.report import parameter_report
+from genieblue.model.routing import delta_members
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 
@@ -189,6 +191,22 @@ def test_gradient_checkpointing_replays_the_image_route(base_dirs):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_wrappers_name_the_whole_llm_delta(strategy, base_dirs):
+    """`delta_members` (what each routing wrapper names as trainable) is exactly the LLM's trainable
+    parameters in stage 2, what the delta file holds besides the vision tower, and the report's parts."""
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP, strategy=strategy)
+    named, parts = set(), {"copies": 0, "experts": 0, "lora": 0}
+    for name, part, child in delta_members(model.llm):
+        inside = dict(child.named_parameters(prefix=name)) if isinstance(child, torch.nn.Module) else {name: child}
+        named |= {f"llm.{n}" for n in inside}
+        parts[part] += sum(p.numel() for p in inside.values())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("llm.")}
+    assert named and named == trainable
+    assert named == {k for k in model.delta_state_dict() if not k.startswith("vision.")}
+    assert {k: v for k, v in parameter_report(model, measure_disk=False)["params"].items() if k in parts} == parts
 
 
 def test_stage_one_trains_only_the_projector(base_dirs):
