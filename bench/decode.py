@@ -22,9 +22,16 @@ from genieblue.data import GenieBlueProcessor, collate_prompts
 from genieblue.model import GenieBlueForConditionalGeneration, load_tokenizer
 from genieblue.model.routing import Switch
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
-             "List three prime numbers.", "Who wrote Hamlet?", "What is 12 times 7?", "Name a large mammal.",
-             "Why is the sky blue?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis briefly.",
+    "List three prime numbers.",
+    "Who wrote Hamlet?",
+    "What is 12 times 7?",
+    "Name a large mammal.",
+    "Why is the sky blue?",
+]
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -82,9 +89,12 @@ def main() -> None:
 
     bandwidth = copy_bandwidth()
     weights = weight_bytes(model)
-    result = {"model": "SmolLM2-135M-Instruct + genieblue-skip (fresh delta), float32, CPU",
-              "threads": torch.get_num_threads(), "new_tokens": args.tokens,
-              "copy_bandwidth_GBps": round(bandwidth / 1e9, 2)}
+    result = {
+        "model": "SmolLM2-135M-Instruct + genieblue-skip (fresh delta), float32, CPU",
+        "threads": torch.get_num_threads(),
+        "new_tokens": args.tokens,
+        "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
+    }
     for path in ("text", "image"):
         with_image = path == "image"
         result[path] = {
@@ -99,8 +109,11 @@ def main() -> None:
     print(f"{result['model']}, {result['threads']} threads, copy bandwidth {result['copy_bandwidth_GBps']} GB/s")
     for path in ("text", "image"):
         r = result[path]
-        print(f"{path:>5} path: {r['batch1_tokens_per_s']:7.1f} tok/s at batch 1 (bound {r['bandwidth_bound_tokens_per_s']:.1f}, "
-              f"{r['weight_MB']} MB/token), {r[f'batch{args.batch}_tokens_per_s']:7.1f} tok/s at batch {args.batch}")
+        print(
+            f"{path:>5} path: {r['batch1_tokens_per_s']:7.1f} tok/s at batch 1 "
+            f"(bound {r['bandwidth_bound_tokens_per_s']:.1f}, "
+            f"{r['weight_MB']} MB/token), {r[f'batch{args.batch}_tokens_per_s']:7.1f} tok/s at batch {args.batch}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,11 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-WORDS = ("the of and a to in is you that it he was for on are as with his they I at be this have from or one had "
-         "by word but not what all were we when your can said there use an each which she do how their if will up "
-         "other about out many then them these so some her would make like him into time has look two more write").split()
+WORDS = (
+    "the of and a to in is you that it he was for on are as with his they I at be this have from or one had "
+    "by word but not what all were we when your can said there use an each which she do how their if will up "
+    "other about out many then them these so some her would make like him into time has look two more write"
+).split()
 
 
 def _sentence(rng: random.Random, n: int) -> str:
@@ -47,17 +49,25 @@ def write_records(path: Path, n: int, with_images: int, llava_only: bool = False
     every = n // with_images if with_images else 0
     with path.open("w") as f:
         for i in range(n):
-            turns = [(_sentence(rng, rng.randint(5, 30)) + "?", _sentence(rng, rng.randint(5, 60)))
-                     for _ in range(rng.randint(1, 3))]
+            turns = [
+                (_sentence(rng, rng.randint(5, 30)) + "?", _sentence(rng, rng.randint(5, 60)))
+                for _ in range(rng.randint(1, 3))
+            ]
             image = f"images/{i % 8}.png" if every and i % every == 0 else None
             if i % 2 or llava_only:
-                record = {"id": f"r{i}", "conversations": [
-                    {"from": s, "value": v} for q, a in turns for s, v in (("human", q), ("gpt", a))]}
+                record = {
+                    "id": f"r{i}",
+                    "conversations": [{"from": s, "value": v} for q, a in turns for s, v in (("human", q), ("gpt", a))],
+                }
                 if image:
                     record["image"] = image
             else:
-                record = {"id": f"r{i}", "messages": [
-                    {"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]}
+                record = {
+                    "id": f"r{i}",
+                    "messages": [
+                        {"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))
+                    ],
+                }
                 if image:
                     record["images"] = [image]
             f.write(json.dumps(record) + "\n")
@@ -78,15 +88,31 @@ def run(records: int, images: int, folder: Path, pythonpath: str | None, max_len
     written = time.perf_counter() - t0
     out = folder / "run"
     config = folder / "large.yaml"
-    config.write_text(yaml.safe_dump({"data": [{"path": str(data)}], "stage": 2, "max_steps": 1, "batch_size": 1,
-                                      "precision": "no", "output_dir": str(out), "save_every": 10**9,
-                                      "max_length": max_length}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": [{"path": str(data)}],
+                "stage": 2,
+                "max_steps": 1,
+                "batch_size": 1,
+                "precision": "no",
+                "output_dir": str(out),
+                "save_every": 10**9,
+                "max_length": max_length,
+            }
+        )
+    )
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), COLUMNS="200")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "genieblue.cli", "train", "-c", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genieblue.cli", "train", "-c", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ready, ready_rss, lines = None, None, []
     for line in proc.stderr:  # the trainer prints its plan ("... samples in ... rows") as the first step begins
         lines.append(line)
@@ -97,9 +123,17 @@ def run(records: int, images: int, folder: Path, pythonpath: str | None, max_len
     if proc.returncode or ready is None:
         raise SystemExit(f"training failed ({proc.returncode}):\n{''.join(lines)[-3000:]}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"records": records, "with_images": images, "file_mib": data.stat().st_size / 2**20,
-            "write_s": written, "time_to_first_step_s": ready, "first_step_done_s": total,
-            "peak_rss_before_first_step_mib": ready_rss, "peak_rss_mib": peak_kib / 1024, "pythonpath": pythonpath}
+    return {
+        "records": records,
+        "with_images": images,
+        "file_mib": data.stat().st_size / 2**20,
+        "write_s": written,
+        "time_to_first_step_s": ready,
+        "first_step_done_s": total,
+        "peak_rss_before_first_step_mib": ready_rss,
+        "peak_rss_mib": peak_kib / 1024,
+        "pythonpath": pythonpath,
+    }
 
 
 def main() -> None:
@@ -113,14 +147,18 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        result = run(args.records, args.images, Path(args.folder or scratch), args.pythonpath, args.max_length, args.llava_only)
+        result = run(
+            args.records, args.images, Path(args.folder or scratch), args.pythonpath, args.max_length, args.llava_only
+        )
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['records']:,} records ({result['with_images']} with an image, {result['file_mib']:.0f} MiB): "
-          f"first step after {result['time_to_first_step_s']:.1f} s (peak RSS by then "
-          f"{result['peak_rss_before_first_step_mib']:.0f} MiB), peak RSS {result['peak_rss_mib']:.0f} MiB "
-          f"(step done and model saved after {result['first_step_done_s']:.1f} s)")
+    print(
+        f"{result['records']:,} records ({result['with_images']} with an image, {result['file_mib']:.0f} MiB): "
+        f"first step after {result['time_to_first_step_s']:.1f} s (peak RSS by then "
+        f"{result['peak_rss_before_first_step_mib']:.0f} MiB), peak RSS {result['peak_rss_mib']:.0f} MiB "
+        f"(step done and model saved after {result['first_step_done_s']:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

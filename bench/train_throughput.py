@@ -24,14 +24,35 @@ from genieblue import GenieBlueForConditionalGeneration
 from genieblue.model import IMAGE_TOKEN_INDEX
 
 SHAPES = {
-    "smollm2-135m": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    "qwen2.5-3b": lambda: Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                      num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
-                                      max_position_embeddings=32768),
+    "smollm2-135m": lambda: LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-3b": lambda: Qwen2Config(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
 }
-VISION = {"model_type": "siglip_vision_model", "image_size": 224, "patch_size": 14, "hidden_size": 384,
-          "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6}
+VISION = {
+    "model_type": "siglip_vision_model",
+    "image_size": 224,
+    "patch_size": 14,
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 6,
+}
 
 
 def build(shape: str, strategy: str, device: str, dtype: torch.dtype) -> GenieBlueForConditionalGeneration:
@@ -64,7 +85,11 @@ def measure(model, seq: int, steps: int, device: str, checkpointing: bool) -> di
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {"tokens_per_s": seq * len(times) / sum(times), "step_s": sum(times) / len(times), "peak_bytes": peak}
 
 
@@ -74,8 +99,12 @@ def _run_alone(strategy: str) -> dict:
     if "--strategies" in argv:
         i = argv.index("--strategies")
         del argv[i : i + 2]
-    out = subprocess.run([sys.executable, __file__, *argv, "--strategies", strategy, "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--strategies", strategy, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)[0]
 
 
@@ -97,8 +126,15 @@ def main() -> None:
         rows = []
         for strategy in strategies:
             model = build(args.shape, strategy, device, dtype)
-            rows.append({"strategy": strategy, "shape": args.shape, "seq": args.seq, "device": device,
-                         **measure(model, args.seq, args.steps, device, args.checkpointing)})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "shape": args.shape,
+                    "seq": args.seq,
+                    "device": device,
+                    **measure(model, args.seq, args.steps, device, args.checkpointing),
+                }
+            )
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -112,8 +148,10 @@ def main() -> None:
         return
     print(f"{'strategy':16} {'tok/s':>9} {'step s':>8} {'peak GiB':>9} {'vs full speed':>14} {'vs full mem':>12}")
     for r in rows:
-        print(f"{r['strategy']:16} {r['tokens_per_s']:9.0f} {r['step_s']:8.2f} {r['peak_bytes'] / 2**30:9.2f} "
-              f"{r.get('speed_vs_full', float('nan')):14.2f} {r.get('memory_vs_full', float('nan')):12.2f}")
+        print(
+            f"{r['strategy']:16} {r['tokens_per_s']:9.0f} {r['step_s']:8.2f} {r['peak_bytes'] / 2**30:9.2f} "
+            f"{r.get('speed_vs_full', float('nan')):14.2f} {r.get('memory_vs_full', float('nan')):12.2f}"
+        )
 
 
 if __name__ == "__main__":

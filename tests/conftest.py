@@ -37,6 +37,17 @@ def pytest_report_header(config):
     return "versions: " + ", ".join([f"python {platform.python_version()}", *(f"{n} {version(n)}" for n in VERSIONS)])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    matmuls on shared cores run hundreds of times faster than on two contended threads, and a test
+    comparing against a one-thread subprocess computes as it does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 VOCAB = 128
 _COMMON = dict(
     vocab_size=VOCAB,
@@ -108,8 +119,16 @@ def chat_base(tmp_path_factory):
 
     tokenizer = load_tokenizer(None)
     torch.manual_seed(0)
-    config = LlamaConfig(**dict(_COMMON, vocab_size=len(tokenizer), num_hidden_layers=4,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
+    config = LlamaConfig(
+        **dict(
+            _COMMON,
+            vocab_size=len(tokenizer),
+            num_hidden_layers=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    )
     folder = tmp_path_factory.mktemp("chat_base")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -26,25 +26,51 @@ from genieblue.train import TrainConfig, Trainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SO400M = "google/siglip-so400m-patch14-384"
-_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=8192, tie_word_embeddings=True)
+_TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+)
 BASES = {  # config folder -> (hub id, a tiny config of that architecture with the 3B model's other settings)
-    "qwen2.5-3b": ("Qwen/Qwen2.5-3B-Instruct", lambda v: Qwen2Config(vocab_size=v, rope_theta=1e6, rms_norm_eps=1e-6, **_TINY)),
-    "llama3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", lambda v: LlamaConfig(
-        vocab_size=v, rope_theta=5e5, rms_norm_eps=1e-5, **_TINY,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192})),
+    "qwen2.5-3b": (
+        "Qwen/Qwen2.5-3B-Instruct",
+        lambda v: Qwen2Config(vocab_size=v, rope_theta=1e6, rms_norm_eps=1e-6, **_TINY),
+    ),
+    "llama3.2-3b": (
+        "meta-llama/Llama-3.2-3B-Instruct",
+        lambda v: LlamaConfig(
+            vocab_size=v,
+            rope_theta=5e5,
+            rms_norm_eps=1e-5,
+            **_TINY,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+    ),
 }
-RECIPE = {"precision": "bf16", "gradient_checkpointing": True, "max_length": 4096, "betas": [0.9, 0.98], "eps": 1e-6,
-          "weight_decay": 0.05, "warmup_ratio": 0.01, "vit_layer_decay": 0.9, "vision": SO400M}
+RECIPE = {
+    "precision": "bf16",
+    "gradient_checkpointing": True,
+    "max_length": 4096,
+    "betas": [0.9, 0.98],
+    "eps": 1e-6,
+    "weight_decay": 0.05,
+    "warmup_ratio": 0.01,
+    "vit_layer_decay": 0.9,
+    "vision": SO400M,
+}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +79,23 @@ def so400m_like(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("siglip")
     torch.manual_seed(0)
     config = SiglipConfig(
-        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config={"image_size": 384, "patch_size": 14, "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2})
+        text_config={
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+        },
+        vision_config={
+            "image_size": 384,
+            "patch_size": 14,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+    )
     SiglipModel(config).save_pretrained(folder)
     return str(folder)
 
@@ -89,21 +128,45 @@ def _write_data(path: Path, image_folder: Path | None, n: int) -> None:
     rows = []
     for k in range(n):
         if "558k" in name:
-            rows.append({"id": f"{k:09d}", "image": images[k], "conversations": [
-                {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
-                {"from": "gpt", "value": f"a coloured rectangle number {k} on a plain background"}]})
+            rows.append(
+                {
+                    "id": f"{k:09d}",
+                    "image": images[k],
+                    "conversations": [
+                        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+                        {"from": "gpt", "value": f"a coloured rectangle number {k} on a plain background"},
+                    ],
+                }
+            )
         elif "665k" in name:
-            rows.append({"id": f"{k:09d}", "image": images[k], "conversations": [
-                {"from": "human", "value": "<image>\nWhat is the main colour?"}, {"from": "gpt", "value": "Green."},
-                {"from": "human", "value": "Is it wider than tall?"}, {"from": "gpt", "value": "Yes, it is."}]})
+            rows.append(
+                {
+                    "id": f"{k:09d}",
+                    "image": images[k],
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat is the main colour?"},
+                        {"from": "gpt", "value": "Green."},
+                        {"from": "human", "value": "Is it wider than tall?"},
+                        {"from": "gpt", "value": "Yes, it is."},
+                    ],
+                }
+            )
         elif "cambrian" in name:
-            turns = [{"from": "system", "value": "Answer the questions."},
-                     {"from": "human", "value": "<image>\nDescribe it." if k % 4 else "What is 2 + 2?"},
-                     {"from": "gpt", "value": "A coloured block." if k % 4 else "4"}]
+            turns = [
+                {"from": "system", "value": "Answer the questions."},
+                {"from": "human", "value": "<image>\nDescribe it." if k % 4 else "What is 2 + 2?"},
+                {"from": "gpt", "value": "A coloured block." if k % 4 else "4"},
+            ]
             rows.append({"id": f"cambrian_{k}", **({"image": images[k]} if k % 4 else {}), "conversations": turns})
         else:
-            rows.append({"messages": [{"role": "user", "content": f"Name a prime above {k}."},
-                                      {"role": "assistant", "content": "Seven." if k < 7 else "Eleven."}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Name a prime above {k}."},
+                        {"role": "assistant", "content": "Seven." if k < 7 else "Eleven."},
+                    ]
+                }
+            )
     text = "\n".join(json.dumps(r) for r in rows) if path.suffix == ".jsonl" else json.dumps(rows)
     path.write_text(text)
 
@@ -125,8 +188,9 @@ def _local_copy(config: Path, root: Path, llm: str, vision: str, n: int) -> Path
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    """The recipes train in bf16 in this process; accelerate keeps one global state per process, and
-    the other test files' runs (fp32) need it cleared again."""
+    """The recipes train in bf16 in this process; accelerate keeps one global state per process:
+    cleared before (after other files' fp32 runs) and after (for theirs), in any test order."""
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
@@ -147,9 +211,10 @@ def test_gpu_recipe_trains_two_steps_per_stage_on_tiny_models(tmp_path, name, so
     one_row = dict(max_steps=2, batch_size=1, grad_accum=1)
     final1 = Trainer(TrainConfig.from_yaml(stage1, output_dir=str(run / "stage1"), **one_row)).run()
     stage2 = _local_copy(stages[1], tmp_path, llm, so400m_like, n=2)
-    final2 = Trainer(TrainConfig.from_yaml(stage2, output_dir=str(run / "stage2"), init_from=str(final1),
-                                           **one_row)).run()
-    for stage, final in (("stage1", final1), ("stage2", final2)):
+    final2 = Trainer(
+        TrainConfig.from_yaml(stage2, output_dir=str(run / "stage2"), init_from=str(final1), **one_row)
+    ).run()
+    for stage in ("stage1", "stage2"):
         steps = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2] and all(s["loss"] > 0 for s in steps), steps
     card = (final2 / "README.md").read_text()  # both stages, stage 1 from the folder stage 2 started from
@@ -159,8 +224,9 @@ def test_gpu_recipe_trains_two_steps_per_stage_on_tiny_models(tmp_path, name, so
     assert model.vision.tokens_per_tile == 27 * 27  # so400m's grid at 384 px, one token per patch
     assert model.manifest()["block_indices"] == [3, 7] and model.llm.config.model_type == make(8).model_type
     first = GenieBlueForConditionalGeneration.from_pretrained(final1)
-    assert not torch.equal(first.vision.vit.embeddings.patch_embedding.weight,
-                           model.vision.vit.embeddings.patch_embedding.weight)  # stage 2 trained the ViT
+    assert not torch.equal(
+        first.vision.vit.embeddings.patch_embedding.weight, model.vision.vit.embeddings.patch_embedding.weight
+    )  # stage 2 trained the ViT
 
 
 @pytest.mark.parametrize("file, kind", [("ddp-8gpu.yaml", "MULTI_GPU"), ("fsdp-8gpu.yaml", "FSDP")])

@@ -49,13 +49,7 @@ TINY_VISION = {
 VOCAB = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on shared cores: one thread is hundreds of times faster than contended two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -233,27 +227,69 @@ def _formats(tmp_path) -> dict[str, dict]:
     _png(tmp_path / "photos" / "b.png", size=(40, 40), color=(10, 20, 200))
     b_url = "data:image/png;base64," + base64.b64encode((tmp_path / "photos" / "b.png").read_bytes()).decode()
     system, q1, a1, q2, a2 = "Be brief.", "Look: <image>\nWhat colour?", "Red.", "<image>\nAnd this one?", "Blue."
-    llava = {"id": "r", "images": ["photos/a.jpg", "photos/b.png"], "conversations": [
-        {"from": "system", "value": system}, {"from": "human", "value": q1}, {"from": "gpt", "value": a1},
-        {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]}
-    factory = {"id": "r", "system": system, "images": ["photos/a.jpg", "photos/b.png"], "messages": [
-        {"role": "user", "content": q1}, {"role": "assistant", "content": a1},
-        {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]}
-    openai = {"id": "r", "messages": [
-        {"role": "system", "content": [{"type": "text", "text": system}]},
-        {"role": "user", "content": [{"type": "text", "text": "Look: "},
-                                     {"type": "image_url", "image_url": {"url": "photos/a.jpg"}},
-                                     {"type": "text", "text": "What colour?"}]},
-        {"role": "assistant", "content": a1},
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": b_url}},
-                                     {"type": "text", "text": "And this one?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": a2}]}]}
-    bare_parts = {"id": "r", "images": ["photos/a.jpg", "photos/b.png"], "messages": [
-        {"role": "system", "content": system},
-        {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": "What colour?"}]},
-        {"role": "assistant", "content": a1},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
-        {"role": "assistant", "content": a2}]}
+    llava = {
+        "id": "r",
+        "images": ["photos/a.jpg", "photos/b.png"],
+        "conversations": [
+            {"from": "system", "value": system},
+            {"from": "human", "value": q1},
+            {"from": "gpt", "value": a1},
+            {"from": "human", "value": q2},
+            {"from": "gpt", "value": a2},
+        ],
+    }
+    factory = {
+        "id": "r",
+        "system": system,
+        "images": ["photos/a.jpg", "photos/b.png"],
+        "messages": [
+            {"role": "user", "content": q1},
+            {"role": "assistant", "content": a1},
+            {"role": "user", "content": q2},
+            {"role": "assistant", "content": a2},
+        ],
+    }
+    openai = {
+        "id": "r",
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": system}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Look: "},
+                    {"type": "image_url", "image_url": {"url": "photos/a.jpg"}},
+                    {"type": "text", "text": "What colour?"},
+                ],
+            },
+            {"role": "assistant", "content": a1},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": b_url}},
+                    {"type": "text", "text": "And this one?"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": a2}]},
+        ],
+    }
+    bare_parts = {
+        "id": "r",
+        "images": ["photos/a.jpg", "photos/b.png"],
+        "messages": [
+            {"role": "system", "content": system},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Look: "},
+                    {"type": "image"},
+                    {"type": "text", "text": "What colour?"},
+                ],
+            },
+            {"role": "assistant", "content": a1},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
+            {"role": "assistant", "content": a2},
+        ],
+    }
     return {"llava": llava, "llama-factory": factory, "openai": openai, "bare-image-parts": bare_parts}
 
 
@@ -268,8 +304,17 @@ def test_every_format_reads_as_the_same_sample(tmp_path, proc):
     assert proc.tokenizer.decode(_labelled(reference)) == "Red.<|im_end|>Blue.<|im_end|>"
     for name, record in formats.items():
         for jsonl in (False, True):
-            path = _write_json(tmp_path / f"{name}.json{'l' * jsonl}", [record, {"id": "text", "messages": [
-                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}], jsonl)
+            path = _write_json(
+                tmp_path / f"{name}.json{'l' * jsonl}",
+                [
+                    record,
+                    {
+                        "id": "text",
+                        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                    },
+                ],
+                jsonl,
+            )
             got = read_records(path)
             assert [r["id"] for r in got] == ["r", "text"], name
             sample = proc.encode(got[0])
@@ -284,14 +329,39 @@ def test_format_errors_and_the_all_unusable_file(tmp_path):
     _png(tmp_path / "a.png")
     ask = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
     cases = [
-        ({"id": "remote", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
-                                       ask[1]]}, "remote image URLs are never fetched"),
-        ({"id": "both", "images": ["a.png"], "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": "a.png"}, {"type": "text", "text": "Q"}]}, ask[1]]}, "images both inline"),
-        ({"id": "part", "messages": [{"role": "user", "content": [{"type": "audio"}]}, ask[1]]}, "not a text, image_url"),
+        (
+            {
+                "id": "remote",
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+                    ask[1],
+                ],
+            },
+            "remote image URLs are never fetched",
+        ),
+        (
+            {
+                "id": "both",
+                "images": ["a.png"],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": "a.png"}, {"type": "text", "text": "Q"}],
+                    },
+                    ask[1],
+                ],
+            },
+            "images both inline",
+        ),
+        (
+            {"id": "part", "messages": [{"role": "user", "content": [{"type": "audio"}]}, ask[1]]},
+            "not a text, image_url",
+        ),
         ({"id": "role", "messages": [{"role": "tool", "content": "x"}, *ask]}, "turn 0 must be"),
-        ({"id": "count", "images": ["a.png"], "messages": [{"role": "user", "content": "<image><image>"}, ask[1]]},
-         "2 <image> placeholders but 1 images"),
+        (
+            {"id": "count", "images": ["a.png"], "messages": [{"role": "user", "content": "<image><image>"}, ask[1]]},
+            "2 <image> placeholders but 1 images",
+        ),
         ({"id": "none", "question": "Q", "answer": "A"}, "no turns: a record needs `conversations`"),
     ]
     records, errors = scan_records(_write_json(tmp_path / "mixed.json", [r for r, _ in cases]))
@@ -314,8 +384,12 @@ def test_record_file_spans_and_header_tile_counts(tmp_path):
     records = [_chat("Grüße, 東京?", "Ja ✓", id=f"r{i}") for i in range(5)]
     for name, jsonl in (("list.json", False), ("lines.jsonl", True)):
         path = tmp_path / name
-        path.write_text(("\n\n".join if jsonl else lambda rs: "[\n " + ",\n ".join(rs) + " ]\n")(
-            [json.dumps(r, ensure_ascii=False) for r in records]), encoding="utf-8")
+        path.write_text(
+            ("\n\n".join if jsonl else lambda rs: "[\n " + ",\n ".join(rs) + " ]\n")(
+                [json.dumps(r, ensure_ascii=False) for r in records]
+            ),
+            encoding="utf-8",
+        )
         file = RecordFile(path)
         assert [raw for _, raw in file.scan()] == records and len(file) == 5
         assert [file.load(i) for i in (4, 0, 2)] == [records[4], records[0], records[2]]
@@ -411,9 +485,12 @@ def test_prompt_opens_the_assistant_turn(tok, proc):
     assert text.endswith("<|im_start|>user\n\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
     ids, pixels = proc.prompt([{"role": "user", "content": "Hi"}])
     assert pixels is None
-    assert ids[0].tolist() == tok.apply_chat_template(
-        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True
-    )["input_ids"]
+    assert (
+        ids[0].tolist()
+        == tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+    )
 
 
 # packing --------------------------------------------------------------------------------------

@@ -18,18 +18,34 @@ MODEL = "runs/genieblue-skip/stage2/final"
 
 
 def _cli(*args, timeout=1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "genieblue.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "genieblue.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run = _cli("demo", "--out", str(out), "--n-train", "24", "--n-test", "12", "--stage0-steps", "2", "--stage1-steps", "1",
-               "--stage2-epochs", "1")  # 2 steps: the first one's learning rate is 0 (warm-up)
+    run = _cli(
+        "demo",
+        "--out",
+        str(out),
+        "--n-train",
+        "24",
+        "--n-test",
+        "12",
+        "--stage0-steps",
+        "2",
+        "--stage1-steps",
+        "1",
+        "--stage2-epochs",
+        "1",
+    )  # 2 steps: the first one's learning rate is 0 (warm-up)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
 
+@pytest.mark.integration
 def test_short_demo_writes_reports_and_keeps_the_base_exact(short_demo):
     report = json.loads((short_demo / "report.json").read_text())
     for name in ("report.md", "accuracy.png", f"{MODEL}/delta.safetensors", "runs/genieblue-skip/stage2/loss.png"):
@@ -44,6 +60,7 @@ def test_short_demo_writes_reports_and_keeps_the_base_exact(short_demo):
     assert "| colour |" in (short_demo / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_chat_answers_with_and_without_an_image(short_demo):
     model_dir = short_demo / MODEL
     model = GenieBlueForConditionalGeneration.from_pretrained(model_dir)
@@ -51,15 +68,26 @@ def test_chat_answers_with_and_without_an_image(short_demo):
 
     image = next((short_demo / "data" / "images" / "test").glob("colour-*.png"))
     question = "What colour is the shape? Answer with one word."
-    with_image = _cli("chat", "--model", str(model_dir), "--image", str(image), "--max-new-tokens", "4", question, timeout=300)
+    with_image = _cli(
+        "chat", "--model", str(model_dir), "--image", str(image), "--max-new-tokens", "4", question, timeout=300
+    )
     assert with_image.returncode == 0, with_image.stderr[-2000:]
-    record = {"images": [str(image)], "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                                         {"from": "gpt", "value": "?"}]}
+    record = {
+        "images": [str(image)],
+        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "?"}],
+    }
     assert with_image.stdout.strip() == answer_records(model, processor, [record], max_new_tokens=4)[0].strip()
 
     text_only = _qa_records()[:1]
-    text = _cli("chat", "--model", str(model_dir), "--max-new-tokens", "12",
-                text_only[0]["conversations"][0]["value"], timeout=300)
+    text = _cli(
+        "chat",
+        "--model",
+        str(model_dir),
+        "--max-new-tokens",
+        "12",
+        text_only[0]["conversations"][0]["value"],
+        timeout=300,
+    )
     assert text.returncode == 0, text.stderr[-2000:]
     # the text-only reply is the independently loaded base's reply, through the same chat template
     base_reply = answer_records(load_llm(None), processor, text_only, max_new_tokens=12)[0]
@@ -71,10 +99,15 @@ def test_seed_summary_means_sds_and_ratio_to_full_fine_tuning():
     from genieblue.demo import _seed_lines, seed_summary
 
     def run(accuracy, ppl):
-        return {"multimodal": {"accuracy": accuracy, "per_group": dict.fromkeys(TASKS, accuracy)},
-                "perplexity_deployed": ppl, "text_qa_deployed": 0.5}
+        return {
+            "multimodal": {"accuracy": accuracy, "per_group": dict.fromkeys(TASKS, accuracy)},
+            "perplexity_deployed": ppl,
+            "text_qa_deployed": 0.5,
+        }
 
-    summary = seed_summary({"genieblue-skip": [run(0.5, 39.0), run(0.7, 39.0)], "full": [run(0.6, 50.0), run(0.6, 54.0)]})
+    summary = seed_summary(
+        {"genieblue-skip": [run(0.5, 39.0), run(0.7, 39.0)], "full": [run(0.6, 50.0), run(0.6, 54.0)]}
+    )
     skip, full = summary["genieblue-skip"], summary["full"]
     assert skip["accuracy"]["mean"] == pytest.approx(0.6) and skip["accuracy"]["sd"] == pytest.approx(0.1414, abs=1e-4)
     assert full["perplexity_deployed"]["mean"] == 52.0 and full["per_task"]["count"]["sd"] == 0.0
@@ -85,6 +118,7 @@ def test_seed_summary_means_sds_and_ratio_to_full_fine_tuning():
     assert "| genieblue-skip | 60.0 +- 14.1" in table and "100.0% +- 16.7" in table
 
 
+@pytest.mark.integration
 def test_chat_reports_a_missing_model_in_one_line(tmp_path):
     run = _cli("chat", "--model", str(tmp_path / "nope"), "hello", timeout=120)
     assert run.returncode == 2
@@ -92,6 +126,7 @@ def test_chat_reports_a_missing_model_in_one_line(tmp_path):
     assert len(run.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_full_default_demo_sees_and_keeps_the_base_exact(tmp_path):
     """The real `genieblue demo` with its defaults (about 13 minutes on 2 CPU cores)."""

@@ -1,5 +1,6 @@
 """On-device deployment: W4A16 / W8A16 quantisation (text path bit-identical to the base quantised on
-its own; zero points; a GGUF base's own Q4_0 / Q4_1 / Q8_0 blocks kept exactly), the export-time fusion of q/k/v, gate/up and their LoRA (same outputs as the unfused model),
+its own; zero points; a GGUF base's own Q4_0 / Q4_1 / Q8_0 blocks kept exactly), the export-time fusion
+of q/k/v, gate/up and their LoRA (same outputs as the unfused model),
 ONNX export of the text, image and vision graphs (matched against the unfused PyTorch model under
 onnxruntime, prefill and decode with a KV cache; fused weights folded at load), one copy of the base
 weights on disk, the 1-tile vision graph, and the `genieblue export` / `genieblue bench deploy` commands."""
@@ -18,19 +19,27 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_RESNET, TINY_SIGLIP, load_reference
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from torch import nn
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from conftest import TINY_RESNET, TINY_SIGLIP, load_reference
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue.cli import app
 from genieblue.data import save_processor_settings
 from genieblue.deploy.fuse import FusedProjections, fused_projections
 from genieblue.deploy.gguf_weights import gguf_layers
 from genieblue.deploy.onnx_export import ALIGN, BASE_DATA, DELTA_DATA, export_onnx
-from genieblue.deploy.quant import (PlanarLinear, QuantizedLoRALinear, WeightOnlyEmbedding, WeightOnlyLinear,
-                                    quantize_llm, quantize_model, quantize_weight)
+from genieblue.deploy.quant import (
+    PlanarLinear,
+    QuantizedLoRALinear,
+    WeightOnlyEmbedding,
+    WeightOnlyLinear,
+    quantize_llm,
+    quantize_model,
+    quantize_weight,
+)
 from genieblue.deploy.runtime import DeployedModel
 from genieblue.model import IMAGE_TOKEN_INDEX
 
@@ -51,9 +60,14 @@ def _trained_like(base, seed: int = 0, vision=TINY_SIGLIP, **strategy_options) -
 def _image_prompt(model, tiles: int = 1, text: int = 5, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     vocab = model.llm.config.vocab_size
-    ids = torch.cat([torch.randint(3, vocab, (1, 2), generator=g),
-                     torch.full((1, tiles * model.vision.tokens_per_tile), IMAGE_TOKEN_INDEX),
-                     torch.randint(3, vocab, (1, text), generator=g)], 1)
+    ids = torch.cat(
+        [
+            torch.randint(3, vocab, (1, 2), generator=g),
+            torch.full((1, tiles * model.vision.tokens_per_tile), IMAGE_TOKEN_INDEX),
+            torch.randint(3, vocab, (1, text), generator=g),
+        ],
+        1,
+    )
     size = model.vision.image_size
     return ids, torch.randn(tiles, 3, size, size, generator=g)
 
@@ -75,7 +89,9 @@ def test_quantised_text_path_is_the_independently_quantised_base(base_dirs, fami
 
     # everything is really quantised: LLM linears 4-bit (base and copies), LoRA / ViT / projector 8-bit
     assert not [n for n, m in model.llm.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-    assert not [n for n, m in model.vision.named_modules() if isinstance(m, nn.Linear)]  # (patch conv, positions: float)
+    assert not [
+        n for n, m in model.vision.named_modules() if isinstance(m, nn.Linear)
+    ]  # (patch conv, positions: float)
     bits = {n: m.bits for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
     assert {b for n, b in bits.items() if n.startswith("llm.") and ".lora_" not in n} == {4}
     assert {b for n, b in bits.items() if n.startswith("vision.") or ".lora_" in n} == {8}
@@ -106,8 +122,12 @@ def test_zero_points_fit_each_block_between_its_min_and_max(base_dirs):
     zero = torch.stack((asymmetric.zero_points & 15, asymmetric.zero_points >> 4), -1).flatten(-2).float()
     step = asymmetric.scales.view(weight.shape[0], -1)
     blocks = weight.view(weight.shape[0], -1, 32)
-    assert torch.allclose(step * 15, blocks.amax(-1) - blocks.amin(-1).clamp(max=0), rtol=1e-5)  # 16 levels span the block
-    assert torch.allclose(-zero * step, blocks.amin(-1).clamp(max=0), atol=step.max().item() / 2 + 1e-6)  # zero point: min
+    assert torch.allclose(
+        step * 15, blocks.amax(-1) - blocks.amin(-1).clamp(max=0), rtol=1e-5
+    )  # 16 levels span the block
+    assert torch.allclose(
+        -zero * step, blocks.amin(-1).clamp(max=0), atol=step.max().item() / 2 + 1e-6
+    )  # zero point: min
     errors = [(layer(torch.eye(64)).T - weight).abs().mean() for layer in (symmetric, asymmetric)]
     assert errors[1] < errors[0]
 
@@ -116,14 +136,21 @@ def test_8_bit_tables_are_two_exact_4_bit_planes(base_dirs):
     weight = load_reference(base_dirs["llama"]).lm_head.weight.detach()
     packed, scales, _ = quantize_weight(weight, 8)
     scales = scales.half().float()  # as quantize_llm stores them: the planes are then exact
-    planar, eight = PlanarLinear(packed, scales, weight.shape[1], 32), WeightOnlyLinear(packed, scales, weight.shape[1], 8, 32)
+    planar, eight = (
+        PlanarLinear(packed, scales, weight.shape[1], 32),
+        WeightOnlyLinear(packed, scales, weight.shape[1], 8, 32),
+    )
     assert torch.equal(planar.dequantized(torch.float32), eight.dequantized(torch.float32))
     assert [(p.bits, p.zero_points is None) for p in planar.planes()] == [(4, True), (4, False)]
     llm = quantize_llm(load_reference(base_dirs["llama"]))  # embedding and (untied) LM head at TABLE_BITS = 8
     assert isinstance(llm.get_output_embeddings(), PlanarLinear) and len(llm.get_input_embeddings().planes) == 2
     ids = torch.randint(3, 128, (1, 5))
-    rows = torch.stack([quantize_llm(load_reference(base_dirs["llama"]), table_bits=4).get_input_embeddings()(ids),
-                        llm.get_input_embeddings()(ids)])
+    rows = torch.stack(
+        [
+            quantize_llm(load_reference(base_dirs["llama"]), table_bits=4).get_input_embeddings()(ids),
+            llm.get_input_embeddings()(ids),
+        ]
+    )
     error = (rows - load_reference(base_dirs["llama"]).get_input_embeddings()(ids)).abs().mean((1, 2, 3))
     assert error[1] < error[0] / 8  # 8 bits: 16x finer steps
 
@@ -141,8 +168,15 @@ def test_copy_bits_knob_puts_block_copies_at_8_bits_and_leaves_the_text_path(bas
 
 
 # a GGUF base's own quantisation ---------------------------------------------------------------
-GGUF_TYPES = {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
-              "ffn_up": "Q4_1", "ffn_down": "Q8_0"}
+GGUF_TYPES = {
+    "attn_q": "Q4_1",
+    "attn_k": "Q4_1",
+    "attn_v": "Q4_1",
+    "attn_output": "Q4_0",
+    "ffn_gate": "Q4_1",
+    "ffn_up": "Q4_1",
+    "ffn_down": "Q8_0",
+}
 """Tensor types of the tiny GGUF (blk.1 has mixed q/k/v: those stay unfused)."""
 
 
@@ -182,11 +216,15 @@ def tiny_gguf(base_dirs, tmp_path_factory):
     for i, layer in enumerate(reference.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         types = dict(GGUF_TYPES, attn_k="Q8_0") if i == 1 else GGUF_TYPES
-        for name, module, weight in (("attn_q", attn.q_proj, permute(attn.q_proj.weight, heads)),
-                                     ("attn_k", attn.k_proj, permute(attn.k_proj.weight, kv_heads)),
-                                     ("attn_v", attn.v_proj, None), ("attn_output", attn.o_proj, None),
-                                     ("ffn_gate", mlp.gate_proj, None), ("ffn_up", mlp.up_proj, None),
-                                     ("ffn_down", mlp.down_proj, None)):
+        for name, module, weight in (
+            ("attn_q", attn.q_proj, permute(attn.q_proj.weight, heads)),
+            ("attn_k", attn.k_proj, permute(attn.k_proj.weight, kv_heads)),
+            ("attn_v", attn.v_proj, None),
+            ("attn_output", attn.o_proj, None),
+            ("ffn_gate", mlp.gate_proj, None),
+            ("ffn_up", mlp.up_proj, None),
+            ("ffn_down", mlp.down_proj, None),
+        ):
             add(f"blk.{i}.{name}.weight", module.weight if weight is None else weight, types[name])
         add(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight)
         add(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight)
@@ -228,6 +266,7 @@ def test_gguf_blocks_are_kept_exactly(tiny_gguf, base_dirs):
         gguf_layers(tiny_gguf, load_reference(base_dirs["qwen2"]))
 
 
+@pytest.mark.integration
 def test_gguf_export_runs_the_files_blocks_under_onnxruntime(tiny_gguf, tmp_path):
     model = _trained_like(_load_gguf(tiny_gguf))
     quantize_model(model, kept=gguf_layers(tiny_gguf, model.llm)[0])
@@ -262,14 +301,20 @@ def test_fused_projections_compute_what_the_unfused_model_does(base_dirs, family
     np.testing.assert_allclose(fused_image, image, atol=TOLERANCE, rtol=0)
     # q/k/v and gate/up of every block, original or copy, and q/k/v of every ViT layer
     layers = len(model.llm.model.layers)
-    assert len(groups) == 2 * (layers + len(model.strategy.block_indices(layers))) + model.vision.vit.config.num_hidden_layers
+    assert (
+        len(groups)
+        == 2 * (layers + len(model.strategy.block_indices(layers))) + model.vision.vit.config.num_hidden_layers
+    )
     # the fused LoRA holds the members' own 8-bit values: A stacked, B block-diagonal (zero rows without LoRA)
     with_lora = [g for g in groups if g.lora_A is not None]
     assert len(with_lora) == 2 * len(model.strategy.lora_indices(layers))
     for group in with_lora:
         loras = [m if isinstance(m, QuantizedLoRALinear) else None for m in group.members]
         a = [m.lora_A.dequantized(torch.float32) for m in loras if m is not None]
-        b = [torch.zeros(size, 0) if m is None else m.lora_B.dequantized(torch.float32) for m, size in zip(loras, group.sizes)]
+        b = [
+            torch.zeros(size, 0) if m is None else m.lora_B.dequantized(torch.float32)
+            for m, size in zip(loras, group.sizes)
+        ]
         assert torch.equal(group.lora_A.dequantized(torch.float32), torch.cat(a))
         assert torch.equal(group.lora_B.dequantized(torch.float32), torch.block_diag(*b))
     # outside the context the model is itself again: its text path op for op
@@ -299,7 +344,9 @@ def cli_export(chat_base, tmp_path_factory):
 
 
 def _cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "genieblue.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "genieblue.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _check_steps(model, deployed: DeployedModel, ids, pixels, follow=(7, 9, 11)) -> None:
@@ -317,14 +364,17 @@ def _check_steps(model, deployed: DeployedModel, ids, pixels, follow=(7, 9, 11))
         np.testing.assert_allclose(logits[0], full[ids.shape[1] + k].numpy(), atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.integration
 def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
     model, folder = qwen2_export
     deployed = DeployedModel(folder)
     assert deployed.manifest["precision"] == "w4a16"
     _check_steps(model, deployed, torch.randint(3, 128, (1, 9)), None)
     _check_steps(model, deployed, *_image_prompt(model, tiles=2))  # a vision graph for any number of tiles
-    ops = {g: Counter(n.op_type for n in onnx.load(folder / f"{g}.onnx", load_external_data=False).graph.node)
-           for g in ("text", "image")}
+    ops = {
+        g: Counter(n.op_type for n in onnx.load(folder / f"{g}.onnx", load_external_data=False).graph.node)
+        for g in ("text", "image")
+    }
     assert not (ops["text"] | ops["image"]).keys() & {"If", "Loop", "Scan", "TopK", "NonZero"}  # static dense ops only
     # fused: one MatMulNBits for q/k/v, o, gate/up and down of each block, two for the 8-bit LM head (4-bit
     # planes); the image graph adds one low-rank update (two MatMuls) per group of each LoRA block
@@ -333,6 +383,7 @@ def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
     assert ops["image"]["MatMul"] - ops["text"]["MatMul"] == 2 * 4 * len(model.strategy.lora_indices(layers))
 
 
+@pytest.mark.integration
 def test_onnxruntime_folds_the_fused_weights_when_it_loads_a_graph(qwen2_export, tmp_path):
     model, folder = qwen2_export
     lora_matmuls = 2 * 4 * len(model.strategy.lora_indices(len(model.llm.model.layers)))
@@ -347,6 +398,7 @@ def test_onnxruntime_folds_the_fused_weights_when_it_loads_a_graph(qwen2_export,
         assert sum(n.input[1] in constant for n in nodes.node if n.op_type == "MatMul") == expected  # LoRA A, B
 
 
+@pytest.mark.integration
 def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_path):
     model = _trained_like(base_dirs["llama"])
     export_onnx(model, tmp_path / "fp32")
@@ -359,6 +411,7 @@ def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_
     assert locations == {BASE_DATA, DELTA_DATA}
 
 
+@pytest.mark.integration
 def test_conv_backbone_tower_exports_and_runs(base_dirs, tmp_path):
     """The demo's tower (ResNet AutoBackbone + token mixer) in the W8A16 vision graph, then decoding."""
     model = quantize_model(_trained_like(base_dirs["llama"], vision=TINY_RESNET))
@@ -371,13 +424,17 @@ def test_conv_backbone_tower_exports_and_runs(base_dirs, tmp_path):
     _check_steps(model, deployed, ids, pixels)
 
 
+@pytest.mark.integration
 def test_base_weights_are_stored_once_and_read_by_both_graphs(qwen2_export):
     model, folder = qwen2_export
     graphs = {g: onnx.load(folder / f"{g}.onnx", load_external_data=False) for g in ("text", "image", "vision")}
 
     def places(graph):
-        return {t.name: (e["location"], int(e["offset"]), int(e["length"]))
-                for t in graph.graph.initializer if (e := {x.key: x.value for x in t.external_data})}
+        return {
+            t.name: (e["location"], int(e["offset"]), int(e["length"]))
+            for t in graph.graph.initializer
+            if (e := {x.key: x.value for x in t.external_data})
+        }
 
     text, image, vision = (places(graphs[g]) for g in ("text", "image", "vision"))
     assert {loc for loc, *_ in text.values()} == {BASE_DATA}
@@ -386,7 +443,9 @@ def test_base_weights_are_stored_once_and_read_by_both_graphs(qwen2_export):
     shared = {n for n, p in image.items() if p[0] == BASE_DATA}
     assert shared and all(image[n] == text[n] for n in shared)  # same file, same offsets
     assert not any(".copy." in n or ".lora_" in n for n in text)  # the text graph never reads the delta
-    assert not any(n.startswith(f"model.llm.model.layers.{i}.original.") for i in model.strategy.block_indices(8) for n in image)
+    assert not any(
+        n.startswith(f"model.llm.model.layers.{i}.original.") for i in model.strategy.block_indices(8) for n in image
+    )
 
     # bytes on disk: the base once (not once per graph), the delta once
     def nbytes(state):
@@ -406,6 +465,7 @@ def test_base_weights_are_stored_once_and_read_by_both_graphs(qwen2_export):
     assert set(deployed.sessions) == {"text", "image", "vision"}
 
 
+@pytest.mark.integration
 def test_cli_export_single_tile_vision_graph_and_greedy_tokens(cli_export):
     model_dir, folder, manifest = cli_export
     assert manifest["single_tile"] and manifest["precision"] == "w4a16"
@@ -418,21 +478,42 @@ def test_cli_export_single_tile_vision_graph_and_greedy_tokens(cli_export):
     deployed = DeployedModel(folder)
     ids, pixels = _image_prompt(model, tiles=1)
     _check_steps(model, deployed, ids, pixels)
-    with pytest.raises(Exception):  # two tiles do not fit the single-tile graph
+    with pytest.raises(InvalidArgument):  # two tiles do not fit the single-tile graph
         deployed.image_features(np.zeros((2, 3, manifest["image_size"], manifest["image_size"]), np.float32))
 
     # greedy generation under onnxruntime == PyTorch generate, text mode and image mode
     text_ids = torch.randint(3, 1000, (1, 6))
     for prompt, px in ((text_ids, None), (ids, pixels)):
-        expected = model.generate(prompt, pixel_values=px, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0].tolist()
+        expected = model.generate(prompt, pixel_values=px, max_new_tokens=5, min_new_tokens=5, do_sample=False)[
+            0
+        ].tolist()
         got = deployed.generate(prompt.numpy(), None if px is None else px.numpy(), max_new_tokens=5, stop_at_eos=False)
         assert got == expected
 
 
+@pytest.mark.integration
 def test_cli_bench_deploy_reports_table9(cli_export):
     model_dir, folder, _ = cli_export
-    run = _cli("bench", "deploy", "-m", str(model_dir), "--onnx", str(folder), "--no-accuracy", "--json",
-               "--prompt-tokens", "24", "--new-tokens", "4", "--repeats", "1", "--rounds", "1", "--threads", "1")
+    run = _cli(
+        "bench",
+        "deploy",
+        "-m",
+        str(model_dir),
+        "--onnx",
+        str(folder),
+        "--no-accuracy",
+        "--json",
+        "--prompt-tokens",
+        "24",
+        "--new-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
     text, image = result["modes"]["text"], result["modes"]["image"]
@@ -448,13 +529,18 @@ def test_cli_bench_deploy_reports_table9(cli_export):
     assert targets["storage_overhead"]["value"] == pytest.approx(image["storage_bytes"] / text["storage_bytes"] - 1)
     split = result["storage_breakdown"]  # every byte of the overhead is in one part
     assert sum(v for k, v in split.items() if k != "floor_copies_at_base_precision") == pytest.approx(
-        targets["storage_overhead"]["value"], abs=1e-3)
-    assert split["floor_copies_at_base_precision"] == pytest.approx(split["copies"], rel=0.1)  # copies: about the base's scheme
+        targets["storage_overhead"]["value"], abs=1e-3
+    )
+    assert split["floor_copies_at_base_precision"] == pytest.approx(
+        split["copies"], rel=0.1
+    )  # copies: about the base's scheme
     assert targets["decode_ratio"]["value"] == pytest.approx(image["decode_tokens_per_s"] / text["decode_tokens_per_s"])
     assert targets["single_base_in_memory"]["image_minus_text_peak_rss_mb"] == pytest.approx(
-        image["peak_rss_mb"] - text["peak_rss_mb"])
+        image["peak_rss_mb"] - text["peak_rss_mb"]
+    )
 
 
+@pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, cli_export):
     model_dir, folder, _ = cli_export
     for args, message in (
@@ -462,8 +548,24 @@ def test_cli_errors_are_one_line(tmp_path, cli_export):
         (("export", "-m", str(model_dir), "--format", "tflite"), "unknown format 'tflite'"),
         (("export", "-m", str(model_dir), "--precision", "w3"), "unknown precision 'w3'"),
         (("bench", "deploy", "-m", str(tmp_path / "nope")), "genieblue.json is missing"),
-        (("bench", "deploy", "-m", str(model_dir), "--onnx", str(folder), "--no-accuracy", "--prompt-tokens", "3",
-          "--repeats", "1", "--rounds", "1"), "an image prompt needs more than"),
+        (
+            (
+                "bench",
+                "deploy",
+                "-m",
+                str(model_dir),
+                "--onnx",
+                str(folder),
+                "--no-accuracy",
+                "--prompt-tokens",
+                "3",
+                "--repeats",
+                "1",
+                "--rounds",
+                "1",
+            ),
+            "an image prompt needs more than",
+        ),
     ):
         result = CliRunner().invoke(app, list(args))
         assert result.exit_code == 2, (args, result.output)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SIGLIP, load_reference, serving
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
@@ -23,8 +22,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
+from conftest import TINY_SIGLIP, load_reference, serving
 from genieblue.cli import app
-from genieblue.data import load_model_and_processor, save_processor_settings
+from genieblue.data import save_processor_settings
 from genieblue.eval.harness import GenieBlueLM
 from genieblue.eval.judge import JUDGE_SYSTEM, judge_prompt, parse_rating
 from genieblue.eval.text import TEXT_QA, text_qa
@@ -34,6 +34,7 @@ from genieblue.eval.vqa_metrics import anls, extract_choice, normalize_vqa, ocr_
 from genieblue.infer.chat import ChatSession
 from genieblue.infer.engine import Engine
 from genieblue.infer.server import create_app
+from genieblue.loading import load_model_and_processor
 from genieblue.model import GenieBlueForConditionalGeneration
 
 TASKS = "tiny_mc,tiny_gen,tiny_ppl"
@@ -74,8 +75,10 @@ doc_to_target: "{{{{text}}}}"
 metric_list: [{{metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}}]""",
 }
 _TASK_DOCS = {
-    "tiny_mc": [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), f"{i} apples"], "answer": 0}
-                for i in range(1, 7)],
+    "tiny_mc": [
+        {"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), f"{i} apples"], "answer": 0}
+        for i in range(1, 7)
+    ],
     "tiny_gen": [{"question": f"Say {w}.", "answer": w} for w in ("yes", "no", "cat", "dog")],
     "tiny_ppl": [{"text": "The quick brown fox jumps over the lazy dog. " * k} for k in (1, 2, 3)],
 }
@@ -87,8 +90,10 @@ def lm_tasks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lm_tasks")
     for name, docs in _TASK_DOCS.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-        header = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.jsonl\n"
-                  f"  cache_dir: {folder / 'hf_cache'}\ntest_split: test\n")
+        header = (
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.jsonl\n"
+            f"  cache_dir: {folder / 'hf_cache'}\ntest_split: test\n"
+        )
         (folder / f"{name}.yaml").write_text(header + _TASK_YAML[name].format() + "\n")
     return str(folder)
 
@@ -114,8 +119,22 @@ def _drop(path: Path, n: int, match) -> None:
 # text: lm-eval ----------------------------------------------------------------------------------
 def test_text_table_non_shared_equals_base_request_by_request_and_resumes(models, lm_tasks, tmp_path):
     out = tmp_path / "out"
-    args = ["eval", "text", "-m", models["main"], "-t", TASKS, "--include-path", lm_tasks, "--compare", models["lora"],
-            "--batch-size", "4", "--out", str(out)]
+    args = [
+        "eval",
+        "text",
+        "-m",
+        models["main"],
+        "-t",
+        TASKS,
+        "--include-path",
+        lm_tasks,
+        "--compare",
+        models["lora"],
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    ]
     result = _cli(*args)
     table = result["table"]
     rows = table["rows"]
@@ -157,7 +176,9 @@ def test_text_qa_non_shared_replies_are_the_base_on_its_own_chat_template(models
     base, tok = load_reference(chat_base), AutoTokenizer.from_pretrained(chat_base, padding_side="left")
     expected = []
     for start in range(0, len(TEXT_QA), 16):
-        conversations = [[{"role": "user", "content": f"{q} Answer with one word."}] for q, _ in TEXT_QA[start : start + 16]]
+        conversations = [
+            [{"role": "user", "content": f"{q} Answer with one word."}] for q, _ in TEXT_QA[start : start + 16]
+        ]
         batch = tok.apply_chat_template(conversations, add_generation_prompt=True, padding=True, return_tensors="pt")
         out = base.generate(**batch, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
         expected += tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -264,33 +285,69 @@ def test_mm_benchmarks_from_jsonl_and_tsv_score_resume_and_skip_bad_rows(models,
         direct[name].append(ChatSession(*loaded, max_new_tokens=N).ask(tsv_prompt, data / "img3.png"))
     assert direct["main"][:3] != direct["lora"][:3]
 
-    llava = [{"question_id": i, "image": f"img{i}.png", "text": question, "answers": [direct["main"][i]]} for i in range(3)]
+    llava = [
+        {"question_id": i, "image": f"img{i}.png", "text": question, "answers": [direct["main"][i]]} for i in range(3)
+    ]
     llava.append({"question_id": 9, "image": "missing.png", "text": question, "answer": "x"})
     (data / "textvqa_tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in llava))
-    both = [{"id": f"c{i}", "image": f"img{i}.png", "answers": [direct["main"][i], direct["lora"][i]],
-             "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "-"}]}
-            for i in range(3)]
+    both = [
+        {
+            "id": f"c{i}",
+            "image": f"img{i}.png",
+            "answers": [direct["main"][i], direct["lora"][i]],
+            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "-"}],
+        }
+        for i in range(3)
+    ]
     (data / "both.json").write_text(json.dumps(both))
     image = base64.b64encode(_png(3)).decode()
-    rows = ["index\timage\tquestion\tanswer\tA\tB\tC\tcategory",
-            f"0\t{image}\tWhich colour is it?\tA\tred\tgreen\tblue\tcolour",
-            "1\t0\tWhich colour is it?\tblue\tred\tgreen\tblue\tcolour",  # shares row 0's image; answer as text
-            "2\tnot*base64\tWhich colour is it?\tA\tred\tgreen\tblue\tcolour",
-            f"3\t{image}\tWhich colour is it?\tD\tred\tgreen\tblue\tcolour",
-            f"4\t{image}\t \tA\tred\tgreen\tblue\tcolour",
-            f"5\t{image}\ttoo few columns"]
+    rows = [
+        "index\timage\tquestion\tanswer\tA\tB\tC\tcategory",
+        f"0\t{image}\tWhich colour is it?\tA\tred\tgreen\tblue\tcolour",
+        "1\t0\tWhich colour is it?\tblue\tred\tgreen\tblue\tcolour",  # shares row 0's image; answer as text
+        "2\tnot*base64\tWhich colour is it?\tA\tred\tgreen\tblue\tcolour",
+        f"3\t{image}\tWhich colour is it?\tD\tred\tgreen\tblue\tcolour",
+        f"4\t{image}\t \tA\tred\tgreen\tblue\tcolour",
+        f"5\t{image}\ttoo few columns",
+    ]
     (data / "MMBench_tiny.tsv").write_text("\n".join(rows) + "\n")
 
     out = tmp_path / "out"
-    args = ["eval", "mm", "-m", models["main"], "--reference", models["lora"], "-d", str(data / "textvqa_tiny.jsonl"),
-            "-d", f"both:exact={data / 'both.json'}", "-d", str(data / "MMBench_tiny.tsv"), "--max-new-tokens", str(N),
-            "--batch-size", "2", "--out", str(out)]
+    args = [
+        "eval",
+        "mm",
+        "-m",
+        models["main"],
+        "--reference",
+        models["lora"],
+        "-d",
+        str(data / "textvqa_tiny.jsonl"),
+        "-d",
+        f"both:exact={data / 'both.json'}",
+        "-d",
+        str(data / "MMBench_tiny.tsv"),
+        "--max-new-tokens",
+        str(N),
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     result = _cli(*args)
     assert result["benchmarks"] == {
         "textvqa_tiny": {"metric": "vqa", "items": 3, "skipped": 1, "skipped_by_reason": {"image file not found": 1}},
         "both": {"metric": "exact", "items": 3, "skipped": 0, "skipped_by_reason": {}},
-        "MMBench_tiny": {"metric": "mc", "items": 2, "skipped": 4, "skipped_by_reason": {
-            "image is not base64": 1, "answer is not one of the options": 1, "no question": 1, "malformed row": 1}},
+        "MMBench_tiny": {
+            "metric": "mc",
+            "items": 2,
+            "skipped": 4,
+            "skipped_by_reason": {
+                "image is not base64": 1,
+                "answer is not one of the options": 1,
+                "no question": 1,
+                "malformed row": 1,
+            },
+        },
     }
     replies = {(r["model"], r["id"]): r["result"] for r in _cache_rows(out / "mm.cache.jsonl")}
     for name in ("main", "lora"):
@@ -319,9 +376,11 @@ def test_mm_benchmarks_from_jsonl_and_tsv_score_resume_and_skip_bad_rows(models,
 
 def test_mm_errors_are_one_line(models, tmp_path):
     (tmp_path / "bad.tsv").write_text("index\tquestion\n0\thello\n")
-    for spec, message in ((str(tmp_path / "nope.jsonl"), "benchmark file not found"),
-                          (str(tmp_path / "bad.tsv"), "not a VLMEvalKit TSV (no answer, image column)"),
-                          (f"x:bleu={tmp_path / 'bad.tsv'}", "unknown metric 'bleu'")):
+    for spec, message in (
+        (str(tmp_path / "nope.jsonl"), "benchmark file not found"),
+        (str(tmp_path / "bad.tsv"), "not a VLMEvalKit TSV (no answer, image column)"),
+        (f"x:bleu={tmp_path / 'bad.tsv'}", "unknown metric 'bleu'"),
+    ):
         result = CliRunner().invoke(app, ["eval", "mm", "-m", models["main"], "-d", spec, "--out", str(tmp_path)])
         assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, result.output
         assert result.output.count("\n") == 1
@@ -333,27 +392,62 @@ def test_mm_reads_the_training_formats_and_names_what_an_unusable_file_lacks(mod
     Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "red.png")
     url = "data:image/png;base64," + base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
     rows = [
-        {"id": "factory", "images": ["red.png"], "messages": [
-            {"role": "user", "content": "What colour is <image> this?"}, {"role": "assistant", "content": "red"}]},
-        {"id": "openai", "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Colour?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]},
-        {"id": "missing", "images": ["nope.png"], "messages": [
-            {"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}]},
+        {
+            "id": "factory",
+            "images": ["red.png"],
+            "messages": [
+                {"role": "user", "content": "What colour is <image> this?"},
+                {"role": "assistant", "content": "red"},
+            ],
+        },
+        {
+            "id": "openai",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Colour?"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            ],
+        },
+        {
+            "id": "missing",
+            "images": ["nope.png"],
+            "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
+        },
     ]
     (tmp_path / "colours.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    result = CliRunner().invoke(app, ["eval", "mm", "-m", models["main"], "-d", f"colours:exact={tmp_path / 'colours.jsonl'}",
-                                      "--out", str(tmp_path / "out"), "--json", "--max-new-tokens", "2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "mm",
+            "-m",
+            models["main"],
+            "-d",
+            f"colours:exact={tmp_path / 'colours.jsonl'}",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+            "--max-new-tokens",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["benchmarks"]["colours"] == {"metric": "exact", "items": 2, "skipped": 1,
-                                                "skipped_by_reason": {"image file not found": 1}}
+    summary = json.loads(result.output[result.output.index("{") :])
+    assert summary["benchmarks"]["colours"] == {
+        "metric": "exact",
+        "items": 2,
+        "skipped": 1,
+        "skipped_by_reason": {"image file not found": 1},
+    }
     card = (Path(models["main"]) / "README.md").read_text()  # the model card keeps the table
     score = summary["table"]["rows"][models["main"]]["scores"]["colours"]
     assert "## Evaluation" in card and f"| {models['main']} | {score:.4g} |" in card
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Q", "output": "A"}]))
-    result = CliRunner().invoke(app, ["eval", "mm", "-m", models["main"], "-d", str(tmp_path / "alpaca.json"),
-                                      "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["eval", "mm", "-m", models["main"], "-d", str(tmp_path / "alpaca.json"), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "none of its 1 records is usable" in result.output and "keys [instruction, output]" in result.output
     assert "`messages`" in result.output and "`question`" in result.output
@@ -384,13 +478,30 @@ QUESTIONS = [
 ]
 
 
+@pytest.mark.integration
 def test_chat_judged_through_a_served_model_counts_unparseable_ratings_and_resumes(models, judge, tmp_path):
     url, engine = judge
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS) + "{not json\n")
     out = tmp_path / "out"
-    args = ["eval", "chat", "-m", models["main"], "-q", str(questions), "--judge-url", url, "--judge-max-tokens", str(N),
-            "--max-new-tokens", str(N), "--paths", "base,non-shared", "--out", str(out)]
+    args = [
+        "eval",
+        "chat",
+        "-m",
+        models["main"],
+        "-q",
+        str(questions),
+        "--judge-url",
+        url,
+        "--judge-max-tokens",
+        str(N),
+        "--max-new-tokens",
+        str(N),
+        "--paths",
+        "base,non-shared",
+        "--out",
+        str(out),
+    ]
     result = _cli(*args)
     assert result["judge"] == {"url": url, "model": "tiny-judge"} and result["skipped_lines"] == 1
 
@@ -426,7 +537,22 @@ def test_chat_with_an_unreachable_judge_is_a_one_line_error(models, tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     (tmp_path / "q.jsonl").write_text(json.dumps(QUESTIONS[1]) + "\n")
-    result = CliRunner().invoke(app, ["eval", "chat", "-m", models["main"], "-q", str(tmp_path / "q.jsonl"),
-                                      "--judge-url", f"http://127.0.0.1:{port}/v1", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and result.output.startswith(f"error: judge at http://127.0.0.1:{port}/v1"), result.output
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "chat",
+            "-m",
+            models["main"],
+            "-q",
+            str(tmp_path / "q.jsonl"),
+            "--judge-url",
+            f"http://127.0.0.1:{port}/v1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2 and result.output.startswith(f"error: judge at http://127.0.0.1:{port}/v1"), (
+        result.output
+    )
     assert result.output.count("\n") == 1

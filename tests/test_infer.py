@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import itertools
+import json
 import socket
 import time
 import urllib.error
@@ -21,11 +21,11 @@ import numpy as np
 import openai
 import pytest
 import torch
-from conftest import TINY_SIGLIP, load_reference, serving
 from PIL import Image
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
+from conftest import TINY_SIGLIP, load_reference, serving
 from genieblue.cli import app as cli
 from genieblue.data import GenieBlueProcessor, collate_prompts, save_processor_settings
 from genieblue.infer.chat import ChatSession
@@ -40,7 +40,9 @@ TRAINING_SYSTEM = "Answer briefly."  # the system prompt the model was "trained"
 
 def _png(size=(40, 40), seed=0, noise=True) -> bytes:
     rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) if noise else np.zeros((*size[::-1], 3), np.uint8)
+    pixels = (
+        rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) if noise else np.zeros((*size[::-1], 3), np.uint8)
+    )
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
@@ -98,8 +100,13 @@ def _base_prompt(tok, messages: list[dict]) -> torch.Tensor:
 def _base_tokens(base, prompts: list[torch.Tensor], pad_id: int, n: int = N) -> list[list[int]]:
     """Greedy tokens of the independently loaded base on the left-padded batch, cut at end of turn."""
     batch = collate_prompts([(p, None) for p in prompts], pad_id)
-    out = base.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
-                        max_new_tokens=n, pad_token_id=pad_id)[:, batch["input_ids"].shape[1] :]
+    out = base.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        do_sample=False,
+        max_new_tokens=n,
+        pad_token_id=pad_id,
+    )[:, batch["input_ids"].shape[1] :]
     eos = base.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos)
     return [list(itertools.takewhile(lambda t: t not in eos, row)) for row in out.tolist()]
@@ -186,10 +193,12 @@ def client(engine):
 
 def _chat(client, content, **kwargs):
     kwargs.setdefault("max_tokens", N)
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                          temperature=0, **kwargs)
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], temperature=0, **kwargs
+    )
 
 
+@pytest.mark.integration
 def test_text_chat_equals_the_base(client, base, base_tok):
     reply = _chat(client, QUESTIONS[1])
     assert reply.choices[0].message.content == _base_text(base, base_tok, QUESTIONS[1])
@@ -198,12 +207,14 @@ def test_text_chat_equals_the_base(client, base, base_tok):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
+@pytest.mark.integration
 def test_image_chat_matches_the_engine(client, engine):
     parts = [{"type": "image_url", "image_url": {"url": _data_url(_png())}}, {"type": "text", "text": "What is this?"}]
     reply = _chat(client, parts).choices[0].message.content
     assert reply == engine.generate(_user("<image>\nWhat is this?"), [_png()], max_tokens=N).text
 
 
+@pytest.mark.integration
 def test_stream_concatenates_to_the_plain_reply(client):
     chunks = list(_chat(client, QUESTIONS[2], stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -222,8 +233,12 @@ BAD = {
     "corrupt image": (_image(_data_url(b"definitely not a png")), {}, 400, "invalid_image"),
     "too many pixels": (_image(_data_url(_png((1100, 1000), noise=False))), {}, 400, "invalid_image"),
     "too many bytes": (_image(_data_url(_png((300, 300)))), {}, 413, "image_too_large"),
-    "unknown part": ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], {}, 400,
-                     "unsupported_content_type"),
+    "unknown part": (
+        [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+        {},
+        400,
+        "unsupported_content_type",
+    ),
     "max_tokens too large": ("Hi", {"max_tokens": 100_000}, 400, "max_tokens_too_large"),
     "context overflow": ("Hi", {"max_tokens": 500}, 400, "context_length_exceeded"),
     "max_tokens zero": ("Hi", {"max_tokens": 0}, 400, None),
@@ -231,6 +246,7 @@ BAD = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_gets_a_4xx_error_body_and_the_server_keeps_serving(client, case):
     content, kwargs, status, code = BAD[case]
@@ -243,6 +259,7 @@ def test_bad_input_gets_a_4xx_error_body_and_the_server_keeps_serving(client, ca
     assert _chat(client, "Hi", max_tokens=2).choices[0].message.content is not None
 
 
+@pytest.mark.integration
 def test_local_images_when_allowed(engine, tmp_path):
     (tmp_path / "x.png").write_bytes(_png())
     with serving(create_app(engine, allow_local_images=True)) as url:
@@ -251,6 +268,7 @@ def test_local_images_when_allowed(engine, tmp_path):
     assert reply == engine.generate(_user("<image>\nWhat is this?"), [_png()], max_tokens=N).text
 
 
+@pytest.mark.integration
 def test_concurrent_mixed_load(client, base, base_tok):
     """24 clients at once, text and image mixed: no failures, each text reply is the base's."""
     expected = {q: _base_text(base, base_tok, q) for q in QUESTIONS}
@@ -272,10 +290,13 @@ def test_concurrent_mixed_load(client, base, base_tok):
             assert reply == expected[question]
 
 
+@pytest.mark.integration
 def test_invalid_json_and_unknown_routes_get_error_bodies(client):
     url = str(client.base_url).rstrip("/")
-    for request in (urllib.request.Request(url + "/chat/completions", b"{not json", {"content-type": "application/json"}),
-                    urllib.request.Request(url + "/nope")):
+    for request in (
+        urllib.request.Request(url + "/chat/completions", b"{not json", {"content-type": "application/json"}),
+        urllib.request.Request(url + "/nope"),
+    ):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(request, timeout=10)
         assert info.value.code in (400, 404)
@@ -312,6 +333,7 @@ def _error(response: httpx.Response, status: int, code: str) -> None:
     assert set(body) == {"message", "type", "param", "code"} and body["code"] == code and body["message"]
 
 
+@pytest.mark.integration
 def test_every_v1_route_needs_the_api_key(guarded):
     """Without `Authorization: Bearer KEY` every /v1 route answers 401 (unknown ones too); /health
     stays open; the openai client with the key is served."""
@@ -330,11 +352,14 @@ def test_every_v1_route_needs_the_api_key(guarded):
 def _head(url: str, length: int) -> tuple[socket.socket, bytes]:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
     return sock, head.encode()
 
 
+@pytest.mark.integration
 def test_a_200_mb_body_gets_413_at_once_without_being_read(guarded):
     """The cap is checked on Content-Length: the server answers 413 after the headers and 64 KiB of
     a declared 200 MB body (the rest never sent), closes the connection, and keeps serving; a
@@ -357,14 +382,19 @@ def test_a_200_mb_body_gets_413_at_once_without_being_read(guarded):
             yield chunk
 
     start = time.monotonic()
-    response = httpx.post(guarded + "/v1/chat/completions", content=upload(), timeout=30,
-                          headers={"Authorization": f"Bearer {KEY}", "Content-Length": str(200 * 2**20)})
+    response = httpx.post(
+        guarded + "/v1/chat/completions",
+        content=upload(),
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Length": str(200 * 2**20)},
+    )
     _error(response, 413, "request_too_large")
     assert time.monotonic() - start < 10 and sum(sent) < 200 * 2**20
     keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
     assert _chat(keyed, "Hi", max_tokens=2).choices[0].message.content is not None
 
 
+@pytest.mark.integration
 def test_a_chunked_body_over_the_cap_gets_413(engine):
     """Without a Content-Length the running size is counted: 413 once it passes the cap."""
     with serving(create_app(engine, max_body_bytes=2**20)) as url:
@@ -374,6 +404,7 @@ def test_a_chunked_body_over_the_cap_gets_413(engine):
         assert httpx.post(url + "/v1/chat/completions", json=small, timeout=30).status_code == 200
 
 
+@pytest.mark.integration
 def test_too_many_images_are_refused(guarded):
     keyed = openai.OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=30)
     image = {"type": "image_url", "image_url": {"url": _data_url(_png())}}
@@ -383,6 +414,7 @@ def test_too_many_images_are_refused(guarded):
     assert _chat(keyed, [image] * 2 + [{"type": "text", "text": "What are these?"}]).choices[0].message.content
 
 
+@pytest.mark.integration
 def test_a_full_queue_gets_503_and_serving_resumes(engine):
     """With `max_queue` requests waiting (the batching thread not started yet) the next gets 503,
     at once; once the engine runs, the waiting requests finish and new ones are served."""
@@ -404,8 +436,12 @@ def test_serve_warns_on_a_non_loopback_host_without_a_key(tmp_path, monkeypatch)
     option or GENIEBLUE_API_KEY); the missing model then fails as one line."""
     missing = str(tmp_path / "none")
     monkeypatch.delenv("GENIEBLUE_API_KEY", raising=False)
-    for args, env, warned in ((["--host", "0.0.0.0"], {}, True), (["--host", "0.0.0.0", "--api-key", "k"], {}, False),
-                              (["--host", "0.0.0.0"], {"GENIEBLUE_API_KEY": "k"}, False), ([], {}, False)):
+    for args, env, warned in (
+        (["--host", "0.0.0.0"], {}, True),
+        (["--host", "0.0.0.0", "--api-key", "k"], {}, False),
+        (["--host", "0.0.0.0"], {"GENIEBLUE_API_KEY": "k"}, False),
+        ([], {}, False),
+    ):
         result = CliRunner().invoke(cli, ["serve", "-m", missing, *args], env=env)
         assert result.exit_code == 2 and "is missing: not a genieblue model folder" in result.stderr
         assert ("without an API key" in result.stderr) == warned

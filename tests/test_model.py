@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, TINY_CLIP, TINY_RESNET, TINY_SIGLIP, VOCAB, load_reference
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import FAMILIES, TINY_CLIP, TINY_RESNET, TINY_SIGLIP, VOCAB, load_reference
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue import Strategy
 from genieblue.model import IMAGE_TOKEN_INDEX, STRATEGIES
+from genieblue.model.report import parameter_report
+from genieblue.model.routing import delta_members
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 
@@ -108,7 +110,9 @@ def test_save_and_reload_gives_identical_outputs(base_dirs, tmp_path):
         assert torch.equal(model(ids, pixel_values=px).logits, reloaded(ids, pixel_values=px).logits)
         text = _text_batch()
         assert torch.equal(model(text).logits, reloaded(text).logits)
-    assert torch.equal(model.generate(ids, pixel_values=px, **GREEDY), reloaded.generate(ids, pixel_values=px, **GREEDY))
+    assert torch.equal(
+        model.generate(ids, pixel_values=px, **GREEDY), reloaded.generate(ids, pixel_values=px, **GREEDY)
+    )
     # only the delta is on disk: no original base tensor was written
     assert not any(".original." in k or k.startswith("llm.model.embed") for k in model.delta_state_dict())
 
@@ -121,8 +125,12 @@ def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
     card = (tmp_path / "mllm" / "README.md").read_text()
     manifest = json.loads((tmp_path / "mllm" / "genieblue.json").read_text())
     assert card.startswith("---\nlibrary_name: genieblue\n") and "base_model:" not in card  # a local folder, no hub id
-    assert f"base LLM: `{base_dirs['llama']}` (llama, 8 blocks), fingerprint `{manifest['base']['fingerprint']}`" in card
-    assert manifest["block_indices"] == [0, 1] and "strategy: `genieblue-pre`, fraction 0.25; copied blocks: 0, 1;" in card
+    assert (
+        f"base LLM: `{base_dirs['llama']}` (llama, 8 blocks), fingerprint `{manifest['base']['fingerprint']}`" in card
+    )
+    assert (
+        manifest["block_indices"] == [0, 1] and "strategy: `genieblue-pre`, fraction 0.25; copied blocks: 0, 1;" in card
+    )
     delta = model.delta_state_dict()
     trainable = sum(t.numel() for t in delta.values())
     llm_delta = sum(t.numel() for k, t in delta.items() if not k.startswith("vision."))
@@ -130,7 +138,11 @@ def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
     assert f"| LLM delta (copies + experts + LoRA) | {llm_delta / 1e6:,.2f}M |" in card
     assert "## Training\n\nNot trained (as built)." in card
     mllm = tmp_path / "mllm"
-    for command in (f"genieblue chat -m {mllm} -i photo.jpg", f"genieblue serve -m {mllm}", f"genieblue export -m {mllm}"):
+    for command in (
+        f"genieblue chat -m {mllm} -i photo.jpg",
+        f"genieblue serve -m {mllm}",
+        f"genieblue export -m {mllm}",
+    ):
         assert command in card
     assert not list(tmp_path.glob(".mllm*"))  # written inside the atomic folder
 
@@ -179,6 +191,22 @@ def test_gradient_checkpointing_replays_the_image_route(base_dirs):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_wrappers_name_the_whole_llm_delta(strategy, base_dirs):
+    """`delta_members` (what each routing wrapper names as trainable) is exactly the LLM's trainable
+    parameters in stage 2, what the delta file holds besides the vision tower, and the report's parts."""
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP, strategy=strategy)
+    named, parts = set(), {"copies": 0, "experts": 0, "lora": 0}
+    for name, part, child in delta_members(model.llm):
+        inside = dict(child.named_parameters(prefix=name)) if isinstance(child, torch.nn.Module) else {name: child}
+        named |= {f"llm.{n}" for n in inside}
+        parts[part] += sum(p.numel() for p in inside.values())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("llm.")}
+    assert named and named == trainable
+    assert named == {k for k in model.delta_state_dict() if not k.startswith("vision.")}
+    assert {k: v for k, v in parameter_report(model, measure_disk=False)["params"].items() if k in parts} == parts
 
 
 def test_stage_one_trains_only_the_projector(base_dirs):
@@ -271,7 +299,9 @@ def test_pretrained_backbone_folder_loads_its_weights(base_dirs, tmp_path):
     tower = GenieBlue.from_base(base_dirs["llama"], vision=str(tmp_path / "resnet")).eval().vision
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(tower.encode(pixels), reference(pixels).feature_maps[-1].flatten(2).transpose(1, 2), atol=1e-6)
+        assert torch.allclose(
+            tower.encode(pixels), reference(pixels).feature_maps[-1].flatten(2).transpose(1, 2), atol=1e-6
+        )
     assert tower.tokens_per_tile == 4  # the default 2x2 downsampler over the 4x4 cells
 
 

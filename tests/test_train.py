@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 from accelerate.utils import set_seed
+from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -36,28 +36,34 @@ from genieblue.data import GenieBlueProcessor, image_to_tensor, pack, read_recor
 from genieblue.model import GenieBlueForConditionalGeneration, load_tokenizer
 from genieblue.train import BadDataError, TrainConfig, Trainer
 from genieblue.train import checkpoint as checkpoint_module
+from genieblue.train import trainer as trainer_module
 from genieblue.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from genieblue.train.loss import causal_lm_loss
 from genieblue.train.optim import build_optimizer, param_groups
-from genieblue.train import trainer as trainer_module
 from genieblue.train.trainer import build_model
-from genieblue.train.vision_pretrain import caption_loss, cyclic_targets, informative_tokens, pretrain_vision, stream_batches
+from genieblue.train.vision_pretrain import (
+    caption_loss,
+    cyclic_targets,
+    informative_tokens,
+    pretrain_vision,
+    stream_batches,
+)
 
 PARTIAL = re.compile(r"\.(tmp|old)\d*$")  # what atomic_dir / write_json leave behind when killed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env(cpu: bool = False) -> dict:
     """One thread, wide console lines; `cpu` hides GPUs (several processes on one machine's CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "COLUMNS": "300"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "COLUMNS": "300",
+    }
     return {**env, "CUDA_VISIBLE_DEVICES": ""} if cpu else env
 
 
@@ -112,10 +118,12 @@ def _steps(run: Path) -> list[str]:
 
 
 # 1. exact resume after a real kill -----------------------------------------------------------------
+@pytest.mark.integration
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, chat_base, synth_data):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    config = _config(tmp_path, synth_data, llm=chat_base, max_steps=10, save_every=2, keep_last=2,
-                     output_dir=str(killed))
+    config = _config(
+        tmp_path, synth_data, llm=chat_base, max_steps=10, save_every=2, keep_last=2, output_dir=str(killed)
+    )
     step4 = killed / "checkpoints" / "step-0000004" / "trainer_state.json"
 
     log = tmp_path / "killed.log"
@@ -276,8 +284,9 @@ def _run_beside_one_process(cmd: list[str], tmp_path: Path, synth_data, config: 
     single = _config(tmp_path, synth_data, "one.yaml", **dict(config, batch_size=2, output_dir=str(one)))
     reference = None
     if torch.cuda.is_available():
-        reference = subprocess.Popen(_train_cmd(single), env=_env(cpu=True), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        reference = subprocess.Popen(
+            _train_cmd(single), env=_env(cpu=True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
     done = subprocess.run(cmd, env=_env(cpu=True), capture_output=True, text=True, timeout=300)
     if reference is None:
         Trainer(TrainConfig.from_yaml(single)).run()
@@ -299,12 +308,24 @@ def _assert_same_training(one: Path, several: Path, steps: int) -> None:
         torch.testing.assert_close(dist[name], ref[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.integration
 def test_ddp_two_cpu_processes_equal_one_process(tmp_path, chat_base, synth_data):
     two, one = tmp_path / "ddp2", tmp_path / "ddp1"
     fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=3, save_every=2)
     config = _config(tmp_path, synth_data, **fields, output_dir=str(two))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "genieblue.cli", "train", "--config", str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "genieblue.cli",
+        "train",
+        "--config",
+        str(config),
+    ]
     stderr = _run_beside_one_process(cmd, tmp_path, synth_data, fields, one)
     assert "2 process(es) · MULTI_CPU" in stderr  # accelerate picked DDP over gloo with 2 CPU processes
     _assert_same_training(one, two, 3)
@@ -322,20 +343,39 @@ print(f"rank {acc.process_index}/{acc.num_processes}: {acc.distributed_type.valu
 
 
 def _accelerate_launch_fsdp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-            # the default (true) stops at once without an accelerator: FullyShardedDataParallelPlugin
-            # raises "RuntimeError: There are currently no available devices found, must be one of
-            # 'XPU', 'CUDA', 'MLU', 'NPU', 'MUSA', or 'HPU'." (accelerate 1.15)
-            "--fsdp_sync_module_states", "false",
-            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        # the default (true) stops at once without an accelerator: FullyShardedDataParallelPlugin
+        # raises "RuntimeError: There are currently no available devices found, must be one of
+        # 'XPU', 'CUDA', 'MLU', 'NPU', 'MUSA', or 'HPU'." (accelerate 1.15)
+        "--fsdp_sync_module_states",
+        "false",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        *args,
+    ]
 
 
+@pytest.mark.integration
 def test_fsdp_two_cpu_processes(tmp_path, chat_base, synth_data):
     probe = tmp_path / "probe.py"
     probe.write_text(FSDP_PROBE)
-    seen = subprocess.run(_accelerate_launch_fsdp(str(probe)), env=_env(cpu=True), capture_output=True, text=True,
-                          timeout=300)
+    seen = subprocess.run(
+        _accelerate_launch_fsdp(str(probe)), env=_env(cpu=True), capture_output=True, text=True, timeout=300
+    )
     kinds = sorted(set(re.findall(r"rank \d/2: (\w+)", seen.stdout)))
     if kinds != ["FSDP"]:
         import accelerate
@@ -349,8 +389,13 @@ def test_fsdp_two_cpu_processes(tmp_path, chat_base, synth_data):
     fsdp, one = tmp_path / "fsdp2", tmp_path / "fsdp1"
     fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=2)
     config = _config(tmp_path, synth_data, **fields, output_dir=str(fsdp))
-    stderr = _run_beside_one_process(_accelerate_launch_fsdp("-m", "genieblue.cli", "train", "--config", str(config)),
-                                     tmp_path, synth_data, fields, one)
+    stderr = _run_beside_one_process(
+        _accelerate_launch_fsdp("-m", "genieblue.cli", "train", "--config", str(config)),
+        tmp_path,
+        synth_data,
+        fields,
+        one,
+    )
     assert "2 process(es) · FSDP" in stderr
     _assert_same_training(one, fsdp, 2)
 
@@ -388,9 +433,16 @@ def bad_data(tmp_path, synth_data) -> Path:
 
 
 def _bad_config(tmp_path, chat_base, synth_data, bad_data, **fields) -> Path:
-    return _config(tmp_path, synth_data, "bad.yaml", llm=chat_base, max_steps=2, output_dir=str(tmp_path / "run"),
-                   data=[{"path": bad_data.name, "ratio": 0.8}, {"path": str(synth_data["text"]), "ratio": 0.2}],
-                   **fields)
+    return _config(
+        tmp_path,
+        synth_data,
+        "bad.yaml",
+        llm=chat_base,
+        max_steps=2,
+        output_dir=str(tmp_path / "run"),
+        data=[{"path": bad_data.name, "ratio": 0.8}, {"path": str(synth_data["text"]), "ratio": 0.2}],
+        **fields,
+    )
 
 
 def test_bad_records_are_skipped_and_reported(tmp_path, chat_base, synth_data, bad_data):
@@ -428,13 +480,18 @@ def _llama_factory_file(folder: Path) -> Path:
     for i, colour in enumerate(["red", "green", "blue", "white"]):
         rgb = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 220), "white": (250, 250, 250)}[colour]
         Image.new("RGB", (48 + 8 * i, 40), rgb).save(folder / "photos" / f"{i}.jpg", "JPEG")
-        records.append({"messages": [
-            {"role": "system", "content": "You describe photos."},
-            {"role": "user", "content": "<image>What colour is this photo?"},
-            {"role": "assistant", "content": f"It is {colour}."},
-            {"role": "user", "content": "Compare it with <image>"},
-            {"role": "assistant", "content": "They are the same photo."}],
-            "images": [f"photos/{i}.jpg", f"photos/{i}.jpg"]})
+        records.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You describe photos."},
+                    {"role": "user", "content": "<image>What colour is this photo?"},
+                    {"role": "assistant", "content": f"It is {colour}."},
+                    {"role": "user", "content": "Compare it with <image>"},
+                    {"role": "assistant", "content": "They are the same photo."},
+                ],
+                "images": [f"photos/{i}.jpg", f"photos/{i}.jpg"],
+            }
+        )
     path = folder / "mllm_demo.json"
     path.write_text(json.dumps(records, indent=2))
     return path
@@ -442,8 +499,16 @@ def _llama_factory_file(folder: Path) -> Path:
 
 def test_train_reads_a_llama_factory_file_and_names_what_an_unusable_file_lacks(tmp_path, chat_base, synth_data):
     data = _llama_factory_file(tmp_path / "data")
-    config = _config(tmp_path, synth_data, "factory.yaml", llm=chat_base, max_steps=2, batch_size=1,
-                     output_dir=str(tmp_path / "run"), data=[{"path": os.path.relpath(data, tmp_path)}])
+    config = _config(
+        tmp_path,
+        synth_data,
+        "factory.yaml",
+        llm=chat_base,
+        max_steps=2,
+        batch_size=1,
+        output_dir=str(tmp_path / "run"),
+        data=[{"path": os.path.relpath(data, tmp_path)}],
+    )
     result = CliRunner().invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 0, (result.output, result.exception)
     assert "4 samples" in result.output and not (tmp_path / "run" / "bad_records.json").exists()
@@ -455,8 +520,15 @@ def test_train_reads_a_llama_factory_file_and_names_what_an_unusable_file_lacks(
 
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text("\n".join(json.dumps({"instruction": "Q?", "input": "", "output": "A."}) for _ in range(4)))
-    config = _config(tmp_path, synth_data, "alpaca.yaml", llm=chat_base, max_steps=2, output_dir=str(tmp_path / "run2"),
-                     data=[{"path": "alpaca.jsonl"}])
+    config = _config(
+        tmp_path,
+        synth_data,
+        "alpaca.yaml",
+        llm=chat_base,
+        max_steps=2,
+        output_dir=str(tmp_path / "run2"),
+        data=[{"path": "alpaca.jsonl"}],
+    )
     result = CliRunner().invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -480,9 +552,20 @@ def test_pixels_are_decoded_per_step_and_late_failures_are_counted(tmp_path, cha
     write_json(data, good + [bad])
     decoded = []
     real = processor_module.image_to_tensor
-    monkeypatch.setattr(processor_module, "image_to_tensor", lambda source, *a, **k: decoded.append(source) or real(source, *a, **k))
-    config = _config(tmp_path, synth_data, "late.yaml", llm=chat_base, batch_size=1, max_length=4096,
-                     max_bad_fraction=0.5, output_dir=str(tmp_path / "run"), data=[{"path": "late.json"}])
+    monkeypatch.setattr(
+        processor_module, "image_to_tensor", lambda source, *a, **k: decoded.append(source) or real(source, *a, **k)
+    )
+    config = _config(
+        tmp_path,
+        synth_data,
+        "late.yaml",
+        llm=chat_base,
+        batch_size=1,
+        max_length=4096,
+        max_bad_fraction=0.5,
+        output_dir=str(tmp_path / "run"),
+        data=[{"path": "late.json"}],
+    )
     trainer = Trainer(TrainConfig.from_yaml(config))
     data_only = trainer_module.prepare_data(trainer.cfg, _processor(chat_base))
     assert decoded == [] and data_only.bad == [] and len(data_only.samples) == 13
@@ -518,7 +601,9 @@ def test_a_text_only_micro_batch_touches_every_trainable_parameter(chat_base, sy
     model.set_stage(stage)
     processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base), max_length=160)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.startswith("vision.") for n in trainable) and (stage == 1 or any(not n.startswith("vision.") for n in trainable))
+    assert any(n.startswith("vision.") for n in trainable) and (
+        stage == 1 or any(not n.startswith("vision.") for n in trainable)
+    )
 
     def backward(records) -> torch.Tensor:
         batch = pack([processor.encode(r) for r in records], 160, processor.pad_id)
@@ -581,8 +666,16 @@ def _mean_loss(model, processor, records) -> float:
 
 
 def test_loss_goes_down(tmp_path, chat_base, synth_data):
-    cfg = TrainConfig(llm=chat_base, vision=TINY_SIGLIP, data=[{"path": str(synth_data["train"])}], max_length=256,
-                      batch_size=2, max_steps=10, lr=1e-2, output_dir=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        llm=chat_base,
+        vision=TINY_SIGLIP,
+        data=[{"path": str(synth_data["train"])}],
+        max_length=256,
+        batch_size=2,
+        max_steps=10,
+        lr=1e-2,
+        output_dir=str(tmp_path / "run"),
+    )
     set_seed(cfg.seed)
     before = build_model(cfg)  # the trainer's own starting point (same seed)
     final = Trainer(cfg).run()
@@ -603,15 +696,21 @@ def test_stage0_targets_leave_out_tokens_common_to_most_replies_and_repeat_each_
     informative = informative_tokens(replies)
     assert informative == [(1,), (2,), (3,), (1, 2)]
     assert informative_tokens([(9,), (9,), (1, 9)])[0] == (9,)  # nothing else left: kept whole
-    assert torch.equal(cyclic_targets([(1,), (1, 2), (4, 5, 6, 7, 8)], 4),
-                       torch.tensor([[1, 1, 1, 1], [1, 2, 1, 2], [4, 5, 6, 7]]))
+    assert torch.equal(
+        cyclic_targets([(1,), (1, 2), (4, 5, 6, 7, 8)], 4), torch.tensor([[1, 1, 1, 1], [1, 2, 1, 2], [4, 5, 6, 7]])
+    )
 
 
 def test_stage0_loss_wants_token_k_to_say_the_replys_token_k():
     weight = torch.eye(6) * 8  # a 6-word vocabulary
     tokens = torch.stack([weight[0], weight[1]])[None]  # image token 0 says word 0, token 1 says word 1
-    loss = lambda targets: caption_loss(tokens, weight, torch.zeros(()), torch.tensor([targets]),  # noqa: E731
-                                        torch.tensor([2, 3, 4, 5])).item()
+    loss = lambda targets: caption_loss(
+        tokens,
+        weight,
+        torch.zeros(()),
+        torch.tensor([targets]),  # noqa: E731
+        torch.tensor([2, 3, 4, 5]),
+    ).item()
     assert loss([0, 1]) < 1e-2
     assert loss([1, 0]) > 5  # the right words in the wrong order cost as much as wrong words
     # token 0 right (~0); token 1 says word 1, no candidate here: uniform over the rows {0, 2, 3, 4, 5}
@@ -626,8 +725,10 @@ def test_stage0_stream_batches_encode_fresh_images_like_the_processor(chat_base)
     pixels, replies = next(stream_batches(iter(zip(images, ["a red box", "blue"])), processor, 2))
     assert pixels.shape == (2, 3, model.vision.image_size, model.vision.image_size)
     assert torch.equal(pixels[1:], image_to_tensor(images[1], model.vision.image_size))
-    assert replies == [tuple(processor.tokenizer("a red box", add_special_tokens=False)["input_ids"]),
-                       tuple(processor.tokenizer("blue", add_special_tokens=False)["input_ids"])]
+    assert replies == [
+        tuple(processor.tokenizer("a red box", add_special_tokens=False)["input_ids"]),
+        tuple(processor.tokenizer("blue", add_special_tokens=False)["input_ids"]),
+    ]
 
 
 def test_stage0_cosine_term_pulls_image_tokens_onto_their_words(chat_base):
@@ -649,9 +750,19 @@ def test_stage0_cosine_term_pulls_image_tokens_onto_their_words(chat_base):
 
 
 def test_stage0_trains_the_vision_tower_only(tmp_path, chat_base, synth_data):
-    cfg = TrainConfig(llm=chat_base, vision=TINY_SIGLIP, data=[{"path": str(synth_data["train"])}], max_length=256,
-                      batch_size=2, max_steps=1, stage=1, stage0_steps=30, stage0_batch=16, stage0_lr=1e-2,
-                      output_dir=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        llm=chat_base,
+        vision=TINY_SIGLIP,
+        data=[{"path": str(synth_data["train"])}],
+        max_length=256,
+        batch_size=2,
+        max_steps=1,
+        stage=1,
+        stage0_steps=30,
+        stage0_batch=16,
+        stage0_lr=1e-2,
+        output_dir=str(tmp_path / "run"),
+    )
     set_seed(cfg.seed)
     before = build_model(cfg)
     final = Trainer(cfg).run()

@@ -5,9 +5,10 @@ Imports of the heavy rooms happen inside the commands, so `genieblue --help` ans
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,9 +21,22 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-LLM_HELP = "Base LLM: HF hub id, local folder or .gguf file (default: built-in SmolLM2-135M-Instruct)."
-VISION_HELP = ("Vision tower: SigLIP / CLIP / AutoBackbone (ResNet, ConvNeXt, ...) hub id or folder, or a JSON config "
-               "for a new one (default: the small from-scratch ResNet of the demo).")
+# option types the commands share
+ModelDir = Annotated[
+    str,
+    typer.Option("--model", "-m", help="A saved GenieBlue folder (e.g. demo_out/runs/genieblue-skip/stage2/final)."),
+]
+BaseLLM = Annotated[
+    str | None,
+    typer.Option(help="Base LLM: HF hub id, local folder or .gguf file (default: built-in SmolLM2-135M-Instruct)."),
+]
+ManifestLLM = Annotated[str | None, typer.Option(help="Base LLM, if not the one named in the model's manifest.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+EvalOut = Annotated[str, typer.Option(help="Output folder.")]
+VISION_HELP = (
+    "Vision tower: SigLIP / CLIP / AutoBackbone (ResNet, ConvNeXt, ...) hub id or folder, or a JSON config "
+    "for a new one (default: the small from-scratch ResNet of the demo)."
+)
 
 
 @app.callback()
@@ -31,23 +45,33 @@ def main():
     the untouched base model. Start with `genieblue demo`."""
 
 
-def _vision_arg(vision: Optional[str]):
+def _vision_arg(vision: str | None):
     if vision and vision.lstrip().startswith("{"):
         return json.loads(vision)
     return vision
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)  # one plain line, never wrapped
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one plain line, never wrapped
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _failures(*more: type[Exception]):
+    """The commands' one error handler: a ValueError, FileNotFoundError or one of `more` ends the
+    command with `error: <its message on one line>` and exit status 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, *more) as err:
+        _fail(str(err))
 
 
 @app.command()
 def info(
     strategy: list[str] = typer.Option(["genieblue-skip"], "--strategy", "-s", help="Strategy (repeatable)."),
-    llm: Optional[str] = typer.Option(None, help=LLM_HELP),
-    vision: Optional[str] = typer.Option(None, help=VISION_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    llm: BaseLLM = None,
+    vision: str | None = typer.Option(None, help=VISION_HELP),
+    as_json: AsJson = False,
 ):
     """Trainable parameters per strategy (the paper's #Param column) and the delta's size on disk.
 
@@ -56,13 +80,13 @@ def info(
     from .model import DEFAULT_LLM, GenieBlueForConditionalGeneration
     from .model.report import parameter_report
 
-    try:
+    with _failures(OSError):
         reports = [
-            parameter_report(GenieBlueForConditionalGeneration.from_base(llm, vision=_vision_arg(vision), strategy=name))
+            parameter_report(
+                GenieBlueForConditionalGeneration.from_base(llm, vision=_vision_arg(vision), strategy=name)
+            )
             for name in strategy
         ]
-    except (ValueError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
     if as_json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
         return
@@ -88,8 +112,8 @@ def info(
 def train(
     config: str = typer.Option(..., "--config", "-c", help="YAML training config (see configs/)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in output_dir."),
-    output_dir: Optional[str] = typer.Option(None, help="Override output_dir."),
-    max_steps: Optional[int] = typer.Option(None, help="Override max_steps."),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    max_steps: int | None = typer.Option(None, help="Override max_steps."),
 ):
     """Train stage 1 (projector) or stage 2 (ViT + projector + copies + LoRA) on LLaVA JSON/JSONL.
 
@@ -99,11 +123,9 @@ def train(
     """
     from .train import BadDataError, TrainConfig, Trainer
 
-    try:
+    with _failures(BadDataError):
         cfg = TrainConfig.from_yaml(config, output_dir=output_dir, max_steps=max_steps)
         Trainer(cfg, console).run(resume=resume)
-    except (ValueError, FileNotFoundError, BadDataError) as err:
-        _fail(str(err))
 
 
 @app.command()
@@ -130,17 +152,30 @@ def synth(
 @app.command()
 def demo(
     out: str = typer.Option("demo_out", help="Output folder (data, runs, report.md/json, charts)."),
-    compare: str = typer.Option("", help="Comma-separated baselines to train on the same data and budget, "
-                                "e.g. full,lora,cogvlm-skip,genieblue-pre,genieblue-post."),
-    llm: Optional[str] = typer.Option(None, help=LLM_HELP),
-    n_train: Optional[int] = typer.Option(None, help="Training images (default 1200: the whole demo fits ~12 min on 2 CPU cores)."),
-    n_test: Optional[int] = typer.Option(None, help="Test questions (default 480, 80 per task)."),
-    seeds: int = typer.Option(1, help="Training seeds per strategy (seed, seed+1, ...) on the same data; with more "
-                              "than one the report adds mean +- sd per task and the ratio to full fine-tuning."),
-    stage0_steps: Optional[int] = typer.Option(None, help="Stage-0 steps (default 300): the from-scratch vision tower learns "
-                                               "to spell captions of freshly drawn images in the LLM's embeddings (0: skip)."),
-    stage1_steps: Optional[int] = typer.Option(None, help="Stage-1 optimizer steps (token mixer + projector only; default 15)."),
-    stage2_epochs: Optional[float] = typer.Option(None, help="Stage-2 epochs (default 0.5)."),
+    compare: str = typer.Option(
+        "",
+        help="Comma-separated baselines to train on the same data and budget, "
+        "e.g. full,lora,cogvlm-skip,genieblue-pre,genieblue-post.",
+    ),
+    llm: BaseLLM = None,
+    n_train: int | None = typer.Option(
+        None, help="Training images (default 1200: the whole demo fits ~12 min on 2 CPU cores)."
+    ),
+    n_test: int | None = typer.Option(None, help="Test questions (default 480, 80 per task)."),
+    seeds: int = typer.Option(
+        1,
+        help="Training seeds per strategy (seed, seed+1, ...) on the same data; with more "
+        "than one the report adds mean +- sd per task and the ratio to full fine-tuning.",
+    ),
+    stage0_steps: int | None = typer.Option(
+        None,
+        help="Stage-0 steps (default 300): the from-scratch vision tower learns "
+        "to spell captions of freshly drawn images in the LLM's embeddings (0: skip).",
+    ),
+    stage1_steps: int | None = typer.Option(
+        None, help="Stage-1 optimizer steps (token mixer + projector only; default 15)."
+    ),
+    stage2_epochs: float | None = typer.Option(None, help="Stage-2 epochs (default 0.5)."),
     seed: int = typer.Option(0, help="Seed for data and training."),
 ):
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
@@ -153,22 +188,26 @@ def demo(
     unknown = [s for s in baselines if s not in STRATEGIES]
     if unknown:
         _fail(f"unknown strategies {unknown}; choose from: {', '.join(STRATEGIES)}")
-    given = dict(n_train=n_train, n_test=n_test, stage0_steps=stage0_steps, stage1_steps=stage1_steps,
-                 stage2_epochs=stage2_epochs)
-    cfg = DemoConfig(out=out, llm=llm, compare=baselines, seeds=seeds, seed=seed,
-                     **{k: v for k, v in given.items() if v is not None})
-    try:
+    given = dict(
+        n_train=n_train,
+        n_test=n_test,
+        stage0_steps=stage0_steps,
+        stage1_steps=stage1_steps,
+        stage2_epochs=stage2_epochs,
+    )
+    cfg = DemoConfig(
+        out=out, llm=llm, compare=baselines, seeds=seeds, seed=seed, **{k: v for k, v in given.items() if v is not None}
+    )
+    with _failures():
         Demo(cfg, console).run()
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
 
 
 @app.command()
 def chat(
-    question: Optional[str] = typer.Argument(None, help="One question; leave out for an interactive chat."),
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder (e.g. demo_out/runs/genieblue-skip/stage2/final)."),
-    image: Optional[str] = typer.Option(None, "--image", "-i", help="Image file to ask about."),
-    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
+    model: ModelDir,
+    question: Annotated[str | None, typer.Argument(help="One question; leave out for an interactive chat.")] = None,
+    image: str | None = typer.Option(None, "--image", "-i", help="Image file to ask about."),
+    llm: ManifestLLM = None,
     max_new_tokens: int = typer.Option(128, help="Longest reply."),
     shared_base: bool = typer.Option(False, help="Send text-only turns through the multimodal path too."),
 ):
@@ -178,25 +217,27 @@ def chat(
     """
     from .infer.chat import ChatSession
 
-    try:
+    with _failures():
         session = ChatSession.load(model, llm=llm, max_new_tokens=max_new_tokens, shared_base=shared_base)
         if question is not None:
             print(session.ask(question, image))
         else:
             session.interactive(Console(), image)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
 
 
 @app.command()
 def serve(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    model: ModelDir,
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     allow_local_images: bool = typer.Option(False, help="Accept local file paths as image URLs (never http)."),
-    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    api_key: Optional[str] = typer.Option(None, envvar="GENIEBLUE_API_KEY", show_default=False,
-                                          help="Require `Authorization: Bearer KEY` on every /v1 route (401 without)."),
+    llm: ManifestLLM = None,
+    api_key: str | None = typer.Option(
+        None,
+        envvar="GENIEBLUE_API_KEY",
+        show_default=False,
+        help="Require `Authorization: Bearer KEY` on every /v1 route (401 without).",
+    ),
     max_body_mb: float = typer.Option(32, min=0.001, help="Largest request body in MiB (413 above it)."),
     max_images: int = typer.Option(8, min=0, help="Most images in one request (400 above it)."),
     max_queue: int = typer.Option(64, min=1, help="Most requests waiting for the model (503 when full)."),
@@ -209,10 +250,18 @@ def serve(
     """
     from .infer.server import serve as run_server
 
-    try:
-        run_server(model, host, port, allow_local_images, llm, api_key, int(max_body_mb * 2**20), max_images, max_queue)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    with _failures():
+        run_server(
+            model,
+            host=host,
+            port=port,
+            allow_local_images=allow_local_images,
+            llm=llm,
+            api_key=api_key,
+            max_body_bytes=int(max_body_mb * 2**20),
+            max_images=max_images,
+            max_queue=max_queue,
+        )
 
 
 # genieblue eval ---------------------------------------------------------------------------------
@@ -224,8 +273,10 @@ eval_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
-EVAL_PATHS_HELP = ("Comma-separated text paths: base (the base LLM loaded on its own), non-shared (the model's "
-                   "text path: the untouched base), shared (text through copies + LoRA).")
+EVAL_PATHS_HELP = (
+    "Comma-separated text paths: base (the base LLM loaded on its own), non-shared (the model's "
+    "text path: the untouched base), shared (text through copies + LoRA)."
+)
 
 
 def _csv(value: str) -> list[str]:
@@ -250,20 +301,25 @@ def _print_report(result: dict, as_json: bool, model: str, kind: str) -> None:
 
 @eval_app.command("text")
 def eval_text(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
-    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval tasks or task YAML files, e.g. gsm8k,mmlu."),
+    model: ModelDir,
+    tasks: str = typer.Option(
+        ..., "--tasks", "-t", help="Comma-separated lm-eval tasks or task YAML files, e.g. gsm8k,mmlu."
+    ),
     paths: str = typer.Option("base,non-shared,shared", help=EVAL_PATHS_HELP),
-    compare: list[str] = typer.Option([], help="Another checkpoint (repeatable), scored on the text path it deploys "
-                                      "with: non-shared for GenieBlue, shared for full / lora / cogvlm."),
+    compare: list[str] = typer.Option(
+        [],
+        help="Another checkpoint (repeatable), scored on the text path it deploys "
+        "with: non-shared for GenieBlue, shared for full / lora / cogvlm.",
+    ),
     include_path: list[str] = typer.Option([], help="Folder of extra lm-eval task YAMLs (repeatable)."),
-    limit: Optional[int] = typer.Option(None, help="At most this many documents per task (a quick look)."),
-    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: each task's own)."),
+    limit: int | None = typer.Option(None, help="At most this many documents per task (a quick look)."),
+    num_fewshot: int | None = typer.Option(None, help="Few-shot examples (default: each task's own)."),
     batch_size: int = typer.Option(8, help="Requests per forward pass."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
     chat_template: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
-    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    out: str = typer.Option("eval_out", help="Output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    llm: ManifestLLM = None,
+    out: EvalOut = "eval_out",
+    as_json: AsJson = False,
 ):
     """Run lm-eval tasks on the base, the non-shared and the shared text path (and other checkpoints)
     and print a Table-6-style table: score per task, average and retention vs the base.
@@ -275,26 +331,43 @@ def eval_text(
     """
     from .eval.text_tasks import evaluate_text
 
-    try:
-        result = evaluate_text(model, _csv(tasks), out, tuple(_csv(paths)), tuple(compare), llm, include_path or None,
-                               limit, num_fewshot, batch_size, device, chat_template)
-    except (ValueError, OSError) as err:  # FileNotFoundError and offline dataset downloads included
-        _fail(" ".join(str(err).split()))
+    with _failures(OSError):  # offline dataset downloads too
+        result = evaluate_text(
+            model,
+            _csv(tasks),
+            out,
+            paths=tuple(_csv(paths)),
+            compare=tuple(compare),
+            llm=llm,
+            include_path=include_path or None,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            chat_template=chat_template,
+        )
     _print_report(result, as_json, model, "text")
 
 
 @eval_app.command("mm")
 def eval_mm(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
-    data: list[str] = typer.Option(..., "--data", "-d", help="Benchmark file (repeatable), as FILE or NAME=FILE or "
-                                   "NAME:METRIC=FILE: LLaVA-style JSON/JSONL or VLMEvalKit-style TSV (base64 images)."),
-    reference: Optional[str] = typer.Option(None, help="Reference checkpoint for the retention column (e.g. full fine-tuning)."),
+    model: ModelDir,
+    data: list[str] = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Benchmark file (repeatable), as FILE or NAME=FILE or "
+        "NAME:METRIC=FILE: LLaVA-style JSON/JSONL or VLMEvalKit-style TSV (base64 images).",
+    ),
+    reference: str | None = typer.Option(
+        None, help="Reference checkpoint for the retention column (e.g. full fine-tuning)."
+    ),
     batch_size: int = typer.Option(8, help="Questions per generate call."),
     max_new_tokens: int = typer.Option(32, help="Longest reply."),
-    limit: Optional[int] = typer.Option(None, help="At most this many items per benchmark."),
-    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    out: str = typer.Option("eval_out", help="Output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    limit: int | None = typer.Option(None, help="At most this many items per benchmark."),
+    llm: ManifestLLM = None,
+    out: EvalOut = "eval_out",
+    as_json: AsJson = False,
 ):
     """Score VQA benchmarks from local files with their standard metrics and print a Table-4/5-style
     table: score per benchmark, average and retention vs --reference.
@@ -309,48 +382,72 @@ def eval_mm(
 
     from .eval.vqa import evaluate_mm
 
-    try:
+    with _failures():
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-            result = evaluate_mm(model, data, out, reference, llm, batch_size, max_new_tokens, limit, progress)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(" ".join(str(err).split()))
+            result = evaluate_mm(
+                model,
+                data,
+                out,
+                reference=reference,
+                llm=llm,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                limit=limit,
+                progress=progress,
+            )
     _print_report(result, as_json, model, "mm")
 
 
 @eval_app.command("chat")
 def eval_chat(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
-    questions: str = typer.Option(..., "--questions", "-q", help="Question JSONL: MT-Bench (turns, reference) or "
-                                  "AlignBench (question, reference) lines."),
-    judge_url: str = typer.Option(..., help="OpenAI-compatible base URL of the judge, e.g. https://api.openai.com/v1 "
-                                  "or http://127.0.0.1:8000/v1 (a `genieblue serve`)."),
-    judge_model: Optional[str] = typer.Option(None, help="Judge model name (default: the endpoint's first model)."),
-    judge_api_key: Optional[str] = typer.Option(None, envvar="OPENAI_API_KEY", show_default=False,
-                                                help="API key for the judge (default: $OPENAI_API_KEY)."),
+    model: ModelDir,
+    questions: str = typer.Option(
+        ...,
+        "--questions",
+        "-q",
+        help="Question JSONL: MT-Bench (turns, reference) or AlignBench (question, reference) lines.",
+    ),
+    judge_url: str = typer.Option(
+        ...,
+        help="OpenAI-compatible base URL of the judge, e.g. https://api.openai.com/v1 "
+        "or http://127.0.0.1:8000/v1 (a `genieblue serve`).",
+    ),
+    judge_model: str | None = typer.Option(None, help="Judge model name (default: the endpoint's first model)."),
+    judge_api_key: str | None = typer.Option(
+        None, envvar="OPENAI_API_KEY", show_default=False, help="API key for the judge (default: $OPENAI_API_KEY)."
+    ),
     judge_max_tokens: int = typer.Option(1024, help="Longest judgment."),
     paths: str = typer.Option("base,non-shared,shared", help=EVAL_PATHS_HELP),
     batch_size: int = typer.Option(8, help="Questions per generate call."),
     max_new_tokens: int = typer.Option(512, help="Longest answer."),
-    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    out: str = typer.Option("eval_out", help="Output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    llm: ManifestLLM = None,
+    out: EvalOut = "eval_out",
+    as_json: AsJson = False,
 ):
     """Answer chat questions on each text path and have a judge rate every answer 1-10 (MT-Bench
     single-answer grading); print mean rating per category, average and retention vs the base.
     Judgments without a rating count as failures and stay out of the averages.
 
     Example: genieblue eval chat -m runs/genieblue-skip/stage2/final -q mt_bench.jsonl --judge-url https://api.openai.com/v1 --judge-model gpt-4o
-    """
+    """  # noqa: E501 (the example is one command line)
     from rich.progress import Progress
 
     from .eval.judge import Judge, JudgeUnavailable, evaluate_chat
 
-    try:
+    with _failures(JudgeUnavailable):
         judge = Judge(judge_url, judge_model, judge_api_key, judge_max_tokens)
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-            result = evaluate_chat(model, questions, out, judge, tuple(_csv(paths)), llm, batch_size, max_new_tokens, progress)
-    except (ValueError, FileNotFoundError, JudgeUnavailable) as err:
-        _fail(" ".join(str(err).split()))
+            result = evaluate_chat(
+                model,
+                questions,
+                out,
+                judge=judge,
+                paths=tuple(_csv(paths)),
+                llm=llm,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
+            )
     _print_report(result, as_json, model, "chat")
 
 
@@ -358,35 +455,33 @@ def eval_chat(
 EXPORT_FORMATS = ("onnx",)
 
 
-def _export_table(manifest: dict, folder: str) -> Table:
-    table = Table(title=f"{folder}: {manifest['precision']}, vision graph "
-                  f"{'fixed to 1 tile' if manifest['single_tile'] else 'any number of tiles'}")
-    table.add_column("file")
-    table.add_column("MB", justify="right")
-    table.add_column("read by")
-    readers = {"text.onnx": "text mode", "image.onnx": "image mode", "vision.onnx": "image mode",
-               "base.onnx.data": "text and image mode (one copy)", "delta.onnx.data": "image mode"}
-    for name, size in manifest["bytes"].items():
-        table.add_row(name, f"{size / 2**20:.1f}", readers.get(name, ""))
-    return table
-
-
 @app.command()
 def export(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
+    model: ModelDir,
     out: str = typer.Option("deploy_out", "--out", "-o", help="Folder to write (replaced atomically)."),
     format: str = typer.Option("onnx", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."),
-    precision: str = typer.Option("w4a16", help="w4a16: LLM weights 4-bit (embedding and LM head 8-bit), LoRA / ViT / "
-                                  "projector 8-bit, one scale per 32 weights, float activations (onnxruntime "
-                                  "MatMulNBits); fp32: float weights."),
-    single_tile: bool = typer.Option(False, help="Fix the vision graph to one tile (1x3xSxS), the phone's single-patch "
-                                     "mode; by default it takes any number of tiles."),
-    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    keep_gguf: bool = typer.Option(True, "--keep-gguf/--requantize", help="With w4a16 and a GGUF base (the built-in "
-                                   "default is one): keep the file's own Q4_0 / Q4_1 / Q8_0 blocks, so text mode is "
-                                   "the user's model; --requantize quantises the base's weights anew."),
-    copy_bits: int = typer.Option(4, help="With w4a16: bits of the block copies' weights (4 or 8: image-mode accuracy "
-                                  "for storage)."),
+    precision: str = typer.Option(
+        "w4a16",
+        help="w4a16: LLM weights 4-bit (embedding and LM head 8-bit), LoRA / ViT / "
+        "projector 8-bit, one scale per 32 weights, float activations (onnxruntime "
+        "MatMulNBits); fp32: float weights.",
+    ),
+    single_tile: bool = typer.Option(
+        False,
+        help="Fix the vision graph to one tile (1x3xSxS), the phone's single-patch "
+        "mode; by default it takes any number of tiles.",
+    ),
+    llm: ManifestLLM = None,
+    keep_gguf: bool = typer.Option(
+        True,
+        "--keep-gguf/--requantize",
+        help="With w4a16 and a GGUF base (the built-in "
+        "default is one): keep the file's own Q4_0 / Q4_1 / Q8_0 blocks, so text mode is "
+        "the user's model; --requantize quantises the base's weights anew.",
+    ),
+    copy_bits: int = typer.Option(
+        4, help="With w4a16: bits of the block copies' weights (4 or 8: image-mode accuracy for storage)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the export manifest as JSON."),
 ):
     """Export for on-device inference (onnxruntime, or a phone toolchain that takes ONNX).
@@ -402,129 +497,64 @@ def export(
     if format not in EXPORT_FORMATS:
         _fail(f"unknown format {format!r}; supported: {', '.join(EXPORT_FORMATS)}")
     from .deploy.onnx_export import export_saved_model
+    from .deploy.report import export_table
 
-    try:
-        manifest = export_saved_model(model, out, precision, single_tile, llm, keep_gguf, copy_bits)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    with _failures():
+        manifest = export_saved_model(
+            model,
+            out,
+            precision=precision,
+            single_tile=single_tile,
+            llm=llm,
+            keep_gguf=keep_gguf,
+            copy_bits=copy_bits,
+        )
     if as_json:
         print(json.dumps(manifest, indent=2))
     else:
-        Console().print(_export_table(manifest, out))
+        Console().print(export_table(manifest, out))
 
 
 bench_app = typer.Typer(help="Measurements on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 
-def _deploy_accuracy(model_dir: str, llm: Optional[str], folder: str, vqa: Optional[str]) -> dict:
-    """What W4A16 costs against the float model: logit error per mode, held-out perplexity and text QA
-    on the text path, VQA exact match on `vqa` (LLaVA JSON) if given, the exported graphs against
-    the PyTorch model, and the exported text graph decoding the held-out passages step by step."""
-    from .data import load_model_and_processor, read_records
-    from .deploy.accuracy import logit_error, onnx_error, probe_prompts, stepwise_text
-    from .deploy.onnx_export import quantize
-    from .deploy.runtime import DeployedModel
-    from .eval.answers import answer_records, exact_match
-    from .eval.text import PASSAGES, perplexity, text_qa
-
-    manifest = DeployedModel(folder).manifest
-    reference, processor = load_model_and_processor(model_dir, llm)
-    quantized = load_model_and_processor(model_dir, llm)[0]
-    scheme = manifest["quantization"] or {}
-    quantize(quantized, llm, keep_gguf=bool(scheme.get("gguf")), copy_bits=scheme.get("copy_bits") or 4)
-    prompts = probe_prompts(processor)
-    records = read_records(vqa, Path(vqa).parent) if vqa else []
-    scores = {}
-    for name, m in (("float", reference), ("w4a16", quantized)):
-        scores[name] = {"perplexity": perplexity(m, processor.tokenizer, shared_base=False),
-                        "text_qa": text_qa(m, processor)["accuracy"]}
-        if records:
-            scores[name]["vqa"] = exact_match(records, answer_records(m, processor, records, max_new_tokens=4))["accuracy"]
-    exported = manifest["precision"]
-    return {"logit_error": logit_error(quantized, reference, prompts), "scores": scores,
-            "onnx_vs_pytorch": onnx_error(folder, quantized if exported == "w4a16" else reference, prompts),
-            "exported_precision": exported, "quantization": manifest["quantization"],
-            "deployed_text_stepwise": stepwise_text(folder, reference, processor.tokenizer, PASSAGES)}
-
-
-def _table9(result: dict) -> Table:
-    text, image = result["modes"]["text"], result["modes"]["image"]
-    table = Table(title=f"Table 9 on this machine ({result['precision']}, onnxruntime CPU, "
-                  f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens)")
-    for col in ("", "text mode", "image mode"):
-        table.add_column(col, justify="left" if not col else "right")
-    rows = [("load time (s)", "load_s", "{:.2f}"), ("ViT time (ms)", "vit_s", "{:.1f}"),
-            ("prefill (tokens/s)", "prefill_tokens_per_s", "{:.1f}"), ("decode (tokens/s)", "decode_tokens_per_s", "{:.1f}"),
-            ("storage (MB)", "storage_bytes", "{:.1f}"), ("peak memory, RSS (MB)", "peak_rss_mb", "{:.0f}")]
-    scale = {"vit_s": 1e3, "storage_bytes": 2**-20}
-    for label, key, fmt in rows:
-        cells = ["-" if r[key] is None else fmt.format(r[key] * scale.get(key, 1)) for r in (text, image)]
-        table.add_row(label, *cells)
-    return table
-
-
-def _targets(result: dict) -> list[str]:
-    t = result["targets"]
-    parts, split = result["delta_bytes"], result["storage_breakdown"]
-    storage, decode, memory = t["storage_overhead"], t["decode_ratio"], t["single_base_in_memory"]
-    mark = {True: "met", False: "NOT met"}
-    return [
-        f"image-mode storage overhead: +{100 * storage['value']:.1f}% (paper +{100 * storage['paper']:.1f}%: "
-        f"{mark[storage['met']]}); delta: copies {parts['copies'] / 2**20:.1f} MB, LoRA {parts['lora'] / 2**20:.1f} MB, "
-        f"ViT + projector {parts['vision'] / 2**20:.1f} MB",
-        "  of text-mode storage: " + ", ".join(f"{name} +{100 * v:.1f}%" for name, v in split.items()
-                                                if name != "floor_copies_at_base_precision")
-        + f"; floor (copies at the base's precision) +{100 * split['floor_copies_at_base_precision']:.1f}%",
-        f"image / text decode: {100 * decode['value']:.1f}% (target >= {100 * decode['target']:.0f}%, paper "
-        f"{100 * decode['paper']:.0f}%: {mark[decode['met']]})",
-        f"one copy of the base in memory: image-mode peak RSS exceeds text mode by {memory['image_minus_text_peak_rss_mb']:.0f} MB "
-        f"< base weights {memory['base_data_mb']:.0f} MB ({mark[memory['met']]})",
-    ]
-
-
-def _accuracy_table(acc: dict) -> Table:
-    table = Table(title="What W4A16 costs (vs the float model)")
-    for col in ("", "float", "w4a16"):
-        table.add_column(col, justify="left" if not col else "right")
-    scores = acc["scores"]
-    table.add_row("held-out perplexity (text path)", f"{scores['float']['perplexity']:.3f}", f"{scores['w4a16']['perplexity']:.3f}")
-    table.add_row("held-out text QA (text path)", f"{100 * scores['float']['text_qa']:.1f}%", f"{100 * scores['w4a16']['text_qa']:.1f}%")
-    if "vqa" in scores["float"]:
-        table.add_row("VQA exact match (image path)", f"{100 * scores['float']['vqa']:.1f}%", f"{100 * scores['w4a16']['vqa']:.1f}%")
-    for mode, e in acc["logit_error"].items():
-        table.add_row(f"{mode} mode: max / mean |logit error|", "-", f"{e['max_abs']:.3f} / {e['mean_abs']:.3f}")
-        table.add_row(f"{mode} mode: same greedy token", "-", f"{100 * e['top1_agreement']:.1f}%")
-    for mode, e in acc["onnx_vs_pytorch"].items():
-        table.add_row(f"ONNX vs PyTorch ({acc['exported_precision']}), {mode} mode: max |logit diff|", "-", f"{e['max_abs']:.2e}")
-    step = acc["deployed_text_stepwise"]
-    table.add_row(f"exported text graph, token by token: perplexity ({step['positions']} tokens)",
-                  f"{step['perplexity_reference']:.3f}", f"{step['perplexity_deployed']:.3f}")
-    table.add_row("exported text graph, token by token: same next token", "-", f"{100 * step['same_next_token']:.1f}%")
-    return table
-
-
 @bench_app.command("deploy")
 def bench_deploy(
-    model: str = typer.Option(..., "--model", "-m", help="A saved GenieBlue folder."),
-    onnx: Optional[str] = typer.Option(None, help="Exported folder to measure (genieblue export); exported there "
-                                       "first if it holds no export. Default: a W4A16 export in a temporary folder."),
+    model: ModelDir,
+    onnx: str | None = typer.Option(
+        None,
+        help="Exported folder to measure (genieblue export); exported there "
+        "first if it holds no export. Default: a W4A16 export in a temporary folder.",
+    ),
     single_tile: bool = typer.Option(True, help="With a fresh export: the vision graph fixed to one tile."),
     prompt_tokens: int = typer.Option(64, help="Prompt length (an image prompt's placeholders count)."),
     new_tokens: int = typer.Option(32, help="Tokens decoded greedily per measurement."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: one per core)."),
-    repeats: int = typer.Option(3, help="Runs per worker process (load, ViT, prefill: the best run; decode: "
-                                "every step counts)."),
-    rounds: int = typer.Option(2, help="Rounds of worker processes: text mode, image mode, then both modes' "
-                               "decode steps interleaved."),
-    accuracy: bool = typer.Option(True, "--accuracy/--no-accuracy", help="Also measure what W4A16 costs: logit "
-                                  "error vs the float model, held-out perplexity and text QA, ONNX vs PyTorch."),
-    vqa: Optional[str] = typer.Option(None, help="With --accuracy: a LLaVA JSON of short-answer image questions "
-                                      "(e.g. demo_out/data/test.json) scored float vs W4A16."),
-    llm: Optional[str] = typer.Option(None, help="Base LLM, if not the one named in the model's manifest."),
-    keep_gguf: bool = typer.Option(True, "--keep-gguf/--requantize", help="With a fresh export of a GGUF base: keep "
-                                   "the file's own quantisation (see genieblue export)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    threads: int | None = typer.Option(None, help="onnxruntime threads (default: one per core)."),
+    repeats: int = typer.Option(
+        3, help="Runs per worker process (load, ViT, prefill: the best run; decode: every step counts)."
+    ),
+    rounds: int = typer.Option(
+        2, help="Rounds of worker processes: text mode, image mode, then both modes' decode steps interleaved."
+    ),
+    accuracy: bool = typer.Option(
+        True,
+        "--accuracy/--no-accuracy",
+        help="Also measure what W4A16 costs: logit "
+        "error vs the float model, held-out perplexity and text QA, ONNX vs PyTorch.",
+    ),
+    vqa: str | None = typer.Option(
+        None,
+        help="With --accuracy: a LLaVA JSON of short-answer image questions "
+        "(e.g. demo_out/data/test.json) scored float vs W4A16.",
+    ),
+    llm: ManifestLLM = None,
+    keep_gguf: bool = typer.Option(
+        True,
+        "--keep-gguf/--requantize",
+        help="With a fresh export of a GGUF base: keep the file's own quantisation (see genieblue export).",
+    ),
+    as_json: AsJson = False,
 ):
     """The paper's deployment table (Table 9) on this machine: text mode vs image mode under onnxruntime -
     load time, ViT time, prefill and decode tokens/s, storage, peak memory (each mode in its own process;
@@ -536,32 +566,34 @@ def bench_deploy(
     """
     import tempfile
 
+    from .deploy.accuracy import deployment_cost
     from .deploy.bench import table9
     from .deploy.onnx_export import export_saved_model
+    from .deploy.report import accuracy_table, table9_table, target_lines
     from .deploy.runtime import MANIFEST
-    from .model.modeling import MANIFEST as MODEL_MANIFEST
+    from .model.folder import check_model_folder
 
-    if not (Path(model) / MODEL_MANIFEST).is_file():
-        _fail(f"{Path(model) / MODEL_MANIFEST} is missing: not a genieblue model folder (see save_pretrained)")
+    with _failures():
+        check_model_folder(model)
     with tempfile.TemporaryDirectory() as scratch:
         folder = onnx or str(Path(scratch) / "export")
-        try:
+        with _failures(RuntimeError):
             if not (Path(folder) / MANIFEST).is_file():
-                export_saved_model(model, folder, "w4a16", single_tile, llm, keep_gguf)
+                export_saved_model(
+                    model, folder, precision="w4a16", single_tile=single_tile, llm=llm, keep_gguf=keep_gguf
+                )
             result = table9(folder, prompt_tokens, new_tokens, threads, repeats, rounds)
             if accuracy:
-                result["accuracy"] = _deploy_accuracy(model, llm, folder, vqa)
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
-            _fail(str(err))
+                result["accuracy"] = deployment_cost(model, folder, llm=llm, vqa=vqa)
     if as_json:
         print(json.dumps(result, indent=2))
         return
     out = Console(width=max(Console().width, 110))
-    out.print(_table9(result))
-    for line in _targets(result):
+    out.print(table9_table(result))
+    for line in target_lines(result):
         out.print(line)
     if accuracy:
-        out.print(_accuracy_table(result["accuracy"]))
+        out.print(accuracy_table(result["accuracy"]))
 
 
 if __name__ == "__main__":

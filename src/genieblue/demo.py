@@ -18,10 +18,11 @@ import torch
 from rich.console import Console
 
 from ._io import write_json
-from .data import load_model_and_processor, read_records
+from .data import read_records
 from .data.synthetic import TASKS, caption_stream, generate_dataset, task_info, text_only_samples
 from .eval.answers import answer_loss, answer_records, exact_match
 from .eval.text import logit_equality, perplexity, text_qa
+from .loading import load_model_and_processor
 from .model import load_llm
 from .plots import grouped_bars
 from .train import DataSource, TrainConfig, Trainer
@@ -103,7 +104,7 @@ class Demo:
         tok = processor.tokenizer
         test = read_records(data["test"])
         mm = exact_match(test, answer_records(model, processor, test, batch_size=48, max_new_tokens=4))
-        non_shared = strategy.startswith("genieblue")  # only GenieBlue keeps a separate text path
+        non_shared = model.deploys_base_for_text  # only GenieBlue keeps a separate text path
         qa = text_qa(model, processor, shared_base=not non_shared)
         result = {
             "multimodal": mm,

@@ -37,8 +37,13 @@ def loss_curve(metrics_jsonl: str | Path, png: str | Path, title: str = "trainin
 
 
 def grouped_bars(
-    groups: list[str], series: dict[str, list[float]], png: str | Path, title: str, ylabel: str,
-    reference: list[float] | None = None, reference_label: str = "chance",
+    groups: list[str],
+    series: dict[str, list[float]],
+    png: str | Path,
+    title: str,
+    ylabel: str,
+    reference: list[float] | None = None,
+    reference_label: str = "chance",
 ) -> Path:
     """Bars per group for each series (e.g. accuracy per task per model), with optional reference ticks."""
     width = 0.8 / max(1, len(series))
@@ -47,8 +52,14 @@ def grouped_bars(
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, values, width, label=name)
     if reference is not None:
-        ax.hlines(reference, [g - 0.45 for g in range(len(groups))], [g + 0.45 for g in range(len(groups))],
-                  colors="black", linestyles="dashed", label=reference_label)
+        ax.hlines(
+            reference,
+            [g - 0.45 for g in range(len(groups))],
+            [g + 0.45 for g in range(len(groups))],
+            colors="black",
+            linestyles="dashed",
+            label=reference_label,
+        )
     ax.set_xticks(range(len(groups)), groups, rotation=20)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -7,7 +7,7 @@ synthetic data sets.
 Names are re-exported lazily, so `genieblue.data.synthetic` and the CLI do not load torch.
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "images": (
@@ -24,7 +24,13 @@ _EXPORTS = {
     ),
     "dataset": ("MixtureSamples",),
     "packing": ("collate", "collate_prompts", "first_fit", "pack"),
-    "processor": ("IGNORE_INDEX", "GenieBlueProcessor", "Sample", "load_model_and_processor", "load_processor", "save_processor_settings"),
+    "processor": (
+        "IGNORE_INDEX",
+        "GenieBlueProcessor",
+        "Sample",
+        "load_processor",
+        "save_processor_settings",
+    ),
     "records": (
         "IMAGE_PLACEHOLDER",
         "ROLES",
@@ -37,11 +43,4 @@ _EXPORTS = {
         "scan_records",
     ),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

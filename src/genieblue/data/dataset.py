@@ -22,8 +22,9 @@ class MixtureSamples(Sequence):
         self._failed_ids: set[str] = set()
 
     @classmethod
-    def from_sources(cls, sources: list[Source], processor: GenieBlueProcessor, seed: int = 0,
-                     on_record=None) -> "MixtureSamples":
+    def from_sources(
+        cls, sources: list[Source], processor: GenieBlueProcessor, seed: int = 0, on_record=None
+    ) -> MixtureSamples:
         return cls(DataMixture(sources, seed=seed, measure=processor.lengths, on_record=on_record), processor)
 
     def __len__(self) -> int:
@@ -39,7 +40,9 @@ class MixtureSamples(Sequence):
     def __getitem__(self, index: int) -> Sample:
         sample = self.processor.encode(self.mixture[index])
         if len(sample) != self.length(index):  # an image whose header told another tile count
-            raise BadRecord(sample.id, f"{len(sample)} tokens once decoded, {self.length(index)} from the image headers")
+            raise BadRecord(
+                sample.id, f"{len(sample)} tokens once decoded, {self.length(index)} from the image headers"
+            )
         return sample
 
     def sample(self, index: int) -> Sample | None:

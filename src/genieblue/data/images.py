@@ -52,14 +52,27 @@ def _describe(source: ImageSource) -> str:
     return str(source)
 
 
-def _data_url_bytes(url: str) -> bytes:
+def data_url_payload(url: str) -> str:
+    """The base64 text of a `data:` URL; a one-line ValueError when the URL is not base64."""
     header, _, payload = url.partition(",")
     if not header.endswith(";base64"):
-        raise ImageError(f"{_describe(url)}: data URLs must be base64 (data:image/png;base64,...)")
+        raise ValueError("data URLs must be base64 (data:image/png;base64,...)")
+    return payload
+
+
+def decode_base64(payload: str) -> bytes:
+    """The bytes of base64 text; a one-line ValueError when it is not valid base64."""
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise ImageError(f"{_describe(url)}: not valid base64 ({_one_line(err)})") from None
+        raise ValueError(f"not valid base64 ({_one_line(err)})") from None
+
+
+def _data_url_bytes(url: str) -> bytes:
+    try:
+        return decode_base64(data_url_payload(url))
+    except ValueError as err:
+        raise ImageError(f"{_describe(url)}: {err}") from None
 
 
 def _one_line(err: Exception) -> str:

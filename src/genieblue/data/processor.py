@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from .._io import write_json
-from ..model.modeling import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
-from ..model.sources import load_tokenizer
+from ..model.modeling import IMAGE_TOKEN_INDEX
 from .images import image_tiles, image_to_tensor
 from .records import IMAGE_PLACEHOLDER, ROLES, BadRecord, check_record, prepend_placeholders
 
@@ -65,11 +64,16 @@ class GenieBlueProcessor:
     @classmethod
     def from_model(
         cls, model, tokenizer, max_tiles: int = 1, max_length: int = 4096, system_prompt: str | None = None
-    ) -> "GenieBlueProcessor":
+    ) -> GenieBlueProcessor:
         """A processor matching `model`'s vision tower (tile size, tokens per tile, normalisation)."""
         vision = model.vision
         return cls(
-            tokenizer, vision.image_size, vision.tokens_per_tile, max_tiles, vision.vit.config.model_type, max_length,
+            tokenizer,
+            vision.image_size,
+            vision.tokens_per_tile,
+            max_tiles,
+            vision.vit.config.model_type,
+            max_length,
             system_prompt,
         )
 
@@ -138,7 +142,9 @@ class GenieBlueProcessor:
     def _rendered(self, record: dict, image_folder) -> tuple[dict, list[dict], str]:
         """(the checked record, its chat messages, the rendered conversation)."""
         record = check_record(record, image_folder)
-        messages = self._with_system([{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]])
+        messages = self._with_system(
+            [{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+        )
         return record, messages, self._render(messages, add_generation_prompt=False)
 
     def _too_long(self, record: dict, length: int) -> BadRecord:
@@ -153,9 +159,7 @@ class GenieBlueProcessor:
         return image_to_tensor(image, self.image_size, self.max_tiles, self.vision_type)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
         """Character spans of each assistant reply in `text`: from the end of the generation prompt
@@ -224,11 +228,3 @@ def load_processor(model_dir: str | Path, model, tokenizer, max_length: int = 40
     path = Path(model_dir) / PROCESSOR_SETTINGS
     settings = json.loads(path.read_text()) if path.is_file() else {}
     return GenieBlueProcessor.from_model(model, tokenizer, max_length=max_length, **settings)
-
-
-def load_model_and_processor(model_dir: str | Path, llm: str | None = None):
-    """A saved GenieBlue model (its base from the manifest, or `llm`) in eval mode, with the
-    tokenizer of that base and the processor the model was trained with."""
-    model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=llm).eval()
-    tokenizer = load_tokenizer(llm if llm is not None else model.base_spec)
-    return model, load_processor(model_dir, model, tokenizer, max_length=model.llm.config.max_position_embeddings)

@@ -35,9 +35,11 @@ ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 """LLaVA speaker names -> chat-template roles."""
 _SPEAKERS = {"system": "system", "human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 """Every speaker or role name read -> its LLaVA name."""
-NEEDS = ("a record needs `conversations` (LLaVA / ShareGPT: [{from: human|gpt|system, value}]) or `messages` "
-         "(LLaMA-Factory / OpenAI: [{role: user|assistant|system, content: text or parts}]), optionally "
-         "`image` / `images`")
+NEEDS = (
+    "a record needs `conversations` (LLaVA / ShareGPT: [{from: human|gpt|system, value}]) or `messages` "
+    "(LLaMA-Factory / OpenAI: [{role: user|assistant|system, content: text or parts}]), optionally "
+    "`image` / `images`"
+)
 
 
 class BadRecord(ValueError):
@@ -116,8 +118,10 @@ def _check_turns(turns) -> None:
     """Raise ValueError unless turns are [system?] human, gpt, human, gpt, ... with string values."""
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            raise ValueError(f"turn {i} must be {{'from': human|gpt|system, 'value': str}} or {{'role': "
-                             f"user|assistant|system, 'content': str or parts}}, got {turn!r:.80}")
+            raise ValueError(
+                f"turn {i} must be {{'from': human|gpt|system, 'value': str}} or {{'role': "
+                f"user|assistant|system, 'content': str or parts}}, got {turn!r:.80}"
+            )
     speakers = [t["from"] for t in turns]
     if speakers[0] == "system":
         speakers = speakers[1:]

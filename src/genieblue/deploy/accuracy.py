@@ -1,16 +1,22 @@
 """What deployment costs in accuracy: logits of the W4A16 model against the float model on the same
 chat prompts, on the text path and on the image path, of the exported ONNX graphs against the
 PyTorch model they came from, and the exported text graph decoding step by step against the float
-model (perplexity, same next token)."""
+model (perplexity, same next token); `deployment_cost` puts them together for `genieblue bench deploy`."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data import GenieBlueProcessor
+from ..data import GenieBlueProcessor, read_records
+from ..eval.answers import answer_records, exact_match
+from ..eval.text import PASSAGES, perplexity, text_qa
+from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
+from .onnx_export import quantize
 from .runtime import DeployedModel
 
 QUESTIONS = [
@@ -43,17 +49,27 @@ def _stats(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     diff = torch.cat([(a - b).abs().flatten() for a, b in pairs])
     agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).flatten() for a, b in pairs])
     scale = max(b.abs().max().item() for _, b in pairs)
-    return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(), "max_abs_reference": scale,
-            "top1_agreement": agree.float().mean().item(), "positions": agree.numel()}
+    return {
+        "max_abs": diff.max().item(),
+        "mean_abs": diff.mean().item(),
+        "max_abs_reference": scale,
+        "top1_agreement": agree.float().mean().item(),
+        "positions": agree.numel(),
+    }
 
 
 @torch.no_grad()
-def logit_error(model: GenieBlueForConditionalGeneration, reference: GenieBlueForConditionalGeneration,
-                prompts: dict[str, list]) -> dict:
+def logit_error(
+    model: GenieBlueForConditionalGeneration, reference: GenieBlueForConditionalGeneration, prompts: dict[str, list]
+) -> dict:
     """Per mode: how far `model`'s logits are from `reference`'s at every prompt position (max and
     mean absolute difference, and how often the greedy next token is the same)."""
-    return {mode: _stats([(model(ids, pixel_values=px).logits[0], reference(ids, pixel_values=px).logits[0])
-                          for ids, px in items]) for mode, items in prompts.items()}
+    return {
+        mode: _stats(
+            [(model(ids, pixel_values=px).logits[0], reference(ids, pixel_values=px).logits[0]) for ids, px in items]
+        )
+        for mode, items in prompts.items()
+    }
 
 
 @torch.no_grad()
@@ -93,4 +109,40 @@ def stepwise_text(folder, reference: GenieBlueForConditionalGeneration, tokenize
         same += (got.argmax(-1) == expected.argmax(-1)).sum().item()
         count += len(steps)
     return {f"perplexity_{name}": float(np.exp(total / count)) for name, total in nll.items()} | {
-        "same_next_token": same / count, "positions": count}
+        "same_next_token": same / count,
+        "positions": count,
+    }
+
+
+def deployment_cost(
+    model_dir: str | Path, folder: str | Path, *, llm: str | None = None, vqa: str | None = None
+) -> dict:
+    """What W4A16 costs against the float model: logit error per mode, held-out perplexity and text QA
+    on the text path, VQA exact match on `vqa` (LLaVA JSON) if given, the exported graphs against
+    the PyTorch model, and the exported text graph decoding the held-out passages step by step."""
+    manifest = DeployedModel(folder).manifest
+    reference, processor = load_model_and_processor(model_dir, llm)
+    quantized = load_model_and_processor(model_dir, llm)[0]
+    scheme = manifest["quantization"] or {}
+    quantize(quantized, llm, keep_gguf=bool(scheme.get("gguf")), copy_bits=scheme.get("copy_bits") or 4)
+    prompts = probe_prompts(processor)
+    records = read_records(vqa, Path(vqa).parent) if vqa else []
+    scores = {}
+    for name, m in (("float", reference), ("w4a16", quantized)):
+        scores[name] = {
+            "perplexity": perplexity(m, processor.tokenizer, shared_base=False),
+            "text_qa": text_qa(m, processor)["accuracy"],
+        }
+        if records:
+            scores[name]["vqa"] = exact_match(records, answer_records(m, processor, records, max_new_tokens=4))[
+                "accuracy"
+            ]
+    exported = manifest["precision"]
+    return {
+        "logit_error": logit_error(quantized, reference, prompts),
+        "scores": scores,
+        "onnx_vs_pytorch": onnx_error(folder, quantized if exported == "w4a16" else reference, prompts),
+        "exported_precision": exported,
+        "quantization": manifest["quantization"],
+        "deployed_text_stepwise": stepwise_text(folder, reference, processor.tokenizer, PASSAGES),
+    }

@@ -1,13 +1,13 @@
 """The paper's deployment table (Table 9) on this machine: text mode vs image mode of an exported
 folder under onnxruntime - load time, ViT time, prefill and decode tokens/s, storage, peak memory.
 
-Image-mode storage is broken down against its floor (`storage_breakdown`). Each mode runs in a fresh worker process (`python -m genieblue.deploy.bench MODE FOLDER ...`, numpy
-and onnxruntime only) so its peak RSS is its own. Decode speed comes from a third worker that loads
-both modes and alternates their decode steps one by one, so that other load on the machine slows
-both alike (separate processes minutes apart can differ by more than the few percent the decode
-target is about). Both modes prefill the same number of tokens (the image prompt's placeholders
-count as prompt tokens) and decode the same number of tokens, greedily.
-"""
+Image-mode storage is broken down against its floor (`storage_breakdown`). Each mode runs in a fresh
+worker process (`python -m genieblue.deploy.bench MODE FOLDER ...`, numpy and onnxruntime only) so
+its peak RSS is its own. Decode speed comes from a third worker that loads both modes and alternates
+their decode steps one by one, so that other load on the machine slows both alike (separate
+processes minutes apart can differ by more than the few percent the decode target is about). Both
+modes prefill the same number of tokens (the image prompt's placeholders count as prompt tokens) and
+decode the same number of tokens, greedily."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def _prompt(model: DeployedModel, mode: str, prompt_tokens: int, rng) -> tuple[n
     if mode == "text":
         return ids, None
     if prompt_tokens < m["tokens_per_tile"] + 2:
-        raise ValueError(f"an image prompt needs more than {m['tokens_per_tile'] + 1} tokens, got --prompt-tokens {prompt_tokens}")
+        raise ValueError(
+            f"an image prompt needs more than {m['tokens_per_tile'] + 1} tokens, got --prompt-tokens {prompt_tokens}"
+        )
     ids[0, 1 : 1 + m["tokens_per_tile"]] = m["image_token_index"]
     size = m["image_size"]
     return ids, rng.standard_normal((1, 3, size, size)).astype(np.float32)
@@ -58,10 +60,13 @@ def storage_breakdown(manifest: dict, text_bytes: int) -> dict:
     over = {name: parts[name] for name in ("copies", "lora", "vision", "other")}
     over["graphs"] = files[graphs["image"]] + files[graphs["vision"]] - files[graphs["text"]]
     return {name: size / text_bytes for name, size in over.items()} | {
-        "floor_copies_at_base_precision": parts["copied_originals"] / text_bytes}
+        "floor_copies_at_base_precision": parts["copied_originals"] / text_bytes
+    }
 
 
-def measure(folder: str | Path, mode: str, prompt_tokens: int = 64, threads: int | None = None, repeats: int = 3) -> dict:
+def measure(
+    folder: str | Path, mode: str, prompt_tokens: int = 64, threads: int | None = None, repeats: int = 3
+) -> dict:
     """One mode in this process: load, [ViT], prefill `prompt_tokens` (best of `repeats` for the
     timings; memory as this process's peak resident set)."""
     model = DeployedModel(folder, threads)
@@ -98,8 +103,9 @@ def measure(folder: str | Path, mode: str, prompt_tokens: int = 64, threads: int
     }
 
 
-def decode(folder: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, threads: int | None = None,
-           repeats: int = 3) -> dict[str, list[float]]:
+def decode(
+    folder: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, threads: int | None = None, repeats: int = 3
+) -> dict[str, list[float]]:
     """Both modes in this process, step by step: after a prefill in each mode, one greedy decode step
     in text mode and one in image mode at a time (which goes first alternates), `new_tokens` each,
     `repeats` times. Other load on the machine thus hits both modes alike. Returns each mode's step
@@ -128,8 +134,19 @@ DECODE = "decode"
 
 
 def _worker(folder, kind: str, prompt_tokens: int, new_tokens: int, threads: int | None, repeats: int):
-    command = [sys.executable, "-m", "genieblue.deploy.bench", kind, str(folder), "--prompt-tokens",
-               str(prompt_tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+    command = [
+        sys.executable,
+        "-m",
+        "genieblue.deploy.bench",
+        kind,
+        str(folder),
+        "--prompt-tokens",
+        str(prompt_tokens),
+        "--new-tokens",
+        str(new_tokens),
+        "--repeats",
+        str(repeats),
+    ]
     if threads:
         command += ["--threads", str(threads)]
     run = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -151,8 +168,14 @@ def _best_of(runs: list[dict]) -> dict:
     return best
 
 
-def table9(folder: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, threads: int | None = None,
-           repeats: int = 3, rounds: int = 2) -> dict:
+def table9(
+    folder: str | Path,
+    prompt_tokens: int = 64,
+    new_tokens: int = 32,
+    threads: int | None = None,
+    repeats: int = 3,
+    rounds: int = 2,
+) -> dict:
     """Per round, a worker process per mode (load, ViT, prefill, storage, peak memory: the best over
     rounds) and one that interleaves both modes' decode steps (decode tokens/s: one over the median
     step time, all rounds pooled); and the targets: image-mode storage overhead vs the paper's +8.5%,
@@ -163,8 +186,10 @@ def table9(folder: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, th
             runs[mode].append(_worker(folder, mode, prompt_tokens, new_tokens, threads, repeats))
         for mode, times in _worker(folder, DECODE, prompt_tokens, new_tokens, threads, repeats).items():
             steps[mode] += times
-    rows = {mode: _best_of(r) | {"decode_tokens_per_s": 1 / float(np.median(steps[mode])), "decode_steps": len(steps[mode])}
-            for mode, r in runs.items()}
+    rows = {
+        mode: _best_of(r) | {"decode_tokens_per_s": 1 / float(np.median(steps[mode])), "decode_steps": len(steps[mode])}
+        for mode, r in runs.items()
+    }
     text, image = rows["text"], rows["image"]
     manifest = DeployedModel(folder).manifest
     base_mb = manifest["bytes"][manifest["data"]["base"]] / 2**20
@@ -183,12 +208,22 @@ def table9(folder: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, th
         "modes": rows,
         "delta_bytes": manifest["delta_parts"],
         "targets": {
-            "storage_overhead": {"value": storage_overhead, "paper": PAPER["storage_overhead"],
-                                 "met": storage_overhead <= PAPER["storage_overhead"]},
-            "decode_ratio": {"value": decode_ratio, "paper": PAPER["decode_ratio"], "target": DECODE_TARGET,
-                             "met": decode_ratio >= DECODE_TARGET},
-            "single_base_in_memory": {"image_minus_text_peak_rss_mb": extra_mb, "base_data_mb": base_mb,
-                                      "met": extra_mb < base_mb},
+            "storage_overhead": {
+                "value": storage_overhead,
+                "paper": PAPER["storage_overhead"],
+                "met": storage_overhead <= PAPER["storage_overhead"],
+            },
+            "decode_ratio": {
+                "value": decode_ratio,
+                "paper": PAPER["decode_ratio"],
+                "target": DECODE_TARGET,
+                "met": decode_ratio >= DECODE_TARGET,
+            },
+            "single_base_in_memory": {
+                "image_minus_text_peak_rss_mb": extra_mb,
+                "base_data_mb": base_mb,
+                "met": extra_mb < base_mb,
+            },
         },
     }
 

@@ -36,17 +36,23 @@ def _fusable(members: list[nn.Module | None]) -> bool:
     """All members MatMulNBits projections of one input width, bit width, block size and form
     (zero points or not, offsets or not)."""
     bases = [_base(m) for m in members if m is not None]
-    return (len(bases) == len(members) and all(isinstance(b, WeightOnlyLinear) and b.keep_packed for b in bases)
-            and len({(b.in_features, b.bits, b.block_size, b.zero_points is None, b.offsets is None) for b in bases}) == 1)
+    return (
+        len(bases) == len(members)
+        and all(isinstance(b, WeightOnlyLinear) and b.keep_packed for b in bases)
+        and len({(b.in_features, b.bits, b.block_size, b.zero_points is None, b.offsets is None) for b in bases}) == 1
+    )
 
 
 class FusedProjections(WeightOnlyLinear):
     """Sibling projections as one: their packed weights, scales, zero points, offsets and biases
-    concatenated by output (a member without a bias adds zeros) and, where members have LoRA, one low-rank update with the
-    A matrices stacked (`lora_A`, their bytes concatenated) and the B matrices block-diagonal
+    concatenated by output (a member without a bias adds zeros) and, where members have LoRA, one
+    low-rank update with the A matrices stacked (`lora_A`, their bytes concatenated) and the B matrices block-diagonal
     (`lora_B`, requantised: bit-exact while each member's rank fits one quantisation block, as any
     power-of-two rank does). `output(i, x)` is member i's output: the first member called on an input
-    computes the whole group, the others take their slice of that result."""
+    computes the whole group, the others take their slice of that result. Its LoRA is delta (`TRAINABLE`,
+    as the routing wrappers name theirs)."""
+
+    TRAINABLE, PART = ("lora_A", "lora_B"), "lora"
 
     def __init__(self, members: list[nn.Module], router):
         bases = [_base(m) for m in members]
@@ -54,10 +60,20 @@ class FusedProjections(WeightOnlyLinear):
         if any(b.bias is not None for b in bases):
             bias = torch.cat([b.scales.new_zeros(b.out_features) if b.bias is None else b.bias for b in bases])
         first = bases[0]
-        zero_points, offsets = (None if getattr(first, name) is None else torch.cat([getattr(b, name) for b in bases])
-                                for name in ("zero_points", "offsets"))
-        super().__init__(torch.cat([b.packed for b in bases]), torch.cat([b.scales for b in bases]),
-                         first.in_features, first.bits, first.block_size, bias, zero_points=zero_points, offsets=offsets)
+        zero_points, offsets = (
+            None if getattr(first, name) is None else torch.cat([getattr(b, name) for b in bases])
+            for name in ("zero_points", "offsets")
+        )
+        super().__init__(
+            torch.cat([b.packed for b in bases]),
+            torch.cat([b.scales for b in bases]),
+            first.in_features,
+            first.bits,
+            first.block_size,
+            bias,
+            zero_points=zero_points,
+            offsets=offsets,
+        )
         self.members, self.router = members, router  # plain attributes: not submodules
         self.sizes = [b.out_features for b in bases]
         self._last = None  # (input, image mode, outputs)
@@ -65,14 +81,22 @@ class FusedProjections(WeightOnlyLinear):
         self.lora_A = self.lora_B = None
         if loras:
             a = [m.lora_A for m in loras]
-            self.lora_A = WeightOnlyLinear(torch.cat([x.packed for x in a]), torch.cat([x.scales for x in a]),
-                                           a[0].in_features, a[0].bits, a[0].block_size, keep_packed=False)
+            self.lora_A = WeightOnlyLinear(
+                torch.cat([x.packed for x in a]),
+                torch.cat([x.scales for x in a]),
+                a[0].in_features,
+                a[0].bits,
+                a[0].block_size,
+                keep_packed=False,
+            )
             self.lora_B = WeightOnlyLinear.from_weight(self._block_diagonal(), loras[0].lora_B.bits, keep_packed=False)
 
     def _block_diagonal(self) -> torch.Tensor:
         """The members' LoRA B side by side, (outputs, total rank): member i's B in its own rows and
         its own rank's columns (zero rows for a member without LoRA)."""
-        blocks = [m.lora_B.dequantized(torch.float32) if isinstance(m, QuantizedLoRALinear) else None for m in self.members]
+        blocks = [
+            m.lora_B.dequantized(torch.float32) if isinstance(m, QuantizedLoRALinear) else None for m in self.members
+        ]
         weight = torch.zeros(self.out_features, self.lora_A.out_features)
         row = column = 0
         for block, size in zip(blocks, self.sizes):
@@ -99,8 +123,12 @@ def fused_projections(model) -> Iterator[list[FusedProjections]]:
     """Within the block, every fusable sibling group of the quantised `model` (see SIBLINGS) is a
     `FusedProjections` child of its module, named after its members ("q_proj+k_proj+v_proj"), and
     the members hand their calls to it; yields the groups. A float model has none."""
-    found = [(parent, names) for parent in model.modules() for names in SIBLINGS
-             if _fusable([parent._modules.get(name) for name in names])]
+    found = [
+        (parent, names)
+        for parent in model.modules()
+        for names in SIBLINGS
+        if _fusable([parent._modules.get(name) for name in names])
+    ]
     groups = []
     try:
         for parent, names in found:

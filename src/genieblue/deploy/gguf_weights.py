@@ -27,10 +27,15 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from torch import nn
 from transformers import AutoModelForCausalLM
-from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
-                                                      read_field)
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+    read_field,
+)
 
-from .quant import PlanarLinear, WeightOnlyLinear, base_name
+from ..model.routing import base_name
+from .quant import PlanarLinear, WeightOnlyLinear
 
 KEPT = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
 """GGUF tensor types kept as they are."""
@@ -38,7 +43,9 @@ KEPT = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationTy
 
 def _half(blocks: np.ndarray, start: int) -> torch.Tensor:
     """The float16 at bytes start:start+2 of every block -> float32 (rows, blocks)."""
-    return torch.from_numpy(np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0].astype(np.float32))
+    return torch.from_numpy(
+        np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0].astype(np.float32)
+    )
 
 
 def _nibbles(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -54,7 +61,9 @@ def _layer(kind: GGMLQuantizationType, data: np.ndarray, rows: np.ndarray, bias)
     scales, offsets = _half(blocks, 0), None
     if kind == GGMLQuantizationType.Q8_0:
         packed = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return PlanarLinear(torch.from_numpy(packed), scales.reshape(-1), blocks.shape[1] * block_size, block_size, bias)
+        return PlanarLinear(
+            torch.from_numpy(packed), scales.reshape(-1), blocks.shape[1] * block_size, block_size, bias
+        )
     values = _nibbles(blocks, 2 if kind == GGMLQuantizationType.Q4_0 else 4)
     packed = values[..., 0::2] | (values[..., 1::2] << 4)
     if kind == GGMLQuantizationType.Q4_1:
@@ -62,18 +71,27 @@ def _layer(kind: GGMLQuantizationType, data: np.ndarray, rows: np.ndarray, bias)
         offsets = minimum + 8 * scales
         if not torch.equal(offsets.double(), minimum.double() + 8 * scales.double()):
             raise ValueError("a Q4_1 block's m + 8d is not exact in float32")
-    return WeightOnlyLinear(torch.from_numpy(np.ascontiguousarray(packed)), scales.reshape(-1), blocks.shape[1] * block_size,
-                            4, block_size, bias, offsets=offsets)
+    return WeightOnlyLinear(
+        torch.from_numpy(np.ascontiguousarray(packed)),
+        scales.reshape(-1),
+        blocks.shape[1] * block_size,
+        4,
+        block_size,
+        bias,
+        offsets=offsets,
+    )
 
 
 @torch.no_grad()
 def gguf_layers(path: str | Path, llm: nn.Module) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The GGUF file's Q4_0 / Q4_1 / Q8_0 weights as layers by base module name (see
-    `quant.base_name`) for `llm`, the base loaded from that file (plain or inside a GenieBlue model),
+    `routing.base_name`) for `llm`, the base loaded from that file (plain or inside a GenieBlue model),
     and the count of the file's tensor types (kept or not). ValueError if a layer's values are not
     exactly the loaded base's weight."""
     reader = GGUFReader(path)
-    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(llm.config.to_dict())
+    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
+        llm.config.to_dict()
+    )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(llm.config)
     hf_names = get_gguf_hf_weights_map(skeleton, processor)
@@ -89,7 +107,9 @@ def gguf_layers(path: str | Path, llm: nn.Module) -> tuple[dict[str, nn.Module],
         rows = np.asarray(processor.process(weights=rows[:, None], name=tensor.name).weights)[:, 0]
         layer = _layer(tensor.tensor_type, tensor.data, rows, getattr(module, "bias", None))
         if not torch.equal(layer.dequantized(module.weight.dtype), module.weight):
-            raise ValueError(f"{path}: tensor {tensor.name} is not the base's {name}.weight; "
-                             f"export with the base the model was trained on, or with --requantize")
+            raise ValueError(
+                f"{path}: tensor {tensor.name} is not the base's {name}.weight; "
+                f"export with the base the model was trained on, or with --requantize"
+            )
         kept[name] = layer
     return kept, types

@@ -29,6 +29,7 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -38,13 +39,14 @@ from torch import nn
 from transformers import DynamicCache
 
 from .._io import atomic_dir, write_json
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
-from ..model.sources import gguf_file
+from ..model.routing import delta_members
+from ..model.sources import eos_token_ids, gguf_file
 from .fuse import fused_projections
 from .gguf_weights import gguf_layers
 from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, SYMMETRIC, TABLE_BITS, WeightOnlyLinear, quantize_model
-from .runtime import MANIFEST
+from .runtime import MANIFEST, kv_names
 
 OPSET = 18
 PRECISIONS = ("w4a16", "fp32")
@@ -87,8 +89,12 @@ class DecoderStep(nn.Module):
         """The 4D mask HF takes as prepared: one per layer type, or one for all layers."""
         if self.layer_types is None:
             return _attention_bias(attention_mask, query_length, self.window, dtype)
-        return {kind: _attention_bias(attention_mask, query_length, self.window if kind == "sliding_attention" else None, dtype)
-                for kind in set(self.layer_types)}
+        return {
+            kind: _attention_bias(
+                attention_mask, query_length, self.window if kind == "sliding_attention" else None, dtype
+            )
+            for kind in set(self.layer_types)
+        }
 
     def forward(self, input_ids, attention_mask, *rest):
         llm, router = self.model.llm, self.model.router
@@ -104,7 +110,11 @@ class DecoderStep(nn.Module):
             order = (visual.long().flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)
             embeds = torch.where(visual.unsqueeze(-1), features[order].to(embeds.dtype), embeds)
             with router.route(image=True):
-                out = llm(inputs_embeds=embeds, attention_mask=self._masks(attention_mask, query_length, embeds.dtype), **common)
+                out = llm(
+                    inputs_embeds=embeds,
+                    attention_mask=self._masks(attention_mask, query_length, embeds.dtype),
+                    **common,
+                )
         else:
             with router.route(image=False):
                 mask = self._masks(attention_mask, query_length, llm.dtype)
@@ -123,18 +133,21 @@ class VisionStep(nn.Module):
         return self.vision(pixel_values).flatten(0, 1)
 
 
-def _kv_names(layers: int, kind: str) -> list[str]:
-    return [f"{kind}_key.{i}" for i in range(layers)] + [f"{kind}_value.{i}" for i in range(layers)]
-
-
 def _to_proto(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic: dict) -> onnx.ModelProto:
     buffer = io.BytesIO()
     module.eval()  # the exporter restores the wrapper's mode afterwards, recursively: train() would reach BatchNorm
     with warnings.catch_warnings():  # the tracer notes every Python-level shape check it freezes
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            module, args, buffer, dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,
-            dynamic_axes=dynamic, do_constant_folding=False,  # keep every weight under its module name
+            module,
+            args,
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            do_constant_folding=False,  # keep every weight under its module name
             custom_opsets={"com.microsoft": 1},
         )
     return onnx.load_from_string(buffer.getvalue())
@@ -149,16 +162,25 @@ def _decoder_graph(model, image: bool, layers: int, kv_shape: tuple[int, int]) -
     kv = tuple(torch.zeros(batch, heads, past, head_dim) for _ in range(2 * layers))
     inputs = ["input_ids", "attention_mask"]
     args = [ids, torch.ones(batch, past + query, dtype=torch.long)]
-    dynamic = {"input_ids": {0: "batch", 1: "query"}, "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch"}}
+    dynamic = {
+        "input_ids": {0: "batch", 1: "query"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "logits": {0: "batch"},
+    }
     if image:
         ids[0, 0] = IMAGE_TOKEN_INDEX
         inputs.append("image_features")
         args.append(torch.zeros(2, model.llm.config.hidden_size))
         dynamic["image_features"] = {0: "image_tokens"}
-    dynamic |= {n: {0: "batch", 2: "past"} for n in _kv_names(layers, "past")}
-    dynamic |= {n: {0: "batch", 2: "total"} for n in _kv_names(layers, "present")}
-    return _to_proto(DecoderStep(model, image), (*args, *kv), inputs + _kv_names(layers, "past"),
-                     ["logits", *_kv_names(layers, "present")], dynamic)
+    dynamic |= {n: {0: "batch", 2: "past"} for n in kv_names(layers, "past")}
+    dynamic |= {n: {0: "batch", 2: "total"} for n in kv_names(layers, "present")}
+    return _to_proto(
+        DecoderStep(model, image),
+        (*args, *kv),
+        inputs + kv_names(layers, "past"),
+        ["logits", *kv_names(layers, "present")],
+        dynamic,
+    )
 
 
 def _vision_graph(model, single_tile: bool) -> onnx.ModelProto:
@@ -208,19 +230,25 @@ COPIED_ORIGINAL = re.compile(r"\.layers\.\d+\.original\.")
 """Names of the base tensors of a copied block (a `Switch`'s original), whose bytes the copies repeat."""
 
 
-def _delta_part(name: str) -> str:
-    for marker, part in ((".copy.", "copies"), (".lora_", "lora"), ("vision.", "vision")):
-        if marker in name:
-            return part
-    return "other"
+def _delta_parts(model: GenieBlueForConditionalGeneration) -> Callable[[str], str]:
+    """Tensor name in a graph -> the part of the delta holding it, as the model's modules name them
+    (`routing.delta_members`, under `DecoderStep.model`; the vision graph is all `vision`), else "other"."""
+    prefixes = [(f"model.{name}", part) for name, part, _ in delta_members(model)] + [("vision", "vision")]
+
+    def part(name: str) -> str:
+        return next((p for prefix, p in prefixes if name.startswith(prefix + ".") or name == prefix), "other")
+
+    return part
 
 
-def write_shared(graphs: dict[str, onnx.ModelProto], folder: Path) -> tuple[dict[str, int], dict[str, int]]:
+def write_shared(
+    graphs: dict[str, onnx.ModelProto], folder: Path, delta_part: Callable[[str], str]
+) -> tuple[dict[str, int], dict[str, int]]:
     """Save the graphs with their large initializers in two external data files: every tensor of the
     text graph in BASE_DATA (once); a tensor of another graph with the same name and the same bytes
     reads those bytes; every other tensor goes to DELTA_DATA. Returns the bytes of each file and the
-    delta's bytes by part (block copies, LoRA, ViT + projector) and the bytes of the base tensors the
-    copies replace (`copied_originals`: the copies' storage at the base's own precision)."""
+    delta's bytes by part (`delta_part`: block copies, LoRA, ViT + projector) and the bytes of the base
+    tensors the copies replace (`copied_originals`: the copies' storage at the base's own precision)."""
     base, delta = _DataWriter(folder, BASE_DATA), _DataWriter(folder, DELTA_DATA)
     parts = dict.fromkeys(("copies", "lora", "vision", "other", "copied_originals"), 0)
     for kind, proto in graphs.items():
@@ -232,7 +260,7 @@ def write_shared(graphs: dict[str, onnx.ModelProto], folder: Path) -> tuple[dict
             if kind == "text" and key not in base.where and COPIED_ORIGINAL.search(tensor.name):
                 parts["copied_originals"] += len(data)
             if kind != "text" and key not in base.where and key not in delta.where:
-                parts[_delta_part(tensor.name)] += len(data)
+                parts[delta_part(tensor.name)] += len(data)
             (base if kind == "text" or key in base.where else delta).place(tensor, data, key)
         onnx.save(proto, folder / GRAPHS[kind])
     for writer in (base, delta):
@@ -244,34 +272,56 @@ def _precision(model) -> str:
     return f"w{LLM_BITS}a16" if any(isinstance(m, WeightOnlyLinear) for m in model.modules()) else "fp32"
 
 
-def quantize(model: GenieBlueForConditionalGeneration, llm: str | None = None, keep_gguf: bool = True,
-             copy_bits: int = LLM_BITS) -> dict:
+def quantize(
+    model: GenieBlueForConditionalGeneration, llm: str | None = None, keep_gguf: bool = True, copy_bits: int = LLM_BITS
+) -> dict:
     """Quantise `model` in place for a W4A16 export (block copies at `copy_bits`): when its base
     (`llm`, else the one it names) is a GGUF file, with the file's own Q4_0 / Q4_1 / Q8_0 blocks for
     those tensors (unless not `keep_gguf`). Returns the manifest's `quantization` entry."""
     path = gguf_file(llm if llm is not None else model.base_spec) if keep_gguf else None
     kept, types = gguf_layers(path, model.llm) if path is not None else ({}, {})
     quantize_model(model, kept=kept, copy_bits=copy_bits)
-    return {"llm_bits": LLM_BITS, "table_bits": TABLE_BITS, "copy_bits": copy_bits, "delta_bits": DELTA_BITS,
-            "block_size": BLOCK_SIZE, "symmetric": SYMMETRIC, "op": "com.microsoft.MatMulNBits",
-            "gguf": None if path is None else {"file": path.name, "tensor_types": types, "kept": len(kept)}}
+    gguf = None if path is None else {"file": path.name, "tensor_types": types, "kept": len(kept)}
+    return _quantization(copy_bits, gguf)
+
+
+def _quantization(copy_bits: int | None, gguf: dict | None) -> dict:
+    """The manifest's `quantization` entry (`copy_bits` None: the model was quantised outside `quantize`)."""
+    return {
+        "llm_bits": LLM_BITS,
+        "table_bits": TABLE_BITS,
+        "copy_bits": copy_bits,
+        "delta_bits": DELTA_BITS,
+        "block_size": BLOCK_SIZE,
+        "symmetric": SYMMETRIC,
+        "op": "com.microsoft.MatMulNBits",
+        "gguf": gguf,
+    }
 
 
 @torch.no_grad()
-def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, single_tile: bool = False,
-                eos_token_ids: list[int] | None = None, quantization: dict | None = None) -> dict:
+def export_onnx(
+    model: GenieBlueForConditionalGeneration,
+    folder: str | Path,
+    single_tile: bool = False,
+    eos_token_ids: list[int] | None = None,
+    quantization: dict | None = None,
+) -> dict:
     """Write text.onnx, image.onnx, vision.onnx, base.onnx.data, delta.onnx.data and deploy.json
     into `folder` (atomically). Quantise first (`quantize`, or `quant.quantize_model`; its entry
     goes to the manifest as `quantization`) for W4A16; a float model exports float32. Returns the
     manifest."""
     if model.strategy.family == "cogvlm":
-        raise ValueError("cogvlm visual experts pick weights per token (MoE-style routing); export supports "
-                         "the genieblue-*, lora and full strategies")
+        raise ValueError(
+            "cogvlm visual experts pick weights per token (MoE-style routing); export supports "
+            "the genieblue-*, lora and full strategies"
+        )
     model.eval()
     precision = _precision(model)
     layers = len(model.llm.model.layers)
     kv_shape = _kv_shape(model)
     with fused_projections(model):
+        delta_part = _delta_parts(model)
         graphs = {
             "text": _decoder_graph(model, False, layers, kv_shape),
             "image": _decoder_graph(model, True, layers, kv_shape),
@@ -279,14 +329,12 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
         }
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
-        files, parts = write_shared(graphs, tmp)
+        files, parts = write_shared(graphs, tmp, delta_part)
         manifest = {
             "format": "genieblue-onnx",
             "version": 1,
             "precision": precision,
-            "quantization": None if precision == "fp32" else quantization or {
-                "llm_bits": LLM_BITS, "table_bits": TABLE_BITS, "copy_bits": None, "delta_bits": DELTA_BITS,
-                "block_size": BLOCK_SIZE, "symmetric": SYMMETRIC, "op": "com.microsoft.MatMulNBits", "gguf": None},
+            "quantization": None if precision == "fp32" else quantization or _quantization(None, None),
             "graphs": GRAPHS,
             "data": {"base": BASE_DATA, "delta": DELTA_DATA},
             "bytes": files,
@@ -308,8 +356,16 @@ def export_onnx(model: GenieBlueForConditionalGeneration, folder: str | Path, si
     return manifest
 
 
-def export_saved_model(model_dir: str | Path, out: str | Path, precision: str = "w4a16", single_tile: bool = False,
-                       llm: str | None = None, keep_gguf: bool = True, copy_bits: int = LLM_BITS) -> dict:
+def export_saved_model(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    precision: str = "w4a16",
+    single_tile: bool = False,
+    llm: str | None = None,
+    keep_gguf: bool = True,
+    copy_bits: int = LLM_BITS,
+) -> dict:
     """Load a saved GenieBlue folder, quantise it (`w4a16`, see `quantize`) or keep it float
     (`fp32`) and export it."""
     if precision not in PRECISIONS:
@@ -318,6 +374,4 @@ def export_saved_model(model_dir: str | Path, out: str | Path, precision: str = 
         raise ValueError(f"block copies quantise to 4 or 8 bits, not {copy_bits}")
     model, processor = load_model_and_processor(model_dir, llm)
     quantization = quantize(model, llm, keep_gguf, copy_bits) if precision == "w4a16" else None
-    eos = model.llm.generation_config.eos_token_id
-    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), processor.tokenizer.eos_token_id} - {None})
-    return export_onnx(model, out, single_tile, eos, quantization)
+    return export_onnx(model, out, single_tile, eos_token_ids(model.llm, processor.tokenizer), quantization)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import GenieBlueForConditionalGeneration
-from ..model.routing import LoRALinear, _Wrapper
+from ..model.routing import LoRALinear, Router, base_name, swap_modules
 
 BLOCK_SIZE = 32
 """Inputs per quantisation block (one scale each)."""
@@ -38,8 +38,9 @@ TABLE_BITS = 8
 bits they cost most of W4A16's perplexity (README, Deployment)."""
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZE, symmetric: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_weight(
+    weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZE, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(out, in) float weight -> packed (out, blocks, block_size * bits / 8) uint8, (out * blocks,)
     float32 scales and, unless `symmetric`, (out, ceil(blocks * bits / 8)) packed uint8 zero points,
     by onnxruntime's MatMulNBits quantiser (inputs zero-padded to whole blocks)."""
@@ -55,7 +56,11 @@ def quantize_weight(weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZ
     scales = np.zeros((out_features, blocks), np.float32)
     zero_points = np.zeros((out_features, -(-blocks * bits // 8)), np.uint8)
     quantizer(packed, padded, scales, zero_points, block_size, out_features, in_features, symmetric)
-    return torch.from_numpy(packed), torch.from_numpy(scales.reshape(-1)), None if symmetric else torch.from_numpy(zero_points)
+    return (
+        torch.from_numpy(packed),
+        torch.from_numpy(scales.reshape(-1)),
+        None if symmetric else torch.from_numpy(zero_points),
+    )
 
 
 def _values(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -74,16 +79,30 @@ def _blocks(values: torch.Tensor, scales, zero_points, offsets, bits: int, dtype
     return weight if offsets is None else weight + offsets.unsqueeze(-1).to(dtype)
 
 
-def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, bits: int, columns: int, dtype: torch.dtype,
-                    zero_points: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_rows(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    columns: int,
+    dtype: torch.dtype,
+    zero_points: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Packed rows (..., blocks, bytes) and their scales, offsets (..., blocks) and zero points
     (..., zero bytes) -> float rows (..., columns)."""
     return _blocks(_values(packed, bits), scales, zero_points, offsets, bits, dtype).flatten(-2)[..., :columns]
 
 
-def dequantize_matrix(packed: torch.Tensor, scales: torch.Tensor, bits: int, shape: tuple[int, int], block_size: int,
-                      dtype: torch.dtype, zero_points: torch.Tensor | None = None,
-                      offsets: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_matrix(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    shape: tuple[int, int],
+    block_size: int,
+    dtype: torch.dtype,
+    zero_points: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The float (out, in) = `shape` weight of MatMulNBits-layout `packed`, flat `scales` and
     optional zero points and (out, blocks) offsets. Shapes come from Python ints, so an exported
     graph holds a few constant-shape ops that onnxruntime folds into the float weight when it loads
@@ -136,8 +155,18 @@ class WeightOnlyLinear(nn.Module):
     ops that onnxruntime folds into a float weight when it loads the graph - for the rank-r LoRA
     slivers, where a MatMulNBits call costs more than the float weight's memory."""
 
-    def __init__(self, packed, scales, in_features: int, bits: int, block_size: int, bias=None, keep_packed: bool = True,
-                 zero_points=None, offsets=None):
+    def __init__(
+        self,
+        packed,
+        scales,
+        in_features: int,
+        bits: int,
+        block_size: int,
+        bias=None,
+        keep_packed: bool = True,
+        zero_points=None,
+        offsets=None,
+    ):
         super().__init__()
         if offsets is not None and in_features % block_size:
             raise ValueError(f"offsets need whole blocks: {in_features} inputs, blocks of {block_size}")
@@ -150,8 +179,15 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZE, bias=None,
-                    keep_packed: bool = True, symmetric: bool = True) -> "WeightOnlyLinear":
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bits: int,
+        block_size: int = BLOCK_SIZE,
+        bias=None,
+        keep_packed: bool = True,
+        symmetric: bool = True,
+    ) -> WeightOnlyLinear:
         block = block_size_for(weight.shape[1], block_size)
         packed, scales, zero_points = quantize_weight(weight, bits, block, symmetric)
         return cls(packed, scales, weight.shape[1], bits, block, bias, keep_packed, zero_points)
@@ -163,28 +199,40 @@ class WeightOnlyLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float (out, in) weight."""
         shape = (self.out_features, self.in_features)
-        return dequantize_matrix(self.packed, self.scales, self.bits, shape, self.block_size, dtype, self.zero_points,
-                                 self.offsets)
+        return dequantize_matrix(
+            self.packed, self.scales, self.bits, shape, self.block_size, dtype, self.zero_points, self.offsets
+        )
 
     def forward(self, x):
         if self.keep_packed:
-            y = _MatMulNBits.apply(x, self.packed, self.scales, self.zero_points, self.offsets, self.in_features,
-                                   self.bits, self.block_size)
+            y = _MatMulNBits.apply(
+                x,
+                self.packed,
+                self.scales,
+                self.zero_points,
+                self.offsets,
+                self.in_features,
+                self.bits,
+                self.block_size,
+            )
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block_size={self.block_size}, "
-                f"zero_points={self.zero_points is not None}, offsets={self.offsets is not None}, keep_packed={self.keep_packed}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block_size={self.block_size}, "
+            f"zero_points={self.zero_points is not None}, offsets={self.offsets is not None}, "
+            f"keep_packed={self.keep_packed}"
+        )
 
 
 class PlanarLinear(nn.Module):
     """An 8-bit weight (MatMulNBits layout, implicit zero point 128) held as two 4-bit planes of its
     values q = 16 h + l: `high` (h, scale 16 s, implicit zero point 8) and `low` (l, scale s, zero
     point 0), whose weights add up to s (q - 128) exactly when s has at most 20 significant bits (a
-    GGUF's float16 scales; `quantize_llm` rounds its tables' scales to float16). Exported as two 4-bit MatMulNBits and an
-    Add: onnxruntime's 8-bit MatMulNBits runs ~30x slower than its 4-bit one on the CPU (1.32,
+    GGUF's float16 scales; `quantize_llm` rounds its tables' scales to float16). Exported as two 4-bit
+    MatMulNBits and an Add: onnxruntime's 8-bit MatMulNBits runs ~30x slower than its 4-bit one on the CPU (1.32,
     measured), for the same bytes. Eagerly it computes with the summed (exact) weight."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, in_features: int, block_size: int, bias=None):
@@ -229,8 +277,15 @@ class WeightOnlyEmbedding(nn.Module):
             blocks = plane.packed.shape[1]  # gather the rows' scales from the flat (MatMulNBits) layout
             scales = plane.scales[input_ids.unsqueeze(-1) * blocks + torch.arange(blocks, device=input_ids.device)]
             zero_points, offsets = (None if t is None else t[input_ids] for t in (plane.zero_points, plane.offsets))
-            rows = rows + dequantize_rows(plane.packed[input_ids], scales, plane.bits, self.embedding_dim,
-                                          plane.scales.dtype, zero_points, offsets)
+            rows = rows + dequantize_rows(
+                plane.packed[input_ids],
+                scales,
+                plane.bits,
+                self.embedding_dim,
+                plane.scales.dtype,
+                zero_points,
+                offsets,
+            )
         return rows if self.embed_scale is None else rows * self.embed_scale
 
 
@@ -238,32 +293,25 @@ class QuantizedLoRALinear(LoRALinear):
     """`LoRALinear` with a quantised original and 8-bit A and B (B pre-multiplied by alpha / r,
     both dequantised at load by onnxruntime: see `WeightOnlyLinear.keep_packed`)."""
 
-    def __init__(self, lora: LoRALinear, original: WeightOnlyLinear, delta_bits: int, block_size: int):
-        _Wrapper.__init__(self, original, lora._router)
+    def __init__(self, lora: LoRALinear, original: WeightOnlyLinear, router: Router, delta_bits: int, block_size: int):
+        super().__init__(original, router)
         self.lora_A = WeightOnlyLinear.from_weight(lora.lora_A, delta_bits, block_size, keep_packed=False)
-        self.lora_B = WeightOnlyLinear.from_weight(lora.lora_B * lora.scaling, delta_bits, block_size, keep_packed=False)
+        self.lora_B = WeightOnlyLinear.from_weight(
+            lora.lora_B * lora.scaling, delta_bits, block_size, keep_packed=False
+        )
 
     def low_rank(self, x):
         return self.lora_B(self.lora_A(x))
 
 
-def base_name(path: str) -> str | None:
-    """The base model's name for the module at `path` in a (GenieBlue) LLM: the wrappers' `original`
-    levels dropped; None inside the delta (block copies, visual experts)."""
-    parts = path.split(".")
-    return None if {"copy", "expert"} & set(parts) else ".".join(p for p in parts if p != "original")
-
-
 def _replace(root: nn.Module, make, kind: type) -> None:
     """Swap every submodule that is a `kind` for `make(name, module)`."""
-    for name, module in list(root.named_modules()):
-        if name and isinstance(module, kind):
-            parent, _, attr = name.rpartition(".")
-            setattr(root.get_submodule(parent), attr, make(name, module))
+    swap_modules(root, make, lambda _, module: isinstance(module, kind))
 
 
-def _llm_quantizer(bits: int, block_size: int, symmetric: bool, kept: dict[str, nn.Module] | None,
-                   copy_bits: int | None = None):
+def _llm_quantizer(
+    bits: int, block_size: int, symmetric: bool, kept: dict[str, nn.Module] | None, copy_bits: int | None = None
+):
     """(name, linear or embedding, table bits or None) -> its `kept` layer (by base name), else the
     weight quantised: an embedding table / LM head at its table bits, a layer of the delta (block
     copies) at `copy_bits` (default `bits`), any other at `bits`; 8-bit LLM layers as `PlanarLinear`."""
@@ -283,15 +331,23 @@ def _llm_quantizer(bits: int, block_size: int, symmetric: bool, kept: dict[str, 
 
 
 @torch.no_grad()
-def quantize_llm(llm: nn.Module, bits: int = LLM_BITS, block_size: int = BLOCK_SIZE, symmetric: bool = SYMMETRIC,
-                 kept: dict[str, nn.Module] | None = None, table_bits: int = TABLE_BITS,
-                 copy_bits: int | None = None) -> nn.Module:
+def quantize_llm(
+    llm: nn.Module,
+    bits: int = LLM_BITS,
+    block_size: int = BLOCK_SIZE,
+    symmetric: bool = SYMMETRIC,
+    kept: dict[str, nn.Module] | None = None,
+    table_bits: int = TABLE_BITS,
+    copy_bits: int | None = None,
+) -> nn.Module:
     """In place: every linear layer of a causal LM to `bits`-bit weight-only blocks (a GenieBlue
     LLM's block copies to `copy_bits`, default `bits`), its input embedding and LM head to
     `table_bits`, or, for the base module names in `kept`, to those layers (a GGUF's own blocks: see
     `gguf_weights`). A tied LM head and embedding keep sharing one table."""
     if {bits, table_bits, copy_bits or bits} - {4, 8}:
-        raise ValueError(f"LLM weights quantise to 4 or 8 bits, not {sorted({bits, table_bits, copy_bits or bits} - {4, 8})}")
+        raise ValueError(
+            f"LLM weights quantise to 4 or 8 bits, not {sorted({bits, table_bits, copy_bits or bits} - {4, 8})}"
+        )
     make = _llm_quantizer(bits, block_size, symmetric, kept, copy_bits)
     embed, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     names = {id(m): n for n, m in llm.named_modules()}
@@ -324,8 +380,15 @@ def quantize_model(
     if any(isinstance(m, (WeightOnlyLinear, PlanarLinear)) for m in model.modules()):
         raise ValueError("the model is already quantised")
     make = _llm_quantizer(bits, block_size, symmetric, kept, copy_bits)
-    _replace(model.llm, lambda name, m: QuantizedLoRALinear(m, make(f"{name}.original", m.original), delta_bits, block_size),
-             LoRALinear)
+    _replace(
+        model.llm,
+        lambda name, m: QuantizedLoRALinear(
+            m, make(f"{name}.original", m.original), model.router, delta_bits, block_size
+        ),
+        LoRALinear,
+    )
     quantize_llm(model.llm, bits, block_size, symmetric, kept, table_bits, copy_bits)
-    _replace(model.vision, lambda name, m: WeightOnlyLinear.from_weight(m.weight, delta_bits, block_size, m.bias), nn.Linear)
+    _replace(
+        model.vision, lambda name, m: WeightOnlyLinear.from_weight(m.weight, delta_bits, block_size, m.bias), nn.Linear
+    )
     return model

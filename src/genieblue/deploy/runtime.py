@@ -16,6 +16,11 @@ MODE_GRAPHS = {"text": ("text",), "image": ("image", "vision")}
 """The graphs each mode loads."""
 
 
+def kv_names(layers: int, kind: str) -> list[str]:
+    """The decoder graphs' KV-cache inputs (`kind` "past") or outputs ("present"): keys, then values."""
+    return [f"{kind}_{part}.{i}" for part in ("key", "value") for i in range(layers)]
+
+
 class DeployedModel:
     """An exported folder behind onnxruntime sessions, loaded per mode on demand."""
 
@@ -52,8 +57,13 @@ class DeployedModel:
         self.load("image")
         return self.sessions["vision"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
-    def step(self, input_ids: np.ndarray, cache: list[np.ndarray], image_features: np.ndarray | None = None,
-             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(
+        self,
+        input_ids: np.ndarray,
+        cache: list[np.ndarray],
+        image_features: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: (B, T) ids after `cache` -> (last-position logits (B, V), new cache).
         With `image_features` it runs the image graph (pass the features on the step whose ids hold
         the placeholders; any (1, D) array on later steps), else the text graph."""
@@ -65,13 +75,18 @@ class DeployedModel:
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask}
         if image_features is not None:
             feed["image_features"] = image_features
-        names = [f"past_{kind}.{i}" for kind in ("key", "value") for i in range(layers)]
+        names = kv_names(layers, "past")
         feed.update(zip(names, cache))
         logits, *present = self.sessions[mode].run(None, feed)
         return logits[:, -1], present
 
-    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None, max_new_tokens: int = 32,
-                 stop_at_eos: bool = True) -> list[int]:
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        pixel_values: np.ndarray | None = None,
+        max_new_tokens: int = 32,
+        stop_at_eos: bool = True,
+    ) -> list[int]:
         """Greedy tokens for one prompt (1, T) (with an image: its placeholders and pixel tiles)."""
         features = None if pixel_values is None else self.image_features(pixel_values)
         logits, cache = self.step(input_ids, self.empty_cache(), features)

@@ -45,8 +45,15 @@ def _generate(model, batch: dict, shared_base: bool | None, **kwargs):
     return out[:, batch["input_ids"].shape[1] :]
 
 
-def answer_records(model, processor: GenieBlueProcessor, records: list[dict], batch_size: int = 16,
-                   max_new_tokens: int = 8, shared_base: bool | None = None, progress=None) -> list[str]:
+def answer_records(
+    model,
+    processor: GenieBlueProcessor,
+    records: list[dict],
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    shared_base: bool | None = None,
+    progress=None,
+) -> list[str]:
     """Greedy replies to each record's question (its images attached). Records with and without
     images are batched separately, so text-only questions take the text path."""
     replies: list[str | None] = [None] * len(records)
@@ -59,8 +66,9 @@ def answer_records(model, processor: GenieBlueProcessor, records: list[dict], ba
             chunk = indices[start : start + batch_size]
             prompts = [processor.prompt(_messages(records[i])[0], records[i].get("images", [])) for i in chunk]
             batch = collate_prompts(prompts, processor.pad_id)
-            new = _generate(model, batch, shared_base, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=processor.pad_id)
+            new = _generate(
+                model, batch, shared_base, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_id
+            )
             for i, row in zip(chunk, new):
                 replies[i] = processor.tokenizer.decode(row, skip_special_tokens=True)
             if progress:
@@ -88,13 +96,26 @@ def exact_match(records: list[dict], replies: list[str], group_key: str = "task"
         hits[group] += normalize_answer(reply) == normalize_answer(_messages(record)[1])
     per = {g: hits[g] / totals[g] for g in sorted(totals)}
     n, k = sum(totals.values()), sum(hits.values())
-    return {"accuracy": k / max(1, n), "per_group": per, "n": n, "hits": k, "interval": wilson_interval(k, n),
-            "per_group_n": {g: totals[g] for g in per}, "per_group_interval": {g: wilson_interval(hits[g], totals[g]) for g in per}}
+    return {
+        "accuracy": k / max(1, n),
+        "per_group": per,
+        "n": n,
+        "hits": k,
+        "interval": wilson_interval(k, n),
+        "per_group_n": {g: totals[g] for g in per},
+        "per_group_interval": {g: wilson_interval(hits[g], totals[g]) for g in per},
+    }
 
 
 @torch.no_grad()
-def answer_loss(model, processor: GenieBlueProcessor, records: list[dict], shuffle_images: bool = False,
-                seed: int = 0, batch_size: int = 16) -> float:
+def answer_loss(
+    model,
+    processor: GenieBlueProcessor,
+    records: list[dict],
+    shuffle_images: bool = False,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> float:
     """Mean cross-entropy per reference-answer token (the training rendering of each record). With
     `shuffle_images`, every record gets another record's image (a derangement of the images): a
     model that uses the image does clearly worse then."""
@@ -113,8 +134,8 @@ def answer_loss(model, processor: GenieBlueProcessor, records: list[dict], shuff
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()
         targets = labels[:, 1:]
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        total += F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
         count += int((targets != IGNORE_INDEX).sum())
     return total / max(1, count)
-
-

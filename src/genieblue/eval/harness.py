@@ -27,9 +27,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration, load_llm, load_tokenizer
-from ..model.modeling import MANIFEST
+from ..model.folder import MANIFEST
 from .cache import ResultCache
 
 PATHS = ("base", "non-shared", "shared")
@@ -74,7 +74,9 @@ class _TextPath:
     def generate(self, input_ids, stopping_criteria: StoppingCriteriaList, **kwargs):
         if self.shared_base:
             stopping_criteria = StoppingCriteriaList([_PromptFirst(stopping_criteria, input_ids)])
-        new = self.genieblue.generate(input_ids, shared_base=self.shared_base, stopping_criteria=stopping_criteria, **kwargs)
+        new = self.genieblue.generate(
+            input_ids, shared_base=self.shared_base, stopping_criteria=stopping_criteria, **kwargs
+        )
         return torch.cat([input_ids, new], 1)
 
 
@@ -90,7 +92,9 @@ def _load(pretrained: str, path: str, llm: str | None):
     folder = Path(pretrained)
     if not (folder / MANIFEST).is_file():
         if path != "base":
-            raise ValueError(f"{pretrained} is not a GenieBlue model folder (no {MANIFEST}); a plain LLM only has path=base")
+            raise ValueError(
+                f"{pretrained} is not a GenieBlue model folder (no {MANIFEST}); a plain LLM only has path=base"
+            )
         return load_llm(pretrained), load_tokenizer(pretrained)
     if path == "base":
         spec = llm or json.loads((folder / MANIFEST).read_text())["base"]["llm"]
@@ -107,8 +111,16 @@ class GenieBlueLM(HFLM):
     go to `HFLM` (batch_size, max_length, ...). From lm-eval's CLI:
     `--model_args pretrained=DIR,path=shared,resume_cache=out/cache.jsonl`."""
 
-    def __init__(self, pretrained, path: str = "non-shared", llm: str | None = None, tokenizer=None,
-                 device: str | None = None, resume_cache: str | ResultCache | None = None, **kwargs):
+    def __init__(
+        self,
+        pretrained,
+        path: str = "non-shared",
+        llm: str | None = None,
+        tokenizer=None,
+        device: str | None = None,
+        resume_cache: str | ResultCache | None = None,
+        **kwargs,
+    ):
         if path not in PATHS:
             raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
         name = None
@@ -125,7 +137,9 @@ class GenieBlueLM(HFLM):
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         if isinstance(resume_cache, (str, os.PathLike)):
             if name is None:
-                raise ValueError("resume_cache as a file needs pretrained as a folder; pass a loaded model a ResultCache")
+                raise ValueError(
+                    "resume_cache as a file needs pretrained as a folder; pass a loaded model a ResultCache"
+                )
             resume_cache = ResultCache(resume_cache, name, path)
         self.resume_cache = resume_cache
         if resume_cache is not None:
@@ -147,14 +161,22 @@ class GenieBlueLM(HFLM):
         return [fresh[id(r)] if id(r) in fresh else cache[k] for k, r in zip(keys, requests)]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return self._resumed("loglikelihood", requests, lambda rs: super(GenieBlueLM, self).loglikelihood(rs, disable_tqdm))
+        return self._resumed(
+            "loglikelihood", requests, lambda rs: super(GenieBlueLM, self).loglikelihood(rs, disable_tqdm)
+        )
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        return self._resumed("loglikelihood_rolling", requests,
-                             lambda rs: super(GenieBlueLM, self).loglikelihood_rolling(rs, disable_tqdm), ROLLING_CHUNK)
+        return self._resumed(
+            "loglikelihood_rolling",
+            requests,
+            lambda rs: super(GenieBlueLM, self).loglikelihood_rolling(rs, disable_tqdm),
+            ROLLING_CHUNK,
+        )
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        return self._resumed("generate_until", requests, lambda rs: super(GenieBlueLM, self).generate_until(rs, disable_tqdm))
+        return self._resumed(
+            "generate_until", requests, lambda rs: super(GenieBlueLM, self).generate_until(rs, disable_tqdm)
+        )
 
 
 def main() -> None:

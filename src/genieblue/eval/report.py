@@ -16,8 +16,9 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def retention_table(scores: dict[str, dict[str, float | None]], reference: str,
-                    lower_is_better: set[str] | frozenset = frozenset()) -> dict:
+def retention_table(
+    scores: dict[str, dict[str, float | None]], reference: str, lower_is_better: set[str] | frozenset = frozenset()
+) -> dict:
     """Rows of `scores` (label -> {benchmark: score or None}) with their average over the
     higher-is-better benchmarks and `retention` = 100 * average / the reference row's average."""
     columns = list(dict.fromkeys(c for row in scores.values() for c in row))
@@ -25,12 +26,19 @@ def retention_table(scores: dict[str, dict[str, float | None]], reference: str,
     averages = {label: _mean([row.get(c) for c in averaged]) for label, row in scores.items()}
     base = averages[reference]
     rows = {
-        label: {"scores": {c: row.get(c) for c in columns}, "average": averages[label],
-                "retention": 100 * averages[label] / base if base and averages[label] is not None else None}
+        label: {
+            "scores": {c: row.get(c) for c in columns},
+            "average": averages[label],
+            "retention": 100 * averages[label] / base if base and averages[label] is not None else None,
+        }
         for label, row in scores.items()
     }
-    return {"columns": columns, "lower_is_better": sorted(lower_is_better & set(columns)), "reference": reference,
-            "rows": rows}
+    return {
+        "columns": columns,
+        "lower_is_better": sorted(lower_is_better & set(columns)),
+        "reference": reference,
+        "rows": rows,
+    }
 
 
 def _cell(value: float | None, percent: bool) -> str:
@@ -43,8 +51,10 @@ def to_markdown(table: dict, first_column: str, percent: bool) -> str:
     """The table in markdown; with `percent`, higher-is-better scores (fractions) are shown x100."""
     lower = set(table["lower_is_better"])
     heads = [f"{c} (lower is better)" if c in lower else c for c in table["columns"]]
-    lines = ["| " + " | ".join([first_column, *heads, "average", f"retention vs {table['reference']}"]) + " |",
-             "|" + "---|" * (len(heads) + 3)]
+    lines = [
+        "| " + " | ".join([first_column, *heads, "average", f"retention vs {table['reference']}"]) + " |",
+        "|" + "---|" * (len(heads) + 3),
+    ]
     for label, row in table["rows"].items():
         cells = [_cell(row["scores"][c], percent and c not in lower) for c in table["columns"]]
         retention = "-" if row["retention"] is None else f"{row['retention']:.1f}%"
@@ -52,8 +62,16 @@ def to_markdown(table: dict, first_column: str, percent: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: str | Path, stem: str, title: str, table: dict, details: dict, first_column: str,
-                 percent: bool, notes: str = "") -> dict[str, str]:
+def write_report(
+    out: str | Path,
+    stem: str,
+    title: str,
+    table: dict,
+    details: dict,
+    first_column: str,
+    percent: bool,
+    notes: str = "",
+) -> dict[str, str]:
     """`{stem}.md`, `{stem}.json` (table + details) and `{stem}.png` (bars per benchmark and the
     average, lower-is-better benchmarks left out) in `out`; returns their paths."""
     out = Path(out)
@@ -65,7 +83,9 @@ def write_report(out: str | Path, stem: str, title: str, table: dict, details: d
     groups = [c for c in table["columns"] if c not in table["lower_is_better"]] + ["average"]
     scale = 100 if percent else 1
     series = {
-        label: [scale * v if v is not None else math.nan for v in [*(row["scores"][c] for c in groups[:-1]), row["average"]]]
+        label: [
+            scale * v if v is not None else math.nan for v in [*(row["scores"][c] for c in groups[:-1]), row["average"]]
+        ]
         for label, row in table["rows"].items()
     }
     grouped_bars(groups, series, paths["png"], title, "score (%)" if percent else "score")

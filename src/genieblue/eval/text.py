@@ -62,7 +62,10 @@ PASSAGES = [
 
 def _qa_records() -> list[dict]:
     return [
-        {"id": f"qa-{i}", "conversations": [{"from": "human", "value": f"{q} Answer with one word."}, {"from": "gpt", "value": a}]}
+        {
+            "id": f"qa-{i}",
+            "conversations": [{"from": "human", "value": f"{q} Answer with one word."}, {"from": "gpt", "value": a}],
+        }
         for i, (q, a) in enumerate(TEXT_QA)
     ]
 
@@ -72,8 +75,11 @@ def text_qa(model, processor: GenieBlueProcessor, shared_base: bool | None = Non
     records = _qa_records()
     replies = answer_records(model, processor, records, max_new_tokens=12, shared_base=shared_base)
     hits = [a in {normalize_answer(w) for w in reply.split()} for (_, a), reply in zip(TEXT_QA, replies)]
-    return {"accuracy": sum(hits) / len(hits), "n": len(hits),
-            "replies": [{"question": q, "reference": a, "reply": r} for (q, a), r in zip(TEXT_QA, replies)]}
+    return {
+        "accuracy": sum(hits) / len(hits),
+        "n": len(hits),
+        "replies": [{"question": q, "reference": a, "reply": r} for (q, a), r in zip(TEXT_QA, replies)],
+    }
 
 
 def _forward(model, ids: torch.Tensor, shared_base: bool | None):

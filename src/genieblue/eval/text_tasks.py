@@ -10,7 +10,7 @@ from pathlib import Path
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from ..model import DEFAULT_LLM, GenieBlueForConditionalGeneration, load_llm
 from .cache import ResultCache
 from .harness import PATHS, GenieBlueLM
@@ -32,14 +32,15 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None) -> Tas
     manager = TaskManager(include_path=include_path or None)
     unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]
     if unknown:
-        raise ValueError(f"unknown lm-eval tasks: {', '.join(unknown)} (see `lm-eval ls tasks`, or give --include-path)")
+        raise ValueError(
+            f"unknown lm-eval tasks: {', '.join(unknown)} (see `lm-eval ls tasks`, or give --include-path)"
+        )
     return manager
 
 
 def deployed_path(model: GenieBlueForConditionalGeneration) -> str:
-    """The text path a checkpoint is deployed with: GenieBlue keeps the base for text, the
-    baselines (full, LoRA, CogVLM) send text through their fine-tuned weights."""
-    return "non-shared" if model.strategy.family == "genieblue" and not model.shared_base else "shared"
+    """The harness path a checkpoint is deployed with (`deploys_base_for_text`)."""
+    return "non-shared" if model.deploys_base_for_text else "shared"
 
 
 def _headline(results: dict) -> dict[str, dict]:
@@ -49,18 +50,33 @@ def _headline(results: dict) -> dict[str, dict]:
     for task, metrics in results["results"].items():
         if task in members:
             continue
-        key, value = next((k, v) for k, v in metrics.items()
-                          if "," in k and "_stderr" not in k and isinstance(v, (int, float)))
+        key, value = next(
+            (k, v) for k, v in metrics.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))
+        )
         metric = key.split(",")[0]
-        out[task] = {"metric": key, "score": float(value),
-                     "higher_is_better": results.get("higher_is_better", {}).get(task, {}).get(metric, True)}
+        out[task] = {
+            "metric": key,
+            "score": float(value),
+            "higher_is_better": results.get("higher_is_better", {}).get(task, {}).get(metric, True),
+        }
     return out
 
 
-def evaluate_text(model_dir: str | Path, tasks: list[str], out: str | Path, paths: tuple[str, ...] = PATHS,
-                  compare: tuple[str, ...] = (), llm: str | None = None, include_path: list[str] | None = None,
-                  limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                  device: str | None = None, chat_template: bool = False) -> dict:
+def evaluate_text(
+    model_dir: str | Path,
+    tasks: list[str],
+    out: str | Path,
+    *,
+    paths: tuple[str, ...] = PATHS,
+    compare: tuple[str, ...] = (),
+    llm: str | None = None,
+    include_path: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    chat_template: bool = False,
+) -> dict:
     """Run `tasks` on each text path of `model_dir` (and the deployed path of each `compare`
     checkpoint); write text.md/json/png in `out` and return the summary. Finished requests are kept
     in `out/text.cache.jsonl`, so an interrupted run resumes."""
@@ -70,12 +86,24 @@ def evaluate_text(model_dir: str | Path, tasks: list[str], out: str | Path, path
     manager = task_manager(tasks, include_path)
     out = Path(out)
     cache_file = out / f"{STEM}.cache.jsonl"
-    settings = dict(tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                    apply_chat_template=chat_template, log_samples=False)
+    settings = dict(
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        apply_chat_template=chat_template,
+        log_samples=False,
+    )
 
     def run(subject, path: str, tokenizer, name: str) -> dict:
-        lm = GenieBlueLM(subject, path, tokenizer=tokenizer, device=device, batch_size=batch_size,
-                         resume_cache=ResultCache(cache_file, name, path))
+        lm = GenieBlueLM(
+            subject,
+            path,
+            tokenizer=tokenizer,
+            device=device,
+            batch_size=batch_size,
+            resume_cache=ResultCache(cache_file, name, path),
+        )
         return _headline(simple_evaluate(model=lm, **settings))
 
     model, processor = load_model_and_processor(model_dir, llm)
@@ -98,8 +126,14 @@ def evaluate_text(model_dir: str | Path, tasks: list[str], out: str | Path, path
     lower = {t for run in runs.values() for t, r in run.items() if not r["higher_is_better"]}
     table = retention_table(scores, "base" if "base" in runs else next(iter(runs)), lower)
     metrics = {t: r["metric"] for run in runs.values() for t, r in run.items()}
-    details = {"model": str(model_dir), "tasks": tasks, "metrics": metrics, "limit": limit, "num_fewshot": num_fewshot,
-               "chat_template": chat_template}
+    details = {
+        "model": str(model_dir),
+        "tasks": tasks,
+        "metrics": metrics,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "chat_template": chat_template,
+    }
     notes = "Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items()) + ". Scores x100.\n"
     files = write_report(out, STEM, "Text retention (lm-eval)", table, details, "text path", percent=True, notes=notes)
     return {"table": table, **details, "files": files}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from .answers import answer_records
 from .cache import ResultCache
 from .report import retention_table, write_report
@@ -20,8 +20,15 @@ STEM = "mm"
 ROUTE = "image"  # the cache's path field: images always take the multimodal path
 
 
-def _answer(model_dir: str, benchmarks: list[Benchmark], cache: ResultCache, llm: str | None, batch_size: int,
-            max_new_tokens: int, progress: Progress | None) -> None:
+def _answer(
+    model_dir: str,
+    benchmarks: list[Benchmark],
+    cache: ResultCache,
+    llm: str | None,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: Progress | None,
+) -> None:
     """Reply to every item not yet in `cache`, a batch at a time, caching each batch."""
     todo = [(b, item) for b in benchmarks for item in b.items if f"{b.name}/{item['id']}" not in cache]
     if not todo:
@@ -30,8 +37,13 @@ def _answer(model_dir: str, benchmarks: list[Benchmark], cache: ResultCache, llm
     task = progress.add_task(f"{model_dir}", total=len(todo)) if progress else None
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        replies = answer_records(model, processor, [item["record"] for _, item in chunk], batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens)
+        replies = answer_records(
+            model,
+            processor,
+            [item["record"] for _, item in chunk],
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
         for (b, item), reply in zip(chunk, replies):
             cache[f"{b.name}/{item['id']}"] = reply
         if progress:
@@ -41,17 +53,33 @@ def _answer(model_dir: str, benchmarks: list[Benchmark], cache: ResultCache, llm
 def _summary(benchmark: Benchmark, cache: ResultCache) -> dict:
     replies = [cache[f"{benchmark.name}/{item['id']}"] for item in benchmark.items]
     scores = [score(benchmark.metric, reply, item) for reply, item in zip(replies, benchmark.items)]
-    out = {"score": sum(scores) / len(scores) if scores else None, "n": len(scores),
-           "examples": [{"id": item["id"], "reply": reply, "answers": item["answers"], "score": s}
-                        for item, reply, s in list(zip(benchmark.items, replies, scores))[:3]]}
+    out = {
+        "score": sum(scores) / len(scores) if scores else None,
+        "n": len(scores),
+        "examples": [
+            {"id": item["id"], "reply": reply, "answers": item["answers"], "score": s}
+            for item, reply, s in list(zip(benchmark.items, replies, scores))[:3]
+        ],
+    }
     if benchmark.metric == "mc":
-        out["no_choice_extracted"] = sum(extract_choice(r, item["options"]) is None for r, item in zip(replies, benchmark.items))
+        out["no_choice_extracted"] = sum(
+            extract_choice(r, item["options"]) is None for r, item in zip(replies, benchmark.items)
+        )
     return out
 
 
-def evaluate_mm(model_dir: str, data: list[str], out: str | Path, reference: str | None = None, llm: str | None = None,
-                batch_size: int = 8, max_new_tokens: int = 32, limit: int | None = None,
-                progress: Progress | None = None) -> dict:
+def evaluate_mm(
+    model_dir: str,
+    data: list[str],
+    out: str | Path,
+    *,
+    reference: str | None = None,
+    llm: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    limit: int | None = None,
+    progress: Progress | None = None,
+) -> dict:
     """Score `model_dir` (and `reference`) on each benchmark spec `[NAME[:METRIC]=]FILE`; write
     mm.md/json/png in `out` and return the summary."""
     benchmarks = [load_benchmark(spec) for spec in data]
@@ -73,12 +101,23 @@ def evaluate_mm(model_dir: str, data: list[str], out: str | Path, reference: str
     scores = {label: {b: r["score"] for b, r in per.items()} for label, per in results.items()}
     table = retention_table(scores, next(iter(models)))
     details = {
-        "model": model_dir, "reference": reference,
-        "benchmarks": {b.name: {"metric": b.metric, "items": len(b.items), "skipped": b.n_skipped,
-                                "skipped_by_reason": dict(b.skipped)} for b in benchmarks},
+        "model": model_dir,
+        "reference": reference,
+        "benchmarks": {
+            b.name: {
+                "metric": b.metric,
+                "items": len(b.items),
+                "skipped": b.n_skipped,
+                "skipped_by_reason": dict(b.skipped),
+            }
+            for b in benchmarks
+        },
         "results": results,
     }
-    notes = "Metrics: " + ", ".join(f"{b.name}: {b.metric} ({len(b.items)} items, {b.n_skipped} skipped)"
-                                    for b in benchmarks) + ". Scores x100.\n"
+    notes = (
+        "Metrics: "
+        + ", ".join(f"{b.name}: {b.metric} ({len(b.items)} items, {b.n_skipped} skipped)" for b in benchmarks)
+        + ". Scores x100.\n"
+    )
     files = write_report(out, STEM, "Multimodal benchmarks", table, details, "model", percent=True, notes=notes)
     return {"table": table, **details, "files": files}

@@ -4,8 +4,8 @@ its images, the first reference answer as the final turn) plus all its reference
 
   * JSON / JSONL: records in any training format (`data.records`: LLaVA `conversations`,
     ShareGPT / LLaMA-Factory `messages`, OpenAI content parts) or LLaVA eval questions
-    (`question_id`, `image`, `text`); references from `answers` (list), `answer` or the final reply; options from `options` (list or dict) or from "A. ..." lines in
-    the question. Images are relative to the file's folder.
+    (`question_id`, `image`, `text`); references from `answers` (list), `answer` or the final reply; options from
+    `options` (list or dict) or from "A. ..." lines in the question. Images are relative to the file's folder.
   * VLMEvalKit-style TSV: columns index, image (base64, a list of them, or the index of a row whose
     image it shares), question, answer (a letter, a text, or a list literal of texts), optional
     option columns A, B, C, ..., hint and category. Prompts follow LLaVA's evaluation prompts.

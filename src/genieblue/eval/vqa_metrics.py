@@ -1,13 +1,13 @@
 """The standard metrics of multimodal benchmarks, each scoring one free-text reply in [0, 1]:
 
-  * `mc`      - multiple choice (AI2D, ScienceQA, MMBench, MMMU): the option is extracted from the
-                reply as VLMEvalKit does (`can_infer`): a lone option letter, else the one option
-                whose text the reply contains; no extraction scores 0;
-  * `vqa`     - VQA accuracy (VQAv2 / TextVQA, EvalAI answer processing);
-  * `anls`    - average normalised Levenshtein similarity (DocVQA / InfoVQA, threshold 0.5);
-  * `relaxed` - relaxed accuracy (ChartQA: numbers within 5 %, other answers exact);
-  * `ocr`     - OCRBench: the reference occurs in the reply (case-insensitive);
-  * `exact`   - the normalised reply equals a reference (VQA answer processing).
+* `mc`      - multiple choice (AI2D, ScienceQA, MMBench, MMMU): the option is extracted from the
+              reply as VLMEvalKit does (`can_infer`): a lone option letter, else the one option
+              whose text the reply contains; no extraction scores 0;
+* `vqa`     - VQA accuracy (VQAv2 / TextVQA, EvalAI answer processing);
+* `anls`    - average normalised Levenshtein similarity (DocVQA / InfoVQA, threshold 0.5);
+* `relaxed` - relaxed accuracy (ChartQA: numbers within 5 %, other answers exact);
+* `ocr`     - OCRBench: the reference occurs in the reply (case-insensitive);
+* `exact`   - the normalised reply equals a reference (VQA answer processing).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import re
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())} | {"none": "0"}
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())} | {
+    "none": "0"
+}
 _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = (
     "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
@@ -148,9 +150,20 @@ def multiple_choice(reply: str, answer: str, options: dict[str, str]) -> float:
 METRICS = ("mc", "vqa", "anls", "relaxed", "ocr", "exact")
 
 BENCHMARK_METRICS = {
-    "ai2d": "mc", "scienceqa": "mc", "sqa": "mc", "mmbench": "mc", "mmmu": "mc", "seedbench": "mc",
-    "textvqa": "vqa", "vqav2": "vqa", "vizwiz": "vqa", "gqa": "exact", "docvqa": "anls", "infovqa": "anls",
-    "chartqa": "relaxed", "ocrbench": "ocr",
+    "ai2d": "mc",
+    "scienceqa": "mc",
+    "sqa": "mc",
+    "mmbench": "mc",
+    "mmmu": "mc",
+    "seedbench": "mc",
+    "textvqa": "vqa",
+    "vqav2": "vqa",
+    "vizwiz": "vqa",
+    "gqa": "exact",
+    "docvqa": "anls",
+    "infovqa": "anls",
+    "chartqa": "relaxed",
+    "ocrbench": "ocr",
 }
 """The standard metric of well-known benchmarks, by the start of the benchmark's name."""
 

@@ -8,20 +8,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.prompt import Prompt
 
-from ..data import load_model_and_processor
+from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
 
 
 class ChatSession:
-    def __init__(self, model: GenieBlueForConditionalGeneration, processor, max_new_tokens: int = 128,
-                 shared_base: bool = False):
+    def __init__(
+        self, model: GenieBlueForConditionalGeneration, processor, max_new_tokens: int = 128, shared_base: bool = False
+    ):
         self.model, self.processor = model.eval(), processor
         self.max_new_tokens, self.shared_base = max_new_tokens, shared_base
         self.history: list[dict] = []
         self.images: list = []
 
     @classmethod
-    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> "ChatSession":
+    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> ChatSession:
         return cls(*load_model_and_processor(model_dir, llm), **kwargs)
 
     def ask(self, text: str, image: str | Path | None = None) -> str:
@@ -31,8 +32,14 @@ class ChatSession:
             text = f"<image>\n{text}"
         self.history.append({"role": "user", "content": text})
         ids, pixels = self.processor.prompt(self.history, self.images)
-        new = self.model.generate(ids, pixel_values=pixels, shared_base=self.shared_base, do_sample=False,
-                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.processor.pad_id)
+        new = self.model.generate(
+            ids,
+            pixel_values=pixels,
+            shared_base=self.shared_base,
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.processor.pad_id,
+        )
         reply = self.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
         self.history.append({"role": "assistant", "content": reply})
         return reply

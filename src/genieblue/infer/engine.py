@@ -14,15 +14,17 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data import collate_prompts, load_model_and_processor
+from ..data import collate_prompts
+from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
+from ..model.sources import eos_token_ids
 
 
 class ContextOverflow(ValueError):
@@ -48,8 +50,17 @@ class Request:
     """One queued generation. The batching thread feeds it tokens; callers read `stream()` (text
     deltas) or `result()` (a `Completion`) from any thread."""
 
-    def __init__(self, ids, pixels, max_tokens: int, temperature: float, top_p: float, stop: tuple[str, ...],
-                 tokenizer, eos_ids: set[int]):
+    def __init__(
+        self,
+        ids,
+        pixels,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: tuple[str, ...],
+        tokenizer,
+        eos_ids: set[int],
+    ):
         self.ids, self.pixels = ids, pixels
         self.max_tokens, self.temperature, self.top_p, self.stop = max_tokens, temperature, top_p, stop
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
@@ -142,27 +153,39 @@ class Engine:
 
     MAX_QUEUE = 64
 
-    def __init__(self, model: GenieBlueForConditionalGeneration, processor, max_batch: int = 8, start: bool = True,
-                 max_queue: int = MAX_QUEUE):
+    def __init__(
+        self,
+        model: GenieBlueForConditionalGeneration,
+        processor,
+        max_batch: int = 8,
+        start: bool = True,
+        max_queue: int = MAX_QUEUE,
+    ):
         self.model, self.processor = model.eval(), processor
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context_length = model.llm.config.max_position_embeddings
-        eos = model.llm.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_ids = set(eos) | {processor.tokenizer.eos_token_id}
+        self.eos_ids = set(eos_token_ids(model.llm, processor.tokenizer))
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._loop, name="genieblue-engine", daemon=True)
         if start:
             self.start()
 
     @classmethod
-    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> "Engine":
+    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> Engine:
         """An engine over a saved GenieBlue folder (its base from the manifest, or `llm`)."""
         return cls(*load_model_and_processor(model_dir, llm), **kwargs)
 
     # requests ---------------------------------------------------------------------------------
-    def submit(self, messages: list[dict], images=(), max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, stop: str | list[str] | tuple[str, ...] | None = None) -> Request:
+    def submit(
+        self,
+        messages: list[dict],
+        images=(),
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | list[str] | tuple[str, ...] | None = None,
+    ) -> Request:
         """Encode and queue a request. Raises `ValueError` for bad settings, `ContextOverflow` when
         prompt + max_tokens exceeds the context window, `ImageError` for an unusable image and
         `EngineBusy` when `max_queue` requests are already waiting."""
@@ -184,11 +207,12 @@ class Engine:
             raise EngineBusy(f"{self.max_queue} requests are already waiting; retry shortly") from None
         return request
 
-    def generate(self, messages: list[dict], images=(), max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, stop=None, stream: bool = False) -> Completion | Iterator[str]:
-        """A reply (`Completion`), or with `stream=True` an iterator of text deltas.
-        Greedy when temperature == 0, otherwise sampled with temperature and top_p."""
-        request = self.submit(messages, images, max_tokens, temperature, top_p, stop)
+    def generate(
+        self, messages: list[dict], images=(), *, stream: bool = False, **settings
+    ) -> Completion | Iterator[str]:
+        """A reply (`Completion`), or with `stream=True` an iterator of text deltas; `settings` are
+        `submit`'s. Greedy when temperature == 0, otherwise sampled with temperature and top_p."""
+        request = self.submit(messages, images, **settings)
         return request.stream() if stream else request.result()
 
     # the batching thread ----------------------------------------------------------------------

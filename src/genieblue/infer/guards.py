@@ -18,8 +18,14 @@ from starlette.datastructures import Headers
 API_PREFIX = "/v1"
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   type: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    type: str = "invalid_request_error",
+    headers: dict | None = None,
+) -> JSONResponse:
     """An OpenAI-style error reply."""
     error = {"message": message, "type": type, "param": param, "code": code}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
@@ -37,8 +43,13 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         if self.api_key and scope["path"].startswith(API_PREFIX) and not self._authorised(headers.get("authorization")):
-            refusal = self._refuse(401, "missing or wrong API key: send the server's key as `Authorization: Bearer "
-                                   "<key>` (the OpenAI client's api_key)", "invalid_api_key", {"www-authenticate": "Bearer"})
+            refusal = self._refuse(
+                401,
+                "missing or wrong API key: send the server's key as `Authorization: Bearer "
+                "<key>` (the OpenAI client's api_key)",
+                "invalid_api_key",
+                {"www-authenticate": "Bearer"},
+            )
             return await refusal(scope, receive, send)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -70,8 +81,12 @@ class Guard:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
     def _too_large(self, size: int, qualifier: str = "") -> JSONResponse:
-        return self._refuse(413, f"the request body is {qualifier}{size} bytes, over this server's limit of "
-                            f"{self.max_body_bytes} (genieblue serve --max-body-mb)", "request_too_large")
+        return self._refuse(
+            413,
+            f"the request body is {qualifier}{size} bytes, over this server's limit of "
+            f"{self.max_body_bytes} (genieblue serve --max-body-mb)",
+            "request_too_large",
+        )
 
     @staticmethod
     def _refuse(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:

@@ -10,8 +10,6 @@ or oversized body, missing API key - gets a 4xx with an OpenAI-style body {"erro
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import json
 import sys
@@ -25,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from ..data.images import MAX_PIXELS, ImageError, load_image
+from ..data.images import MAX_PIXELS, ImageError, data_url_payload, decode_base64, is_data_url, load_image
 from ..data.records import IMAGE_PLACEHOLDER
 from .engine import ContextOverflow, Engine, EngineBusy
 from .guards import Guard, error_response
@@ -40,14 +38,14 @@ ROLES = ("system", "user", "assistant")
 class APIError(Exception):
     """A request the server refuses, rendered as an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(self, status: int, message: str, *details, **options):
+        """The arguments of `guards.error_response`: status, message, param, code, type, headers."""
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
+        self.arguments = (status, message, *details), options
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.type, self.headers)
+        args, options = self.arguments
+        return error_response(*args, **options)
 
 
 class Message(BaseModel):
@@ -85,22 +83,32 @@ class ImageReader:
         return APIError(413, f"image is {size} bytes, over the limit of {self.max_bytes}", param, "image_too_large")
 
     def _bytes(self, url: str, param: str) -> bytes:
-        if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if not header.endswith(";base64"):
-                raise APIError(400, "data URLs must be base64: data:image/png;base64,...", param, "invalid_image_url")
+        if is_data_url(url):
+            try:
+                payload = data_url_payload(url)
+            except ValueError as err:
+                raise APIError(400, str(err), param, "invalid_image_url") from err
             if len(payload) * 3 // 4 > self.max_bytes:
                 raise self._too_large(len(payload) * 3 // 4, param)
             try:
-                return base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise APIError(400, f"image data is not valid base64 ({err})", param, "invalid_base64") from err
+                return decode_base64(payload)
+            except ValueError as err:
+                raise APIError(400, f"image data is {err}", param, "invalid_base64") from err
         if url.split(":", 1)[0].lower() in ("http", "https"):
-            raise APIError(400, "remote image URLs are never fetched; send the image inline as a base64 data: URL",
-                           param, "invalid_image_url")
+            raise APIError(
+                400,
+                "remote image URLs are never fetched; send the image inline as a base64 data: URL",
+                param,
+                "invalid_image_url",
+            )
         if not self.allow_local:
-            raise APIError(400, "local image paths are disabled (start the server with --allow-local-images); "
-                           "send the image as a base64 data: URL", param, "invalid_image_url")
+            raise APIError(
+                400,
+                "local image paths are disabled (start the server with --allow-local-images); "
+                "send the image as a base64 data: URL",
+                param,
+                "invalid_image_url",
+            )
         path = Path(url.removeprefix("file://"))
         if not path.is_file():
             raise APIError(400, f"image file not found: {path}", param, "invalid_image_url")
@@ -116,14 +124,23 @@ def _image_parts(messages: list[Message]) -> int:
 def _conversation(messages: list[Message], read_image: ImageReader, max_images: int) -> tuple[list[dict], list]:
     """OpenAI messages -> processor messages (an `<image>` where each image part was) + images."""
     if (n := _image_parts(messages)) > max_images:
-        raise APIError(400, f"the request has {n} images, over this server's limit of {max_images} "
-                       "(genieblue serve --max-images)", "messages", "too_many_images")
+        raise APIError(
+            400,
+            f"the request has {n} images, over this server's limit of {max_images} (genieblue serve --max-images)",
+            "messages",
+            "too_many_images",
+        )
     out, images = [], []
     for i, message in enumerate(messages):
         if message.role not in ROLES:
-            raise APIError(400, f"role {message.role!r} is not supported; use one of {', '.join(ROLES)}",
-                           f"messages[{i}].role")
-        parts = [{"type": "text", "text": message.content or ""}] if not isinstance(message.content, list) else message.content
+            raise APIError(
+                400, f"role {message.role!r} is not supported; use one of {', '.join(ROLES)}", f"messages[{i}].role"
+            )
+        parts = (
+            [{"type": "text", "text": message.content or ""}]
+            if not isinstance(message.content, list)
+            else message.content
+        )
         text = []
         for j, part in enumerate(parts):
             param = f"messages[{i}].content[{j}]"
@@ -133,20 +150,33 @@ def _conversation(messages: list[Message], read_image: ImageReader, max_images: 
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str):
-                    raise APIError(400, "an image_url part needs {'image_url': {'url': ...}}", param, "invalid_image_url")
+                    raise APIError(
+                        400, "an image_url part needs {'image_url': {'url': ...}}", param, "invalid_image_url"
+                    )
                 images.append(read_image(url, param))
                 text.append(IMAGE_PLACEHOLDER + "\n")
             else:
-                raise APIError(400, f"content part type {part.get('type')!r} is not supported; use 'text' or "
-                               "'image_url'", f"{param}.type", "unsupported_content_type")
+                raise APIError(
+                    400,
+                    f"content part type {part.get('type')!r} is not supported; use 'text' or 'image_url'",
+                    f"{param}.type",
+                    "unsupported_content_type",
+                )
         out.append({"role": message.role, "content": "".join(text)})
     return out, images
 
 
-def create_app(engine: Engine, model_name: str = "genieblue", allow_local_images: bool = False,
-               max_image_bytes: int = MAX_IMAGE_BYTES, max_image_pixels: int = MAX_PIXELS,
-               max_tokens_limit: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               max_images: int = MAX_IMAGES, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    model_name: str = "genieblue",
+    allow_local_images: bool = False,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_image_pixels: int = MAX_PIXELS,
+    max_tokens_limit: int | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_images: int = MAX_IMAGES,
+    api_key: str | None = None,
+) -> FastAPI:
     """The FastAPI app. `max_tokens_limit` caps max_tokens per request (default: the context);
     with an `api_key` every /v1 route needs `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="GenieBlue", version="1")
@@ -177,19 +207,30 @@ def create_app(engine: Engine, model_name: str = "genieblue", allow_local_images
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "genieblue"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "genieblue"}],
+        }
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: ChatRequest):
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", "n")
-        max_tokens = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None), DEFAULT_MAX_TOKENS)
+        max_tokens = next(
+            (m for m in (body.max_completion_tokens, body.max_tokens) if m is not None), DEFAULT_MAX_TOKENS
+        )
         if max_tokens > limit:
-            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limit}", "max_tokens",
-                           "max_tokens_too_large")
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} is over this server's limit of {limit}",
+                "max_tokens",
+                "max_tokens_too_large",
+            )
         messages, images = _conversation(body.messages, read_image, max_images)
         try:
-            request = engine.submit(messages, images, max_tokens, body.temperature, body.top_p, body.stop)
+            request = engine.submit(
+                messages, images, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop
+            )
         except EngineBusy as err:
             raise APIError(503, str(err), code="queue_full", type="server_error", headers={"retry-after": "1"}) from err
         except ContextOverflow as err:
@@ -206,10 +247,18 @@ def create_app(engine: Engine, model_name: str = "genieblue", allow_local_images
         return {
             **reply,
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "finish_reason": done.finish_reason}],
-            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                      "total_tokens": done.prompt_tokens + done.completion_tokens},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": done.text},
+                    "finish_reason": done.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens,
+            },
         }
 
     return app
@@ -219,8 +268,11 @@ def _sse(request, reply: dict):
     """Server-sent events: a role chunk, one chunk per text delta, a finish chunk, then [DONE]."""
 
     def chunk(delta: dict, finish_reason: str | None = None) -> str:
-        body = {**reply, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        body = {
+            **reply,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     try:
@@ -229,7 +281,8 @@ def _sse(request, reply: dict):
             yield chunk({"content": delta})
         yield chunk({}, request.finish_reason)
     except RuntimeError as err:
-        yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        error = {"message": str(err), "type": "server_error", "param": None, "code": None}
+        yield f"data: {json.dumps({'error': error})}\n\n"
     finally:
         request.cancel()  # a client that went away stops its row
     yield "data: [DONE]\n\n"
@@ -242,17 +295,35 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, allow_local_images: bool = False,
-          llm: str | None = None, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-          max_images: int = MAX_IMAGES, max_queue: int = Engine.MAX_QUEUE) -> None:
+def serve(
+    model_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    allow_local_images: bool = False,
+    llm: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_images: int = MAX_IMAGES,
+    max_queue: int = Engine.MAX_QUEUE,
+) -> None:
     """Load a saved model and serve it until interrupted (a warning first when `host` reaches
     beyond this machine and no `api_key` protects it)."""
     import uvicorn
 
     if not api_key and not is_loopback(host):
-        print(f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
-              "pass --api-key or set GENIEBLUE_API_KEY", file=sys.stderr)
+        print(
+            f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
+            "pass --api-key or set GENIEBLUE_API_KEY",
+            file=sys.stderr,
+        )
     engine = Engine.load(model_dir, llm=llm, max_queue=max_queue)
-    app = create_app(engine, model_name=Path(model_dir).resolve().name, allow_local_images=allow_local_images,
-                     max_body_bytes=max_body_bytes, max_images=max_images, api_key=api_key)
+    app = create_app(
+        engine,
+        model_name=Path(model_dir).resolve().name,
+        allow_local_images=allow_local_images,
+        max_body_bytes=max_body_bytes,
+        max_images=max_images,
+        api_key=api_key,
+    )
     uvicorn.run(app, host=host, port=port)

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 
 from .._io import write_json, write_text
+from .folder import DELTA, MANIFEST, TRAINING
 
 CARD = "README.md"
-TRAINING = "training.json"
 EVALS = "evals.json"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _BUILT_IN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the built-in default base (None in the manifest)
@@ -38,21 +38,32 @@ def _front_matter(base: str | None) -> str:
 def _parameters(manifest: dict, delta_bytes: int | None) -> list[str]:
     p = manifest["params"]
     delta = p["copies"] + p["experts"] + p["lora"]
-    rows = [("frozen base LLM (shared with text-only requests)", p["base_llm"]), ("block copies", p["copies"]),
-            ("visual experts", p["experts"]), ("LoRA", p["lora"]), ("LLM delta (copies + experts + LoRA)", delta),
-            ("ViT", p["vit"]), ("projector", p["projector"]), ("trainable (LLM delta + ViT + projector)", p["trainable"])]
-    out = ["| parameters | count |", "|---|---|"] + [f"| {name} | {_millions(n)} |" for name, n in rows if n or "LLM" in name]
+    rows = [
+        ("frozen base LLM (shared with text-only requests)", p["base_llm"]),
+        ("block copies", p["copies"]),
+        ("visual experts", p["experts"]),
+        ("LoRA", p["lora"]),
+        ("LLM delta (copies + experts + LoRA)", delta),
+        ("ViT", p["vit"]),
+        ("projector", p["projector"]),
+        ("trainable (LLM delta + ViT + projector)", p["trainable"]),
+    ]
+    out = ["| parameters | count |", "|---|---|"] + [
+        f"| {name} | {_millions(n)} |" for name, n in rows if n or "LLM" in name
+    ]
     if delta_bytes is not None:
-        out.append(f"\nThe delta file (`delta.safetensors`) holds {delta_bytes / 2**20:,.1f} MiB; the base is never copied.")
+        out.append(f"\nThe delta file (`{DELTA}`) holds {delta_bytes / 2**20:,.1f} MiB; the base is never copied.")
     return out
 
 
 def _training(stages: list[dict]) -> list[str]:
     out = []
     for s in stages:
-        out.append(f"- **stage {s['stage']}** ({'projector only' if s['stage'] == 1 else 'ViT, projector, copies and LoRA'}):"
-                   f" {s['steps']:,} steps, {s['samples']:,} samples per epoch, {s['tokens']:,} tokens seen, final loss "
-                   f"{s['final_loss']:.4f}; lr {s['lr']:g}, packing {s['max_length']}, precision {s['precision']}")
+        out.append(
+            f"- **stage {s['stage']}** ({'projector only' if s['stage'] == 1 else 'ViT, projector, copies and LoRA'}):"
+            f" {s['steps']:,} steps, {s['samples']:,} samples per epoch, {s['tokens']:,} tokens seen, final loss "
+            f"{s['final_loss']:.4f}; lr {s['lr']:g}, packing {s['max_length']}, precision {s['precision']}"
+        )
         for d in s["data"]:
             out.append(f"  - `{d['path']}` (ratio {d['ratio']:g}): {d['samples']:,} samples in the mixture")
         if s.get("bad_records"):
@@ -64,8 +75,11 @@ def _evaluations(evals: dict) -> list[str]:
     out = []
     for kind, table in evals.items():
         columns = table["columns"]
-        out += [f"\n**{kind}** (reference row: {table['reference']})\n",
-                "| | " + " | ".join(columns) + " | average | retention |", "|---" * (len(columns) + 3) + "|"]
+        out += [
+            f"\n**{kind}** (reference row: {table['reference']})\n",
+            "| | " + " | ".join(columns) + " | average | retention |",
+            "|---" * (len(columns) + 3) + "|",
+        ]
         for label, row in table["rows"].items():
             cells = [row["scores"].get(c) for c in columns] + [row["average"], row["retention"]]
             out.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells) + " |")
@@ -75,8 +89,8 @@ def _evaluations(evals: dict) -> list[str]:
 def render_card(folder: str | Path, name: str | None = None) -> str:
     """The card of a saved model folder; `name` is how commands refer to it (default: the folder)."""
     folder = Path(folder)
-    manifest = json.loads((folder / "genieblue.json").read_text())
-    delta = folder / "delta.safetensors"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    delta = folder / DELTA
     name = name or str(folder)
     base, strategy = manifest["base"], manifest["strategy"]
     blocks = ", ".join(map(str, manifest["block_indices"])) or "none"
@@ -106,12 +120,18 @@ def render_card(folder: str | Path, name: str | None = None) -> str:
     evals = _read(folder / EVALS)
     if evals:
         lines += ["", "## Evaluation"] + _evaluations(evals)
-    lines += ["", "## Use", "", "```bash",
-              f'genieblue chat -m {name} -i photo.jpg "What is in this picture?"',
-              f'genieblue chat -m {name} "A text-only question runs the untouched base."',
-              f"genieblue serve -m {name} --port 8000  # OpenAI-compatible /v1/chat/completions",
-              f"genieblue export -m {name} -o {name}-onnx  # W4A16 ONNX graphs for on-device inference",
-              "```", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f'genieblue chat -m {name} -i photo.jpg "What is in this picture?"',
+        f'genieblue chat -m {name} "A text-only question runs the untouched base."',
+        f"genieblue serve -m {name} --port 8000  # OpenAI-compatible /v1/chat/completions",
+        f"genieblue export -m {name} -o {name}-onnx  # W4A16 ONNX graphs for on-device inference",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

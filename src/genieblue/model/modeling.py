@@ -19,8 +19,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .._io import atomic_dir, write_json
-from .card import TRAINING, write_card
-from .routing import Expert, LoRALinear, Router, Switch
+from .card import write_card
+from .folder import DELTA, MANIFEST, TRAINING, check_model_folder
+from .routing import Expert, LoRALinear, Router, Switch, delta_members, swap_modules
 from .sources import fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
 from .vision import VisionTower, split_tower_options
@@ -42,9 +43,6 @@ DEFAULT_VISION = {
 """The from-scratch tower of the demo: a small transformers ResNet (AutoBackbone) whose 4x4 stride-16
 feature map at 64 px gives 16 image tokens, mixed across the tile. Convolutions learn shapes, counts
 and glyphs from scratch in a few hundred steps where a ViT of the same cost does not (see README)."""
-
-MANIFEST = "genieblue.json"
-DELTA = "delta.safetensors"
 
 
 def _refuse_placeholders(placeholders: int) -> None:
@@ -88,7 +86,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         shared_base: bool = False,
         downsample: int | None = None,
         **strategy_options,
-    ) -> "GenieBlueForConditionalGeneration":
+    ) -> GenieBlueForConditionalGeneration:
         """Build from a base LLM (hub id, folder, .gguf, None for the built-in default, or a loaded
         model) and a vision tower (SigLIP / CLIP / AutoBackbone id or folder, or a config dict for a new
         encoder, which may also hold the tower's `downsample` and `mix_tokens`; None: `DEFAULT_VISION`).
@@ -108,37 +106,29 @@ class GenieBlueForConditionalGeneration(nn.Module):
         return cls(base, tower, strategy, spec, fp, shared_base)
 
     def _install_delta(self) -> None:
-        layers = self.llm.model.layers
-        family, n = self.strategy.family, len(layers)
-        for i in self.strategy.block_indices(n):
-            if family == "cogvlm":
-                attn = layers[i].self_attn
-                for name in EXPERT_TARGETS[:-1]:
-                    setattr(attn, name, Expert(getattr(attn, name), self.router))
-                layers[i].mlp = Expert(layers[i].mlp, self.router)
-            else:
-                layers[i] = Switch(layers[i], self.router)
-        if family == "full":  # every block copied; the final norm too (embeddings stay: no resize)
-            self.llm.model.norm = Switch(self.llm.model.norm, self.router)
-        s = self.strategy
-        for i in s.lora_indices(n):
-            for name, module in list(layers[i].named_modules()):
-                if name.rsplit(".", 1)[-1] in s.lora_targets and isinstance(module, nn.Linear):
-                    parent, _, attr = name.rpartition(".")
-                    lora = LoRALinear(module, self.router, s.lora_rank, s.lora_alpha)
-                    setattr(layers[i].get_submodule(parent), attr, lora)
+        s, router, n = self.strategy, self.router, len(self.llm.model.layers)
+        blocks = [f"model.layers.{i}" for i in s.block_indices(n)]
+        if s.family == "cogvlm":
+            inside = [*(f"self_attn.{t}" for t in EXPERT_TARGETS[:-1]), EXPERT_TARGETS[-1]]  # q, k, v; the MLP
+            experts = {f"{b}.{t}" for b in blocks for t in inside}
+            swap_modules(self.llm, lambda _, m: Expert(m, router), lambda name, _: name in experts)
+        else:  # `full`: every block copied, the final norm too (embeddings stay: no resize)
+            copied = {*blocks, "model.norm"} if s.family == "full" else set(blocks)
+            swap_modules(self.llm, lambda _, m: Switch(m, router), lambda name, _: name in copied)
+        lora_blocks = tuple(f"model.layers.{i}." for i in s.lora_indices(n))
+        swap_modules(
+            self.llm,
+            lambda _, m: LoRALinear(m, router, s.lora_rank, s.lora_alpha),
+            lambda name, m: (
+                isinstance(m, nn.Linear) and name.startswith(lora_blocks) and name.rsplit(".", 1)[-1] in s.lora_targets
+            ),
+        )
 
     # the delta ------------------------------------------------------------------------------
     def _delta_prefixes(self) -> list[str]:
-        out = ["vision."]
-        for name, module in self.named_modules():
-            if isinstance(module, Switch):
-                out.append(f"{name}.copy.")
-            elif isinstance(module, Expert):
-                out.append(f"{name}.expert.")
-            elif isinstance(module, LoRALinear):
-                out += [f"{name}.lora_A", f"{name}.lora_B"]
-        return out
+        """State-dict prefixes of the delta: the vision tower, and what the routing wrappers name."""
+        members = delta_members(self)
+        return ["vision.", *(f"{name}." if isinstance(child, nn.Module) else name for name, _, child in members)]
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that is not the base LLM: copies, experts, LoRA, projector and ViT."""
@@ -148,6 +138,12 @@ class GenieBlueForConditionalGeneration(nn.Module):
     def llm_delta_parameters(self) -> list[nn.Parameter]:
         prefixes = tuple(p for p in self._delta_prefixes() if p != "vision.")
         return [p for name, p in self.named_parameters() if name.startswith(prefixes)]
+
+    @property
+    def deploys_base_for_text(self) -> bool:
+        """The text path this checkpoint is deployed with: the untouched base for GenieBlue (unless
+        `shared_base`); the baselines (full, LoRA, CogVLM) send text through their fine-tuned weights."""
+        return self.strategy.family == "genieblue" and not self.shared_base
 
     def set_stage(self, stage: int) -> None:
         """Stage 1: connector (token mixer, projector) only. Stage 2: ViT, connector, copies / experts and LoRA.
@@ -209,7 +205,9 @@ class GenieBlueForConditionalGeneration(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, shared_base=None, **gen_kwargs):
         """transformers `generate` on the routed model; returns only the new tokens (B, new)."""
-        gen_kwargs.setdefault("pad_token_id", self.llm.generation_config.pad_token_id or self.llm.generation_config.eos_token_id)
+        gen_kwargs.setdefault(
+            "pad_token_id", self.llm.generation_config.pad_token_id or self.llm.generation_config.eos_token_id
+        )
         if self._text_only(input_ids, pixel_values, shared_base):
             with self.router.route(image=False):
                 out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
@@ -257,7 +255,9 @@ class GenieBlueForConditionalGeneration(nn.Module):
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
             from .report import parameter_report  # report builds on this module
 
-            write_json(tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]})
+            write_json(
+                tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]}
+            )
             if training is not None:
                 write_json(tmp / TRAINING, training)
             write_card(tmp, name=str(directory))
@@ -266,13 +266,10 @@ class GenieBlueForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, llm: str | PreTrainedModel | None = None, dtype: torch.dtype = torch.float32
-    ) -> "GenieBlueForConditionalGeneration":
+    ) -> GenieBlueForConditionalGeneration:
         """Load a saved delta onto its base (from the manifest, or `llm` to point elsewhere).
         Refuses a base whose weights differ from the ones the delta was trained on."""
-        directory = Path(directory)
-        for needed in (MANIFEST, DELTA):
-            if not (directory / needed).is_file():
-                raise FileNotFoundError(f"{directory / needed} is missing: not a genieblue model folder (see save_pretrained)")
+        directory = check_model_folder(directory)
         manifest = json.loads((directory / MANIFEST).read_text())
         spec = manifest["base"]["llm"]
         if isinstance(llm, PreTrainedModel):
@@ -293,6 +290,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
         expected = set(model.delta_state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"{directory / DELTA} does not match the strategy: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise ValueError(
+                f"{directory / DELTA} does not match the strategy: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         model.load_state_dict(state, strict=False)
         return model

@@ -5,20 +5,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .modeling import DELTA, GenieBlueForConditionalGeneration
-from .routing import Expert, LoRALinear, Switch
+from torch import nn
+
+from .folder import DELTA
+from .modeling import GenieBlueForConditionalGeneration
+from .routing import delta_members
 
 
 def parameter_report(model: GenieBlueForConditionalGeneration, measure_disk: bool = True) -> dict:
     """Counts of base and delta parameters; `measure_disk` saves the delta once to measure its file."""
     groups = {"copies": 0, "experts": 0, "lora": 0}
-    for module in model.llm.modules():
-        if isinstance(module, Switch):
-            groups["copies"] += sum(p.numel() for p in module.copy.parameters())
-        elif isinstance(module, Expert):
-            groups["experts"] += sum(p.numel() for p in module.expert.parameters())
-        elif isinstance(module, LoRALinear):
-            groups["lora"] += module.lora_A.numel() + module.lora_B.numel()
+    for _, part, child in delta_members(model.llm):
+        groups[part] += sum(p.numel() for p in child.parameters()) if isinstance(child, nn.Module) else child.numel()
     llm_total = sum(p.numel() for p in model.llm.parameters())
     base = llm_total - sum(groups.values())
     vit = sum(p.numel() for p in model.vision.vit.parameters())

@@ -9,6 +9,10 @@ mode, call the original module and nothing else, so the text path runs exactly t
   * `Expert`     - CogVLM visual expert: image-token positions use the expert, text positions the
                    original; dense `torch.where`, so the graph stays static (no routing ops)
 
+Each wrapper names its trainable children (`TRAINABLE`) and the part of the delta they are (`PART`);
+`delta_members` walks them, so what counts as the delta is written here once. `swap_modules` is the
+one way modules are replaced in a model (installing the delta here, quantising it in `deploy`).
+
 This is the piece of GenieBlue that no library provides (peft adapters cannot be switched per
 request together with block copies), so it is written here, kept small.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +68,11 @@ class Router:
 
 
 class _Wrapper(nn.Module):
-    """A module standing in for `original`; unknown attributes are read from the original."""
+    """A module standing in for `original`; unknown attributes are read from the original.
+    `TRAINABLE`: the names of its trainable children, which make up part `PART` of the delta."""
+
+    TRAINABLE: tuple[str, ...] = ()
+    PART = ""
 
     def __init__(self, original: nn.Module, router: Router):
         super().__init__()
@@ -80,6 +89,8 @@ class _Wrapper(nn.Module):
 class Switch(_Wrapper):
     """Runs a trainable copy of `original` in image mode, the original in text mode."""
 
+    TRAINABLE, PART = ("copy",), "copies"
+
     def __init__(self, original: nn.Module, router: Router):
         super().__init__(original, router)
         self.copy = copy.deepcopy(original).requires_grad_(True)
@@ -89,15 +100,20 @@ class Switch(_Wrapper):
 
 
 class LoRALinear(_Wrapper):
-    """`original(x)` in text mode; `original(x) + B(A(x)) * alpha / r` in image mode."""
+    """`original(x)` in text mode; `original(x) + B(A(x)) * alpha / r` in image mode. `rank` and
+    `alpha` make a fresh update; a subclass may set its own `lora_A` / `lora_B` instead."""
 
-    def __init__(self, original: nn.Linear, router: Router, rank: int, alpha: float):
+    TRAINABLE, PART = ("lora_A", "lora_B"), "lora"
+
+    def __init__(self, original: nn.Module, router: Router, rank: int | None = None, alpha: float = 1.0):
         super().__init__(original, router)
-        weight = original.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, original.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(original.out_features, rank, dtype=weight.dtype, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = alpha / rank
+        if rank is not None:
+            weight = original.weight
+            like = {"dtype": weight.dtype, "device": weight.device}
+            self.lora_A = nn.Parameter(torch.empty(rank, original.in_features, **like))
+            self.lora_B = nn.Parameter(torch.zeros(original.out_features, rank, **like))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.scaling = alpha / rank
 
     def forward(self, x):
         y = self.original(x)
@@ -113,6 +129,8 @@ class LoRALinear(_Wrapper):
 class Expert(_Wrapper):
     """CogVLM visual expert: visual positions go through `expert`, the rest through `original`."""
 
+    TRAINABLE, PART = ("expert",), "experts"
+
     def __init__(self, original: nn.Module, router: Router):
         super().__init__(original, router)
         self.expert = copy.deepcopy(original).requires_grad_(True)
@@ -123,3 +141,31 @@ class Expert(_Wrapper):
         if not self._router.image or mask is None:
             return y
         return torch.where(mask.unsqueeze(-1), self.expert(x), y)
+
+
+def delta_members(root: nn.Module) -> Iterator[tuple[str, str, nn.Module | nn.Parameter]]:
+    """(name below `root`, part, child) for every trainable child of every module under `root` that
+    names its own (`TRAINABLE`, `PART`: the routing wrappers, and deploy's fused projections)."""
+    for name, module in root.named_modules():
+        for child in getattr(module, "TRAINABLE", ()):
+            value = getattr(module, child)
+            if value is not None:
+                yield (f"{name}.{child}" if name else child), module.PART, value
+
+
+def base_name(path: str) -> str | None:
+    """The base model's name for the module at `path`: the wrappers' `original` levels dropped; None
+    inside a module that is all delta (block copies, visual experts)."""
+    parts = path.split(".")
+    whole = {child for kind in (Switch, Expert) for child in kind.TRAINABLE}
+    return None if whole & set(parts) else ".".join(p for p in parts if p != "original")
+
+
+def swap_modules(
+    root: nn.Module, make: Callable[[str, nn.Module], nn.Module], where: Callable[[str, nn.Module], bool]
+) -> None:
+    """Replace every submodule of `root` for which `where(name, module)` holds by `make(name, module)`."""
+    for name, module in list(root.named_modules()):
+        if name and where(name, module):
+            parent, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent), attr, make(name, module))

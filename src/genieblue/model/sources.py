@@ -120,6 +120,13 @@ def load_tokenizer(spec: str | None):
     return AutoTokenizer.from_pretrained(resolve_llm(spec))
 
 
+def eos_token_ids(llm: PreTrainedModel, tokenizer) -> list[int]:
+    """Every id that ends a reply: the base's generation config EOS id(s) and its tokenizer's."""
+    eos = llm.generation_config.eos_token_id
+    eos = [eos] if eos is None or isinstance(eos, int) else list(eos)
+    return sorted({*eos, tokenizer.eos_token_id} - {None})
+
+
 def vision_config(spec: str | dict | PretrainedConfig) -> PretrainedConfig:
     """The vision-encoder config for an id/folder, a dict (with `model_type`) or a config object:
     a SigLIP / CLIP vision model, or any backbone `transformers.AutoBackbone` builds (its

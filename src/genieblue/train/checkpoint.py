@@ -15,10 +15,13 @@ from safetensors.torch import load_file, save_file
 
 from .._io import atomic_dir, write_json
 from ..model import GenieBlueForConditionalGeneration
+from ..model.folder import DELTA
 
 STATE = "trainer_state.json"
 _PARTIAL = re.compile(r"\..+\.(tmp|old)\d+")
 OPTIM = "optimizer.safetensors"
+MODEL = "model"
+"""The subfolder holding the checkpoint's model folder (`save_pretrained`)."""
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -63,11 +66,17 @@ def save_checkpoint(
     tensors, meta = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp / "model")
+        model.save_pretrained(tmp / MODEL)
         save_file(tensors, tmp / OPTIM)
         write_json(
             tmp / STATE,
-            {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), "python_rng": random.getstate(), **extra},
+            {
+                "step": step,
+                "optimizer": meta,
+                "scheduler": scheduler.state_dict(),
+                "python_rng": random.getstate(),
+                **extra,
+            },
         )
     for old in sorted(folder.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -82,7 +91,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def load_checkpoint(path: Path, model: GenieBlueForConditionalGeneration, optimizer, scheduler) -> dict:
     """Restore model delta, optimiser, schedule and RNG; returns the trainer state (step, ...)."""
     state = json.loads((path / STATE).read_text())
-    delta = load_file(path / "model" / "delta.safetensors")
+    delta = load_file(path / MODEL / DELTA)
     model.load_state_dict(delta, strict=False)
     tensors = load_file(path / OPTIM)
     torch.set_rng_state(tensors.pop("rng.torch"))

@@ -22,7 +22,8 @@ class TrainConfig:
     # model
     llm: str | None = None  # None: the built-in SmolLM2-135M-Instruct
     vision: str | dict | None = None  # None: the tiny from-scratch SigLIP
-    vision_downsample: int | None = None  # tokens merged per side into one image token (default: the tower's, 2 for a ViT; 1 for an odd grid: so400m-384)
+    # tokens merged per side into one image token (default: the tower's, 2 for a ViT; 1 for an odd grid: so400m-384)
+    vision_downsample: int | None = None
     strategy: str = "genieblue-skip"
     fraction: float = 0.25
     lora_rank: int = 8
@@ -75,7 +76,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..data.processor import IGNORE_INDEX
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -23,4 +23,7 @@ def causal_lm_loss(model, batch: dict, num_tokens: float) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, shared_base=True, logits_to_keep=positions).logits
     targets = labels[:, positions + 1]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / num_tokens
+    return (
+        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        / num_tokens
+    )

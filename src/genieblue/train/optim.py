@@ -41,7 +41,9 @@ def param_groups(model: GenieBlueForConditionalGeneration, cfg: TrainConfig) -> 
             lr = cfg.lr
         decay = cfg.weight_decay if p.ndim >= 2 else 0.0
         groups.setdefault((lr, decay), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items(), key=lambda kv: kv[0])]
+    return [
+        {"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items(), key=lambda kv: kv[0])
+    ]
 
 
 def build_optimizer(model: GenieBlueForConditionalGeneration, cfg: TrainConfig, total_steps: int):

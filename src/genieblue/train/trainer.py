@@ -28,10 +28,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .._io import write_json
 from ..data.dataset import MixtureSamples
 from ..data.packing import first_fit, pack
-from ..data.processor import GenieBlueProcessor, Sample, save_processor_settings
+from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, load_tokenizer
-from ..model.card import TRAINING
+from ..model.folder import TRAINING
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
@@ -54,11 +54,18 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
     if cfg.init_from:
         model = GenieBlueForConditionalGeneration.from_pretrained(cfg.init_from, llm=cfg.llm)
         if model.strategy.name != cfg.strategy:
-            raise ValueError(f"init_from {cfg.init_from} uses strategy {model.strategy.name}, config asks {cfg.strategy}")
+            raise ValueError(
+                f"init_from {cfg.init_from} uses strategy {model.strategy.name}, config asks {cfg.strategy}"
+            )
     else:
         model = GenieBlueForConditionalGeneration.from_base(
-            cfg.llm, cfg.vision, cfg.strategy, downsample=cfg.vision_downsample, fraction=cfg.fraction,
-            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+            cfg.llm,
+            cfg.vision,
+            cfg.strategy,
+            downsample=cfg.vision_downsample,
+            fraction=cfg.fraction,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
         )
     model.set_stage(cfg.stage)
     return model
@@ -120,6 +127,22 @@ def _progress(console: Console) -> Progress:
     )
 
 
+@dataclass
+class _Run:
+    """What `Trainer._setup` hands the loop."""
+
+    model: GenieBlueForConditionalGeneration
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    processor: GenieBlueProcessor
+    data: PreparedData
+    rows: list[list[int]]
+    steps_per_epoch: int
+    total: int
+    start: int
+
+
 class Trainer:
     """Runs one stage described by a `TrainConfig`; `run()` returns the final model folder.
     `stage0_source`, an endless iterator of (PIL image, reply text), feeds stage 0 instead of the
@@ -155,11 +178,21 @@ class Trainer:
         g = self._global_rows()
         return [rows[i] for i in order[offset * g : (offset + 1) * g]]
 
-    # loop ---------------------------------------------------------------------------------------
+    # setup, loop -------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Path:
-        cfg, acc = self.cfg, self.accelerator
-        set_seed(cfg.seed)
-        main = acc.is_main_process
+        """Set up (model, data, optimiser, the checkpoint to resume from), run the steps, write the
+        final model; returns its folder."""
+        set_seed(self.cfg.seed)
+        latest = self._claim_output(resume)
+        progress = _progress(self.console) if self.accelerator.is_main_process else None
+        with progress or contextlib.nullcontext():
+            run = self._setup(latest, resume, progress)
+            self._loop(run, progress)
+        return self._finish(run.model, run.data)
+
+    def _claim_output(self, resume: bool) -> Path | None:
+        """The newest checkpoint in output_dir (refused unless `resume`), after clearing what a killed
+        writer left half-written (checkpoint, final model, JSON)."""
         ckpt_dir = self.out / "checkpoints"
         latest = latest_checkpoint(ckpt_dir)
         if latest and not resume:
@@ -167,86 +200,115 @@ class Trainer:
                 f"{self.out} already holds checkpoints of a run (newest: {latest.name}): pass --resume "
                 "(resume=True) to continue it, or choose another output_dir"
             )
-        if main:  # what a killed writer left half-written (checkpoint, final model, JSON) goes first
+        if self.accelerator.is_main_process:
             remove_partial(self.out)
             remove_partial(ckpt_dir)
-        progress = _progress(self.console) if main else None
-        with progress or contextlib.nullcontext():
-            model = build_model(cfg)
-            processor = GenieBlueProcessor.from_model(
-                model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length, cfg.system_prompt
-            )
-            data = prepare_data(cfg, processor, progress)
-            self._check_bad_data(data)
-            if cfg.stage == 1 and cfg.stage0_steps and not latest:
-                self._stage0(model, data.samples, processor, progress)
-            rows = self._rows(data.samples)
-            steps_per_epoch = len(rows) // self._global_rows()
-            if steps_per_epoch == 0:
-                raise ValueError(
-                    f"{len(rows)} packed rows cannot fill one global batch of {self._global_rows()} rows; "
-                    "lower batch_size/grad_accum or max_length"
-                )
-            total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-            if cfg.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-            optimizer, scheduler = build_optimizer(model, cfg, total)
-            start = 0
-            if latest:
-                start = load_checkpoint(latest, model, optimizer, scheduler)["step"]
-                if main:
-                    self.console.print(f"resuming from {latest} (step {start})")
-            elif resume and main:
-                self.console.print(f"no checkpoint in {ckpt_dir}: starting from step 0")
-            model.train()
-            ddp_model, optimizer = acc.prepare(model, optimizer)
-            if main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                write_json(self.out / "train_config.json", cfg.to_dict())
-                n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                self.console.print(
-                    f"stage {cfg.stage} · {cfg.strategy} · {len(data.samples)} samples in {len(rows)} rows of "
-                    f"<= {cfg.max_length} tokens · {total} steps · {n / 1e6:.2f}M trainable · {acc.num_processes} "
-                    f"process(es) · {acc.distributed_type.value}"
-                )
-                fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-                if fsdp_asked and acc.distributed_type != DistributedType.FSDP:
-                    self.console.print(
-                        f"[yellow]FSDP was requested but accelerate runs {acc.distributed_type.value}: it only "
-                        "shards with FSDP on accelerators (GPU, XPU, NPU, ...), not on CPU[/yellow]"
-                    )
-                _restart_metrics(self.out / "metrics.jsonl", start)
-            task = progress.add_task(f"stage {cfg.stage}", total=total, completed=start, status="") if main else None
-            metrics = (self.out / "metrics.jsonl").open("a") if main else None
-            for step in range(start, total):
-                record = self._step(ddp_model, optimizer, scheduler, data.samples, rows, step, steps_per_epoch, processor.pad_id)
-                self._note_late_failures(data)
-                if main:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    progress.update(
-                        task, advance=1,
-                        status=f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s",
-                    )
-                if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                    acc.wait_for_everyone()
-                    if main:
-                        save_checkpoint(ckpt_dir, model, optimizer, scheduler, step + 1, {"total": total}, cfg.keep_last)
-            if main:
-                metrics.close()
-        return self._finish(model, data)
+        return latest
 
-    def _step(self, model, optimizer, scheduler, samples, rows, step, steps_per_epoch, pad_id) -> dict:
+    def _setup(self, latest: Path | None, resume: bool, progress) -> _Run:
         cfg, acc = self.cfg, self.accelerator
+        model = build_model(cfg)
+        processor = GenieBlueProcessor.from_model(
+            model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length, cfg.system_prompt
+        )
+        data = prepare_data(cfg, processor, progress)
+        self._check_bad_data(data)
+        if cfg.stage == 1 and cfg.stage0_steps and not latest:
+            self._stage0(model, data.samples, processor, progress)
+        rows = self._rows(data.samples)
+        steps_per_epoch = len(rows) // self._global_rows()
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(rows)} packed rows cannot fill one global batch of {self._global_rows()} rows; "
+                "lower batch_size/grad_accum or max_length"
+            )
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer, scheduler = build_optimizer(model, cfg, total)
+        start = 0
+        if latest:
+            start = load_checkpoint(latest, model, optimizer, scheduler)["step"]
+            if acc.is_main_process:
+                self.console.print(f"resuming from {latest} (step {start})")
+        elif resume and acc.is_main_process:
+            self.console.print(f"no checkpoint in {self.out / 'checkpoints'}: starting from step 0")
+        model.train()
+        ddp_model, optimizer = acc.prepare(model, optimizer)
+        run = _Run(model, ddp_model, optimizer, scheduler, processor, data, rows, steps_per_epoch, total, start)
+        if acc.is_main_process:
+            self._announce(run)
+        return run
+
+    def _announce(self, run: _Run) -> None:
+        """The plan on the console, the config beside the run, metrics.jsonl cut back to `run.start`."""
+        cfg, acc = self.cfg, self.accelerator
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "train_config.json", cfg.to_dict())
+        n = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        self.console.print(
+            f"stage {cfg.stage} · {cfg.strategy} · {len(run.data.samples)} samples in {len(run.rows)} rows of "
+            f"<= {cfg.max_length} tokens · {run.total} steps · {n / 1e6:.2f}M trainable · {acc.num_processes} "
+            f"process(es) · {acc.distributed_type.value}"
+        )
+        fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if fsdp_asked and acc.distributed_type != DistributedType.FSDP:
+            self.console.print(
+                f"[yellow]FSDP was requested but accelerate runs {acc.distributed_type.value}: it only "
+                "shards with FSDP on accelerators (GPU, XPU, NPU, ...), not on CPU[/yellow]"
+            )
+        _restart_metrics(self.out / "metrics.jsonl", run.start)
+
+    def _loop(self, run: _Run, progress) -> None:
+        """Steps `run.start` .. `run.total`: metrics per step, a checkpoint every `save_every`."""
+        cfg, acc = self.cfg, self.accelerator
+        main = acc.is_main_process
+        task = (
+            progress.add_task(f"stage {cfg.stage}", total=run.total, completed=run.start, status="") if main else None
+        )
+        metrics = (self.out / "metrics.jsonl").open("a") if main else None
+        for step in range(run.start, run.total):
+            record = self._step(run, step)
+            self._note_late_failures(run.data)
+            if main:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                progress.update(
+                    task,
+                    advance=1,
+                    status=f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s",
+                )
+            if (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
+                acc.wait_for_everyone()
+                if main:
+                    save_checkpoint(
+                        self.out / "checkpoints",
+                        run.model,
+                        run.optimizer,
+                        run.scheduler,
+                        step + 1,
+                        {"total": run.total},
+                        cfg.keep_last,
+                    )
+        if main:
+            metrics.close()
+
+    def _step(self, run: _Run, step: int) -> dict:
+        """One optimizer step over this process's share of the step's rows; returns its metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        model, optimizer, scheduler, pad_id = run.ddp_model, run.optimizer, run.scheduler, run.processor.pad_id
         t0 = time.perf_counter()
-        mine = self._step_rows(rows, step, steps_per_epoch)[acc.process_index :: acc.num_processes]
+        mine = self._step_rows(run.rows, step, run.steps_per_epoch)[acc.process_index :: acc.num_processes]
         # the step's samples, pixels and all, encoded now; one failing only now is left out (and listed)
-        encoded = [[s for s in map(samples.sample, row) if s is not None] for row in mine]
-        micro = [pack([s for row in encoded[j : j + cfg.batch_size] for s in row], cfg.max_length, pad_id)
-                 for j in range(0, len(encoded), cfg.batch_size) if any(encoded[j : j + cfg.batch_size])]
+        encoded = [[s for s in map(run.data.samples.sample, row) if s is not None] for row in mine]
+        micro = [
+            pack([s for row in encoded[j : j + cfg.batch_size] for s in row], cfg.max_length, pad_id)
+            for j in range(0, len(encoded), cfg.batch_size)
+            if any(encoded[j : j + cfg.batch_size])
+        ]
         seen = sum(len(s) for row in encoded for s in row)
         # the token count of the whole global batch normalises every micro-batch's summed loss
-        local = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), dtype=torch.float64)
+        local = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), dtype=torch.float64)
         n_tokens = acc.reduce(local.to(acc.device), reduction="sum").item()
         if n_tokens == 0:
             raise ValueError(f"step {step}: the global batch has no assistant tokens to learn from")
@@ -267,8 +329,14 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss_value = acc.reduce(loss_sum.to(acc.device), reduction="sum").item()
         elapsed = time.perf_counter() - t0
-        return {"step": step + 1, "loss": loss_value, "lr": lr, "tokens": seen * acc.num_processes,
-                "tokens_per_s": seen * acc.num_processes / elapsed, "time_s": elapsed}
+        return {
+            "step": step + 1,
+            "loss": loss_value,
+            "lr": lr,
+            "tokens": seen * acc.num_processes,
+            "tokens_per_s": seen * acc.num_processes / elapsed,
+            "time_s": elapsed,
+        }
 
     def _stage0(self, model: GenieBlueForConditionalGeneration, samples: list[Sample], processor, progress) -> None:
         """Stage 0 (see `vision_pretrain`); every process runs the same seeded steps, so ViTs agree."""
@@ -283,8 +351,10 @@ class Trainer:
             batches = sample_batches(samples, cfg.stage0_batch, cfg.seed)
         else:
             batches = stream_batches(self.stage0_source, processor, cfg.stage0_batch)
-        losses = pretrain_vision(model, batches, cfg.stage0_steps, cfg.stage0_lr, cfg.seed, on_step, match=cfg.stage0_match,
-                                 autocast=self.accelerator.autocast)
+        losses = pretrain_vision(
+            model, batches, cfg.stage0_steps, lr=cfg.stage0_lr, seed=cfg.seed, on_step=on_step,
+            match=cfg.stage0_match, autocast=self.accelerator.autocast,
+        )
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "stage0.json", {"steps": len(losses), "losses": losses})
@@ -321,13 +391,25 @@ class Trainer:
         log = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
         earlier = Path(cfg.init_from or "") / TRAINING
         stage = {
-            "stage": cfg.stage, "strategy": cfg.strategy, "init_from": cfg.init_from, "steps": len(log),
-            "tokens": sum(r["tokens"] for r in log), "final_loss": log[-1]["loss"], "samples": len(data.samples),
-            "bad_records": len(data.bad), "lr": cfg.lr, "max_length": cfg.max_length,
+            "stage": cfg.stage,
+            "strategy": cfg.strategy,
+            "init_from": cfg.init_from,
+            "steps": len(log),
+            "tokens": sum(r["tokens"] for r in log),
+            "final_loss": log[-1]["loss"],
+            "samples": len(data.samples),
+            "bad_records": len(data.bad),
+            "lr": cfg.lr,
+            "max_length": cfg.max_length,
             "precision": _precision(cfg.precision),
-            "data": [{"path": d.path, "ratio": d.ratio, "samples": n} for d, n in zip(cfg.data, data.samples.mixture.counts)],
+            "data": [
+                {"path": d.path, "ratio": d.ratio, "samples": n} for d, n in zip(cfg.data, data.samples.mixture.counts)
+            ],
         }
-        return {"stages": (json.loads(earlier.read_text())["stages"] if cfg.init_from and earlier.is_file() else []) + [stage]}
+        return {
+            "stages": (json.loads(earlier.read_text())["stages"] if cfg.init_from and earlier.is_file() else [])
+            + [stage]
+        }
 
     def _finish(self, model: GenieBlueForConditionalGeneration, data: PreparedData) -> Path:
         acc = self.accelerator
@@ -338,7 +420,9 @@ class Trainer:
 
             acc.unwrap_model(model).save_pretrained(final, training=self._training_record(data))
             save_processor_settings(final, max_tiles=self.cfg.max_tiles, system_prompt=self.cfg.system_prompt)
-            loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}")
+            loss_curve(
+                self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}"
+            )
             if data.bad:
                 self.console.print(
                     f"[yellow]skipped {len(data.bad)} of {data.total} records[/yellow] "

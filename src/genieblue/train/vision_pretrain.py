@@ -106,6 +106,7 @@ def pretrain_vision(
     model: GenieBlueForConditionalGeneration,
     batches: Iterator[Batch],
     steps: int,
+    *,
     lr: float = 1e-3,
     seed: int = 0,
     on_step=None,

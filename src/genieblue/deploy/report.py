@@ -1,0 +1,108 @@
+"""`genieblue export` and `genieblue bench deploy` results for the console: the exported files, the
+paper's Table 9 on this machine, its targets, and what W4A16 costs."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def export_table(manifest: dict, folder: str) -> Table:
+    table = Table(
+        title=f"{folder}: {manifest['precision']}, vision graph "
+        f"{'fixed to 1 tile' if manifest['single_tile'] else 'any number of tiles'}"
+    )
+    table.add_column("file")
+    table.add_column("MB", justify="right")
+    table.add_column("read by")
+    readers = {
+        "text.onnx": "text mode",
+        "image.onnx": "image mode",
+        "vision.onnx": "image mode",
+        "base.onnx.data": "text and image mode (one copy)",
+        "delta.onnx.data": "image mode",
+    }
+    for name, size in manifest["bytes"].items():
+        table.add_row(name, f"{size / 2**20:.1f}", readers.get(name, ""))
+    return table
+
+
+def table9_table(result: dict) -> Table:
+    text, image = result["modes"]["text"], result["modes"]["image"]
+    table = Table(
+        title=f"Table 9 on this machine ({result['precision']}, onnxruntime CPU, "
+        f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens)"
+    )
+    for col in ("", "text mode", "image mode"):
+        table.add_column(col, justify="left" if not col else "right")
+    rows = [
+        ("load time (s)", "load_s", "{:.2f}"),
+        ("ViT time (ms)", "vit_s", "{:.1f}"),
+        ("prefill (tokens/s)", "prefill_tokens_per_s", "{:.1f}"),
+        ("decode (tokens/s)", "decode_tokens_per_s", "{:.1f}"),
+        ("storage (MB)", "storage_bytes", "{:.1f}"),
+        ("peak memory, RSS (MB)", "peak_rss_mb", "{:.0f}"),
+    ]
+    scale = {"vit_s": 1e3, "storage_bytes": 2**-20}
+    for label, key, fmt in rows:
+        cells = ["-" if r[key] is None else fmt.format(r[key] * scale.get(key, 1)) for r in (text, image)]
+        table.add_row(label, *cells)
+    return table
+
+
+def target_lines(result: dict) -> list[str]:
+    t = result["targets"]
+    parts, split = result["delta_bytes"], result["storage_breakdown"]
+    storage, decode, memory = t["storage_overhead"], t["decode_ratio"], t["single_base_in_memory"]
+    mark = {True: "met", False: "NOT met"}
+    return [
+        f"image-mode storage overhead: +{100 * storage['value']:.1f}% (paper +{100 * storage['paper']:.1f}%: "
+        f"{mark[storage['met']]}); delta: copies {parts['copies'] / 2**20:.1f} MB, "
+        f"LoRA {parts['lora'] / 2**20:.1f} MB, "
+        f"ViT + projector {parts['vision'] / 2**20:.1f} MB",
+        "  of text-mode storage: "
+        + ", ".join(f"{name} +{100 * v:.1f}%" for name, v in split.items() if name != "floor_copies_at_base_precision")
+        + f"; floor (copies at the base's precision) +{100 * split['floor_copies_at_base_precision']:.1f}%",
+        f"image / text decode: {100 * decode['value']:.1f}% (target >= {100 * decode['target']:.0f}%, paper "
+        f"{100 * decode['paper']:.0f}%: {mark[decode['met']]})",
+        "one copy of the base in memory: image-mode peak RSS exceeds text mode by "
+        f"{memory['image_minus_text_peak_rss_mb']:.0f} MB "
+        f"< base weights {memory['base_data_mb']:.0f} MB ({mark[memory['met']]})",
+    ]
+
+
+def accuracy_table(acc: dict) -> Table:
+    table = Table(title="What W4A16 costs (vs the float model)")
+    for col in ("", "float", "w4a16"):
+        table.add_column(col, justify="left" if not col else "right")
+    scores = acc["scores"]
+    table.add_row(
+        "held-out perplexity (text path)",
+        f"{scores['float']['perplexity']:.3f}",
+        f"{scores['w4a16']['perplexity']:.3f}",
+    )
+    table.add_row(
+        "held-out text QA (text path)",
+        f"{100 * scores['float']['text_qa']:.1f}%",
+        f"{100 * scores['w4a16']['text_qa']:.1f}%",
+    )
+    if "vqa" in scores["float"]:
+        table.add_row(
+            "VQA exact match (image path)",
+            f"{100 * scores['float']['vqa']:.1f}%",
+            f"{100 * scores['w4a16']['vqa']:.1f}%",
+        )
+    for mode, e in acc["logit_error"].items():
+        table.add_row(f"{mode} mode: max / mean |logit error|", "-", f"{e['max_abs']:.3f} / {e['mean_abs']:.3f}")
+        table.add_row(f"{mode} mode: same greedy token", "-", f"{100 * e['top1_agreement']:.1f}%")
+    for mode, e in acc["onnx_vs_pytorch"].items():
+        table.add_row(
+            f"ONNX vs PyTorch ({acc['exported_precision']}), {mode} mode: max |logit diff|", "-", f"{e['max_abs']:.2e}"
+        )
+    step = acc["deployed_text_stepwise"]
+    table.add_row(
+        f"exported text graph, token by token: perplexity ({step['positions']} tokens)",
+        f"{step['perplexity_reference']:.3f}",
+        f"{step['perplexity_deployed']:.3f}",
+    )
+    table.add_row("exported text graph, token by token: same next token", "-", f"{100 * step['same_next_token']:.1f}%")
+    return table
