@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -152,8 +153,14 @@ class Trainer:
         self.cfg = cfg
         self.stage0_source = stage0_source
         self.console = console or Console(stderr=True)
+        precision = _precision(cfg.precision)
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") != precision and PartialState().num_processes == 1:
+            # one process running stages of different precision in turn (a notebook, the tests):
+            # accelerate keeps the first precision for the whole process unless its state is cleared
+            AcceleratorState._reset_state()
         self.accelerator = Accelerator(
-            mixed_precision=_precision(cfg.precision),
+            mixed_precision=precision,
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
@@ -352,8 +359,14 @@ class Trainer:
         else:
             batches = stream_batches(self.stage0_source, processor, cfg.stage0_batch)
         losses = pretrain_vision(
-            model, batches, cfg.stage0_steps, lr=cfg.stage0_lr, seed=cfg.seed, on_step=on_step,
-            match=cfg.stage0_match, autocast=self.accelerator.autocast,
+            model,
+            batches,
+            cfg.stage0_steps,
+            lr=cfg.stage0_lr,
+            seed=cfg.seed,
+            on_step=on_step,
+            match=cfg.stage0_match,
+            autocast=self.accelerator.autocast,
         )
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
