@@ -352,15 +352,18 @@ WORDS = "the of and a to in is you that it was for on are as with they at be thi
 def _varied_records(rng, n: int, image: str, digits_from: int | None = None) -> list[dict]:
     """n conversations of 1-3 turns in two formats, some with a system turn or an image; from
     position `digits_from` on the text is digits (far more tokens per character than prose)."""
+
+    def say(most: int, digits: bool) -> str:
+        return " ".join(str(rng.randint(0, 99)) if digits else rng.choice(WORDS) for _ in range(rng.randint(1, most)))
+
     out = []
     for i in range(n):
-        word = (lambda: str(rng.randint(0, 99))) if digits_from is not None and i >= digits_from else lambda: rng.choice(WORDS)
-        say = lambda k: " ".join(word() for _ in range(rng.randint(1, k)))  # noqa: E731
-        turns = [x for _ in range(rng.randint(1, 3)) for x in (say(20) + "?", say(50) + ".")]
+        digits = digits_from is not None and i >= digits_from
+        turns = [x for _ in range(rng.randint(1, 3)) for x in (say(20, digits) + "?", say(50, digits) + ".")]
         record = {"id": f"r{i}", **_chat(*turns)} if i % 2 else {"id": f"r{i}", "messages": [
             {"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, turns)]}
         if i % 7 == 3:
-            record["system"] = say(12)  # both formats read a top-level system prompt
+            record["system"] = say(12, digits)  # both formats read a top-level system prompt
         if i % 5 == 1:
             record["image"] = image
         out.append(record)
