@@ -420,6 +420,110 @@ def test_mixture_follows_ratios_deterministically(tmp_path):
 
 
 # processor ------------------------------------------------------------------------------------
+WORDS = "the of and a to in is you that it was for on are as with they at be this have from or one had by".split()
+
+
+def _varied_records(rng, n: int, image: str, digits_from: int | None = None) -> list[dict]:
+    """n conversations of 1-3 turns in two formats, some with a system turn or an image; from
+    position `digits_from` on the text is digits (far more tokens per character than prose)."""
+
+    def say(most: int, digits: bool) -> str:
+        return " ".join(str(rng.randint(0, 99)) if digits else rng.choice(WORDS) for _ in range(rng.randint(1, most)))
+
+    out = []
+    for i in range(n):
+        digits = digits_from is not None and i >= digits_from
+        turns = [x for _ in range(rng.randint(1, 3)) for x in (say(20, digits) + "?", say(50, digits) + ".")]
+        record = (
+            {"id": f"r{i}", **_chat(*turns)}
+            if i % 2
+            else {
+                "id": f"r{i}",
+                "messages": [{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, turns)],
+            }
+        )
+        if i % 7 == 3:
+            record["system"] = say(12, digits)  # both formats read a top-level system prompt
+        if i % 5 == 1:
+            record["image"] = image
+        out.append(record)
+    return out
+
+
+def test_lengths_are_exact_for_a_sample_and_estimated_for_the_rest(tmp_path, tok, monkeypatch):
+    """A large source is measured exactly at its first records and every EXACT_EVERY-th one, and
+    estimated (from text characters, turns and a system turn; image tokens from the headers)
+    elsewhere, close to the exact count and mostly above it; records that are bad, or too long, are
+    refused before training wherever they sit, in file order; a small source is all exact."""
+    from genieblue.data import MixtureSamples, Source, lengths
+
+    monkeypatch.setattr(lengths, "EXACT_FIRST", 20)
+    monkeypatch.setattr(lengths, "EXACT_EVERY", 5)
+    _png(tmp_path / "a.png", size=(64, 32))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 9)
+    records = _varied_records(__import__("random").Random(0), 160, "a.png")
+    records[2] = {"id": "r2", "question": "Q"}  # malformed: refused when checked
+    records[33] = {"id": "r33", **_chat("<image>\nWhat is it?", "A cat."), "image": "broken.png"}  # header unreadable
+    records[47] = {"id": "r47", **_chat("tell me a story " * 300, "No.")}  # over max_length, estimated position
+    path = _write_json(tmp_path / "big.jsonl", records, jsonl=True)
+    proc = GenieBlueProcessor(tok, SIZE, PER_TILE, max_tiles=6, max_length=1024)
+    samples = MixtureSamples.from_sources([Source(path)], proc)
+    bad = samples.mixture.bad
+    assert [b.record_id for b in bad] == ["r2", "r33", "r47"], [str(b) for b in bad]
+    assert "no turns" in bad[0].reason and "cannot decode image" in bad[1].reason
+    assert bad[2].reason.endswith("tokens exceed max_length=1024")
+    assert len(samples) == 157 and samples.mixture.scanned == 160
+    ratios = []
+    for k in range(len(samples)):
+        sample = samples[k]  # encodes (an estimated length is never checked against the encoding)
+        position = int(sample.id[1:])
+        assert samples.exact(k) == (position < 20 or position % 5 == 0), position
+        if samples.exact(k):
+            assert samples.length(k) == len(sample), position
+        else:
+            ratios.append(samples.length(k) / len(sample))
+    assert len(ratios) == 110 and 0.9 < min(ratios) and max(ratios) < 1.2, (min(ratios), max(ratios))
+    assert sum(r >= 1 for r in ratios) >= 0.75 * len(ratios)  # scaled to the sample's 90% quantile
+
+    monkeypatch.setattr(lengths, "EXACT_FIRST", 4096)
+    exact = MixtureSamples.from_sources([Source(path)], proc)
+    assert all(exact.exact(k) for k in range(len(exact)))
+    assert [exact.mixture[k]["id"] for k in range(len(exact))] == [
+        samples.mixture[k]["id"] for k in range(len(samples))
+    ]
+    good = [r for r in scan_records(path)[0] if r["id"] not in ("r33", "r47")]
+    assert sorted(exact.lengths) == sorted(proc.lengths(good))
+
+
+def test_rows_packed_on_estimates_too_short_are_packed_again_exactly(tmp_path, tok, monkeypatch):
+    """Estimates that fall short (digits after a sample of prose) never make a row longer than
+    max_length nor lose a token: a step's samples, encoded exactly, are packed again and a batch
+    whose planned rows overflow gets one more row."""
+    from genieblue.data import MixtureSamples, Source, lengths
+
+    monkeypatch.setattr(lengths, "EXACT_FIRST", 40)
+    monkeypatch.setattr(lengths, "EXACT_EVERY", 10**6)
+    _png(tmp_path / "a.png")
+    path = _write_json(
+        tmp_path / "digits.jsonl", _varied_records(__import__("random").Random(1), 100, "a.png", 40), True
+    )
+    max_length = 512
+    samples = MixtureSamples.from_sources(
+        [Source(path)], GenieBlueProcessor(tok, SIZE, PER_TILE, max_length=max_length)
+    )
+    rows = first_fit(samples.lengths, max_length)
+    short = 0
+    for row in rows:
+        encoded = [samples[i] for i in row]
+        batch = pack(encoded, max_length=max_length, pad_id=0)
+        assert batch["input_ids"].shape[1] <= max_length
+        assert int((batch["labels"] != -100).sum()) == sum(int((s.labels[1:] != -100).sum()) for s in encoded)
+        kept = sorted(batch["input_ids"][batch["input_ids"] != 0].tolist())
+        assert kept == sorted(t for s in encoded for t in s.input_ids.tolist() if t != 0)  # every token, once
+        short += batch["input_ids"].shape[0] > 1
+    assert short > 0
+
+
 def _labelled(sample) -> list[int]:
     return sample.labels[sample.labels != -100].tolist()
 

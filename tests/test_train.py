@@ -445,9 +445,20 @@ def _bad_config(tmp_path, chat_base, synth_data, bad_data, **fields) -> Path:
     )
 
 
-def test_bad_records_are_skipped_and_reported(tmp_path, chat_base, synth_data, bad_data):
+@pytest.mark.parametrize("estimated", [False, True], ids=["exact", "estimated"])
+def test_bad_records_are_skipped_and_reported(tmp_path, chat_base, synth_data, bad_data, monkeypatch, estimated):
+    """The same report when most lengths are estimated (every other record measured exactly): the
+    too-long record, at an estimated position, is measured exactly for its doubt and refused."""
+    from genieblue.data import lengths
+
+    if estimated:
+        monkeypatch.setattr(lengths, "EXACT_FIRST", 0)
+        monkeypatch.setattr(lengths, "EXACT_EVERY", 2)
     config = _bad_config(tmp_path, chat_base, synth_data, bad_data, max_bad_fraction=0.5)
-    final = Trainer(TrainConfig.from_yaml(config)).run()
+    trainer = Trainer(TrainConfig.from_yaml(config))
+    samples = trainer_module.prepare_data(trainer.cfg, _processor(chat_base)).samples
+    assert all(samples.exact(k) for k in range(len(samples))) != estimated
+    final = trainer.run()
     assert (final / "delta.safetensors").is_file()
     report = json.loads((tmp_path / "run" / "bad_records.json").read_text())
     assert sorted(r["id"] for r in report) == sorted(BAD)  # each exactly once

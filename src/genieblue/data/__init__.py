@@ -1,8 +1,8 @@
 """The data room: records in (LLaVA, ShareGPT / LLaMA-Factory or OpenAI-style JSON / JSONL, read
 lazily, validated, mixed by ratio), images in (safe loading, dynamic-resolution tiling,
 normalisation), model inputs out (chat-template encoding with assistant-only labels, lengths for
-packing before any pixel is decoded, samples encoded per step, packed or padded batches), and the
-synthetic data sets.
+packing before any pixel is decoded, exact or estimated in bulk, samples encoded per step, packed or
+padded batches), and the synthetic data sets.
 
 Names are re-exported lazily, so `genieblue.data.synthetic` and the CLI do not load torch.
 """
@@ -23,6 +23,7 @@ _EXPORTS = {
         "tile_image",
     ),
     "dataset": ("MixtureSamples",),
+    "lengths": ("measure_lengths",),
     "packing": ("collate", "collate_prompts", "first_fit", "pack"),
     "processor": (
         "IGNORE_INDEX",

@@ -1,11 +1,14 @@
 """Training samples of a `DataMixture`, materialised lazily: every record is measured up front
-(token count from its text and its images' headers, enough to pack), and encoded, pixels and
-all, only when a step asks for it, so memory stays bounded however large the data files are."""
+(its token count, exact or estimated, from its text and its images' headers: enough to pack; see
+`lengths`), and encoded, pixels and all, only when a step asks for it, so memory stays bounded
+however large the data files are."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
+from .lengths import measure_lengths
 from .processor import GenieBlueProcessor, Sample
 from .records import BadRecord, DataMixture, Source
 
@@ -13,7 +16,8 @@ from .records import BadRecord, DataMixture, Source
 class MixtureSamples(Sequence):
     """`samples[i]` encodes position i of the mixture (raising `BadRecord` / `ImageError` /
     `ValueError` for a record that fails only now, e.g. an image whose pixels are corrupt);
-    `length(i)` is its token count, known without encoding."""
+    `length(i)` is its token count, known without encoding, exact where `exact(i)` and an
+    estimate otherwise."""
 
     def __init__(self, mixture: DataMixture, processor: GenieBlueProcessor):
         self.mixture = mixture
@@ -25,7 +29,8 @@ class MixtureSamples(Sequence):
     def from_sources(
         cls, sources: list[Source], processor: GenieBlueProcessor, seed: int = 0, on_record=None
     ) -> MixtureSamples:
-        return cls(DataMixture(sources, seed=seed, measure=processor.lengths, on_record=on_record), processor)
+        measure = partial(measure_lengths, processor)
+        return cls(DataMixture(sources, seed=seed, measure=measure, on_record=on_record), processor)
 
     def __len__(self) -> int:
         return len(self.mixture)
@@ -33,13 +38,16 @@ class MixtureSamples(Sequence):
     def length(self, index: int) -> int:
         return self.mixture.measure(index)
 
+    def exact(self, index: int) -> bool:
+        return self.mixture.exact(index)
+
     @property
     def lengths(self) -> list[int]:
         return [self.mixture.measure(i) for i in range(len(self))]
 
     def __getitem__(self, index: int) -> Sample:
         sample = self.processor.encode(self.mixture[index])
-        if len(sample) != self.length(index):  # an image whose header told another tile count
+        if self.exact(index) and len(sample) != self.length(index):  # an image whose header told another tile count
             raise BadRecord(
                 sample.id, f"{len(sample)} tokens once decoded, {self.length(index)} from the image headers"
             )

@@ -104,7 +104,7 @@ class GenieBlueProcessor:
         for record in records:
             try:
                 record, _, text = self._rendered(record, image_folder)
-                tiles = [image_tiles(path, self.image_size, self.max_tiles) for path in record.get("images", [])]
+                tiles = self._tiles(record)
                 parts = text.split(IMAGE_PLACEHOLDER)
                 _check_placeholders(parts, tiles)
                 out.append((record, len(pieces), len(parts), sum(tiles) * self.tokens_per_tile))
@@ -119,6 +119,11 @@ class GenieBlueProcessor:
                 if out[k] > self.max_length:
                     out[k] = self._too_long(record, out[k])
         return out
+
+    def image_tokens(self, record: dict) -> int:
+        """How many image tokens a checked record's images make, from their headers alone; raises
+        `ImageError` for an image whose header cannot be read."""
+        return sum(self._tiles(record)) * self.tokens_per_tile
 
     def prompt(self, messages: list[dict], images: list | tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(input_ids (1, T), pixel_values or None) for generation: the chat template with the
@@ -146,6 +151,9 @@ class GenieBlueProcessor:
             [{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
         )
         return record, messages, self._render(messages, add_generation_prompt=False)
+
+    def _tiles(self, record: dict) -> list[int]:
+        return [image_tiles(path, self.image_size, self.max_tiles) for path in record.get("images", [])]
 
     def _too_long(self, record: dict, length: int) -> BadRecord:
         return BadRecord(record["id"], f"{length} tokens exceed max_length={self.max_length}")

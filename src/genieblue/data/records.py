@@ -315,8 +315,8 @@ def _shares(weights: list[float], size: int) -> list[int]:
     return counts
 
 
-MEASURE_BATCH = 1024
-"""Records measured per call of a mixture's `measure`."""
+PROGRESS_EVERY = 1024
+"""Records read between two calls of a mixture's `on_record`."""
 
 
 class DataMixture:
@@ -324,12 +324,14 @@ class DataMixture:
     share of the list follows its ratio. `size` defaults to the total record count; a source with
     fewer records than its share is repeated (in reshuffled passes), a larger one subsampled.
 
-    Every record is read once to validate it and, with `measure` (a function of a list of checked
-    records giving a number or an exception per record, e.g. a processor's `lengths`), to measure
-    it; what fails either is left out and kept in `bad` (one `BadRecord` each) for the caller to
-    report; `scanned` counts every record read and `on_record(n)` is told each time n more were.
-    Only byte spans, the drawn order and the measures stay in memory; `mixture[i]` re-reads
-    record i from its file."""
+    Every record is read once to validate it and, with `measure`, to measure it: `measure(checked,
+    reload)` is given an iterator of one source's (position, checked record) and a function
+    reloading the record at a position, and yields (position, value, exact) for each, value a number
+    (exact or estimated, e.g. `lengths.measure_lengths`) or the `BadRecord` that makes the record
+    unusable. What fails either is left out and kept in `bad` (one `BadRecord` each, in file order)
+    for the caller to report; `scanned` counts every record read and `on_record(n)` is told each
+    time n more were. Only byte spans, the drawn order and the measures stay in memory;
+    `mixture[i]` re-reads record i from its file."""
 
     def __init__(self, sources, seed: int = 0, size: int | None = None, measure=None, on_record=None):
         self.sources = [s if isinstance(s, Source) else Source(*s) for s in sources]
@@ -338,7 +340,8 @@ class DataMixture:
         self.files = [RecordFile(s.path) for s in self.sources]
         self.bad: list[BadRecord] = []
         self.scanned = 0
-        self._source, self._index, self._measures = array("l"), array("q"), array("q")  # per usable record
+        # per usable record: its source, its position there, its measure and whether that is exact
+        self._source, self._index, self._measures, self._exact = array("l"), array("q"), array("q"), array("b")
         pools = [self._scan(n, measure, on_record) for n in range(len(self.sources))]
         rng = random.Random(seed)
         size = sum(len(p) for p in pools) if size is None else size
@@ -350,39 +353,41 @@ class DataMixture:
         """Validate (and measure) source n's records; returns the ids of its usable ones."""
         source, file = self.sources[n], self.files[n]
         folder = Path(source.image_folder) if source.image_folder is not None else file.path.parent
-        first_good, checked, seen = len(self._index), [], {"count": 0, "first": None, "reason": ""}
+        first_good, bad, seen = len(self._index), [], {"count": 0, "first": None}
 
-        def refuse(i: int, err: BadRecord) -> None:
-            self.bad.append(err)
-            if i == 0:
-                seen["reason"] = err.reason
+        def check(i: int, raw) -> dict:
+            return check_record(raw, folder, fallback_id=f"{file.path.name}#{i}")
 
-        def flush() -> None:
-            values = measure([record for _, record in checked]) if measure else [0] * len(checked)
-            for (i, record), value in zip(checked, values):
-                if isinstance(value, Exception):
-                    refuse(i, value if isinstance(value, BadRecord) else BadRecord(record["id"], str(value)))
-                else:
-                    self._source.append(n)
-                    self._index.append(i)
-                    self._measures.append(value)
+        def checked():
+            for i, raw in file.scan():
+                seen["count"] += 1
+                seen["first"] = raw if i == 0 else seen["first"]
+                if on_record and seen["count"] % PROGRESS_EVERY == 0:
+                    on_record(PROGRESS_EVERY)
+                try:
+                    yield i, check(i, raw)
+                except BadRecord as err:
+                    bad.append((i, err))
             if on_record:
-                on_record(len(checked))
-            checked.clear()
+                on_record(seen["count"] % PROGRESS_EVERY)
 
-        for i, raw in file.scan():
-            seen["count"] += 1
-            seen["first"] = raw if i == 0 else seen["first"]
-            try:
-                checked.append((i, check_record(raw, folder, fallback_id=f"{file.path.name}#{i}")))
-            except BadRecord as err:
-                refuse(i, err)
-            if len(checked) == MEASURE_BATCH:
-                flush()
-        flush()
+        results = (
+            measure(checked(), lambda i: check(i, file.load(i))) if measure else ((i, 0, True) for i, _ in checked())
+        )
+        for i, value, exact in results:
+            if isinstance(value, BadRecord):
+                bad.append((i, value))
+                continue
+            self._source.append(n)
+            self._index.append(i)
+            self._measures.append(value)
+            self._exact.append(exact)
+        bad.sort(key=lambda b: b[0])
+        self.bad += [err for _, err in bad]
         self.scanned += seen["count"]
         if len(self._index) == first_good:
-            raise ValueError(unusable_file(source.path, seen["count"], seen["first"], seen["reason"]))
+            reason = bad[0][1].reason if bad and bad[0][0] == 0 else ""
+            raise ValueError(unusable_file(source.path, seen["count"], seen["first"], reason))
         return range(first_good, len(self._index))
 
     @property
@@ -396,6 +401,10 @@ class DataMixture:
     def measure(self, index: int) -> int:
         """`measure` of the record at position `index` (0 without one)."""
         return self._measures[self._order[index]]
+
+    def exact(self, index: int) -> bool:
+        """Whether that measure is exact rather than an estimate."""
+        return bool(self._exact[self._order[index]])
 
     def __getitem__(self, index: int) -> dict:
         g = self._order[index]

@@ -73,8 +73,9 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
 
 
 def prepare_data(cfg: TrainConfig, processor: GenieBlueProcessor, progress=None) -> PreparedData:
-    """Read, check and measure every record of the mixture (no pixel decoded: samples are encoded
-    when a step asks for them); unusable ones are skipped and listed, never fatal alone."""
+    """Read, check and measure every record of the mixture (token counts exact or, in a large
+    source, mostly estimated: see `data.lengths`; no pixel decoded: samples are encoded when a step
+    asks for them); unusable ones are skipped and listed, never fatal alone."""
     if not cfg.data:
         raise ValueError("the config names no data: add `data: [{path: train.json}]`")
     sources = [Source(d.path, d.ratio, d.image_folder) for d in cfg.data]
