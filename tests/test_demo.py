@@ -40,6 +40,8 @@ def short_demo(tmp_path_factory):
         "1",
         "--stage2-epochs",
         "1",
+        "--compare",
+        "full",
     )  # 2 steps: the first one's learning rate is 0 (warm-up)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
@@ -58,6 +60,19 @@ def test_short_demo_writes_reports_and_keeps_the_base_exact(short_demo):
     assert ret["logit_equality_shared"]["max_abs_diff"] > 0
     assert set(report["results"]["genieblue-skip"]["multimodal"]["per_group"]) == set(report["tasks"])
     assert "| colour |" in (short_demo / "report.md").read_text()
+    # one stage 0 + 1, shared: full fine-tuning's stage 2 starts from the same folder as genieblue-skip's
+    starts = {
+        s: json.loads((short_demo / f"runs/{s}/stage2/final/training.json").read_text())["stages"]
+        for s in ("genieblue-skip", "full")
+    }
+    assert [st["strategy"] for st in starts["full"]] == ["genieblue-skip", "full"]
+    assert starts["full"][:1] == starts["genieblue-skip"][:1]
+    assert (
+        starts["full"][1]["init_from"]
+        == starts["genieblue-skip"][1]["init_from"]
+        == str(short_demo / "runs/stage1/final")
+    )
+    assert set(report["results"]) == {"genieblue-skip", "full"}
 
 
 @pytest.mark.integration

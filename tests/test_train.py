@@ -790,3 +790,30 @@ def test_stage0_trains_the_vision_tower_only(tmp_path, chat_base, synth_data):
     rms = lambda m: m.vision(pixels).pow(2).mean().sqrt()  # noqa: E731
     with torch.no_grad():
         assert abs(torch.log(rms(after) / target)) < abs(torch.log(rms(before) / target))
+
+
+def test_one_stage_1_starts_another_strategys_stage_2_and_a_stage_2_folder_does_not(tmp_path, chat_base, synth_data):
+    common = dict(llm=chat_base, vision=TINY_SIGLIP, max_length=256, batch_size=2, max_steps=1, precision="no")
+    stage1 = TrainConfig(
+        stage=1, data=[{"path": str(synth_data["caption"])}], output_dir=str(tmp_path / "s1"), **common
+    )
+    first = Trainer(stage1).run()
+    full = TrainConfig(
+        stage=2,
+        strategy="full",
+        init_from=str(first),
+        data=[{"path": str(synth_data["train"])}],
+        output_dir=str(tmp_path / "full"),
+        **common,
+    )
+    model = build_model(full)
+    saved = GenieBlueForConditionalGeneration.from_pretrained(first, llm=chat_base)
+    assert model.strategy.name == "full" and saved.strategy.name == "genieblue-skip"
+    mine, theirs = model.vision.state_dict(), saved.vision.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    second = Trainer(full).run()
+    again = TrainConfig(
+        stage=2, strategy="lora", init_from=str(second), data=full.data, output_dir=str(tmp_path / "x"), **common
+    )
+    with pytest.raises(ValueError, match="beyond stage 1"):
+        build_model(again)

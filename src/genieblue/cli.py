@@ -169,13 +169,13 @@ def demo(
     ),
     stage0_steps: int | None = typer.Option(
         None,
-        help="Stage-0 steps (default 300): the from-scratch vision tower learns "
+        help="Stage-0 steps (default 900): the from-scratch vision tower learns "
         "to spell captions of freshly drawn images in the LLM's embeddings (0: skip).",
     ),
     stage1_steps: int | None = typer.Option(
         None, help="Stage-1 optimizer steps (token mixer + projector only; default 15)."
     ),
-    stage2_epochs: float | None = typer.Option(None, help="Stage-2 epochs (default 0.5)."),
+    stage2_epochs: float | None = typer.Option(None, help="Stage-2 epochs (default 1.0)."),
     seed: int = typer.Option(0, help="Seed for data and training."),
 ):
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:

@@ -169,11 +169,12 @@ def _position(rng: random.Random, size: int):
         cx, cy = (main, off) if horizontal else (off, main)
         _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, rgb)
     relation = "left or right of" if horizontal else "above or below"
-    # the caption names the left (upper) shape first, so it follows from the image alone, each colour
-    # followed by its side: whichever shape a question asks about, its answer is the line after its name
+    # the caption names the left (upper) shape first, so it follows from the image alone, each shape
+    # (in the question's words) followed by its side: whichever a question asks about, its answer is
+    # the line after its name
     first, second = (name_a, name_b) if answer in ("left", "above") else (name_b, name_a)
     sides = ("left", "right") if horizontal else ("above", "below")
-    caption = f"{first}\n{sides[0]}\n{second}\n{sides[1]}"
+    caption = f"the {first} shape:\n{sides[0]}\nthe {second} shape:\n{sides[1]}"
     return image, f"Is the {name_a} shape {relation} the {name_b} shape?" + ONE_WORD, answer, caption
 
 
@@ -226,8 +227,10 @@ def _chart(rng: random.Random, size: int):
         draw.text((cx, bottom + 2 * SCALE), letter, fill=(0, 0, 0), font=font, anchor="mt")
     draw.rectangle((left, bottom, right - 1, bottom + SCALE - 1), fill=(0, 0, 0))  # x axis
     draw.rectangle((left, bottom - 10 * unit, left + SCALE - 1, bottom - 1), fill=(0, 0, 0))  # y axis
-    # compact (each value one digit token right after its letter) so the caption fits the image tokens
-    return image, question + A_NUMBER, str(answer), " ".join(f"{k}{v}" for k, v in zip(letters, values)) + f" top {max(values)}"
+    # compact (each value one digit token right after its letter, "tallest" as the question says it)
+    # so the caption fits the image tokens
+    caption = "bar " + " ".join(f"{k}{v}" for k, v in zip(letters, values)) + f" tallest {max(values)}"
+    return image, question + A_NUMBER, str(answer), caption
 
 
 _MAKERS: dict[str, Callable[[random.Random, int], tuple[Image.Image, str, str, str]]] = {
@@ -246,7 +249,9 @@ def make_sample(task: str, rng: random.Random, image_size: int = 64) -> tuple[Im
     return image.resize((image_size, image_size), Image.Resampling.BOX), question, answer, caption
 
 
-def caption_stream(seed: int = 0, image_size: int = 64, tasks: Sequence[str] = TASKS) -> Iterator[tuple[Image.Image, str]]:
+def caption_stream(
+    seed: int = 0, image_size: int = 64, tasks: Sequence[str] = TASKS
+) -> Iterator[tuple[Image.Image, str]]:
     """Endless (image, caption) pairs, tasks round-robin, sample i seeded by (seed, i); the seeds
     never meet `generate_dataset`'s, so no stream image is a test image."""
     for i in itertools.count():

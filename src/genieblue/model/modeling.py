@@ -45,6 +45,9 @@ feature map at 64 px gives 16 image tokens, mixed across the tile. Convolutions 
 and glyphs from scratch in a few hundred steps where a ViT of the same cost does not (see README)."""
 
 
+VISION_PREFIX = "vision."  # state-dict keys of the vision tower and connector
+
+
 def _refuse_placeholders(placeholders: int) -> None:
     if placeholders:
         raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
@@ -128,7 +131,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
     def _delta_prefixes(self) -> list[str]:
         """State-dict prefixes of the delta: the vision tower, and what the routing wrappers name."""
         members = delta_members(self)
-        return ["vision.", *(f"{name}." if isinstance(child, nn.Module) else name for name, _, child in members)]
+        return [VISION_PREFIX, *(f"{name}." if isinstance(child, nn.Module) else name for name, _, child in members)]
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that is not the base LLM: copies, experts, LoRA, projector and ViT."""
@@ -136,7 +139,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def llm_delta_parameters(self) -> list[nn.Parameter]:
-        prefixes = tuple(p for p in self._delta_prefixes() if p != "vision.")
+        prefixes = tuple(p for p in self._delta_prefixes() if p != VISION_PREFIX)
         return [p for name, p in self.named_parameters() if name.startswith(prefixes)]
 
     @property
@@ -265,10 +268,16 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, llm: str | PreTrainedModel | None = None, dtype: torch.dtype = torch.float32
+        cls,
+        directory: str | Path,
+        llm: str | PreTrainedModel | None = None,
+        dtype: torch.dtype = torch.float32,
+        strategy: Strategy | None = None,
     ) -> GenieBlueForConditionalGeneration:
         """Load a saved delta onto its base (from the manifest, or `llm` to point elsewhere).
-        Refuses a base whose weights differ from the ones the delta was trained on."""
+        Refuses a base whose weights differ from the ones the delta was trained on. A `strategy` other
+        than the saved one takes only the vision tower and connector from the folder; its LLM delta
+        starts fresh (one stage 1 shared by several stage-2 strategies)."""
         directory = check_model_folder(directory)
         manifest = json.loads((directory / MANIFEST).read_text())
         spec = manifest["base"]["llm"]
@@ -285,8 +294,13 @@ class GenieBlueForConditionalGeneration(nn.Module):
             )
         vision = dict(manifest["vision"])
         tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision)
-        model = cls(base, tower, Strategy(**manifest["strategy"]), spec, fp, manifest.get("shared_base", False))
+        saved = Strategy(**manifest["strategy"])
+        model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False))
         state = load_file(directory / DELTA)
+        if strategy is not None and strategy != saved:
+            state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
+            model.load_state_dict(state, strict=False)
+            return model
         expected = set(model.delta_state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -31,7 +31,7 @@ from ..data.dataset import MixtureSamples
 from ..data.packing import first_fit, pack
 from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
-from ..model import GenieBlueForConditionalGeneration, load_tokenizer
+from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
 from ..model.folder import TRAINING
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
@@ -55,9 +55,16 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
     if cfg.init_from:
         model = GenieBlueForConditionalGeneration.from_pretrained(cfg.init_from, llm=cfg.llm)
         if model.strategy.name != cfg.strategy:
-            raise ValueError(
-                f"init_from {cfg.init_from} uses strategy {model.strategy.name}, config asks {cfg.strategy}"
-            )
+            # a stage-1 folder (LLM delta untrained) may start any strategy's stage 2: tower and connector only
+            record = Path(cfg.init_from) / TRAINING
+            stages = json.loads(record.read_text())["stages"] if record.is_file() else [{"stage": 2}]
+            if any(s["stage"] != 1 for s in stages):
+                raise ValueError(
+                    f"init_from {cfg.init_from} was trained beyond stage 1 with strategy {model.strategy.name}; "
+                    f"the config asks {cfg.strategy} (only a stage-1 folder can start another strategy)"
+                )
+            strategy = Strategy(cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+            model = GenieBlueForConditionalGeneration.from_pretrained(cfg.init_from, llm=cfg.llm, strategy=strategy)
     else:
         model = GenieBlueForConditionalGeneration.from_base(
             cfg.llm,

@@ -88,13 +88,16 @@ def stream_batches(pairs: Iterator, processor, batch_size: int) -> Iterator[Batc
     (one tile per image; the reply's tokens without special tokens)."""
     while True:
         chunk = [next(pairs) for _ in range(batch_size)]
-        pixels = torch.cat([image_to_tensor(image, processor.image_size, 1, processor.vision_type) for image, _ in chunk])
+        pixels = torch.cat(
+            [image_to_tensor(image, processor.image_size, 1, processor.vision_type) for image, _ in chunk]
+        )
         replies = [tuple(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for _, text in chunk]
         yield pixels, replies
 
 
-def caption_loss(tokens: torch.Tensor, weight: torch.Tensor, log_scale: torch.Tensor, targets: torch.Tensor,
-                 negatives: torch.Tensor) -> torch.Tensor:
+def caption_loss(
+    tokens: torch.Tensor, weight: torch.Tensor, log_scale: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
+) -> torch.Tensor:
     """Mean cross-entropy of targets (N, K) for image tokens (N, K, D), each scored against the
     embedding rows `weight` (V, D) of the batch's target ids plus `negatives` (random ids)."""
     rows, column = torch.unique(torch.cat([targets.flatten(), negatives]), return_inverse=True)
@@ -132,7 +135,9 @@ def pretrain_vision(
         with autocast():
             tokens = tower(pixels).float()
         targets = cyclic_targets(replies, tokens.shape[1])
-        loss = caption_loss(tokens, weight, log_scale, targets, torch.randint(len(weight), (negatives,), generator=sampler))
+        loss = caption_loss(
+            tokens, weight, log_scale, targets, torch.randint(len(weight), (negatives,), generator=sampler)
+        )
         loss = loss + (tokens.pow(2).mean(-1).sqrt().log() - target_rms.log()).pow(2).mean()
         if match:
             loss = loss + match * (1 - F.cosine_similarity(tokens, weight[targets], dim=-1)).mean()
