@@ -43,9 +43,11 @@ from genieblue.train.optim import build_optimizer, param_groups
 from genieblue.train.trainer import build_model
 from genieblue.train.vision_pretrain import (
     caption_loss,
+    common_tokens,
     cyclic_targets,
     informative_tokens,
     pretrain_vision,
+    sample_batches,
     stream_batches,
 )
 
@@ -817,3 +819,27 @@ def test_one_stage_1_starts_another_strategys_stage_2_and_a_stage_2_folder_does_
     )
     with pytest.raises(ValueError, match="beyond stage 1"):
         build_model(again)
+
+
+def test_stage0_record_batches_encode_the_samples_batch_by_batch(chat_base, synth_data):
+    processor = _processor(chat_base)
+    records = read_records(synth_data["caption"])
+    folder = Path(synth_data["caption"]).parent
+
+    class Encoded(list):  # the records, encoded (pixels decoded) only when indexed, counting how often
+        calls = 0
+
+        def __getitem__(self, i):
+            Encoded.calls += 1
+            return processor.encode(records[i], folder)
+
+    samples = Encoded(records)
+    batches = sample_batches(samples, 4, probe=8)
+    pixels, replies = next(batches)
+    assert pixels.shape == (4, 3, processor.image_size, processor.image_size) and len(replies) == 4
+    assert Encoded.calls == 8 + 4  # the probe, then one batch: never the whole data set
+    probed = [processor.encode(records[i], folder) for i in range(8)]
+    common = common_tokens([tuple(int(t) for t in s.labels[s.labels != -100]) for s in probed])
+    assert common and all(reply and not set(reply) & common for reply in replies)
+    next(batches)
+    assert Encoded.calls == 8 + 8

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,24 +41,25 @@ Batch = tuple[torch.Tensor, list[tuple[int, ...]]]
 """(pixels (N, 3, S, S), N token-id replies)."""
 
 
-def _pairs(samples: list[Sample]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-    """The last tile (the thumbnail when tiled) of every sample with an image, and its reply ids."""
-    tiles, replies = [], []
-    for s in samples:
-        if s.pixel_values is None or not bool((s.input_ids == IMAGE_TOKEN_INDEX).any()):
-            continue
-        reply = s.labels[s.labels != IGNORE_INDEX]
-        if len(reply):
-            tiles.append(s.pixel_values[-1])
-            replies.append(tuple(int(t) for t in reply))
-    return (torch.stack(tiles) if tiles else torch.empty(0)), replies
+def _pair(sample: Sample | None) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """The last tile (the thumbnail when tiled) of a sample with an image, and its reply ids; None for
+    a sample without an image or a reply (or one that failed to encode)."""
+    if sample is None or sample.pixel_values is None or not bool((sample.input_ids == IMAGE_TOKEN_INDEX).any()):
+        return None
+    reply = sample.labels[sample.labels != IGNORE_INDEX]
+    return (sample.pixel_values[-1], tuple(int(t) for t in reply)) if len(reply) else None
 
 
-def informative_tokens(replies: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """Each reply without the tokens found in more than half of all replies (end-of-turn markers,
-    newlines); a reply made only of such tokens is kept whole."""
+def common_tokens(replies: list[tuple[int, ...]]) -> set[int]:
+    """The tokens found in more than half of the replies (end-of-turn markers, newlines)."""
     counts = Counter(t for reply in replies for t in set(reply))
-    common = {t for t, n in counts.items() if n > len(replies) / 2}
+    return {t for t, n in counts.items() if n > len(replies) / 2}
+
+
+def informative_tokens(replies: list[tuple[int, ...]], common: set[int] | None = None) -> list[tuple[int, ...]]:
+    """Each reply without the `common` tokens (default: `common_tokens(replies)`); a reply made only of
+    such tokens is kept whole."""
+    common = common_tokens(replies) if common is None else common
     return [tuple(t for t in r if t not in common) or r for r in replies]
 
 
@@ -67,20 +68,28 @@ def cyclic_targets(replies: list[tuple[int, ...]], tokens: int) -> torch.Tensor:
     return torch.tensor([[reply[k % len(reply)] for k in range(tokens)] for reply in replies])
 
 
-def sample_batches(samples: list[Sample], batch_size: int, seed: int = 0) -> Iterator[Batch]:
-    """Endless shuffled batches of the samples' images and informative reply tokens."""
-    tiles, replies = _pairs(samples)
-    if len(replies) < 2:
-        raise ValueError("stage 0 needs at least 2 samples with an image and a reply")
-    replies = informative_tokens(replies)
+def sample_batches(samples: Sequence, batch_size: int, seed: int = 0, probe: int = 1024) -> Iterator[Batch]:
+    """Endless shuffled batches of the samples' images and informative reply tokens. `samples` is a
+    sequence of `Sample`s (or of None for one that fails to encode, as `MixtureSamples.sample` gives),
+    encoded batch by batch, so a large data set never sits decoded in memory; the common tokens are
+    found on the first `probe` samples."""
+    get = samples.sample if hasattr(samples, "sample") else samples.__getitem__
+    probed = [p for p in map(_pair, map(get, range(min(probe, len(samples))))) if p is not None]
+    if len(probed) < 2:
+        raise ValueError(f"stage 0 needs at least 2 samples with an image and a reply among the first {probe}")
+    common = common_tokens([reply for _, reply in probed])
     rng, order = random.Random(seed), []
     while True:
-        if len(order) < batch_size:
-            fresh = list(range(len(replies)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch, order = order[:batch_size], order[batch_size:]
-        yield tiles[batch], [replies[i] for i in batch]
+        tiles, replies = [], []
+        while len(tiles) < batch_size:
+            if not order:
+                order = list(range(len(samples)))
+                rng.shuffle(order)
+            pair = _pair(get(order.pop()))
+            if pair is not None:
+                tiles.append(pair[0])
+                replies.append(pair[1])
+        yield torch.stack(tiles), informative_tokens(replies, common)
 
 
 def stream_batches(pairs: Iterator, processor, batch_size: int) -> Iterator[Batch]:
