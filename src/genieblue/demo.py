@@ -11,7 +11,7 @@ import math
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from rich.console import Console
 from ._io import write_json
 from .data import read_records
 from .data.synthetic import TASKS, caption_stream, generate_dataset, task_info, text_only_samples
+from .demo_config import DemoConfig
 from .eval.answers import answer_loss, answer_records, exact_match
 from .eval.text import logit_equality, perplexity, text_qa
 from .loading import load_model_and_processor
@@ -30,30 +31,6 @@ from .train import DataSource, TrainConfig, Trainer
 MAIN = "genieblue-skip"
 LOSS_SAMPLE = 240  # test questions whose answer loss is measured with real and with shuffled images
 SYSTEM_PROMPT = "Answer briefly."
-
-
-@dataclass
-class DemoConfig:
-    out: str = "demo_out"
-    llm: str | None = None
-    compare: list[str] = field(default_factory=list)
-    n_train: int = 1200
-    n_test: int = 480
-    seeds: int = 1  # training seeds per strategy (seed, seed+1, ...); the data stay those of `seed`
-    text_fraction: float = 0.1  # text-only samples mixed into stage 2
-    stage0_steps: int = 900  # the vision tower learns to spell captions of fresh images (see train.vision_pretrain)
-    # how many of every 11 stage-0 images each task draws: the tasks a tower finds hard more often
-    stage0_weights: dict[str, int] = field(
-        default_factory=lambda: {"colour": 1, "shape": 1, "count": 2, "position": 2, "read": 3, "chart": 2}
-    )
-    stage1_steps: int = 15
-    stage2_epochs: float = 1.0
-    max_length: int = 640  # ~12 samples per packed row: one optimizer step
-    lr: float = 6e-4  # copies / experts / LoRA / full weights
-    vision_lr: float = 1e-3  # token mixer and projector in stage 1
-    stage2_vision_lr: float = 3e-4  # the whole tower in stage 2, gently: stage 0 already taught it to spell
-    image_size: int = 64
-    seed: int = 0
 
 
 class Demo:
