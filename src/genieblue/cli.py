@@ -22,10 +22,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # option types the commands share
-ModelDir = Annotated[
-    str,
-    typer.Option("--model", "-m", help="A saved GenieBlue folder (e.g. demo_out/runs/genieblue-skip/stage2/final)."),
-]
+MODEL_HELP = "A saved GenieBlue folder (e.g. demo_out/runs/genieblue-skip/stage2/final)."
+ModelDir = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 BaseLLM = Annotated[
     str | None,
     typer.Option(help="Base LLM: HF hub id, local folder or .gguf file (default: built-in SmolLM2-135M-Instruct)."),
@@ -227,7 +225,12 @@ def chat(
 
 @app.command()
 def serve(
-    model: ModelDir,
+    model: Annotated[str | None, typer.Option("--model", "-m", show_default=False, help=MODEL_HELP)] = None,
+    onnx: str | None = typer.Option(
+        None,
+        show_default=False,
+        help="Serve a folder written by `genieblue export` under onnxruntime instead of a saved model (not with -m).",
+    ),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     allow_local_images: bool = typer.Option(False, help="Accept local file paths as image URLs (never http)."),
@@ -243,8 +246,9 @@ def serve(
     max_queue: int = typer.Option(64, min=1, help="Most requests waiting for the model (503 when full)."),
 ):
     """Serve an OpenAI-compatible API: POST /v1/chat/completions (streaming too), GET /v1/models,
-    GET /health. Text-only requests run the untouched base; concurrent requests are batched.
-    Binding a --host other than loopback without --api-key prints a warning.
+    GET /health. Text-only requests run the untouched base; concurrent requests are batched
+    (with --onnx: the quantised base, one request at a time). Binding a --host other than loopback
+    without --api-key prints a warning.
 
     Example: GENIEBLUE_API_KEY=secret genieblue serve -m demo_out/runs/genieblue-skip/stage2/final --port 8000
     """
@@ -253,6 +257,7 @@ def serve(
     with _failures():
         run_server(
             model,
+            onnx=onnx,
             host=host,
             port=port,
             allow_local_images=allow_local_images,
