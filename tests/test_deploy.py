@@ -610,7 +610,10 @@ def test_serve_onnx_replies_are_the_deployed_runtimes_greedy_tokens(cli_export, 
     assert body["choices"][0]["message"]["content"] == tokenizer.decode(tokens, skip_special_tokens=True)
     assert body["usage"]["prompt_tokens"] == ids.shape[1] and body["usage"]["completion_tokens"] == 5
 
-    # sampled with temperature and top_p: a reply within max_tokens
+    # sampled: a nucleus too small for a second token is the greedy reply; a wide one answers
+    greedy = _post(url, "Name a colour.", temperature=0, max_tokens=6).json()["choices"][0]["message"]
+    narrow = _post(url, "Name a colour.", temperature=1.5, top_p=1e-6, max_tokens=6).json()["choices"][0]["message"]
+    assert narrow == greedy
     body = _post(url, "Name a colour.", temperature=0.8, top_p=0.9, max_tokens=4).json()
     assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 4
 

@@ -494,8 +494,9 @@ def export(
     Writes OUT/text.onnx (a decoder step of the untouched base with a KV cache), OUT/image.onnx (the same step
     with block copies and LoRA, image features spliced in at the placeholders), OUT/vision.onnx (ViT +
     downsampler + projector), OUT/base.onnx.data (the base weights, ONE copy, read by both decoder graphs),
-    OUT/delta.onnx.data (copies, LoRA, ViT, projector) and OUT/deploy.json. Static dense ops only: no routing,
-    no data-dependent control flow; with w4a16, q/k/v and gate/up (and their LoRA) run as one op each.
+    OUT/delta.onnx.data (copies, LoRA, ViT, projector), OUT/deploy.json, and OUT/tokenizer/ + OUT/processor.json
+    (for `genieblue serve --onnx OUT`). Static dense ops only: no routing, no data-dependent control flow;
+    with w4a16, q/k/v and gate/up (and their LoRA) run as one op each.
 
     Example: genieblue export -m demo_out/runs/genieblue-skip/stage2/final -o phone --single-tile
     """

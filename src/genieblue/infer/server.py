@@ -1,6 +1,5 @@
 """An OpenAI-compatible HTTP server over an engine (`Engine`, or `OnnxEngine` for an exported
-folder): POST /v1/chat/completions (plain or SSE
-streaming), GET /v1/models and GET /health.
+folder): POST /v1/chat/completions (plain or SSE streaming), GET /v1/models and GET /health.
 
 Images arrive as `image_url` content parts holding base64 `data:` URLs (local file paths only when
 allowed; http(s) URLs are never fetched). Every bad request - oversized or corrupt image, bad
@@ -320,7 +319,6 @@ def serve(
         raise ValueError("give -m/--model (a saved model folder) or --onnx (a folder written by genieblue export)")
     if onnx is not None and llm is not None:
         raise ValueError("an exported folder holds its base already; --llm applies to a saved model folder only")
-
     if not api_key and not is_loopback(host):
         print(
             f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
