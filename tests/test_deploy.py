@@ -656,6 +656,7 @@ def test_cli_errors_are_one_line(tmp_path, cli_export):
         (("serve", "-m", str(model_dir), "--onnx", str(folder)), "not both"),
         (("serve",), "give -m/--model (a saved model folder) or --onnx"),
         (("serve", "--onnx", str(folder), "--llm", "x"), "--llm applies to a saved model folder only"),
+        (("serve", "-m", str(model_dir), "--threads", "1"), "applies to --onnx only"),
         (("export", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "out")), "genieblue.json is missing"),
         (("export", "-m", str(model_dir), "--format", "tflite"), "unknown format 'tflite'"),
         (("export", "-m", str(model_dir), "--precision", "w3"), "unknown precision 'w3'"),

@@ -231,6 +231,9 @@ def serve(
         show_default=False,
         help="Serve a folder written by `genieblue export` under onnxruntime instead of a saved model (not with -m).",
     ),
+    threads: int | None = typer.Option(
+        None, min=1, show_default=False, help="With --onnx: onnxruntime threads (default: one per core)."
+    ),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     allow_local_images: bool = typer.Option(False, help="Accept local file paths as image URLs (never http)."),
@@ -258,6 +261,7 @@ def serve(
         run_server(
             model,
             onnx=onnx,
+            threads=threads,
             host=host,
             port=port,
             allow_local_images=allow_local_images,

@@ -80,7 +80,7 @@ class OnnxEngine(BatchingEngine):
         return lambda logits: sample(logits, request.temperature, request.top_p, self.rng)
 
     def run_batch(self, requests: list[Request]) -> None:
-        for request in requests:
+        for request in (r for r in requests if not r.done):  # skip those cancelled while waiting
             pixels = None if request.pixels is None else request.pixels.numpy()
             for token in self.deployed.tokens(request.ids.numpy(), pixels, self._pick(request)):
                 request.push(token)

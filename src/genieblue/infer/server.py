@@ -299,6 +299,7 @@ def serve(
     model_dir: str | None = None,
     *,
     onnx: str | None = None,
+    threads: int | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     allow_local_images: bool = False,
@@ -308,8 +309,8 @@ def serve(
     max_images: int = MAX_IMAGES,
     max_queue: int = Engine.MAX_QUEUE,
 ) -> None:
-    """Load a saved model (`model_dir`) or an exported folder (`onnx`, under onnxruntime) and serve
-    it until interrupted (a warning first when `host` reaches beyond this machine and no `api_key`
+    """Load a saved model (`model_dir`) or an exported folder (`onnx`, under onnxruntime with
+    `threads`) and serve it until interrupted (a warning first when `host` reaches beyond this machine and no `api_key`
     protects it)."""
     import uvicorn
 
@@ -319,6 +320,8 @@ def serve(
         raise ValueError("give -m/--model (a saved model folder) or --onnx (a folder written by genieblue export)")
     if onnx is not None and llm is not None:
         raise ValueError("an exported folder holds its base already; --llm applies to a saved model folder only")
+    if onnx is None and threads is not None:
+        raise ValueError("--threads sets onnxruntime's threads and applies to --onnx only")
     if not api_key and not is_loopback(host):
         print(
             f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
@@ -328,7 +331,7 @@ def serve(
     if onnx is not None:
         from .onnx_engine import OnnxEngine
 
-        engine = OnnxEngine.load(onnx, max_queue=max_queue)
+        engine = OnnxEngine.load(onnx, threads, max_queue=max_queue)
     else:
         engine = Engine.load(model_dir, llm=llm, max_queue=max_queue)
     app = create_app(
