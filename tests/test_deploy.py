@@ -7,24 +7,29 @@ weights on disk, the 1-tile vision graph, and the `genieblue export` / `genieblu
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import gguf
+import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+from PIL import Image
 from torch import nn
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import TINY_RESNET, TINY_SIGLIP, load_reference
+from conftest import TINY_RESNET, TINY_SIGLIP, load_reference, serving
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue.cli import app
 from genieblue.data import save_processor_settings
@@ -41,7 +46,11 @@ from genieblue.deploy.quant import (
     quantize_weight,
 )
 from genieblue.deploy.runtime import DeployedModel
-from genieblue.model import IMAGE_TOKEN_INDEX
+from genieblue.infer.engine import Engine, EngineBusy
+from genieblue.infer.onnx_engine import OnnxEngine
+from genieblue.infer.server import create_app
+from genieblue.loading import load_model_and_processor
+from genieblue.model import IMAGE_TOKEN_INDEX, load_tokenizer
 
 TOLERANCE = 1e-4  # |ONNX - PyTorch| on logits of order 1: float32 summation order only
 
@@ -540,10 +549,114 @@ def test_cli_bench_deploy_reports_table9(cli_export):
     )
 
 
+# serving an export ---------------------------------------------------------------------------
+def _png_url(seed: int = 0) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_part(url: str) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+
+
+def _post(url: str, content, **settings) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": content}], **settings}
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def onnx_server(cli_export):
+    """The CLI export behind `create_app(OnnxEngine)` on a loopback port: (engine, base URL)."""
+    engine = OnnxEngine.load(cli_export[1], threads=1, seed=0)
+    with serving(create_app(engine)) as url:
+        yield engine, url
+    engine.close()
+
+
+@pytest.mark.integration
+def test_serve_onnx_replies_are_the_deployed_runtimes_greedy_tokens(cli_export, onnx_server):
+    model_dir, folder, _ = cli_export
+    _, url = onnx_server
+    deployed = DeployedModel(folder, threads=1)
+    tokenizer = load_tokenizer(None)  # the base's own tokenizer, not the export's copy of it
+    messages = [{"role": "user", "content": "Name a colour."}]
+    ids = np.array([tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)])
+    tokens = deployed.generate(ids, max_new_tokens=6)
+    assert len(tokens) == 6  # a random base: no end of turn this early
+    body = _post(url, "Name a colour.", temperature=0, max_tokens=6).json()
+    assert body["choices"][0]["message"]["content"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert body["usage"]["prompt_tokens"] == ids.shape[1] and body["usage"]["completion_tokens"] == len(tokens)
+
+    # streamed: the same text, delta by delta
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        json={"messages": messages, "temperature": 0, "max_tokens": 6, "stream": True},
+        timeout=300,
+    ) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in events) == body["choices"][0]["message"]["content"]
+    )
+
+    # an image: the saved model's own processor makes the prompt and the pixels the runtime gets
+    _, processor = load_model_and_processor(model_dir)
+    image = _png_url()
+    ids, pixels = processor.prompt([{"role": "user", "content": "<image>\nWhat is this?"}], [image])
+    tokens = deployed.generate(ids.numpy(), pixels.numpy(), max_new_tokens=5)
+    assert len(tokens) == 5
+    body = _post(url, _image_part(image), temperature=0, max_tokens=5).json()
+    assert body["choices"][0]["message"]["content"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert body["usage"]["prompt_tokens"] == ids.shape[1] and body["usage"]["completion_tokens"] == 5
+
+    # sampled: a nucleus too small for a second token is the greedy reply; a wide one answers
+    greedy = _post(url, "Name a colour.", temperature=0, max_tokens=6).json()["choices"][0]["message"]
+    narrow = _post(url, "Name a colour.", temperature=1.5, top_p=1e-6, max_tokens=6).json()["choices"][0]["message"]
+    assert narrow == greedy
+    body = _post(url, "Name a colour.", temperature=0.8, top_p=0.9, max_tokens=4).json()
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 4
+
+
+@pytest.mark.integration
+def test_serve_onnx_refuses_what_the_torch_server_refuses(cli_export, onnx_server):
+    model_dir, _, _ = cli_export
+    engine, url = onnx_server
+    bad = {
+        "context overflow": ("Hi", {"max_tokens": 500}),
+        "max_tokens too large": ("Hi", {"max_tokens": 100_000}),
+        "corrupt image": (_image_part("data:image/png;base64," + base64.b64encode(b"not a png").decode()), {}),
+        "bad base64": (_image_part("data:image/png;base64,@@not base64@@"), {}),
+        "remote image": (_image_part("https://example.com/cat.png"), {}),
+    }
+    torch_engine = Engine.load(model_dir)
+    with serving(create_app(torch_engine)) as torch_url:
+        for name, (content, settings) in bad.items():
+            want, got = _post(torch_url, content, **settings), _post(url, content, **settings)
+            assert got.status_code == want.status_code >= 400, name
+            assert got.json()["error"]["code"] == want.json()["error"]["code"], name
+    torch_engine.close()
+    assert got.json()["error"]["code"] == "invalid_image_url"
+    assert _post(url, "Hi", max_tokens=2).status_code == 200  # still serving
+
+    stalled = OnnxEngine(engine.deployed, engine.processor, start=False, max_queue=1)
+    stalled.submit([{"role": "user", "content": "Hi"}], max_tokens=1)
+    with pytest.raises(EngineBusy):
+        stalled.submit([{"role": "user", "content": "Hi"}], max_tokens=1)
+
+
 @pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, cli_export):
     model_dir, folder, _ = cli_export
+    (tmp_path / "partial").mkdir()
+    shutil.copy(folder / "deploy.json", tmp_path / "partial")  # an export without its tokenizer
     for args, message in (
+        (("serve", "--onnx", str(tmp_path / "nope")), "deploy.json is missing"),
+        (("serve", "--onnx", str(tmp_path / "partial")), "tokenizer is missing"),
+        (("serve", "-m", str(model_dir), "--onnx", str(folder)), "not both"),
+        (("serve",), "give -m/--model (a saved model folder) or --onnx"),
+        (("serve", "--onnx", str(folder), "--llm", "x"), "--llm applies to a saved model folder only"),
+        (("serve", "-m", str(model_dir), "--threads", "1"), "applies to --onnx only"),
         (("export", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "out")), "genieblue.json is missing"),
         (("export", "-m", str(model_dir), "--format", "tflite"), "unknown format 'tflite'"),
         (("export", "-m", str(model_dir), "--precision", "w3"), "unknown precision 'w3'"),

@@ -24,10 +24,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # option types the commands share
-ModelDir = Annotated[
-    str,
-    typer.Option("--model", "-m", help="A saved GenieBlue folder (e.g. demo_out/runs/genieblue-skip/stage2/final)."),
-]
+MODEL_HELP = "A saved GenieBlue folder (e.g. demo_out/runs/genieblue-skip/stage2/final)."
+ModelDir = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 BaseLLM = Annotated[
     str | None,
     typer.Option(help="Base LLM: HF hub id, local folder or .gguf file (default: built-in SmolLM2-135M-Instruct)."),
@@ -230,7 +228,15 @@ def chat(
 
 @app.command()
 def serve(
-    model: ModelDir,
+    model: Annotated[str | None, typer.Option("--model", "-m", show_default=False, help=MODEL_HELP)] = None,
+    onnx: str | None = typer.Option(
+        None,
+        show_default=False,
+        help="Serve a folder written by `genieblue export` under onnxruntime instead of a saved model (not with -m).",
+    ),
+    threads: int | None = typer.Option(
+        None, min=1, show_default=False, help="With --onnx: onnxruntime threads (default: one per core)."
+    ),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     allow_local_images: bool = typer.Option(False, help="Accept local file paths as image URLs (never http)."),
@@ -246,8 +252,9 @@ def serve(
     max_queue: int = typer.Option(64, min=1, help="Most requests waiting for the model (503 when full)."),
 ):
     """Serve an OpenAI-compatible API: POST /v1/chat/completions (streaming too), GET /v1/models,
-    GET /health. Text-only requests run the untouched base; concurrent requests are batched.
-    Binding a --host other than loopback without --api-key prints a warning.
+    GET /health. Text-only requests run the untouched base; concurrent requests are batched
+    (with --onnx: the quantised base, one request at a time). Binding a --host other than loopback
+    without --api-key prints a warning.
 
     Example: GENIEBLUE_API_KEY=secret genieblue serve -m demo_out/runs/genieblue-skip/stage2/final --port 8000
     """
@@ -256,6 +263,8 @@ def serve(
     with _failures():
         run_server(
             model,
+            onnx=onnx,
+            threads=threads,
             host=host,
             port=port,
             allow_local_images=allow_local_images,
@@ -492,8 +501,9 @@ def export(
     Writes OUT/text.onnx (a decoder step of the untouched base with a KV cache), OUT/image.onnx (the same step
     with block copies and LoRA, image features spliced in at the placeholders), OUT/vision.onnx (ViT +
     downsampler + projector), OUT/base.onnx.data (the base weights, ONE copy, read by both decoder graphs),
-    OUT/delta.onnx.data (copies, LoRA, ViT, projector) and OUT/deploy.json. Static dense ops only: no routing,
-    no data-dependent control flow; with w4a16, q/k/v and gate/up (and their LoRA) run as one op each.
+    OUT/delta.onnx.data (copies, LoRA, ViT, projector), OUT/deploy.json, and OUT/tokenizer/ + OUT/processor.json
+    (for `genieblue serve --onnx OUT`). Static dense ops only: no routing, no data-dependent control flow;
+    with w4a16, q/k/v and gate/up (and their LoRA) run as one op each.
 
     Example: genieblue export -m demo_out/runs/genieblue-skip/stage2/final -o phone --single-tile
     """

@@ -231,8 +231,12 @@ def save_processor_settings(model_dir: str | Path, max_tiles: int = 1, system_pr
     write_json(Path(model_dir) / PROCESSOR_SETTINGS, {"max_tiles": max_tiles, "system_prompt": system_prompt})
 
 
+def processor_settings(model_dir: str | Path) -> dict:
+    """The settings `save_processor_settings` wrote into a folder ({} when it has none: the defaults)."""
+    path = Path(model_dir) / PROCESSOR_SETTINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def load_processor(model_dir: str | Path, model, tokenizer, max_length: int = 4096) -> GenieBlueProcessor:
     """The processor a saved model was trained with (defaults when the folder has no settings)."""
-    path = Path(model_dir) / PROCESSOR_SETTINGS
-    settings = json.loads(path.read_text()) if path.is_file() else {}
-    return GenieBlueProcessor.from_model(model, tokenizer, max_length=max_length, **settings)
+    return GenieBlueProcessor.from_model(model, tokenizer, max_length=max_length, **processor_settings(model_dir))

@@ -9,6 +9,9 @@ base weights on disk.
   * `vision.onnx` - ViT -> 2x2 downsampler -> projector: pixel tiles -> image features (one static
                     tile with `single_tile`, the phone's single-patch mode).
 
+With the processor it was trained with, the folder also holds the base's tokenizer (`tokenizer/`)
+and the prompt settings (`processor.json`): all `genieblue serve --onnx` needs.
+
 Initializers live in external data files: `base.onnx.data` holds every tensor of the text graph and
 the image graph points at the same file and offsets for the base tensors it uses; `delta.onnx.data`
 holds the copies, LoRA, ViT and projector. A quantised model exports its weights as onnxruntime
@@ -39,6 +42,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .._io import atomic_dir, write_json
+from ..data.processor import GenieBlueProcessor, save_processor_settings
 from ..loading import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
 from ..model.routing import delta_members
@@ -46,7 +50,7 @@ from ..model.sources import eos_token_ids, gguf_file
 from .fuse import fused_projections
 from .gguf_weights import gguf_layers
 from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, SYMMETRIC, TABLE_BITS, WeightOnlyLinear, quantize_model
-from .runtime import MANIFEST, kv_names
+from .runtime import MANIFEST, TOKENIZER, kv_names
 
 OPSET = 18
 PRECISIONS = ("w4a16", "fp32")
@@ -306,11 +310,12 @@ def export_onnx(
     single_tile: bool = False,
     eos_token_ids: list[int] | None = None,
     quantization: dict | None = None,
+    processor: GenieBlueProcessor | None = None,
 ) -> dict:
     """Write text.onnx, image.onnx, vision.onnx, base.onnx.data, delta.onnx.data and deploy.json
-    into `folder` (atomically). Quantise first (`quantize`, or `quant.quantize_model`; its entry
-    goes to the manifest as `quantization`) for W4A16; a float model exports float32. Returns the
-    manifest."""
+    into `folder` (atomically), and with a `processor` its tokenizer and settings. Quantise first
+    (`quantize`, or `quant.quantize_model`; its entry goes to the manifest as `quantization`) for
+    W4A16; a float model exports float32. Returns the manifest."""
     if model.strategy.family == "cogvlm":
         raise ValueError(
             "cogvlm visual experts pick weights per token (MoE-style routing); export supports "
@@ -344,6 +349,7 @@ def export_onnx(
             "head_dim": kv_shape[1],
             "hidden_size": model.llm.config.hidden_size,
             "vocab_size": model.llm.config.vocab_size,
+            "context_length": model.llm.config.max_position_embeddings,
             "image_token_index": IMAGE_TOKEN_INDEX,
             "image_size": model.vision.image_size,
             "tokens_per_tile": model.vision.tokens_per_tile,
@@ -353,6 +359,9 @@ def export_onnx(
             "genieblue": model.manifest(),
         }
         write_json(tmp / MANIFEST, manifest)
+        if processor is not None:
+            processor.tokenizer.save_pretrained(tmp / TOKENIZER)
+            save_processor_settings(tmp, processor.max_tiles, processor.system_prompt)
     return manifest
 
 
@@ -374,4 +383,5 @@ def export_saved_model(
         raise ValueError(f"block copies quantise to 4 or 8 bits, not {copy_bits}")
     model, processor = load_model_and_processor(model_dir, llm)
     quantization = quantize(model, llm, keep_gguf, copy_bits) if precision == "w4a16" else None
-    return export_onnx(model, out, single_tile, eos_token_ids(model.llm, processor.tokenizer), quantization)
+    eos = eos_token_ids(model.llm, processor.tokenizer)
+    return export_onnx(model, out, single_tile, eos, quantization, processor)

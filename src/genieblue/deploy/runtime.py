@@ -6,12 +6,16 @@ image graph for requests with an image, a plain-array KV cache carried from step
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 MANIFEST = "deploy.json"
+TOKENIZER = "tokenizer"
+"""The base's tokenizer (`save_pretrained`), beside the processor settings: what serving the folder needs."""
 MODE_GRAPHS = {"text": ("text",), "image": ("image", "vision")}
 """The graphs each mode loads."""
 
@@ -80,6 +84,24 @@ class DeployedModel:
         logits, *present = self.sessions[mode].run(None, feed)
         return logits[:, -1], present
 
+    def tokens(
+        self,
+        input_ids: np.ndarray,
+        pixel_values: np.ndarray | None = None,
+        pick: Callable[[np.ndarray], int] | None = None,
+    ) -> Iterator[int]:
+        """The next tokens of one prompt (1, T) (with an image: its placeholders and pixel tiles),
+        each chosen by `pick` from its (V,) logits (default: argmax), for as long as the caller
+        reads; the step after a token runs only when the caller asks for the next one."""
+        pick = pick or (lambda logits: int(logits.argmax()))
+        features = None if pixel_values is None else self.image_features(pixel_values)
+        logits, cache = self.step(input_ids, self.empty_cache(), features)
+        later = None if features is None else features[:1]
+        while True:
+            token = pick(logits[0])
+            yield token
+            logits, cache = self.step(np.array([[token]]), cache, later)
+
     def generate(
         self,
         input_ids: np.ndarray,
@@ -88,14 +110,9 @@ class DeployedModel:
         stop_at_eos: bool = True,
     ) -> list[int]:
         """Greedy tokens for one prompt (1, T) (with an image: its placeholders and pixel tiles)."""
-        features = None if pixel_values is None else self.image_features(pixel_values)
-        logits, cache = self.step(input_ids, self.empty_cache(), features)
-        later = None if features is None else features[:1]
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens:
-            token = int(logits[0].argmax())
+        out: list[int] = []
+        for token in islice(self.tokens(input_ids, pixel_values), max_new_tokens):
             if stop_at_eos and token in self.manifest["eos_token_ids"]:
                 break
-            tokens.append(token)
-            logits, cache = self.step(np.array([[token]]), cache, later)
-        return tokens
+            out.append(token)
+        return out

@@ -7,6 +7,9 @@ path, so their greedy tokens equal the base model's on the same padded batch. Ea
 token by token (a stopping criterion sees every new token): its own `max_tokens`, stop strings and
 incremental detokenisation, with text deltas handed to the caller as they are produced. At most
 `max_queue` requests wait at a time; `submit` refuses more (`EngineBusy`) instead of holding them.
+
+All of that but the `generate` call is `BatchingEngine`'s; `onnx_engine` runs the same requests on
+an exported folder under onnxruntime.
 """
 
 from __future__ import annotations
@@ -147,33 +150,21 @@ class _FeedRows(StoppingCriteria):
         return torch.tensor([r.done for r in self.requests], device=input_ids.device)
 
 
-class Engine:
-    """Routes chat requests through one GenieBlue model: text-only -> the untouched base path,
-    image -> the copies + LoRA path; concurrent requests are batched by route."""
+class BatchingEngine:
+    """The runtime-independent part of an engine: encode and check requests, queue them, and a
+    thread that takes every request waiting, groups them and hands each batch to `run_batch`."""
 
     MAX_QUEUE = 64
 
     def __init__(
-        self,
-        model: GenieBlueForConditionalGeneration,
-        processor,
-        max_batch: int = 8,
-        start: bool = True,
-        max_queue: int = MAX_QUEUE,
+        self, processor, context_length: int, eos_ids, max_batch: int, start: bool = True, max_queue: int = MAX_QUEUE
     ):
-        self.model, self.processor = model.eval(), processor
+        self.processor, self.context_length, self.eos_ids = processor, context_length, set(eos_ids)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.context_length = model.llm.config.max_position_embeddings
-        self.eos_ids = set(eos_token_ids(model.llm, processor.tokenizer))
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._loop, name="genieblue-engine", daemon=True)
         if start:
             self.start()
-
-    @classmethod
-    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> Engine:
-        """An engine over a saved GenieBlue folder (its base from the manifest, or `llm`)."""
-        return cls(*load_model_and_processor(model_dir, llm), **kwargs)
 
     # requests ---------------------------------------------------------------------------------
     def submit(
@@ -235,9 +226,39 @@ class Engine:
                     groups[request.group].append(request)
             for group in groups.values():
                 for start in range(0, len(group), self.max_batch):
-                    self.run_batch(group[start : start + self.max_batch])
+                    self._run(group[start : start + self.max_batch])
             if stopping:
                 return
+
+    def _run(self, requests: list[Request]) -> None:
+        try:
+            self.run_batch(requests)
+        except Exception as err:  # the requests fail, the engine keeps serving
+            for request in requests:
+                request.fail(RuntimeError(f"generation failed: {err}"))
+        for request in requests:
+            request.finish("length")
+
+    def run_batch(self, requests: list[Request]) -> None:
+        """Generate for requests of one group (at most `max_batch`), pushing each its tokens until
+        it is done; a raised error fails them all."""
+        raise NotImplementedError
+
+
+class Engine(BatchingEngine):
+    """Routes chat requests through one GenieBlue model: text-only -> the untouched base path,
+    image -> the copies + LoRA path; concurrent requests are batched by route."""
+
+    def __init__(self, model: GenieBlueForConditionalGeneration, processor, max_batch: int = 8, **options):
+        """`options`: `BatchingEngine`'s `start` and `max_queue`."""
+        self.model = model.eval()
+        context = model.llm.config.max_position_embeddings
+        super().__init__(processor, context, eos_token_ids(model.llm, processor.tokenizer), max_batch, **options)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> Engine:
+        """An engine over a saved GenieBlue folder (its base from the manifest, or `llm`)."""
+        return cls(*load_model_and_processor(model_dir, llm), **kwargs)
 
     def run_batch(self, requests: list[Request]) -> None:
         """Generate for requests of one group as one left-padded batch."""
@@ -248,16 +269,10 @@ class Engine:
             else {"do_sample": False}
         )
         batch = collate_prompts([(r.ids, r.pixels) for r in requests], self.processor.pad_id)
-        try:
-            self.model.generate(
-                **batch,
-                max_new_tokens=max(r.max_tokens for r in requests),
-                stopping_criteria=StoppingCriteriaList([_FeedRows(requests)]),
-                pad_token_id=self.processor.pad_id,
-                **sampling,
-            )
-        except Exception as err:  # the request fails, the engine keeps serving
-            for request in requests:
-                request.fail(RuntimeError(f"generation failed: {err}"))
-        for request in requests:
-            request.finish("length")
+        self.model.generate(
+            **batch,
+            max_new_tokens=max(r.max_tokens for r in requests),
+            stopping_criteria=StoppingCriteriaList([_FeedRows(requests)]),
+            pad_token_id=self.processor.pad_id,
+            **sampling,
+        )

@@ -1,5 +1,5 @@
-"""An OpenAI-compatible HTTP server over an `Engine`: POST /v1/chat/completions (plain or SSE
-streaming), GET /v1/models and GET /health.
+"""An OpenAI-compatible HTTP server over an engine (`Engine`, or `OnnxEngine` for an exported
+folder): POST /v1/chat/completions (plain or SSE streaming), GET /v1/models and GET /health.
 
 Images arrive as `image_url` content parts holding base64 `data:` URLs (local file paths only when
 allowed; http(s) URLs are never fetched). Every bad request - oversized or corrupt image, bad
@@ -296,8 +296,10 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(
-    model_dir: str,
+    model_dir: str | None = None,
     *,
+    onnx: str | None = None,
+    threads: int | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     allow_local_images: bool = False,
@@ -307,20 +309,34 @@ def serve(
     max_images: int = MAX_IMAGES,
     max_queue: int = Engine.MAX_QUEUE,
 ) -> None:
-    """Load a saved model and serve it until interrupted (a warning first when `host` reaches
-    beyond this machine and no `api_key` protects it)."""
+    """Load a saved model (`model_dir`) or an exported folder (`onnx`, under onnxruntime with
+    `threads`) and serve it until interrupted (a warning first when `host` reaches beyond this machine and no `api_key`
+    protects it)."""
     import uvicorn
 
+    if model_dir is not None and onnx is not None:
+        raise ValueError("give -m/--model or --onnx, not both")
+    if model_dir is None and onnx is None:
+        raise ValueError("give -m/--model (a saved model folder) or --onnx (a folder written by genieblue export)")
+    if onnx is not None and llm is not None:
+        raise ValueError("an exported folder holds its base already; --llm applies to a saved model folder only")
+    if onnx is None and threads is not None:
+        raise ValueError("--threads sets onnxruntime's threads and applies to --onnx only")
     if not api_key and not is_loopback(host):
         print(
             f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
             "pass --api-key or set GENIEBLUE_API_KEY",
             file=sys.stderr,
         )
-    engine = Engine.load(model_dir, llm=llm, max_queue=max_queue)
+    if onnx is not None:
+        from .onnx_engine import OnnxEngine
+
+        engine = OnnxEngine.load(onnx, threads, max_queue=max_queue)
+    else:
+        engine = Engine.load(model_dir, llm=llm, max_queue=max_queue)
     app = create_app(
         engine,
-        model_name=Path(model_dir).resolve().name,
+        model_name=Path(onnx or model_dir).resolve().name,
         allow_local_images=allow_local_images,
         max_body_bytes=max_body_bytes,
         max_images=max_images,
