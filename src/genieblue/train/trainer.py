@@ -32,7 +32,7 @@ from ..data.packing import first_fit, pack
 from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
-from ..model.folder import TRAINING
+from ..model.folder import MANIFEST, TRAINING, check_model_folder
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
@@ -52,28 +52,25 @@ class PreparedData:
 
 
 def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
-    if cfg.init_from:
-        model = GenieBlueForConditionalGeneration.from_pretrained(cfg.init_from, llm=cfg.llm)
-        if model.strategy.name != cfg.strategy:
+    strategy = Strategy(cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    if not cfg.init_from:
+        model = GenieBlueForConditionalGeneration.from_base(
+            cfg.llm, cfg.vision, strategy, downsample=cfg.vision_downsample
+        )
+    else:
+        folder = check_model_folder(cfg.init_from)
+        saved = json.loads((folder / MANIFEST).read_text())["strategy"]["name"]
+        if saved != cfg.strategy:
             # a stage-1 folder (LLM delta untrained) may start any strategy's stage 2: tower and connector only
-            record = Path(cfg.init_from) / TRAINING
-            stages = json.loads(record.read_text())["stages"] if record.is_file() else [{"stage": 2}]
-            if any(s["stage"] != 1 for s in stages):
+            record = folder / TRAINING
+            stages = json.loads(record.read_text())["stages"] if record.is_file() else None
+            if stages is None or any(s["stage"] != 1 for s in stages):
                 raise ValueError(
-                    f"init_from {cfg.init_from} was trained beyond stage 1 with strategy {model.strategy.name}; "
+                    f"init_from {cfg.init_from} was trained beyond stage 1 with strategy {saved}; "
                     f"the config asks {cfg.strategy} (only a stage-1 folder can start another strategy)"
                 )
-            strategy = Strategy(cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
-            model = GenieBlueForConditionalGeneration.from_pretrained(cfg.init_from, llm=cfg.llm, strategy=strategy)
-    else:
-        model = GenieBlueForConditionalGeneration.from_base(
-            cfg.llm,
-            cfg.vision,
-            cfg.strategy,
-            downsample=cfg.vision_downsample,
-            fraction=cfg.fraction,
-            lora_rank=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
+        model = GenieBlueForConditionalGeneration.from_pretrained(
+            folder, llm=cfg.llm, strategy=strategy if saved != cfg.strategy else None
         )
     model.set_stage(cfg.stage)
     return model
