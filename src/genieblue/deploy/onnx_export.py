@@ -47,6 +47,7 @@ from ..loading import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
 from ..model.routing import delta_members
 from ..model.sources import eos_token_ids, gguf_file
+from . import decoder_graph
 from .fuse import fused_projections
 from .gguf_weights import gguf_layers
 from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, SYMMETRIC, TABLE_BITS, WeightOnlyLinear, quantize_model
@@ -158,6 +159,8 @@ def _to_proto(module: nn.Module, args: tuple, inputs: list[str], outputs: list[s
 
 
 def _decoder_graph(model, image: bool, layers: int, kv_shape: tuple[int, int]) -> onnx.ModelProto:
+    if decoder_graph.supported(model):
+        return decoder_graph.decoder_graph(model, image, (kv_names(layers, "past"), kv_names(layers, "present")), OPSET)
     # sample sizes, all dynamic axes of the graph; a query longer than 1 token makes HF trace its
     # general attention branch (its single-token branch would be frozen into the graph otherwise)
     batch, query, past = 1, 3, 2
