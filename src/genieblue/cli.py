@@ -567,6 +567,11 @@ def bench_deploy(
         "--keep-gguf/--requantize",
         help="With a fresh export of a GGUF base: keep the file's own quantisation (see genieblue export).",
     ),
+    llama_bench: str | None = typer.Option(
+        None,
+        help="llama.cpp's llama-bench binary, run on the base's GGUF file with the same prompt, new tokens "
+        "and threads, its speed printed beside text mode's (default: llama-bench on PATH, if any).",
+    ),
     as_json: AsJson = False,
 ):
     """The paper's deployment table (Table 9) on this machine: text mode vs image mode under onnxruntime -
@@ -577,14 +582,18 @@ def bench_deploy(
 
     Example: genieblue bench deploy -m demo_out/runs/genieblue-skip/stage2/final --json
     """
+    import shutil
     import tempfile
 
     from .deploy.accuracy import deployment_cost
-    from .deploy.bench import table9
+    from .deploy.bench import llama_bench as llama_cpp
+    from .deploy.bench import table9, versus_llama_cpp
     from .deploy.onnx_export import export_saved_model
     from .deploy.report import accuracy_table, table9_table, target_lines
     from .deploy.runtime import MANIFEST
+    from .model.folder import MANIFEST as MODEL_MANIFEST
     from .model.folder import check_model_folder
+    from .model.sources import gguf_file
 
     with _failures():
         check_model_folder(model)
@@ -596,6 +605,15 @@ def bench_deploy(
                     model, folder, precision="w4a16", single_tile=single_tile, llm=llm, keep_gguf=keep_gguf
                 )
             result = table9(folder, prompt_tokens, new_tokens, threads, repeats, rounds)
+            binary = llama_bench or shutil.which("llama-bench")
+            gguf = gguf_file(
+                llm if llm is not None else json.loads((Path(model) / MODEL_MANIFEST).read_text())["base"]["llm"]
+            )
+            if binary and gguf is not None:
+                measured = llama_cpp(binary, gguf, prompt_tokens, new_tokens, threads)
+                result["llama_cpp"] = versus_llama_cpp(result, measured)
+            elif llama_bench:
+                _fail(f"--llama-bench needs a GGUF base; {model}'s base is not one")
             if accuracy:
                 result["accuracy"] = deployment_cost(model, folder, llm=llm, vqa=vqa)
     if as_json:

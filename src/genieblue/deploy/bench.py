@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import MODE_GRAPHS, DeployedModel
+from .runtime import MODE_GRAPHS, DeployedModel, share_threads
 
 PAPER = {"storage_overhead": 0.085, "decode_ratio": 31 / 33}
 """GenieBlue's phone numbers: image mode adds 8.5% storage and decodes at 31 vs 33 tokens/s."""
@@ -228,6 +229,43 @@ def table9(
     }
 
 
+def llama_bench(
+    binary: str | Path, gguf: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, threads: int | None = None
+) -> dict:
+    """llama.cpp's `llama-bench` on a GGUF file, the same prompt length, new tokens and threads
+    (default: one per core, as onnxruntime's): its mean prefill and decode tokens/s over its 5 runs.
+    llama.cpp is never a dependency: `binary` is whatever build the user has."""
+    threads = threads or os.cpu_count()
+    command = [str(binary), "-m", str(gguf), "-p", str(prompt_tokens), "-n", str(new_tokens)]
+    command += ["-t", str(threads), "-r", "5", "-o", "json"]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as error:
+        raise RuntimeError(f"could not run llama-bench {binary}: {error}") from error
+    if run.returncode:
+        last = run.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"llama-bench {binary} failed: {last[0]}")
+    rows = json.loads(run.stdout)
+    speed = {(r["n_prompt"] > 0, r["n_gen"] > 0): r["avg_ts"] for r in rows}
+    return {
+        "binary": str(binary),
+        "gguf": str(gguf),
+        "threads": threads,
+        "build": rows[0].get("build_commit"),
+        "prefill_tokens_per_s": speed[True, False],
+        "decode_tokens_per_s": speed[False, True],
+    }
+
+
+def versus_llama_cpp(result: dict, llama: dict) -> dict:
+    """`llama_bench`'s numbers beside text mode's, with the ratios (text mode / llama.cpp)."""
+    text = result["modes"]["text"]
+    return llama | {
+        "decode_ratio": text["decode_tokens_per_s"] / llama["decode_tokens_per_s"],
+        "prefill_ratio": text["prefill_tokens_per_s"] / llama["prefill_tokens_per_s"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="A worker of table9: one mode, or both modes' decode steps.")
     parser.add_argument("kind", choices=(*MODE_GRAPHS, DECODE))
@@ -237,6 +275,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    share_threads(args.threads)
     if args.kind == DECODE:
         result = decode(args.folder, args.prompt_tokens, args.new_tokens, args.threads, args.repeats)
     else:

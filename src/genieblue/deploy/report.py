@@ -54,7 +54,16 @@ def target_lines(result: dict) -> list[str]:
     parts, split = result["delta_bytes"], result["storage_breakdown"]
     storage, decode, memory = t["storage_overhead"], t["decode_ratio"], t["single_base_in_memory"]
     mark = {True: "met", False: "NOT met"}
-    return [
+    llama = result.get("llama_cpp")
+    versus = []
+    if llama is not None:
+        versus = [
+            f"text mode vs llama.cpp ({llama['threads']} threads, same GGUF): decode "
+            f"{result['modes']['text']['decode_tokens_per_s']:.1f} vs {llama['decode_tokens_per_s']:.1f} tokens/s "
+            f"({100 * llama['decode_ratio']:.0f}%), prefill {result['modes']['text']['prefill_tokens_per_s']:.0f} vs "
+            f"{llama['prefill_tokens_per_s']:.0f} tokens/s ({100 * llama['prefill_ratio']:.0f}%)"
+        ]
+    return versus + [
         f"image-mode storage overhead: +{100 * storage['value']:.1f}% (paper +{100 * storage['paper']:.1f}%: "
         f"{mark[storage['met']]}); delta: copies {parts['copies'] / 2**20:.1f} MB, "
         f"LoRA {parts['lora'] / 2**20:.1f} MB, "

@@ -18,7 +18,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from ..data.processor import PROCESSOR_SETTINGS, GenieBlueProcessor, processor_settings
-from ..deploy.runtime import TOKENIZER, DeployedModel
+from ..deploy.runtime import TOKENIZER, DeployedModel, share_threads
 from .engine import BatchingEngine, Request
 
 
@@ -66,10 +66,13 @@ class OnnxEngine(BatchingEngine):
         super().__init__(processor, manifest["context_length"], manifest["eos_token_ids"], 1, **options)
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None, **options) -> OnnxEngine:
-        """An engine over an exported folder, its sessions created up front (`threads`: onnxruntime's)."""
+    def load(cls, folder: str | Path, threads: int | None = None, share: bool = False, **options) -> OnnxEngine:
+        """An engine over an exported folder, its sessions created up front (`threads`: onnxruntime's;
+        `share`: on one thread pool for the whole process, see `runtime.share_threads`)."""
         deployed = DeployedModel(folder, threads)
         processor = exported_processor(folder, deployed.manifest)
+        if share:
+            share_threads(threads)
         for mode in ("text", "image"):
             deployed.load(mode)
         return cls(deployed, processor, **options)

@@ -331,7 +331,7 @@ def serve(
     if onnx is not None:
         from .onnx_engine import OnnxEngine
 
-        engine = OnnxEngine.load(onnx, threads, max_queue=max_queue)
+        engine = OnnxEngine.load(onnx, threads, max_queue=max_queue, share=True)
     else:
         engine = Engine.load(model_dir, llm=llm, max_queue=max_queue)
     app = create_app(
