@@ -662,6 +662,7 @@ def test_cli_errors_are_one_line(tmp_path, cli_export):
         (("export", "-m", str(model_dir), "--format", "tflite"), "unknown format 'tflite'"),
         (("export", "-m", str(model_dir), "--precision", "w3"), "unknown precision 'w3'"),
         (("bench", "deploy", "-m", str(tmp_path / "nope")), "genieblue.json is missing"),
+        (("bench", "deploy", "-m", str(model_dir), "--llama-bench", "llama-bench"), "base is not a GGUF file"),
         (
             (
                 "bench",

@@ -597,6 +597,10 @@ def bench_deploy(
 
     with _failures():
         check_model_folder(model)
+    binary = llama_bench or shutil.which("llama-bench")
+    gguf = gguf_file(llm if llm is not None else json.loads((Path(model) / MODEL_MANIFEST).read_text())["base"]["llm"])
+    if llama_bench and gguf is None:
+        _fail(f"--llama-bench runs llama.cpp on the base's GGUF file, and {model}'s base is not a GGUF file")
     with tempfile.TemporaryDirectory() as scratch:
         folder = onnx or str(Path(scratch) / "export")
         with _failures(RuntimeError):
@@ -605,15 +609,9 @@ def bench_deploy(
                     model, folder, precision="w4a16", single_tile=single_tile, llm=llm, keep_gguf=keep_gguf
                 )
             result = table9(folder, prompt_tokens, new_tokens, threads, repeats, rounds)
-            binary = llama_bench or shutil.which("llama-bench")
-            gguf = gguf_file(
-                llm if llm is not None else json.loads((Path(model) / MODEL_MANIFEST).read_text())["base"]["llm"]
-            )
             if binary and gguf is not None:
                 measured = llama_cpp(binary, gguf, prompt_tokens, new_tokens, threads)
                 result["llama_cpp"] = versus_llama_cpp(result, measured)
-            elif llama_bench:
-                _fail(f"--llama-bench needs a GGUF base; {model}'s base is not one")
             if accuracy:
                 result["accuracy"] = deployment_cost(model, folder, llm=llm, vqa=vqa)
     if as_json:
