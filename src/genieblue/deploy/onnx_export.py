@@ -21,9 +21,9 @@ fused into one op each (see `fuse`).
 
 The decoder graphs of Llama-shaped bases are built directly with onnxruntime's fused LLM operators
 (`decoder_graph`); those of other families, and the vision graph, are traced around the HF modules
-with a plain-tensor KV cache (a `DynamicCache` rebuilt inside the step) by torch's TorchScript-based exporter: deprecated since torch 2.9 but still there,
-it exports these graphs in seconds where the torch.export-based one took over 25x longer, and it takes
-the MatMulNBits op as a plain `symbolic`.
+with a plain-tensor KV cache (a `DynamicCache` rebuilt inside the step) by torch's TorchScript-based
+exporter: deprecated since torch 2.9 but still there, it exports these graphs in seconds where the
+torch.export-based one took over 25x longer, and it takes the MatMulNBits op as a plain `symbolic`.
 """
 
 from __future__ import annotations
