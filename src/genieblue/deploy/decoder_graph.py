@@ -145,6 +145,20 @@ def _nbits(g: _Graph, x: str, layer: WeightOnlyLinear) -> str:
     return y if layer.bias is None else g.op("Add", y, g.tensor(layer.bias))
 
 
+def _skip_norm(g, x, residual, norm):
+    """RMS norm of x + residual (one SkipSimplifiedLayerNormalization): (normed, new residual)."""
+    normed, _, _, total = g.op(
+        "SkipSimplifiedLayerNormalization",
+        x,
+        residual,
+        g.tensor(norm.weight),
+        outputs=4,
+        domain=MS,
+        epsilon=norm.variance_epsilon,
+    )
+    return normed, total
+
+
 def _linear(g: _Graph, x: str, module: nn.Module, image: bool) -> str:
     """The module's output for input `x` in the given mode (LoRA only in image mode)."""
     if isinstance(module, LoRALinear):
@@ -293,16 +307,7 @@ def decoder_graph(model, image: bool, names: tuple[list[str], list[str]], opset:
         )
         g.nodes[-1].output[1:] = [present[i], present[len(layers) + i]]
         attended = _linear(g, out, attention.o_proj, image)
-        norm = layer.post_attention_layernorm
-        normed, _, _, hidden = g.op(
-            "SkipSimplifiedLayerNormalization",
-            attended,
-            hidden,
-            g.tensor(norm.weight),
-            outputs=4,
-            domain=MS,
-            epsilon=norm.variance_epsilon,
-        )
+        normed, hidden = _skip_norm(g, attended, hidden, layer.post_attention_layernorm)
         mlp = layer.mlp
         gate, up = g.op(
             "Split", _siblings(g, normed, mlp, ("gate_proj", "up_proj"), image), outputs=2, axis=-1, num_outputs=2
@@ -310,15 +315,7 @@ def decoder_graph(model, image: bool, names: tuple[list[str], list[str]], opset:
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         down = _linear(g, act, mlp.down_proj, image)
         norm = _active(layers[i + 1], image).input_layernorm if i + 1 < len(layers) else _active(llm.model.norm, image)
-        normed, _, _, hidden = g.op(
-            "SkipSimplifiedLayerNormalization",
-            down,
-            hidden,
-            g.tensor(norm.weight),
-            outputs=4,
-            domain=MS,
-            epsilon=norm.variance_epsilon,
-        )
+        normed, hidden = _skip_norm(g, down, hidden, norm)
     last = g.op("Slice", normed, g.const([-1]), g.const([2**62]), g.const([1]))
     _linear(g, last, llm.get_output_embeddings(), image)  # its last node writes "logits"
     g.nodes[-1].output[0] = "logits"
