@@ -40,6 +40,8 @@ def short_demo(tmp_path_factory):
         "1",
         "--stage2-epochs",
         "1",
+        "--exercises",
+        "4",
         "--compare",
         "full",
     )  # 2 steps: the first one's learning rate is 0 (warm-up)

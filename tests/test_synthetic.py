@@ -19,6 +19,7 @@ from genieblue.data.synthetic import (
     TASKS,
     generate_dataset,
     make_sample,
+    reading_exercises,
     task_info,
     text_only_samples,
 )
@@ -207,3 +208,26 @@ def test_text_only_samples():
         if m := re.match(r"What is (\d+) ([-+*]) (\d+)\?", question):
             a, op, b = int(m[1]), m[2], int(m[3])
             assert int(answer) == {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def test_reading_exercises_ask_about_a_caption_in_words():
+    records = reading_exercises(12, seed=1, tasks=("position", "chart"))
+    assert records == reading_exercises(12, seed=1, tasks=("position", "chart")) != reading_exercises(12, seed=2)
+    assert [r["id"].split("-")[1] for r in records[:2]] == ["position", "chart"]
+    for r in records:
+        assert "image" not in r and r["task"] == "text"
+        prompt, answer = (turn["value"] for turn in r["conversations"])
+        caption, question = prompt.rsplit("\n", 1)
+        assert "<image>" not in prompt and question.startswith(("Is the", "What is the value"))
+        if r["id"].startswith("exercise-position"):
+            # the asked shape's line in the caption is followed by its side, which is the answer
+            lines = caption.split("\n")
+            asked = re.match(r"Is the (\w+) shape", question)[1]
+            side = lines[lines.index(f"the {asked} shape:") + 1]
+            assert side == answer
+        else:
+            values = dict(re.findall(r"([A-D])(\d)", caption))
+            bar = re.search(r"bar ([A-D])\?", question)
+            assert answer == (values[bar[1]] if bar else max(values.values()))
+    with pytest.raises(ValueError):
+        reading_exercises(1, tasks=())

@@ -174,6 +174,11 @@ def demo(
         DemoConfig.stage1_steps, help="Stage-1 optimizer steps (token mixer + projector only)."
     ),
     stage2_epochs: float = typer.Option(DemoConfig.stage2_epochs, help="Stage-2 epochs over the training questions."),
+    exercises: int = typer.Option(
+        DemoConfig.exercises,
+        help="Text-only caption-reading exercises mixed into stage 2 (a caption in words, then a question "
+        "about it), teaching the LLM side to answer from what the tower spells (0: none).",
+    ),
     seed: int = typer.Option(DemoConfig.seed, help="Seed for data and training."),
 ):
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
@@ -198,6 +203,7 @@ def demo(
         stage0_steps=stage0_steps,
         stage1_steps=stage1_steps,
         stage2_epochs=stage2_epochs,
+        exercises=exercises,
     )
     with _failures():
         Demo(cfg, console).run()

@@ -19,7 +19,14 @@ from rich.console import Console
 
 from ._io import write_json
 from .data import read_records
-from .data.synthetic import TASKS, caption_stream, generate_dataset, task_info, text_only_samples
+from .data.synthetic import (
+    TASKS,
+    caption_stream,
+    generate_dataset,
+    reading_exercises,
+    task_info,
+    text_only_samples,
+)
 from .demo_config import DemoConfig
 from .eval.answers import answer_loss, answer_records, exact_match
 from .eval.text import logit_equality, perplexity, text_qa
@@ -56,6 +63,9 @@ class Demo:
         )
         paths["text"] = self.out / "data" / "text.json"
         write_json(paths["text"], text_only_samples(max(1, round(cfg.n_train * cfg.text_fraction)), cfg.seed))
+        if cfg.exercises:
+            paths["exercises"] = self.out / "data" / "exercises.json"
+            write_json(paths["exercises"], reading_exercises(cfg.exercises, cfg.seed, cfg.exercise_tasks))
         return paths
 
     def run_name(self, strategy: str, k: int) -> str:
@@ -104,9 +114,9 @@ class Demo:
         root = self.out / "runs" / name
         shutil.rmtree(root, ignore_errors=True)
         self.console.rule(f"{name}: stage 2 (ViT + connector + {strategy} delta)")
+        # ratios = record counts: every record once per epoch
         sources = [
-            DataSource(str(data["train"]), 1 - cfg.text_fraction),
-            DataSource(str(data["text"]), cfg.text_fraction),
+            DataSource(str(data[k]), len(read_records(data[k]))) for k in ("train", "text", "exercises") if k in data
         ]
         stage2 = TrainConfig(
             stage=2,

@@ -15,6 +15,9 @@ class DemoConfig:
     n_test: int = 480
     seeds: int = 1  # training seeds per strategy (seed, seed+1, ...); the data stay those of `seed`
     text_fraction: float = 0.1  # text-only samples mixed into stage 2
+    # text-only caption-reading exercises in stage 2 (see data.synthetic.reading_exercises), tasks in turn
+    exercises: int = 200
+    exercise_tasks: list[str] = field(default_factory=lambda: ["position"])
     stage0_steps: int = 900  # the vision tower learns to spell captions of fresh images (see train.vision_pretrain)
     # how many of every 11 stage-0 images each task draws: the tasks a tower finds hard more often
     stage0_weights: dict[str, int] = field(

@@ -7,7 +7,9 @@ rate to report accuracy against. `make_sample` draws one (image, question, answe
 from a `random.Random`; `generate_dataset` writes a LLaVA-format dataset with a caption set for
 alignment, byte-identical for a given seed;
 `caption_stream` draws endless fresh (image, caption) pairs (the demo's stage 0);
-`text_only_samples` gives text-only records (arithmetic, capitals) to mix into training.
+`text_only_samples` gives text-only records (arithmetic, capitals) to mix into training;
+`reading_exercises` gives text-only records that hand the model a caption in words and ask the
+task's question about it (teaching the LLM side to answer from what the tower spells).
 
 Images are drawn at `SCALE` times their final size and box-downsampled, so small shapes keep clean,
 anti-aliased edges while shape interiors keep their exact palette colour.
@@ -341,4 +343,19 @@ def text_only_samples(n: int, seed: int = 0) -> list[dict]:
             country = rng.choice(tuple(CAPITALS))
             question, answer = f"What is the capital of {country}?" + ONE_WORD, CAPITALS[country]
         records.append(_record(f"text-{i:06d}", "text", question, answer))
+    return records
+
+
+def reading_exercises(n: int, seed: int = 0, tasks: Sequence[str] = ("position",)) -> list[dict]:
+    """n seeded text-only records, tasks round-robin: a drawn sample's caption, then its question,
+    answered. A tower that spells captions hands the LLM the caption as image tokens; these teach
+    the LLM side (in stage 2) to read the answer off a caption, which for position and chart means a
+    lookup, not a copy. Seeds never meet `generate_dataset`'s or `caption_stream`'s."""
+    if not tasks:
+        raise ValueError("tasks must not be empty")
+    records = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        _, question, answer, caption = make_sample(task, random.Random(f"genieblue-exercise:{seed}:{i}"))
+        records.append(_record(f"exercise-{task}-{i:06d}", "text", f"{caption}\n{question}", answer))
     return records
