@@ -421,6 +421,64 @@ def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_
     assert locations == {BASE_DATA, DELTA_DATA}
 
 
+INT8_TOLERANCE = 0.03
+"""|int8-activation - float-activation logits| / max |logit|: the int8 rounding of each 32-value block
+of activations (measured ~1-1.6% on the tiny Llama)."""
+
+
+def _accuracy_levels(folder: Path) -> dict[str, list[int | None]]:
+    """Per graph, each MatMulNBits' accuracy_level attribute (None: not set)."""
+    out = {}
+    for graph in ("text", "image", "vision"):
+        nodes = onnx.load(folder / f"{graph}.onnx", load_external_data=False).graph.node
+        levels = [
+            next((a.i for a in n.attribute if a.name == "accuracy_level"), None)
+            for n in nodes
+            if n.op_type == "MatMulNBits"
+        ]
+        out[graph] = levels
+    return out
+
+
+@pytest.mark.integration
+def test_int8_activations_export_runs_close_to_the_float_export(base_dirs, tmp_path):
+    """`activations="int8"`: every MatMulNBits at accuracy_level 4 and the setting in deploy.json; the
+    logits (prefill and decode, text and image mode) and image features are within a few percent of
+    the exact float-activation export's, and not equal to them (the activations really are int8)."""
+    model = quantize_model(_trained_like(base_dirs["llama"]))
+    export_onnx(model, tmp_path / "float")
+    export_onnx(model, tmp_path / "int8", activations="int8")
+    exact, fast = DeployedModel(tmp_path / "float"), DeployedModel(tmp_path / "int8")
+    assert (exact.manifest["activations"], fast.manifest["activations"]) == ("float", "int8")
+    for graph, levels in _accuracy_levels(tmp_path / "int8").items():
+        assert levels and set(levels) == {4}, graph
+        assert set(_accuracy_levels(tmp_path / "float")[graph]) == {None}
+
+    def close(got, expected):
+        scale = np.abs(expected).max()
+        assert 10 * TOLERANCE < np.abs(got - expected).max() <= INT8_TOLERANCE * scale
+
+    ids, pixels = _image_prompt(model)
+    features = {}
+    for deployed in (exact, fast):
+        features[deployed] = deployed.image_features(pixels.numpy())
+    close(features[fast], features[exact])
+    for prompt, image in ((torch.randint(3, 128, (1, 9)).numpy(), False), (ids.numpy(), True)):
+        caches, steps = {}, {}
+        for deployed in (exact, fast):
+            feats = features[deployed] if image else None
+            logits, caches[deployed] = deployed.step(prompt, deployed.empty_cache(), feats)
+            steps[deployed] = [logits]
+            for token in (7, 9, 11):
+                later = None if feats is None else feats[:1]
+                logits, caches[deployed] = deployed.step(np.array([[token]]), caches[deployed], later)
+                steps[deployed].append(logits)
+        for got, expected in zip(steps[fast], steps[exact]):
+            close(got, expected)
+    with pytest.raises(ValueError, match="export w4a16, not fp32"):
+        export_onnx(_trained_like(base_dirs["llama"]), tmp_path / "fp32", activations="int8")
+
+
 @pytest.mark.integration
 def test_conv_backbone_tower_exports_and_runs(base_dirs, tmp_path):
     """The demo's tower (ResNet AutoBackbone + token mixer) in the W8A16 vision graph, then decoding."""
@@ -661,6 +719,7 @@ def test_cli_errors_are_one_line(tmp_path, cli_export):
         (("export", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "out")), "genieblue.json is missing"),
         (("export", "-m", str(model_dir), "--format", "tflite"), "unknown format 'tflite'"),
         (("export", "-m", str(model_dir), "--precision", "w3"), "unknown precision 'w3'"),
+        (("export", "-m", str(model_dir), "--activations", "int4"), "unknown activations 'int4'"),
         (("bench", "deploy", "-m", str(tmp_path / "nope")), "genieblue.json is missing"),
         (("bench", "deploy", "-m", str(model_dir), "--llama-bench", "llama-bench"), "base is not a GGUF file"),
         (

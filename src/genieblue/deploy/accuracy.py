@@ -143,6 +143,7 @@ def deployment_cost(
         "scores": scores,
         "onnx_vs_pytorch": onnx_error(folder, quantized if exported == "w4a16" else reference, prompts),
         "exported_precision": exported,
+        "activations": manifest.get("activations", "float"),
         "quantization": manifest["quantization"],
         "deployed_text_stepwise": stepwise_text(folder, reference, processor.tokenizer, PASSAGES),
     }

@@ -201,6 +201,7 @@ def table9(
         "storage_breakdown": storage_breakdown(manifest, text["storage_bytes"]),
         "folder": str(folder),
         "precision": manifest["precision"],
+        "activations": manifest.get("activations", "float"),
         "single_tile": manifest["single_tile"],
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
