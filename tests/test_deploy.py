@@ -45,7 +45,7 @@ from genieblue.deploy.quant import (
     quantize_model,
     quantize_weight,
 )
-from genieblue.deploy.runtime import DeployedModel
+from genieblue.deploy.runtime import DeployedModel, KVCache
 from genieblue.infer.engine import Engine, EngineBusy
 from genieblue.infer.onnx_engine import OnnxEngine
 from genieblue.infer.server import create_app
@@ -391,6 +391,48 @@ def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
     layers = len(model.llm.model.layers)
     assert ops["text"]["MatMulNBits"] == ops["image"]["MatMulNBits"] == 4 * layers + 2
     assert ops["image"]["MatMul"] - ops["text"]["MatMul"] == 2 * 4 * len(model.strategy.lora_indices(layers))
+
+
+@pytest.mark.integration
+def test_preallocated_kv_buffers_compute_what_the_plain_array_cache_does(qwen2_export):
+    """`KVCache`: the same buffers bound as past and present, written in place by GroupQueryAttention,
+    growing past their capacity mid-sequence: logits and keys / values equal to the plain-array cache's
+    step for step, text mode and image mode."""
+    model, folder = qwen2_export
+    deployed = DeployedModel(folder)
+    m = deployed.manifest
+    assert m["kv_cache"] == "shared_buffer" and isinstance(deployed.new_cache(), KVCache)
+    ids, pixels = _image_prompt(model, tiles=2)
+    for prompt, features in ((torch.randint(3, 128, (1, 9)).numpy(), None), (ids.numpy(), pixels.numpy())):
+        features = None if features is None else deployed.image_features(features)
+        later = None if features is None else features[:1]
+        buffers = KVCache(m["num_layers"], 1, m["kv_heads"], m["head_dim"], m["vocab_size"], 64, capacity=4)
+        arrays = deployed.empty_cache()
+        got, buffers = deployed.step(prompt, buffers, features)
+        expected, arrays = deployed.step(prompt, arrays, features)
+        np.testing.assert_array_equal(got, expected)
+        for token in (7, 9, 11, 13, 5, 8, 10):  # over the first capacity and the grown one
+            got, buffers = deployed.step(np.array([[token]]), buffers, later)
+            expected, arrays = deployed.step(np.array([[token]]), arrays, later)
+            np.testing.assert_array_equal(got, expected)
+        assert buffers.length == arrays[0].shape[2] and buffers.capacity >= buffers.length
+        for held, array in zip(buffers.arrays(), arrays):
+            np.testing.assert_array_equal(held, array)
+    with pytest.raises(ValueError, match="exceed the model's context length 64"):
+        deployed.step(np.zeros((1, 60), np.int64), buffers)
+
+
+@pytest.mark.integration
+def test_a_traced_decoder_step_keeps_the_plain_array_cache(base_dirs, tmp_path):
+    """A family the graph builder does not take (Gemma 3: sliding window) is traced, its step
+    concatenating the cache: the manifest says so and `new_cache` / `generate` use plain arrays."""
+    model = quantize_model(_trained_like(base_dirs["gemma3_text"]))
+    export_onnx(model, tmp_path / "gemma")
+    deployed = DeployedModel(tmp_path / "gemma")
+    assert deployed.manifest["kv_cache"] == "concat" and isinstance(deployed.new_cache(), list)
+    prompt = torch.randint(3, 128, (1, 6))
+    expected = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0].tolist()
+    assert deployed.generate(prompt.numpy(), max_new_tokens=4, stop_at_eos=False) == expected
 
 
 @pytest.mark.integration

@@ -99,7 +99,7 @@ def stepwise_text(folder, reference: GenieBlueForConditionalGeneration, tokenize
     for text in texts:
         ids = torch.tensor([tokenizer(text)["input_ids"]])
         expected = reference(ids).logits[0, :-1].double()
-        cache, steps = deployed.empty_cache(), []
+        cache, steps = deployed.new_cache(), []
         for token in ids[0, :-1].tolist():
             logits, cache = deployed.step(np.array([[token]]), cache)
             steps.append(torch.from_numpy(np.asarray(logits[0])).double())

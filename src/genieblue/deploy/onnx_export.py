@@ -52,7 +52,7 @@ from . import decoder_graph
 from .fuse import fused_projections
 from .gguf_weights import gguf_layers
 from .quant import BLOCK_SIZE, DELTA_BITS, LLM_BITS, SYMMETRIC, TABLE_BITS, WeightOnlyLinear, quantize_model
-from .runtime import MANIFEST, TOKENIZER, kv_names
+from .runtime import MANIFEST, SHARED_BUFFER, TOKENIZER, kv_names
 
 OPSET = 18
 PRECISIONS = ("w4a16", "fp32")
@@ -386,6 +386,7 @@ def export_onnx(
             "bytes": files,
             "delta_parts": parts,
             "num_layers": layers,
+            "kv_cache": SHARED_BUFFER if decoder_graph.supported(model) else "concat",
             "kv_heads": kv_shape[0],
             "head_dim": kv_shape[1],
             "hidden_size": model.llm.config.hidden_size,
