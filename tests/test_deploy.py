@@ -484,9 +484,10 @@ def _accuracy_levels(folder: Path) -> dict[str, list[int | None]]:
 
 @pytest.mark.integration
 def test_int8_activations_export_runs_close_to_the_float_export(base_dirs, tmp_path):
-    """`activations="int8"`: every MatMulNBits at accuracy_level 4 and the setting in deploy.json; the
-    logits (prefill and decode, text and image mode) and image features are within a few percent of
-    the exact float-activation export's, and not equal to them (the activations really are int8)."""
+    """`activations="int8"`: every MatMulNBits at accuracy_level 4, the 8-bit tables as one 8-bit op,
+    and the setting in deploy.json; the logits (prefill and decode, text and image mode) and image
+    features are within a few percent of the exact float-activation export's, and not equal to them
+    (the activations really are int8)."""
     model = quantize_model(_trained_like(base_dirs["llama"]))
     export_onnx(model, tmp_path / "float")
     export_onnx(model, tmp_path / "int8", activations="int8")
@@ -495,6 +496,12 @@ def test_int8_activations_export_runs_close_to_the_float_export(base_dirs, tmp_p
     for graph, levels in _accuracy_levels(tmp_path / "int8").items():
         assert levels and set(levels) == {4}, graph
         assert set(_accuracy_levels(tmp_path / "float")[graph]) == {None}
+    # the 8-bit LM head: two 4-bit planes with float activations, one 8-bit op (fast with int8 ones)
+    for kind, eight_bit, planes in (("float", 0, 2), ("int8", 1, 0)):
+        text = onnx.load(tmp_path / kind / "text.onnx", load_external_data=False).graph
+        bits = [next(a.i for a in n.attribute if a.name == "bits") for n in text.node if n.op_type == "MatMulNBits"]
+        assert bits.count(8) == eight_bit
+        assert sum(t.name.endswith((".high.packed", ".low.packed")) for t in text.initializer) == planes
 
     def close(got, expected):
         scale = np.abs(expected).max()

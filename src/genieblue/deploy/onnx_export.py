@@ -176,9 +176,13 @@ def _to_proto(module: nn.Module, args: tuple, inputs: list[str], outputs: list[s
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _decoder_graph(model, image: bool, layers: int, kv_shape: tuple[int, int]) -> onnx.ModelProto:
+def _decoder_graph(
+    model, image: bool, layers: int, kv_shape: tuple[int, int], activations: str = "float"
+) -> onnx.ModelProto:
     if decoder_graph.supported(model):
-        return decoder_graph.decoder_graph(model, image, (kv_names(layers, "past"), kv_names(layers, "present")), OPSET)
+        names = (kv_names(layers, "past"), kv_names(layers, "present"))
+        # with int8 activations 8-bit weights run as one 8-bit MatMulNBits: ~2x faster than two 4-bit planes
+        return decoder_graph.decoder_graph(model, image, names, OPSET, one_byte_planes=activations == "int8")
     # sample sizes, all dynamic axes of the graph; a query longer than 1 token makes HF trace its
     # general attention branch (its single-token branch would be frozen into the graph otherwise)
     batch, query, past = 1, 3, 2
@@ -366,8 +370,8 @@ def export_onnx(
     with fused_projections(model):
         delta_part = _delta_parts(model)
         graphs = {
-            "text": _decoder_graph(model, False, layers, kv_shape),
-            "image": _decoder_graph(model, True, layers, kv_shape),
+            "text": _decoder_graph(model, False, layers, kv_shape, activations),
+            "image": _decoder_graph(model, True, layers, kv_shape, activations),
             "vision": _vision_graph(model, single_tile),
         }
     for proto in graphs.values():
