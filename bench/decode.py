@@ -17,21 +17,11 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from prompts import QUESTIONS
 
 from genieblue.data import GenieBlueProcessor, collate_prompts
 from genieblue.model import GenieBlueForConditionalGeneration, load_tokenizer
 from genieblue.model.routing import Switch
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis briefly.",
-    "List three prime numbers.",
-    "Who wrote Hamlet?",
-    "What is 12 times 7?",
-    "Name a large mammal.",
-    "Why is the sky blue?",
-]
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:

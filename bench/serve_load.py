@@ -18,17 +18,7 @@ import threading
 import time
 
 import httpx
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis briefly.",
-    "List three prime numbers.",
-    "Who wrote Hamlet?",
-    "What is 12 times 7?",
-    "Name a large mammal.",
-    "Why is the sky blue?",
-]
+from prompts import QUESTIONS
 
 
 def one_request(url: str, prompt: str, max_tokens: int) -> dict:
@@ -52,7 +42,7 @@ def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
     def client(index: int) -> None:
         for k in range(requests):
-            result = one_request(url, PROMPTS[(index + k) % len(PROMPTS)], max_tokens)
+            result = one_request(url, QUESTIONS[(index + k) % len(QUESTIONS)], max_tokens)
             with lock:
                 results.append(result)
 
@@ -81,7 +71,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    one_request(args.url, PROMPTS[0], 4)  # warm-up
+    one_request(args.url, QUESTIONS[0], 4)  # warm-up
     levels = [level(args.url, n, args.requests, args.max_tokens) for n in (1, args.clients)]
     if args.json:
         print(json.dumps(levels, indent=2))

@@ -45,7 +45,7 @@ from genieblue.deploy.quant import (
     quantize_model,
     quantize_weight,
 )
-from genieblue.deploy.runtime import DeployedModel
+from genieblue.deploy.runtime import DeployedModel, KVCache
 from genieblue.infer.engine import Engine, EngineBusy
 from genieblue.infer.onnx_engine import OnnxEngine
 from genieblue.infer.server import create_app
@@ -394,6 +394,48 @@ def test_onnx_text_and_image_graphs_match_pytorch_w4a16(qwen2_export):
 
 
 @pytest.mark.integration
+def test_preallocated_kv_buffers_compute_what_the_plain_array_cache_does(qwen2_export):
+    """`KVCache`: the same buffers bound as past and present, written in place by GroupQueryAttention,
+    growing past their capacity mid-sequence: logits and keys / values equal to the plain-array cache's
+    step for step, text mode and image mode."""
+    model, folder = qwen2_export
+    deployed = DeployedModel(folder)
+    m = deployed.manifest
+    assert m["kv_cache"] == "shared_buffer" and isinstance(deployed.new_cache(), KVCache)
+    ids, pixels = _image_prompt(model, tiles=2)
+    for prompt, features in ((torch.randint(3, 128, (1, 9)).numpy(), None), (ids.numpy(), pixels.numpy())):
+        features = None if features is None else deployed.image_features(features)
+        later = None if features is None else features[:1]
+        buffers = KVCache(m["num_layers"], 1, m["kv_heads"], m["head_dim"], m["vocab_size"], 64, capacity=4)
+        arrays = deployed.empty_cache()
+        got, buffers = deployed.step(prompt, buffers, features)
+        expected, arrays = deployed.step(prompt, arrays, features)
+        np.testing.assert_array_equal(got, expected)
+        for token in (7, 9, 11, 13, 5, 8, 10):  # over the first capacity and the grown one
+            got, buffers = deployed.step(np.array([[token]]), buffers, later)
+            expected, arrays = deployed.step(np.array([[token]]), arrays, later)
+            np.testing.assert_array_equal(got, expected)
+        assert buffers.length == arrays[0].shape[2] and buffers.capacity >= buffers.length
+        for held, array in zip(buffers.arrays(), arrays):
+            np.testing.assert_array_equal(held, array)
+    with pytest.raises(ValueError, match="exceed the model's context length 64"):
+        deployed.step(np.zeros((1, 60), np.int64), buffers)
+
+
+@pytest.mark.integration
+def test_a_traced_decoder_step_keeps_the_plain_array_cache(base_dirs, tmp_path):
+    """A family the graph builder does not take (Gemma 3: sliding window) is traced, its step
+    concatenating the cache: the manifest says so and `new_cache` / `generate` use plain arrays."""
+    model = quantize_model(_trained_like(base_dirs["gemma3_text"]))
+    export_onnx(model, tmp_path / "gemma")
+    deployed = DeployedModel(tmp_path / "gemma")
+    assert deployed.manifest["kv_cache"] == "concat" and isinstance(deployed.new_cache(), list)
+    prompt = torch.randint(3, 128, (1, 6))
+    expected = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0].tolist()
+    assert deployed.generate(prompt.numpy(), max_new_tokens=4, stop_at_eos=False) == expected
+
+
+@pytest.mark.integration
 def test_onnxruntime_folds_the_fused_weights_when_it_loads_a_graph(qwen2_export, tmp_path):
     model, folder = qwen2_export
     lora_matmuls = 2 * 4 * len(model.strategy.lora_indices(len(model.llm.model.layers)))
@@ -419,6 +461,71 @@ def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_
     image = onnx.load(tmp_path / "fp32" / "image.onnx", load_external_data=False)
     locations = {e.value for t in image.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {BASE_DATA, DELTA_DATA}
+
+
+INT8_TOLERANCE = 0.03
+"""|int8-activation - float-activation logits| / max |logit|: the int8 rounding of each 32-value block
+of activations (measured ~1-1.6% on the tiny Llama)."""
+
+
+def _accuracy_levels(folder: Path) -> dict[str, list[int | None]]:
+    """Per graph, each MatMulNBits' accuracy_level attribute (None: not set)."""
+    out = {}
+    for graph in ("text", "image", "vision"):
+        nodes = onnx.load(folder / f"{graph}.onnx", load_external_data=False).graph.node
+        levels = [
+            next((a.i for a in n.attribute if a.name == "accuracy_level"), None)
+            for n in nodes
+            if n.op_type == "MatMulNBits"
+        ]
+        out[graph] = levels
+    return out
+
+
+@pytest.mark.integration
+def test_int8_activations_export_runs_close_to_the_float_export(base_dirs, tmp_path):
+    """`activations="int8"`: every MatMulNBits at accuracy_level 4, the 8-bit tables as one 8-bit op,
+    and the setting in deploy.json; the logits (prefill and decode, text and image mode) and image
+    features are within a few percent of the exact float-activation export's, and not equal to them
+    (the activations really are int8)."""
+    model = quantize_model(_trained_like(base_dirs["llama"]))
+    export_onnx(model, tmp_path / "float")
+    export_onnx(model, tmp_path / "int8", activations="int8")
+    exact, fast = DeployedModel(tmp_path / "float"), DeployedModel(tmp_path / "int8")
+    assert (exact.manifest["activations"], fast.manifest["activations"]) == ("float", "int8")
+    for graph, levels in _accuracy_levels(tmp_path / "int8").items():
+        assert levels and set(levels) == {4}, graph
+        assert set(_accuracy_levels(tmp_path / "float")[graph]) == {None}
+    # the 8-bit LM head: two 4-bit planes with float activations, one 8-bit op (fast with int8 ones)
+    for kind, eight_bit, planes in (("float", 0, 2), ("int8", 1, 0)):
+        text = onnx.load(tmp_path / kind / "text.onnx", load_external_data=False).graph
+        bits = [next(a.i for a in n.attribute if a.name == "bits") for n in text.node if n.op_type == "MatMulNBits"]
+        assert bits.count(8) == eight_bit
+        assert sum(t.name.endswith((".high.packed", ".low.packed")) for t in text.initializer) == planes
+
+    def close(got, expected):
+        scale = np.abs(expected).max()
+        assert 10 * TOLERANCE < np.abs(got - expected).max() <= INT8_TOLERANCE * scale
+
+    ids, pixels = _image_prompt(model)
+    features = {}
+    for deployed in (exact, fast):
+        features[deployed] = deployed.image_features(pixels.numpy())
+    close(features[fast], features[exact])
+    for prompt, image in ((torch.randint(3, 128, (1, 9)).numpy(), False), (ids.numpy(), True)):
+        caches, steps = {}, {}
+        for deployed in (exact, fast):
+            feats = features[deployed] if image else None
+            logits, caches[deployed] = deployed.step(prompt, deployed.empty_cache(), feats)
+            steps[deployed] = [logits]
+            for token in (7, 9, 11):
+                later = None if feats is None else feats[:1]
+                logits, caches[deployed] = deployed.step(np.array([[token]]), caches[deployed], later)
+                steps[deployed].append(logits)
+        for got, expected in zip(steps[fast], steps[exact]):
+            close(got, expected)
+    with pytest.raises(ValueError, match="export w4a16, not fp32"):
+        export_onnx(_trained_like(base_dirs["llama"]), tmp_path / "fp32", activations="int8")
 
 
 @pytest.mark.integration
@@ -661,6 +768,7 @@ def test_cli_errors_are_one_line(tmp_path, cli_export):
         (("export", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "out")), "genieblue.json is missing"),
         (("export", "-m", str(model_dir), "--format", "tflite"), "unknown format 'tflite'"),
         (("export", "-m", str(model_dir), "--precision", "w3"), "unknown precision 'w3'"),
+        (("export", "-m", str(model_dir), "--activations", "int4"), "unknown activations 'int4'"),
         (("bench", "deploy", "-m", str(tmp_path / "nope")), "genieblue.json is missing"),
         (("bench", "deploy", "-m", str(model_dir), "--llama-bench", "llama-bench"), "base is not a GGUF file"),
         (

@@ -471,6 +471,13 @@ def eval_chat(
 
 # genieblue export / bench deploy ----------------------------------------------------------------
 EXPORT_FORMATS = ("onnx",)
+ActivationsOption = typer.Option(
+    "float",
+    help="With w4a16: what the 4-/8-bit matmuls compute with. float (default): float32 activations, "
+    "exact: text mode is the quantised base. int8: each row quantised to int8 per block inside the op "
+    "(onnxruntime MatMulNBits accuracy_level 4, as llama.cpp does): faster decode, text mode no longer "
+    "exactly the base (bench deploy measures the cost). Recorded in deploy.json.",
+)
 
 
 @app.command()
@@ -481,8 +488,8 @@ def export(
     precision: str = typer.Option(
         "w4a16",
         help="w4a16: LLM weights 4-bit (embedding and LM head 8-bit), LoRA / ViT / "
-        "projector 8-bit, one scale per 32 weights, float activations (onnxruntime "
-        "MatMulNBits); fp32: float weights.",
+        "projector 8-bit, one scale per 32 weights (onnxruntime MatMulNBits), activations "
+        "as --activations; fp32: float weights.",
     ),
     single_tile: bool = typer.Option(
         False,
@@ -500,6 +507,7 @@ def export(
     copy_bits: int = typer.Option(
         4, help="With w4a16: bits of the block copies' weights (4 or 8: image-mode accuracy for storage)."
     ),
+    activations: str = ActivationsOption,
     as_json: bool = typer.Option(False, "--json", help="Print the export manifest as JSON."),
 ):
     """Export for on-device inference (onnxruntime, or a phone toolchain that takes ONNX).
@@ -527,6 +535,7 @@ def export(
             llm=llm,
             keep_gguf=keep_gguf,
             copy_bits=copy_bits,
+            activations=activations,
         )
     if as_json:
         print(json.dumps(manifest, indent=2))
@@ -573,6 +582,9 @@ def bench_deploy(
         "--keep-gguf/--requantize",
         help="With a fresh export of a GGUF base: keep the file's own quantisation (see genieblue export).",
     ),
+    activations: str = typer.Option(
+        "float", help="With a fresh export: float or int8 activations in the quantised matmuls (see genieblue export)."
+    ),
     llama_bench: str | None = typer.Option(
         None,
         help="llama.cpp's llama-bench binary, run on the base's GGUF file with the same prompt, new tokens "
@@ -612,7 +624,13 @@ def bench_deploy(
         with _failures(RuntimeError):
             if not (Path(folder) / MANIFEST).is_file():
                 export_saved_model(
-                    model, folder, precision="w4a16", single_tile=single_tile, llm=llm, keep_gguf=keep_gguf
+                    model,
+                    folder,
+                    precision="w4a16",
+                    single_tile=single_tile,
+                    llm=llm,
+                    keep_gguf=keep_gguf,
+                    activations=activations,
                 )
             result = table9(folder, prompt_tokens, new_tokens, threads, repeats, rounds)
             if binary and gguf is not None:

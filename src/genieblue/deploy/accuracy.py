@@ -99,7 +99,7 @@ def stepwise_text(folder, reference: GenieBlueForConditionalGeneration, tokenize
     for text in texts:
         ids = torch.tensor([tokenizer(text)["input_ids"]])
         expected = reference(ids).logits[0, :-1].double()
-        cache, steps = deployed.empty_cache(), []
+        cache, steps = deployed.new_cache(), []
         for token in ids[0, :-1].tolist():
             logits, cache = deployed.step(np.array([[token]]), cache)
             steps.append(torch.from_numpy(np.asarray(logits[0])).double())
@@ -143,6 +143,7 @@ def deployment_cost(
         "scores": scores,
         "onnx_vs_pytorch": onnx_error(folder, quantized if exported == "w4a16" else reference, prompts),
         "exported_precision": exported,
+        "activations": manifest.get("activations", "float"),
         "quantization": manifest["quantization"],
         "deployed_text_stepwise": stepwise_text(folder, reference, processor.tokenizer, PASSAGES),
     }

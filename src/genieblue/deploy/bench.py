@@ -87,8 +87,9 @@ def measure(
         vit_s = min(vit)
     prefill = []
     for _ in range(repeats):
+        cache = model.new_cache()
         start = time.perf_counter()
-        model.step(prompt, model.empty_cache(), features)
+        model.step(prompt, cache, features)
         prefill.append(time.perf_counter() - start)
     files = model.files(mode)
     return {
@@ -120,7 +121,7 @@ def decode(
         later[mode] = None if features is None else features[:1]
         state[mode] = (prompt, features)
     for _ in range(repeats):
-        cache = {mode: model.step(prompt, model.empty_cache(), features) for mode, (prompt, features) in state.items()}
+        cache = {mode: model.step(prompt, model.new_cache(), features) for mode, (prompt, features) in state.items()}
         for k in range(new_tokens):
             for mode in MODE_GRAPHS if k % 2 else reversed(MODE_GRAPHS):
                 logits, past = cache[mode]
@@ -201,6 +202,7 @@ def table9(
         "storage_breakdown": storage_breakdown(manifest, text["storage_bytes"]),
         "folder": str(folder),
         "precision": manifest["precision"],
+        "activations": manifest.get("activations", "float"),
         "single_tile": manifest["single_tile"],
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

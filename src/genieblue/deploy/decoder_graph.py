@@ -23,7 +23,7 @@ from torch import nn
 from ..model import IMAGE_TOKEN_INDEX
 from ..model.routing import LoRALinear, Switch
 from .fuse import FusedProjections
-from .quant import PlanarLinear, WeightOnlyLinear
+from .quant import PlanarLinear, WeightOnlyLinear, merge_planes
 
 FAMILIES = ("llama", "qwen2", "mistral")
 MS = "com.microsoft"
@@ -48,12 +48,29 @@ def _active(module: nn.Module, image: bool) -> nn.Module:
 
 
 class _Graph:
-    """Nodes and initializers of one graph; tensors of the model are named by their path under `model.`."""
+    """Nodes and initializers of one graph; tensors of the model are named by their path under `model.`.
+    `one_byte_planes`: 8-bit weights held as two 4-bit planes (`PlanarLinear`) run as one 8-bit
+    MatMulNBits (for int8 activations, where that op is fast), their tables gathered from it too."""
 
-    def __init__(self, model):
+    def __init__(self, model, one_byte_planes: bool = False):
         self.nodes, self.initializers, self.done = [], {}, set()
         self.names = {id(t): f"model.{n}" for n, t in [*model.named_parameters(), *model.named_buffers()]}
         self.count = 0
+        self.one_byte_planes, self.merged = one_byte_planes, {}
+
+    def planes(self, planes: list[WeightOnlyLinear]) -> list[WeightOnlyLinear]:
+        """Layers whose outputs add up to those of `planes`: the planes, or for a `PlanarLinear`'s two
+        with `one_byte_planes` their one 8-bit layer (named `<layer>.packed`, made once per layer)."""
+        if not self.one_byte_planes or len(planes) != 2:
+            return planes
+        high, low = planes
+        if id(high) not in self.merged:
+            merged = merge_planes(high, low)
+            self.names[id(merged.packed)] = self.names[id(high.packed)].removesuffix(".high.packed") + ".packed"
+            if merged.bias is not None:
+                self.names[id(merged.bias)] = self.names[id(high.bias)]
+            self.merged[id(high)] = merged
+        return [self.merged[id(high)]]
 
     def tensor(self, value: torch.Tensor) -> str:
         name = self.names[id(value)]
@@ -179,7 +196,8 @@ def _linear(g: _Graph, x: str, module: nn.Module, image: bool) -> str:
             y = g.op("Add", y, _nbits(g, _nbits(g, x, module.lora_A), module.lora_B))
         return y
     if isinstance(module, PlanarLinear):
-        return g.op("Add", _nbits(g, x, module.high), _nbits(g, x, module.low))
+        planes = g.planes(module.planes())
+        return _nbits(g, x, planes[0]) if len(planes) == 1 else g.op("Add", *[_nbits(g, x, p) for p in planes])
     if isinstance(module, WeightOnlyLinear):
         return _nbits(g, x, module)
     if isinstance(module, nn.Linear):
@@ -201,7 +219,7 @@ def _embed(g: _Graph, ids: str, table: nn.Module) -> str:
     if isinstance(table, nn.Embedding):
         return g.op("Gather", g.tensor(table.weight), ids)
     rows = None
-    for plane in table.planes:
+    for plane in g.planes(list(table.planes)):
         blocks = plane.packed.shape[1]
         values = _unpack(g, g.op("Gather", g.tensor(plane.packed), ids), plane.bits, 4)
         values = g.op("Cast", g.op("Reshape", values, g.const([0, 0, blocks, plane.block_size])), to=TensorProto.FLOAT)
@@ -240,10 +258,13 @@ def _rotary_tables(g: _Graph, llm) -> tuple[str, str]:
     return g.op("Mul", g.op("Cos", freqs), scaling), g.op("Mul", g.op("Sin", freqs), scaling)
 
 
-def decoder_graph(model, image: bool, names: tuple[list[str], list[str]], opset: int) -> onnx.ModelProto:
-    """The decoder step of `model` (text or image mode) as an ONNX graph; `names`: (past, present) KV names."""
+def decoder_graph(
+    model, image: bool, names: tuple[list[str], list[str]], opset: int, one_byte_planes: bool = False
+) -> onnx.ModelProto:
+    """The decoder step of `model` (text or image mode) as an ONNX graph; `names`: (past, present) KV
+    names; `one_byte_planes`: see `_Graph`."""
     llm, config = model.llm, model.llm.config
-    g = _Graph(model)
+    g = _Graph(model, one_byte_planes)
     layers = llm.model.layers
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

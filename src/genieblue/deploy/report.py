@@ -8,7 +8,7 @@ from rich.table import Table
 
 def export_table(manifest: dict, folder: str) -> Table:
     table = Table(
-        title=f"{folder}: {manifest['precision']}, vision graph "
+        title=f"{folder}: {manifest['precision']}, {manifest.get('activations', 'float')} activations, vision graph "
         f"{'fixed to 1 tile' if manifest['single_tile'] else 'any number of tiles'}"
     )
     table.add_column("file")
@@ -29,7 +29,8 @@ def export_table(manifest: dict, folder: str) -> Table:
 def table9_table(result: dict) -> Table:
     text, image = result["modes"]["text"], result["modes"]["image"]
     table = Table(
-        title=f"Table 9 on this machine ({result['precision']}, onnxruntime CPU, "
+        title=f"Table 9 on this machine ({result['precision']}, {result.get('activations', 'float')} activations, "
+        "onnxruntime CPU, "
         f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens)"
     )
     for col in ("", "text mode", "image mode"):
@@ -80,7 +81,8 @@ def target_lines(result: dict) -> list[str]:
 
 
 def accuracy_table(acc: dict) -> Table:
-    table = Table(title="What W4A16 costs (vs the float model)")
+    activations = (acc.get("activations") or "float") + " activations in the exported graphs"
+    table = Table(title=f"What W4A16 costs (vs the float model; {activations})")
     for col in ("", "float", "w4a16"):
         table.add_column(col, justify="left" if not col else "right")
     scores = acc["scores"]

@@ -1,6 +1,8 @@
 """Run an exported GenieBlue folder (`genieblue export`) with onnxruntime on the CPU, with numpy only
 (no torch), as a phone app would: the text graph for text-only requests, the vision graph plus the
-image graph for requests with an image, a plain-array KV cache carried from step to step.
+image graph for requests with an image, and a KV cache carried from step to step: preallocated
+buffers that the graphs' `GroupQueryAttention` reads and writes in place (`KVCache`, for exports
+whose manifest says `kv_cache: shared_buffer`), or plain arrays, a new set per step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ TOKENIZER = "tokenizer"
 """The base's tokenizer (`save_pretrained`), beside the processor settings: what serving the folder needs."""
 MODE_GRAPHS = {"text": ("text",), "image": ("image", "vision")}
 """The graphs each mode loads."""
+SHARED_BUFFER = "shared_buffer"
+"""The manifest's `kv_cache` of a decoder graph whose attention writes the new keys and values into
+its past buffers in place (`GroupQueryAttention` given the same buffer as past and present)."""
+CAPACITY = 256
+"""Positions a fresh `KVCache` holds before it grows (doubling, up to the context length)."""
 
 
 _POOL: list[int] = []
@@ -55,6 +62,59 @@ def kv_names(layers: int, kind: str) -> list[str]:
     return [f"{kind}_{part}.{i}" for part in ("key", "value") for i in range(layers)]
 
 
+class KVCache:
+    """Preallocated (batch, kv heads, capacity, head dim) key and value buffers of every layer, bound as
+    both the past and the present of a decoder graph (IO binding), so each step writes only its new
+    positions; `length` positions hold keys and values. It grows by doubling when a step needs more
+    room. Changed in place by `DeployedModel.step`; one cache belongs to one mode."""
+
+    def __init__(
+        self, layers: int, batch: int, kv_heads: int, head_dim: int, vocab: int, limit: int, capacity: int = CAPACITY
+    ):
+        self.layers, self.limit, self.length = layers, limit, 0
+        self.shape = (batch, kv_heads, min(capacity, limit), head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(self.shape, np.float32)) for _ in range(2 * layers)]
+        self.logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1, vocab), np.float32))
+        self.bindings: dict[str, ort.IOBinding] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[2]
+
+    def reserve(self, total: int) -> None:
+        """Room for `total` positions (copying what is held into larger buffers if needed)."""
+        if total <= self.capacity:
+            return
+        if total > self.limit:
+            raise ValueError(f"{total} positions exceed the model's context length {self.limit}")
+        size = min(max(2 * self.capacity, total), self.limit)
+        self.shape = (*self.shape[:2], size, self.shape[3])
+        grown = []
+        for old in self.buffers:
+            array = np.zeros(self.shape, np.float32)
+            array[:, :, : self.length] = old.numpy()[:, :, : self.length]
+            grown.append(ort.OrtValue.ortvalue_from_numpy(array))
+        self.buffers, self.bindings = grown, {}
+
+    def binding(self, session: ort.InferenceSession, mode: str) -> ort.IOBinding:
+        """The session's IO binding with these buffers as past and present and the logits buffer as
+        its output (made once per buffer set)."""
+        if mode not in self.bindings:
+            binding = session.io_binding()
+            binding.bind_ortvalue_output("logits", self.logits)
+            for name, buffer in zip(kv_names(self.layers, "past"), self.buffers):
+                binding.bind_ortvalue_input(name, buffer)
+            for name, buffer in zip(kv_names(self.layers, "present"), self.buffers):
+                binding.bind_ortvalue_output(name, buffer)
+            self.bindings[mode] = binding
+        return self.bindings[mode]
+
+    def arrays(self) -> list[np.ndarray]:
+        """Copies of the held keys and values, (batch, kv heads, length, head dim) each (as `step` on
+        plain arrays returns them)."""
+        return [b.numpy()[:, :, : self.length].copy() for b in self.buffers]
+
+
 class DeployedModel:
     """An exported folder behind onnxruntime sessions, loaded per mode on demand."""
 
@@ -82,8 +142,17 @@ class DeployedModel:
         return graphs + ([data["base"]] if mode == "text" else [data["base"], data["delta"]])
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        """An empty plain-array cache: each `step` returns a new one (any export)."""
         m = self.manifest
         return [np.zeros((batch, m["kv_heads"], 0, m["head_dim"]), np.float32)] * (2 * m["num_layers"])
+
+    def new_cache(self, batch: int = 1) -> KVCache | list[np.ndarray]:
+        """The fastest empty cache this export runs: preallocated buffers written in place (`KVCache`)
+        when its manifest says `kv_cache: shared_buffer`, else `empty_cache`."""
+        m = self.manifest
+        if m.get("kv_cache") != SHARED_BUFFER:
+            return self.empty_cache(batch)
+        return KVCache(m["num_layers"], batch, m["kv_heads"], m["head_dim"], m["vocab_size"], m["context_length"])
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """(tiles, 3, S, S) normalised pixels -> (tiles * tokens_per_tile, D) features."""
@@ -93,15 +162,18 @@ class DeployedModel:
     def step(
         self,
         input_ids: np.ndarray,
-        cache: list[np.ndarray],
+        cache: KVCache | list[np.ndarray],
         image_features: np.ndarray | None = None,
         attention_mask: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    ) -> tuple[np.ndarray, KVCache | list[np.ndarray]]:
         """One decoder call: (B, T) ids after `cache` -> (last-position logits (B, V), new cache).
         With `image_features` it runs the image graph (pass the features on the step whose ids hold
-        the placeholders; any (1, D) array on later steps), else the text graph."""
+        the placeholders; any (1, D) array on later steps), else the text graph. A `KVCache` is
+        updated in place and returned; a list of arrays is left as it is and a new list returned."""
         mode = "text" if image_features is None else "image"
         self.load(mode)
+        if isinstance(cache, KVCache):
+            return self._step_in_place(mode, input_ids, cache, image_features, attention_mask)
         layers = self.manifest["num_layers"]
         if attention_mask is None:
             attention_mask = np.ones((input_ids.shape[0], cache[0].shape[2] + input_ids.shape[1]), np.int64)
@@ -112,6 +184,22 @@ class DeployedModel:
         feed.update(zip(names, cache))
         logits, *present = self.sessions[mode].run(None, feed)
         return logits[:, -1], present
+
+    def _step_in_place(self, mode, input_ids, cache: KVCache, image_features, attention_mask):
+        total = cache.length + input_ids.shape[1]
+        cache.reserve(total)
+        if attention_mask is None:
+            attention_mask = np.ones((input_ids.shape[0], total), np.int64)
+        elif attention_mask.shape[1] != total:
+            raise ValueError(f"the attention mask covers {attention_mask.shape[1]} positions, not {total}")
+        binding = cache.binding(self.sessions[mode], mode)
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
+        if image_features is not None:
+            binding.bind_cpu_input("image_features", np.ascontiguousarray(image_features, np.float32))
+        self.sessions[mode].run_with_iobinding(binding)
+        cache.length = total
+        return cache.logits.numpy()[:, -1].copy(), cache
 
     def tokens(
         self,
@@ -124,7 +212,7 @@ class DeployedModel:
         reads; the step after a token runs only when the caller asks for the next one."""
         pick = pick or (lambda logits: int(logits.argmax()))
         features = None if pixel_values is None else self.image_features(pixel_values)
-        logits, cache = self.step(input_ids, self.empty_cache(), features)
+        logits, cache = self.step(input_ids, self.new_cache(), features)
         later = None if features is None else features[:1]
         while True:
             token = pick(logits[0])

@@ -332,6 +332,12 @@ def serve(
         from .onnx_engine import OnnxEngine
 
         engine = OnnxEngine.load(onnx, threads, max_queue=max_queue, share=True)
+        if engine.deployed.manifest.get("activations", "float") != "float":
+            print(
+                f"note: {onnx} was exported with {engine.deployed.manifest['activations']} activations: "
+                "text-mode replies are close to the quantised base's, not exactly its own",
+                file=sys.stderr,
+            )
     else:
         engine = Engine.load(model_dir, llm=llm, max_queue=max_queue)
     app = create_app(
