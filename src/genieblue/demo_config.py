@@ -19,9 +19,9 @@ class DemoConfig:
     exercises: int = 200
     exercise_tasks: list[str] = field(default_factory=lambda: ["position"])
     stage0_steps: int = 900  # the vision tower learns to spell captions of fresh images (see train.vision_pretrain)
-    # how many of every 11 stage-0 images each task draws: the tasks a tower finds hard more often
+    # how many of every 13 stage-0 images each task draws: the tasks a tower finds hard more often
     stage0_weights: dict[str, int] = field(
-        default_factory=lambda: {"colour": 1, "shape": 1, "count": 2, "position": 2, "read": 3, "chart": 2}
+        default_factory=lambda: {"colour": 1, "shape": 1, "count": 2, "position": 4, "read": 3, "chart": 2}
     )
     stage1_steps: int = 15
     stage2_epochs: float = 1.0
