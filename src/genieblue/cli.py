@@ -184,7 +184,7 @@ def demo(
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
     synthetic data -> stages 0, 1, 2 -> per-task accuracy vs chance, text retention (bit-exact logits,
     text QA, perplexity) for base vs non-shared vs shared path -> report.md/json + charts. The defaults
-    take about 7 minutes on 2 CPU cores with bf16 matrix units (see README)."""
+    take about 8 minutes on 2 CPU cores with bf16 matrix units (see README)."""
     from .demo import Demo
     from .model import STRATEGIES
 
