@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .demo_config import DemoConfig
+from .deploy import activations as activations_setting
 
 app = typer.Typer(
     help="GenieBlue: give a frozen LLM eyes without costing it a point of language ability.",
@@ -472,7 +473,7 @@ def eval_chat(
 # genieblue export / bench deploy ----------------------------------------------------------------
 EXPORT_FORMATS = ("onnx",)
 ActivationsOption = typer.Option(
-    "float",
+    activations_setting.DEFAULT,
     help="With w4a16: what the 4-/8-bit matmuls compute with. float (default): float32 activations, "
     "exact: text mode is the quantised base. int8: each row quantised to int8 per block inside the op "
     "(onnxruntime MatMulNBits accuracy_level 4, as llama.cpp does): faster decode, text mode no longer "
@@ -583,7 +584,8 @@ def bench_deploy(
         help="With a fresh export of a GGUF base: keep the file's own quantisation (see genieblue export).",
     ),
     activations: str = typer.Option(
-        "float", help="With a fresh export: float or int8 activations in the quantised matmuls (see genieblue export)."
+        activations_setting.DEFAULT,
+        help="With a fresh export: float or int8 activations in the quantised matmuls (see genieblue export).",
     ),
     llama_bench: str | None = typer.Option(
         None,

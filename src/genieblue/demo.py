@@ -47,6 +47,7 @@ class Demo:
         self.out = Path(cfg.out)
         self.timings: dict[str, float] = {}
         self.stage1_models: dict[int, Path] = {}  # training seed offset -> its stage-1 model folder
+        self.stage2_sizes: dict[str, int] = {}  # stage-2 data source -> its record count (make_data)
 
     def _timed(self, name: str, fn, *args):
         start = time.perf_counter()
@@ -62,10 +63,13 @@ class Demo:
             self.out / "data", cfg.n_train, max(1, cfg.n_test // 4), cfg.n_test, cfg.seed, cfg.image_size
         )
         paths["text"] = self.out / "data" / "text.json"
-        write_json(paths["text"], text_only_samples(max(1, round(cfg.n_train * cfg.text_fraction)), cfg.seed))
+        n_text = max(1, round(cfg.n_train * cfg.text_fraction))
+        write_json(paths["text"], text_only_samples(n_text, cfg.seed))
+        self.stage2_sizes = {"train": cfg.n_train, "text": n_text}
         if cfg.exercises:
             paths["exercises"] = self.out / "data" / "exercises.json"
             write_json(paths["exercises"], reading_exercises(cfg.exercises, cfg.seed, cfg.exercise_tasks))
+            self.stage2_sizes["exercises"] = cfg.exercises
         return paths
 
     def run_name(self, strategy: str, k: int) -> str:
@@ -115,9 +119,7 @@ class Demo:
         shutil.rmtree(root, ignore_errors=True)
         self.console.rule(f"{name}: stage 2 (ViT + connector + {strategy} delta)")
         # ratios = record counts: every record once per epoch
-        sources = [
-            DataSource(str(data[k]), len(read_records(data[k]))) for k in ("train", "text", "exercises") if k in data
-        ]
+        sources = [DataSource(str(data[k]), n) for k, n in self.stage2_sizes.items()]
         stage2 = TrainConfig(
             stage=2,
             init_from=str(first),

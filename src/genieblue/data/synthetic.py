@@ -346,7 +346,7 @@ def text_only_samples(n: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def reading_exercises(n: int, seed: int = 0, tasks: Sequence[str] = ("position",)) -> list[dict]:
+def reading_exercises(n: int, seed: int, tasks: Sequence[str]) -> list[dict]:
     """n seeded text-only records, tasks round-robin: a drawn sample's caption, then its question,
     answered. A tower that spells captions hands the LLM the caption as image tokens; these teach
     the LLM side (in stage 2) to read the answer off a caption, which for position and chart means a

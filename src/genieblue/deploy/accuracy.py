@@ -16,6 +16,7 @@ from ..eval.answers import answer_records, exact_match
 from ..eval.text import PASSAGES, perplexity, text_qa
 from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
+from . import activations as activations_setting
 from .onnx_export import quantize
 from .runtime import DeployedModel
 
@@ -143,7 +144,7 @@ def deployment_cost(
         "scores": scores,
         "onnx_vs_pytorch": onnx_error(folder, quantized if exported == "w4a16" else reference, prompts),
         "exported_precision": exported,
-        "activations": manifest.get("activations", "float"),
+        "activations": activations_setting.of(manifest),
         "quantization": manifest["quantization"],
         "deployed_text_stepwise": stepwise_text(folder, reference, processor.tokenizer, PASSAGES),
     }

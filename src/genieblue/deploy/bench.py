@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import activations as activations_setting
 from .runtime import MODE_GRAPHS, DeployedModel, share_threads
 
 PAPER = {"storage_overhead": 0.085, "decode_ratio": 31 / 33}
@@ -202,7 +203,7 @@ def table9(
         "storage_breakdown": storage_breakdown(manifest, text["storage_bytes"]),
         "folder": str(folder),
         "precision": manifest["precision"],
-        "activations": manifest.get("activations", "float"),
+        "activations": activations_setting.of(manifest),
         "single_tile": manifest["single_tile"],
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

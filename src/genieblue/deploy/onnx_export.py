@@ -48,6 +48,7 @@ from ..loading import load_model_and_processor
 from ..model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration
 from ..model.routing import delta_members
 from ..model.sources import eos_token_ids, gguf_file
+from . import activations as activations_setting
 from . import decoder_graph
 from .fuse import fused_projections
 from .gguf_weights import gguf_layers
@@ -56,23 +57,6 @@ from .runtime import MANIFEST, SHARED_BUFFER, TOKENIZER, kv_names
 
 OPSET = 18
 PRECISIONS = ("w4a16", "fp32")
-ACTIVATIONS = {"float": None, "int8": 4}
-"""The export setting `activations`: what the 4-bit / 8-bit matmuls (every `MatMulNBits` of the
-graphs) compute with, and the op's `accuracy_level` for it. `float` (default): float32
-activations, exact (text mode is the quantised base within float32 summation order). `int8`:
-onnxruntime quantises each input row to int8 per block inside the op (accuracy_level 4, as
-llama.cpp quantises activations to Q8 for its Q4 / Q8 dot products): faster matmuls, no longer the
-quantised base exactly. Recorded in `deploy.json` as `activations`."""
-
-
-def check_activations(activations: str, precision: str = "w4a16") -> None:
-    """Refuse an unknown `activations` setting, or int8 activations for a float (`fp32`) export."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"unknown activations {activations!r}; choose one of: {', '.join(ACTIVATIONS)}")
-    if precision == "fp32" and activations != "float":
-        raise ValueError(f"{activations} activations are for the quantised matmuls: export w4a16, not fp32")
-
-
 GRAPHS = {"text": "text.onnx", "image": "image.onnx", "vision": "vision.onnx"}
 BASE_DATA, DELTA_DATA = "base.onnx.data", "delta.onnx.data"
 INLINE_BYTES = 128
@@ -176,9 +160,7 @@ def _to_proto(module: nn.Module, args: tuple, inputs: list[str], outputs: list[s
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _decoder_graph(
-    model, image: bool, layers: int, kv_shape: tuple[int, int], activations: str = "float"
-) -> onnx.ModelProto:
+def _decoder_graph(model, image: bool, layers: int, kv_shape: tuple[int, int], activations: str) -> onnx.ModelProto:
     if decoder_graph.supported(model):
         names = (kv_names(layers, "past"), kv_names(layers, "present"))
         # with int8 activations 8-bit weights run as one 8-bit MatMulNBits: ~2x faster than two 4-bit planes
@@ -329,10 +311,9 @@ def _quantization(copy_bits: int | None, gguf: dict | None) -> dict:
 
 
 def set_activations(proto: onnx.ModelProto, activations: str) -> int:
-    """Set every `MatMulNBits` of `proto` to compute with `activations` (see ACTIVATIONS); returns
+    """Set every `MatMulNBits` of `proto` to compute with `activations` (see `activations`); returns
     how many it set. `float` leaves the nodes as they are (no attribute: onnxruntime's default)."""
-    check_activations(activations)
-    level = ACTIVATIONS[activations]
+    level = activations_setting.ACTIVATIONS[activations]
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     if level is not None:
         for node in nodes:
@@ -350,13 +331,13 @@ def export_onnx(
     eos_token_ids: list[int] | None = None,
     quantization: dict | None = None,
     processor: GenieBlueProcessor | None = None,
-    activations: str = "float",
+    activations: str = activations_setting.DEFAULT,
 ) -> dict:
     """Write text.onnx, image.onnx, vision.onnx, base.onnx.data, delta.onnx.data and deploy.json
     into `folder` (atomically), and with a `processor` its tokenizer and settings. Quantise first
     (`quantize`, or `quant.quantize_model`; its entry goes to the manifest as `quantization`) for
     W4A16; a float model exports float32. `activations`: what the quantised matmuls compute with
-    (ACTIVATIONS; `int8` needs a quantised model). Returns the manifest."""
+    (see `activations`; `int8` needs a quantised model). Returns the manifest."""
     if model.strategy.family == "cogvlm":
         raise ValueError(
             "cogvlm visual experts pick weights per token (MoE-style routing); export supports "
@@ -364,7 +345,7 @@ def export_onnx(
         )
     model.eval()
     precision = _precision(model)
-    check_activations(activations, precision)
+    activations_setting.check(activations, precision)
     layers = len(model.llm.model.layers)
     kv_shape = _kv_shape(model)
     with fused_projections(model):
@@ -420,13 +401,13 @@ def export_saved_model(
     llm: str | None = None,
     keep_gguf: bool = True,
     copy_bits: int = LLM_BITS,
-    activations: str = "float",
+    activations: str = activations_setting.DEFAULT,
 ) -> dict:
     """Load a saved GenieBlue folder, quantise it (`w4a16`, see `quantize`) or keep it float
-    (`fp32`) and export it (`activations`: see ACTIVATIONS)."""
+    (`fp32`) and export it (`activations`: see the `activations` module)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    check_activations(activations, precision)
+    activations_setting.check(activations, precision)
     if copy_bits not in (4, 8):
         raise ValueError(f"block copies quantise to 4 or 8 bits, not {copy_bits}")
     model, processor = load_model_and_processor(model_dir, llm)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from . import activations as activations_setting
+
 
 def export_table(manifest: dict, folder: str) -> Table:
     table = Table(
@@ -81,7 +83,7 @@ def target_lines(result: dict) -> list[str]:
 
 
 def accuracy_table(acc: dict) -> Table:
-    activations = (acc.get("activations") or "float") + " activations in the exported graphs"
+    activations = activations_setting.of(acc) + " activations in the exported graphs"
     table = Table(title=f"What W4A16 costs (vs the float model; {activations})")
     for col in ("", "float", "w4a16"):
         table.add_column(col, justify="left" if not col else "right")

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 
 from ..data.images import MAX_PIXELS, ImageError, data_url_payload, decode_base64, is_data_url, load_image
 from ..data.records import IMAGE_PLACEHOLDER
+from ..deploy import activations as activations_setting
 from .engine import ContextOverflow, Engine, EngineBusy
 from .guards import Guard, error_response
 
@@ -332,7 +333,7 @@ def serve(
         from .onnx_engine import OnnxEngine
 
         engine = OnnxEngine.load(onnx, threads, max_queue=max_queue, share=True)
-        if engine.deployed.manifest.get("activations", "float") != "float":
+        if activations_setting.of(engine.deployed.manifest) != activations_setting.DEFAULT:
             print(
                 f"note: {onnx} was exported with {engine.deployed.manifest['activations']} activations: "
                 "text-mode replies are close to the quantised base's, not exactly its own",
