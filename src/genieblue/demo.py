@@ -87,7 +87,7 @@ class Demo:
             keep_last=1,
             projector_lr=vision_lr,
             vit_lr=vision_lr,
-            lr=cfg.lr,
+            lr=cfg.full_lr if strategy == "full" else cfg.lr,
         )
 
     def stage1(self, data: dict[str, Path], k: int = 0) -> Path:
