@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from genieblue.data import load_processor
+from genieblue.demo_config import DemoConfig
 from genieblue.eval.answers import answer_records
 from genieblue.eval.text import _qa_records
 from genieblue.model import GenieBlueForConditionalGeneration, load_llm, load_tokenizer
@@ -44,6 +45,8 @@ def short_demo(tmp_path_factory):
         "4",
         "--compare",
         "full",
+        "--full-lr",
+        "3e-4",
     )  # 2 steps: the first one's learning rate is 0 (warm-up)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
@@ -74,6 +77,9 @@ def test_short_demo_writes_reports_and_keeps_the_base_exact(short_demo):
         == starts["genieblue-skip"][1]["init_from"]
         == str(short_demo / "runs/stage1/final")
     )
+    # full fine-tuning trains at its own learning rate, the delta at the demo's
+    assert starts["full"][1]["lr"] == 3e-4
+    assert starts["genieblue-skip"][1]["lr"] == DemoConfig.lr != 3e-4
     assert set(report["results"]) == {"genieblue-skip", "full"}
 
 

@@ -180,6 +180,11 @@ def demo(
         help="Text-only caption-reading exercises mixed into stage 2 (a caption in words, then a question "
         "about it), teaching the LLM side to answer from what the tower spells (0: none).",
     ),
+    full_lr: float = typer.Option(
+        DemoConfig.full_lr,
+        help="Learning rate of every weight when full fine-tuning is compared (the copies and LoRA "
+        f"train at {DemoConfig.lr:g}, too high for full fine-tuning: README).",
+    ),
     seed: int = typer.Option(DemoConfig.seed, help="Seed for data and training."),
 ):
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
@@ -205,6 +210,7 @@ def demo(
         stage1_steps=stage1_steps,
         stage2_epochs=stage2_epochs,
         exercises=exercises,
+        full_lr=full_lr,
     )
     with _failures():
         Demo(cfg, console).run()
