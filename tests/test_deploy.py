@@ -33,6 +33,7 @@ from conftest import TINY_RESNET, TINY_SIGLIP, load_reference, serving
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue.cli import app
 from genieblue.data import save_processor_settings
+from genieblue.deploy.accuracy import stepwise_text
 from genieblue.deploy.fuse import FusedProjections, fused_projections
 from genieblue.deploy.gguf_weights import gguf_layers
 from genieblue.deploy.onnx_export import ALIGN, BASE_DATA, DELTA_DATA, export_onnx
@@ -46,6 +47,7 @@ from genieblue.deploy.quant import (
     quantize_weight,
 )
 from genieblue.deploy.runtime import DeployedModel, KVCache
+from genieblue.eval.text import PASSAGES
 from genieblue.infer.engine import Engine, EngineBusy
 from genieblue.infer.onnx_engine import OnnxEngine
 from genieblue.infer.server import create_app
@@ -606,6 +608,21 @@ def test_cli_export_single_tile_vision_graph_and_greedy_tokens(cli_export):
         ].tolist()
         got = deployed.generate(prompt.numpy(), None if px is None else px.numpy(), max_new_tokens=5, stop_at_eos=False)
         assert got == expected
+
+
+@pytest.mark.integration
+def test_token_by_token_agreement_finds_the_quantised_base_and_not_the_float_one(cli_export):
+    model_dir, folder, _ = cli_export
+    float_model, processor = load_model_and_processor(model_dir)
+    quantised, tokenizer = quantize_model(GenieBlue.from_pretrained(model_dir).eval()), processor.tokenizer
+    texts = PASSAGES[:2]
+    own = stepwise_text(folder, quantised, tokenizer, texts)  # the export is the quantised model
+    assert own["same_next_token"] == 1.0 and own["max_abs_logit_diff"] < TOLERANCE
+    assert own["perplexity_deployed"] == pytest.approx(own["perplexity_reference"], rel=1e-6)
+    assert own["positions"] == sum(len(tokenizer(t)["input_ids"]) - 1 for t in texts)
+    other = stepwise_text(folder, float_model, tokenizer, texts)  # 4-bit weights differ from float ones
+    assert other["max_abs_logit_diff"] > 100 * TOLERANCE and other["mean_abs_logit_diff"] > 10 * TOLERANCE
+    assert other["perplexity_reference"] != pytest.approx(own["perplexity_reference"], rel=1e-4)
 
 
 @pytest.mark.integration

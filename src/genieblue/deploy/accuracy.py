@@ -90,29 +90,45 @@ def onnx_error(folder, model: GenieBlueForConditionalGeneration, prompts: dict[s
 
 
 @torch.no_grad()
-def stepwise_text(folder, reference: GenieBlueForConditionalGeneration, tokenizer, texts: list[str]) -> dict:
-    """The exported text graph run token by token (`DeployedModel.step` with its KV cache, as a
-    phone decodes) over each of `texts`, against the PyTorch `reference` (its text path) on the
-    whole text: perplexity of both and how often their greedy next token is the same."""
-    deployed = DeployedModel(folder)
+def next_token_agreement(next_logits, reference, tokenizer, texts: list[str]) -> dict:
+    """How faithful a runtime is to the PyTorch `reference` (its text path) over each of `texts`:
+    `next_logits(ids)` gives the runtime's logits after each of ids[:-1] (one row per position).
+    Returns the perplexity of both, how often their greedy next token is the same, and the mean
+    and max |logit difference|."""
     nll = {"deployed": 0.0, "reference": 0.0}
     same = count = 0
+    diff_sum, diff_max = 0.0, 0.0
     for text in texts:
-        ids = torch.tensor([tokenizer(text)["input_ids"]])
-        expected = reference(ids).logits[0, :-1].double()
-        cache, steps = deployed.new_cache(), []
-        for token in ids[0, :-1].tolist():
-            logits, cache = deployed.step(np.array([[token]]), cache)
-            steps.append(torch.from_numpy(np.asarray(logits[0])).double())
-        got, targets = torch.stack(steps), ids[0, 1:, None]
+        ids = tokenizer(text)["input_ids"]
+        expected = reference(torch.tensor([ids])).logits[0, :-1].double()
+        got, targets = torch.as_tensor(np.asarray(next_logits(ids))).double(), torch.tensor(ids[1:])[:, None]
         for name, logits in (("deployed", got), ("reference", expected)):
             nll[name] -= torch.log_softmax(logits, -1).gather(-1, targets).sum().item()
         same += (got.argmax(-1) == expected.argmax(-1)).sum().item()
-        count += len(steps)
+        diff = (got - expected).abs()
+        diff_sum, diff_max = diff_sum + diff.mean(-1).sum().item(), max(diff_max, diff.max().item())
+        count += len(ids) - 1
     return {f"perplexity_{name}": float(np.exp(total / count)) for name, total in nll.items()} | {
         "same_next_token": same / count,
+        "mean_abs_logit_diff": diff_sum / count,
+        "max_abs_logit_diff": diff_max,
         "positions": count,
     }
+
+
+def stepwise_text(folder, reference: GenieBlueForConditionalGeneration, tokenizer, texts: list[str]) -> dict:
+    """`next_token_agreement` of the exported text graph run token by token (`DeployedModel.step`
+    with its KV cache, as a phone decodes) against the PyTorch `reference` on the whole text."""
+    deployed = DeployedModel(folder)
+
+    def next_logits(ids: list[int]) -> np.ndarray:
+        cache, steps = deployed.new_cache(), []
+        for token in ids[:-1]:
+            logits, cache = deployed.step(np.array([[token]]), cache)
+            steps.append(np.asarray(logits[0]))
+        return np.stack(steps)
+
+    return next_token_agreement(next_logits, reference, tokenizer, texts)
 
 
 def deployment_cost(
