@@ -22,7 +22,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from conftest import TINY_SIGLIP, load_reference, serving
@@ -314,6 +314,18 @@ def test_chat_command_and_session_text_turns_equal_the_base(model_dir, base, bas
     assert first == _base_text(base, base_tok, QUESTIONS[0]).strip()
     history = [*_user(QUESTIONS[0]), {"role": "assistant", "content": first}, *_user(QUESTIONS[3])]
     assert session.ask(QUESTIONS[3]) == _base_text(base, base_tok, history).strip()
+
+
+def test_chat_in_bfloat16_replies_what_the_base_in_bfloat16_replies(model_dir, chat_base, base_tok):
+    """`genieblue chat --dtype bfloat16`: the text reply of the base loaded by transformers in bfloat16."""
+    base16 = AutoModelForCausalLM.from_pretrained(chat_base, dtype=torch.bfloat16).eval()
+    for question in QUESTIONS[1:3]:
+        args = ["chat", "-m", str(model_dir), "--device", "cpu", "--dtype", "bfloat16", "--max-new-tokens", str(N)]
+        result = CliRunner().invoke(cli, [*args, question])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == _base_text(base16, base_tok, question).strip()
+    result = CliRunner().invoke(cli, ["chat", "-m", str(model_dir), "--dtype", "float8", "Hi"])
+    assert result.exit_code == 2 and "error: unknown dtype 'float8'" in result.stderr
 
 
 # server limits ------------------------------------------------------------------------------------

@@ -4,15 +4,19 @@ and after training; the fresh delta is an identity; save/load round-trips; error
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import FAMILIES, TINY_CLIP, TINY_RESNET, TINY_SIGLIP, VOCAB, load_reference
 from genieblue import GenieBlueForConditionalGeneration as GenieBlue
 from genieblue import Strategy
-from genieblue.model import IMAGE_TOKEN_INDEX, STRATEGIES
+from genieblue.model import IMAGE_TOKEN_INDEX, STRATEGIES, fingerprint
+from genieblue.model.fingerprint import file_digest, tensors_fingerprint
 from genieblue.model.report import parameter_report
 from genieblue.model.routing import delta_members
 
@@ -308,3 +312,74 @@ def test_pretrained_backbone_folder_loads_its_weights(base_dirs, tmp_path):
 def test_unknown_vision_type_lists_the_choices(base_dirs):
     with pytest.raises(ValueError, match="supported: siglip_vision_model, clip_vision_model, .*resnet"):
         GenieBlue.from_base(base_dirs["llama"], vision={"model_type": "no-such-tower"})
+
+
+# device, dtype and the base's fingerprint ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_a_delta_loads_in_any_dtype_and_its_text_path_is_the_base_loaded_alike(family, dtype, base_dirs, tmp_path):
+    """Saved from a float32 model, loaded in `dtype`: logits and greedy tokens equal those of the base
+    loaded by transformers in the same dtype on the same device."""
+    model = GenieBlue.from_base(base_dirs[family], vision=TINY_SIGLIP)
+    _train_steps(model)
+    model.save_pretrained(tmp_path / "d")
+    loaded = GenieBlue.from_pretrained(tmp_path / "d", device="cpu", dtype=dtype).eval()
+    assert loaded.llm.dtype == dtype and loaded.device.type == "cpu"
+    assert all(p.dtype == dtype for p in loaded.parameters())  # the delta too, converted on load
+    ref = AutoModelForCausalLM.from_pretrained(base_dirs[family], dtype=dtype).eval()
+    _assert_text_path_is_base(loaded, ref)
+    ids, px = _image_batch(loaded)
+    with torch.no_grad():
+        assert loaded(ids, pixel_values=px).logits.dtype == dtype  # float32 pixels are cast by the tower
+
+
+def test_the_fingerprint_names_the_files_not_how_they_were_loaded(base_dirs, tmp_path):
+    """The same files elsewhere are the same base, a copy with one weight changed is refused, the
+    digests are remembered by path, size and mtime, and the hub cache's blob names are used as they are."""
+    GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP).save_pretrained(tmp_path / "d")
+    copy = tmp_path / "copy"
+    shutil.copytree(base_dirs["llama"], copy)
+    assert GenieBlue.from_pretrained(tmp_path / "d", llm=str(copy), device="cpu").base_spec == str(copy)
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    tensors = load_file(weights)
+    tensors["model.norm.weight"][0] += 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == stat.st_size
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same path, size and mtime: the cached digest
+    assert fingerprint(str(copy)) == fingerprint(base_dirs["llama"])
+    weights.touch()  # a new mtime: hashed again, and refused
+    with pytest.raises(ValueError, match="not the one this delta was trained on"):
+        GenieBlue.from_pretrained(tmp_path / "d", llm=str(copy), device="cpu")
+    blobs = tmp_path / "hub" / "blobs"
+    blobs.mkdir(parents=True)
+    digest = "ab" * 32  # not the bytes' real digest: a hub blob's name is taken, never recomputed
+    (blobs / digest).write_bytes(b"weights")
+    (tmp_path / "hub" / "model.safetensors").symlink_to(blobs / digest)
+    assert file_digest(tmp_path / "hub" / "model.safetensors") == digest
+
+
+def test_a_delta_of_an_earlier_version_still_loads_and_is_checked_once(base_dirs, tmp_path, monkeypatch):
+    """Earlier versions named the base by its float32 tensors: such a delta loads (in bfloat16 too),
+    the match is remembered, and a different base is still refused."""
+    monkeypatch.setenv("GENIEBLUE_CACHE", str(tmp_path / "cache"))
+    GenieBlue.from_base(base_dirs["qwen2"], vision=TINY_SIGLIP).save_pretrained(tmp_path / "old")
+    manifest_file = tmp_path / "old" / "genieblue.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["base"]["fingerprint"] = tensors_fingerprint(load_reference(base_dirs["qwen2"]))
+    manifest_file.write_text(json.dumps(manifest))
+    loaded = GenieBlue.from_pretrained(tmp_path / "old", device="cpu", dtype=torch.bfloat16)
+    assert loaded.base_fingerprint.startswith("files-sha256:")  # saved again, it carries the new name
+    cache = json.loads((tmp_path / "cache" / "fingerprints.json").read_text())
+    assert cache[f"tensors:{loaded.base_fingerprint}"] == manifest["base"]["fingerprint"]
+    with pytest.raises(ValueError, match="not the one this delta was trained on"):
+        GenieBlue.from_pretrained(tmp_path / "old", llm=base_dirs["llama"], device="cpu")
+
+
+def test_unknown_devices_and_dtypes_are_refused_in_one_line(base_dirs, tmp_path):
+    GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP).save_pretrained(tmp_path / "d")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'; choose one of: bfloat16"):
+        GenieBlue.from_pretrained(tmp_path / "d", dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU here: use --device cpu"):
+            GenieBlue.from_pretrained(tmp_path / "d", device="cuda")

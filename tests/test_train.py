@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -329,22 +330,15 @@ def test_ddp_two_cpu_processes_equal_one_process(tmp_path, chat_base, synth_data
         str(config),
     ]
     stderr = _run_beside_one_process(cmd, tmp_path, synth_data, fields, one)
-    assert "2 process(es) · MULTI_CPU" in stderr  # accelerate picked DDP over gloo with 2 CPU processes
+    assert "DDP on 2 processes on CPU · fp32" in " ".join(stderr.split())  # DDP over gloo, 2 CPU processes
     _assert_same_training(one, two, 3)
     step2 = load_file(two / "checkpoints" / "step-0000002" / "model" / "delta.safetensors")
     assert any(not torch.equal(t, _delta(two)[n]) for n, t in step2.items())  # a checkpoint written under DDP
 
 
-FSDP_PROBE = """
-import torch
-from accelerate import Accelerator
-
-acc = Accelerator(cpu=not torch.cuda.is_available())  # as the trainer builds it
-print(f"rank {acc.process_index}/{acc.num_processes}: {acc.distributed_type.value}", flush=True)
-"""
-
-
-def _accelerate_launch_fsdp(*args: str) -> list[str]:
+def _accelerate_launch_fsdp(*args: str, processes: int = 2) -> list[str]:
+    """`accelerate launch` as the shipped FSDP config asks (FSDP2, one unit per decoder block), on CPUs:
+    accelerate leaves FSDP to the trainer there, which shards with torch's own fully_shard."""
     return [
         sys.executable,
         "-m",
@@ -352,13 +346,15 @@ def _accelerate_launch_fsdp(*args: str) -> list[str]:
         "--use_fsdp",
         "--fsdp_version",
         "2",
+        "--fsdp_transformer_layer_cls_to_wrap",
+        "LlamaDecoderLayer",
         # the default (true) stops at once without an accelerator: FullyShardedDataParallelPlugin
         # raises "RuntimeError: There are currently no available devices found, must be one of
         # 'XPU', 'CUDA', 'MLU', 'NPU', 'MUSA', or 'HPU'." (accelerate 1.15)
         "--fsdp_sync_module_states",
         "false",
         "--num_processes",
-        "2",
+        str(processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -371,35 +367,71 @@ def _accelerate_launch_fsdp(*args: str) -> list[str]:
     ]
 
 
-@pytest.mark.integration
-def test_fsdp_two_cpu_processes(tmp_path, chat_base, synth_data):
-    probe = tmp_path / "probe.py"
-    probe.write_text(FSDP_PROBE)
-    seen = subprocess.run(
-        _accelerate_launch_fsdp(str(probe)), env=_env(cpu=True), capture_output=True, text=True, timeout=300
+def _train_fsdp(config: Path, *extra: str, processes: int = 2) -> str:
+    done = subprocess.run(
+        _accelerate_launch_fsdp("-m", "genieblue.cli", "train", "--config", str(config), *extra, processes=processes),
+        env=_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    kinds = sorted(set(re.findall(r"rank \d/2: (\w+)", seen.stdout)))
-    if kinds != ["FSDP"]:
-        import accelerate
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
 
-        found = f"as {'/'.join(kinds)}" if kinds else f"not at all ({seen.stderr.strip().splitlines()[-1:]})"
-        pytest.skip(
-            f"accelerate {accelerate.__version__} has no FSDP on CPU: `accelerate launch --use_fsdp "
-            f"--num_processes 2` on CPU (gloo) brings the processes up {found}, i.e. plain DDP, because "
-            "AcceleratorState switches to DistributedType.FSDP only for GPU/NPU/XPU-like devices"
-        )
-    fsdp, one = tmp_path / "fsdp2", tmp_path / "fsdp1"
-    fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=2)
+
+def _resume_from(run: Path, step: str, into: Path) -> None:
+    """`into` holds only `run`'s checkpoint `step`, as a run killed after writing it would."""
+    (into / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / step, into / "checkpoints" / step)
+
+
+@pytest.mark.integration
+def test_fsdp2_two_cpu_processes_save_resume_and_load(tmp_path, chat_base, synth_data):
+    """FSDP2 over 2 gloo processes, sharded per decoder block: it trains as 1 process does, writes its
+    checkpoint and final model (the whole delta once), `--resume` from its checkpoint continues as
+    the uninterrupted run, on 2 processes and on 1, and the saved delta loads with from_pretrained."""
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=3, save_every=2, gradient_checkpointing=True)
     config = _config(tmp_path, synth_data, **fields, output_dir=str(fsdp))
-    stderr = _run_beside_one_process(
-        _accelerate_launch_fsdp("-m", "genieblue.cli", "train", "--config", str(config)),
-        tmp_path,
-        synth_data,
-        fields,
-        one,
-    )
-    assert "2 process(es) · FSDP" in stderr
-    _assert_same_training(one, fsdp, 2)
+    cmd = _accelerate_launch_fsdp("-m", "genieblue.cli", "train", "--config", str(config))
+    stderr = _run_beside_one_process(cmd, tmp_path, synth_data, fields, one)
+    assert "FSDP2 on 2 processes (torch fully_shard on CPU) on CPU · fp32" in " ".join(stderr.split())
+    _assert_same_training(one, fsdp, 3)
+    assert _steps(fsdp) == ["step-0000002"] and not _partial_files(fsdp)
+    saved = _delta(fsdp)
+    loaded = GenieBlueForConditionalGeneration.from_pretrained(fsdp / "final", device="cpu").delta_state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+    for processes in (2, 1):  # the sharded checkpoint resumes sharded and unsharded alike
+        resumed = tmp_path / f"resumed-{processes}"
+        _resume_from(fsdp, "step-0000002", resumed)
+        same_batch = dict(fields, batch_size=2 // processes)  # the same global batch of rows
+        resumed_config = _config(tmp_path, synth_data, f"resume{processes}.yaml", **same_batch, output_dir=str(resumed))
+        err = _train_fsdp(resumed_config, "--resume", processes=processes)
+        assert "resuming from" in err and "step 2" in err
+        assert _losses(resumed)[3] == pytest.approx(_losses(fsdp)[3], rel=1e-6, abs=1e-6)
+        again = _delta(resumed)
+        for name in saved:
+            torch.testing.assert_close(again[name], saved[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_modes_that_could_not_save_are_refused_before_any_work(tmp_path, chat_base, synth_data, monkeypatch):
+    """FSDP1 (asked for as accelerate's launcher asks: environment variables) and an output_dir that
+    cannot take files stop at once with a one-line reason, before the model or data are touched."""
+    cfg = TrainConfig.from_yaml(_config(tmp_path, synth_data, llm=chat_base, output_dir=str(tmp_path / "run")))
+    with monkeypatch.context() as env:
+        for name, value in {
+            "ACCELERATE_USE_FSDP": "true",
+            "FSDP_VERSION": "1",
+            "FSDP_SYNC_MODULE_STATES": "false",
+        }.items():
+            env.setenv(name, value)
+        with pytest.raises(ValueError, match="FSDP1 is not supported .* set `fsdp_version: 2`"):
+            Trainer(cfg)
+    (tmp_path / "a-file").write_text("")
+    cfg.output_dir = str(tmp_path / "a-file" / "run")
+    with pytest.raises(ValueError, match="output_dir .*a-file/run cannot be written"):
+        Trainer(cfg).run()
 
 
 # 4. bad data ---------------------------------------------------------------------------------------

@@ -33,6 +33,23 @@ BaseLLM = Annotated[
 ]
 ManifestLLM = Annotated[str | None, typer.Option(help="Base LLM, if not the one named in the model's manifest.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Device = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        show_default=False,
+        help="Where the model runs: cpu, cuda, cuda:1, ... (default: cuda when a GPU is visible, else cpu).",
+    ),
+]
+DType = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        show_default=False,
+        help="bfloat16, float16 or float32 (default: bfloat16 on a GPU, float32 on a CPU). Text-only requests "
+        "stay the base's own in every dtype: what the base itself replies when loaded the same way.",
+    ),
+]
 EvalOut = Annotated[str, typer.Option(help="Output folder.")]
 VISION_HELP = (
     "Vision tower: SigLIP / CLIP / AutoBackbone (ResNet, ConvNeXt, ...) hub id or folder, or a JSON config "
@@ -186,6 +203,8 @@ def demo(
         f"train at {DemoConfig.lr:g}, too high for full fine-tuning: README).",
     ),
     seed: int = typer.Option(DemoConfig.seed, help="Seed for data and training."),
+    device: Device = None,
+    dtype: DType = None,
 ):
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
     synthetic data -> stages 0, 1, 2 -> per-task accuracy vs chance, text retention (bit-exact logits,
@@ -211,6 +230,8 @@ def demo(
         stage2_epochs=stage2_epochs,
         exercises=exercises,
         full_lr=full_lr,
+        device=device,
+        dtype=dtype,
     )
     with _failures():
         Demo(cfg, console).run()
@@ -224,6 +245,8 @@ def chat(
     llm: ManifestLLM = None,
     max_new_tokens: int = typer.Option(128, help="Longest reply."),
     shared_base: bool = typer.Option(False, help="Send text-only turns through the multimodal path too."),
+    device: Device = None,
+    dtype: DType = None,
 ):
     """Ask a trained model about an image, or chat with it. Text-only turns run the untouched base.
 
@@ -232,7 +255,9 @@ def chat(
     from .infer.chat import ChatSession
 
     with _failures():
-        session = ChatSession.load(model, llm=llm, max_new_tokens=max_new_tokens, shared_base=shared_base)
+        session = ChatSession.load(
+            model, llm=llm, device=device, dtype=dtype, max_new_tokens=max_new_tokens, shared_base=shared_base
+        )
         if question is not None:
             print(session.ask(question, image))
         else:
@@ -263,6 +288,8 @@ def serve(
     max_body_mb: float = typer.Option(32, min=0.001, help="Largest request body in MiB (413 above it)."),
     max_images: int = typer.Option(8, min=0, help="Most images in one request (400 above it)."),
     max_queue: int = typer.Option(64, min=1, help="Most requests waiting for the model (503 when full)."),
+    device: Device = None,
+    dtype: DType = None,
 ):
     """Serve an OpenAI-compatible API: POST /v1/chat/completions (streaming too), GET /v1/models,
     GET /health. Text-only requests run the untouched base; concurrent requests are batched
@@ -286,6 +313,8 @@ def serve(
             max_body_bytes=int(max_body_mb * 2**20),
             max_images=max_images,
             max_queue=max_queue,
+            device=device,
+            dtype=dtype,
         )
 
 
@@ -340,7 +369,8 @@ def eval_text(
     limit: int | None = typer.Option(None, help="At most this many documents per task (a quick look)."),
     num_fewshot: int | None = typer.Option(None, help="Few-shot examples (default: each task's own)."),
     batch_size: int = typer.Option(8, help="Requests per forward pass."),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    device: Device = None,
+    dtype: DType = None,
     chat_template: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
     llm: ManifestLLM = None,
     out: EvalOut = "eval_out",
@@ -369,6 +399,7 @@ def eval_text(
             num_fewshot=num_fewshot,
             batch_size=batch_size,
             device=device,
+            dtype=dtype,
             chat_template=chat_template,
         )
     _print_report(result, as_json, model, "text")
@@ -391,6 +422,8 @@ def eval_mm(
     max_new_tokens: int = typer.Option(32, help="Longest reply."),
     limit: int | None = typer.Option(None, help="At most this many items per benchmark."),
     llm: ManifestLLM = None,
+    device: Device = None,
+    dtype: DType = None,
     out: EvalOut = "eval_out",
     as_json: AsJson = False,
 ):
@@ -419,6 +452,8 @@ def eval_mm(
                 max_new_tokens=max_new_tokens,
                 limit=limit,
                 progress=progress,
+                device=device,
+                dtype=dtype,
             )
     _print_report(result, as_json, model, "mm")
 
@@ -446,6 +481,8 @@ def eval_chat(
     batch_size: int = typer.Option(8, help="Questions per generate call."),
     max_new_tokens: int = typer.Option(512, help="Longest answer."),
     llm: ManifestLLM = None,
+    device: Device = None,
+    dtype: DType = None,
     out: EvalOut = "eval_out",
     as_json: AsJson = False,
 ):
@@ -472,6 +509,8 @@ def eval_chat(
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
                 progress=progress,
+                device=device,
+                dtype=dtype,
             )
     _print_report(result, as_json, model, "chat")
 

@@ -88,6 +88,7 @@ class Demo:
             projector_lr=vision_lr,
             vit_lr=vision_lr,
             lr=cfg.full_lr if strategy == "full" else cfg.lr,
+            device=cfg.device,
         )
 
     def stage1(self, data: dict[str, Path], k: int = 0) -> Path:
@@ -137,7 +138,7 @@ class Demo:
         name = self.run_name(strategy, k)
         self.console.rule(f"{name}: evaluation")
         start = time.perf_counter()
-        model, processor = load_model_and_processor(model_dir, self.cfg.llm)
+        model, processor = load_model_and_processor(model_dir, self.cfg.llm, self.cfg.device, self.cfg.dtype)
         tok = processor.tokenizer
         test = read_records(data["test"])
         mm = exact_match(test, answer_records(model, processor, test, batch_size=48, max_new_tokens=4))
@@ -166,7 +167,7 @@ class Demo:
     def retention(self, model, processor, qa_non_shared: dict, test: list[dict]) -> dict:
         """The non-shared and shared text paths against an independently loaded base, three ways,
         plus sample conversations with and without an image."""
-        base = load_llm(self.cfg.llm).eval()
+        base = load_llm(self.cfg.llm, model.llm.dtype, model.device).eval()  # the same device and dtype
         tok = processor.tokenizer
         qa = {
             "base": text_qa(base, processor),

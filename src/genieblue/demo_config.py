@@ -33,3 +33,5 @@ class DemoConfig:
     stage2_vision_lr: float = 3e-4  # the whole tower in stage 2, gently: stage 0 already taught it to spell
     image_size: int = 64
     seed: int = 0
+    device: str | None = None  # training and evaluation (None: cuda when present, see model.placement)
+    dtype: str | None = None  # evaluation (None: bfloat16 on a GPU, float32 on a CPU); training: precision auto

@@ -41,7 +41,8 @@ def _generate(model, batch: dict, shared_base: bool | None, **kwargs):
         return model.generate(**batch, shared_base=shared_base, **kwargs)
     if batch["pixel_values"] is not None:
         raise ValueError("a plain language model cannot answer questions about images")
-    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     return out[:, batch["input_ids"].shape[1] :]
 
 
@@ -133,7 +134,7 @@ def answer_loss(
         batch = collate([processor.encode(r) for r in records[start : start + batch_size]], processor.pad_id)
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()
-        targets = labels[:, 1:]
+        targets = labels[:, 1:].to(logits.device)
         total += F.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         ).item()

@@ -30,6 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration, load_llm, load_tokenizer
 from ..model.folder import MANIFEST
+from ..model.placement import resolve_placement
 from .cache import ResultCache
 
 PATHS = ("base", "non-shared", "shared")
@@ -87,7 +88,7 @@ class _CacheWriter(CacheHook):
         self.dbdict = cache
 
 
-def _load(pretrained: str, path: str, llm: str | None):
+def _load(pretrained: str, path: str, llm: str | None, device, dtype):
     """(model, tokenizer) for a saved GenieBlue folder, or for a plain LLM spec on the base path."""
     folder = Path(pretrained)
     if not (folder / MANIFEST).is_file():
@@ -95,11 +96,11 @@ def _load(pretrained: str, path: str, llm: str | None):
             raise ValueError(
                 f"{pretrained} is not a GenieBlue model folder (no {MANIFEST}); a plain LLM only has path=base"
             )
-        return load_llm(pretrained), load_tokenizer(pretrained)
+        return load_llm(pretrained, dtype, device), load_tokenizer(pretrained)
     if path == "base":
         spec = llm or json.loads((folder / MANIFEST).read_text())["base"]["llm"]
-        return load_llm(spec), load_tokenizer(spec)
-    model, processor = load_model_and_processor(folder, llm)
+        return load_llm(spec, dtype, device), load_tokenizer(spec)
+    model, processor = load_model_and_processor(folder, llm, device, dtype)
     return model, processor.tokenizer
 
 
@@ -107,8 +108,10 @@ def _load(pretrained: str, path: str, llm: str | None):
 class GenieBlueLM(HFLM):
     """lm-eval model over one text path. `pretrained`: a saved GenieBlue folder (or, for path=base,
     any LLM spec), or an already loaded GenieBlue model / base LLM together with `tokenizer`.
-    `resume_cache`: a JSONL file (or a `ResultCache`) of finished requests. Other keyword arguments
-    go to `HFLM` (batch_size, max_length, ...). From lm-eval's CLI:
+    `resume_cache`: a JSONL file (or a `ResultCache`) of finished requests. `device` / `dtype`: where
+    a model loaded here runs (default: a GPU in bfloat16 when there is one, else the CPU in float32);
+    a loaded model is moved to `device` when one is given. Other keyword arguments go to `HFLM`
+    (batch_size, max_length, ...). From lm-eval's CLI:
     `--model_args pretrained=DIR,path=shared,resume_cache=out/cache.jsonl`."""
 
     def __init__(
@@ -118,6 +121,7 @@ class GenieBlueLM(HFLM):
         llm: str | None = None,
         tokenizer=None,
         device: str | None = None,
+        dtype: str | torch.dtype | None = None,
         resume_cache: str | ResultCache | None = None,
         **kwargs,
     ):
@@ -126,12 +130,11 @@ class GenieBlueLM(HFLM):
         name = None
         if isinstance(pretrained, (str, os.PathLike)):
             name = str(Path(pretrained).resolve()) if Path(pretrained).exists() else str(pretrained)
-            pretrained, tokenizer = _load(str(pretrained), path, llm)
+            pretrained, tokenizer = _load(str(pretrained), path, llm, *resolve_placement(device, dtype))
+        elif device is not None:
+            pretrained.to(device)
         if isinstance(pretrained, GenieBlueForConditionalGeneration) == (path == "base"):
             raise ValueError(f"path={path} needs {'a plain base LLM' if path == 'base' else 'a GenieBlue model'}")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        pretrained.to(device)
         if isinstance(pretrained, GenieBlueForConditionalGeneration):
             pretrained = _TextPath(pretrained, shared_base=path == "shared")
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)

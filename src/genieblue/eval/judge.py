@@ -21,6 +21,7 @@ from rich.progress import Progress
 
 from ..loading import load_model_and_processor
 from ..model import load_llm
+from ..model.placement import resolve_placement
 from .answers import answer_records
 from .cache import ResultCache
 from .harness import PATHS
@@ -225,20 +226,25 @@ def evaluate_chat(
     batch_size: int = 8,
     max_new_tokens: int = 512,
     progress: Progress | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict:
-    """Answer and judge every question on each text path; write chat.md/json/png in `out`."""
+    """Answer and judge every question on each text path; write chat.md/json/png in `out`. Every
+    path runs on `device` in `dtype` (default: a GPU in bfloat16 when there is one, else the CPU in
+    float32), the base too. Raises ValueError for an unknown path, and what loading a model raises."""
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
         raise ValueError(f"paths must be some of {', '.join(PATHS)}, got {', '.join(paths) or 'none'}")
     questions, skipped = read_questions(questions_file)
     out = Path(out)
-    model, processor = load_model_and_processor(model_dir, llm)
+    device, dtype = resolve_placement(device, dtype)
+    model, processor = load_model_and_processor(model_dir, llm, device, dtype)
     results = {}
     for path in paths:
         name = str(llm or model.base_spec) if path == "base" else str(Path(model_dir).resolve())
         cache = ResultCache(out / f"{STEM}.cache.jsonl", f"{name} | judge {judge.model}", path)
         todo = [q for q in questions if q["id"] not in cache]
-        subject = load_llm(llm or model.base_spec) if path == "base" and todo else model
+        subject = load_llm(llm or model.base_spec, dtype, device) if path == "base" and todo else model
         task = progress.add_task(f"{path}: answer + judge", total=len(todo)) if progress else None
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]

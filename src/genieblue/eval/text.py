@@ -83,9 +83,9 @@ def text_qa(model, processor: GenieBlueProcessor, shared_base: bool | None = Non
 
 
 def _forward(model, ids: torch.Tensor, shared_base: bool | None):
-    """Logits of a GenieBlue model (routing `shared_base`) or of a plain HF model."""
+    """Logits of a GenieBlue model (routing `shared_base`) or of a plain HF model, on its device."""
     if shared_base is None:
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits
     return model(ids, shared_base=shared_base).logits
 
 
@@ -96,7 +96,7 @@ def perplexity(model, tokenizer, shared_base: bool | None = None) -> float:
     for text in PASSAGES:
         ids = torch.tensor([tokenizer(text)["input_ids"]])
         logits = _forward(model, ids, shared_base)
-        logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])
+        logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None].to(logits.device))
         total -= logp.sum().item()
         count += ids.shape[1] - 1
     return math.exp(total / count)
@@ -109,7 +109,7 @@ def logit_equality(model, base, tokenizer, shared_base: bool = False) -> dict:
     equal, max_diff = 0, 0.0
     for text in texts:
         ids = torch.tensor([tokenizer(text)["input_ids"]])
-        a, b = _forward(model, ids, shared_base), base(input_ids=ids).logits
+        a, b = _forward(model, ids, shared_base), _forward(base, ids, None)
         equal += torch.equal(a, b)
         max_diff = max(max_diff, (a - b).abs().max().item())
     return {"prompts": len(texts), "bit_identical": equal, "max_abs_diff": max_diff}

@@ -12,6 +12,7 @@ from lm_eval.tasks import TaskManager
 
 from ..loading import load_model_and_processor
 from ..model import DEFAULT_LLM, GenieBlueForConditionalGeneration, load_llm
+from ..model.placement import resolve_placement
 from .cache import ResultCache
 from .harness import PATHS, GenieBlueLM
 from .report import retention_table, write_report
@@ -75,11 +76,13 @@ def evaluate_text(
     num_fewshot: int | None = None,
     batch_size: int = 8,
     device: str | None = None,
+    dtype: str | None = None,
     chat_template: bool = False,
 ) -> dict:
     """Run `tasks` on each text path of `model_dir` (and the deployed path of each `compare`
     checkpoint); write text.md/json/png in `out` and return the summary. Finished requests are kept
-    in `out/text.cache.jsonl`, so an interrupted run resumes."""
+    in `out/text.cache.jsonl`, so an interrupted run resumes. Every path runs on `device` in `dtype`
+    (default: a GPU in bfloat16 when there is one, else the CPU in float32), the base too."""
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
         raise ValueError(f"paths must be some of {', '.join(PATHS)}, got {', '.join(paths) or 'none'}")
@@ -106,18 +109,20 @@ def evaluate_text(
         )
         return _headline(simple_evaluate(model=lm, **settings))
 
-    model, processor = load_model_and_processor(model_dir, llm)
+    device, dtype = resolve_placement(device, dtype)
+    model, processor = load_model_and_processor(model_dir, llm, device, dtype)
     runs = {}
     for path in paths:
         if path == "base":
             spec = llm or model.base_spec
-            runs["base"] = run(load_llm(spec), "base", processor.tokenizer, str(spec or DEFAULT_LLM))
+            base = load_llm(spec, dtype, device)
+            runs["base"] = run(base, "base", processor.tokenizer, str(spec or DEFAULT_LLM))
         else:
             runs[path] = run(model, path, processor.tokenizer, str(Path(model_dir).resolve()))
     del model
     for other in compare:
         gc.collect()
-        model, processor = load_model_and_processor(other, llm)
+        model, processor = load_model_and_processor(other, llm, device, dtype)
         path = deployed_path(model)
         runs[f"{other} ({path})"] = run(model, path, processor.tokenizer, str(Path(other).resolve()))
         del model

@@ -28,12 +28,13 @@ def _answer(
     batch_size: int,
     max_new_tokens: int,
     progress: Progress | None,
+    placement: tuple,
 ) -> None:
     """Reply to every item not yet in `cache`, a batch at a time, caching each batch."""
     todo = [(b, item) for b in benchmarks for item in b.items if f"{b.name}/{item['id']}" not in cache]
     if not todo:
         return
-    model, processor = load_model_and_processor(model_dir, llm)
+    model, processor = load_model_and_processor(model_dir, llm, *placement)
     task = progress.add_task(f"{model_dir}", total=len(todo)) if progress else None
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -79,9 +80,13 @@ def evaluate_mm(
     max_new_tokens: int = 32,
     limit: int | None = None,
     progress: Progress | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict:
     """Score `model_dir` (and `reference`) on each benchmark spec `[NAME[:METRIC]=]FILE`; write
-    mm.md/json/png in `out` and return the summary."""
+    mm.md/json/png in `out` and return the summary. The models run on `device` in `dtype` (default:
+    a GPU in bfloat16 when there is one, else the CPU in float32). Raises ValueError for benchmarks
+    with clashing names or no usable item, and what loading a model raises."""
     benchmarks = [load_benchmark(spec) for spec in data]
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
@@ -96,7 +101,7 @@ def evaluate_mm(
     results = {}
     for label, folder in models.items():
         cache = ResultCache(out / f"{STEM}.cache.jsonl", str(Path(folder).resolve()), ROUTE)
-        _answer(folder, benchmarks, cache, llm, batch_size, max_new_tokens, progress)
+        _answer(folder, benchmarks, cache, llm, batch_size, max_new_tokens, progress, (device, dtype))
         results[label] = {b.name: _summary(b, cache) for b in benchmarks}
     scores = {label: {b: r["score"] for b, r in per.items()} for label, per in results.items()}
     table = retention_table(scores, next(iter(models)))

@@ -13,6 +13,8 @@ from ..model import GenieBlueForConditionalGeneration
 
 
 class ChatSession:
+    """A conversation with one model: `ask` adds a turn and returns the greedy reply."""
+
     def __init__(
         self, model: GenieBlueForConditionalGeneration, processor, max_new_tokens: int = 128, shared_base: bool = False
     ):
@@ -22,8 +24,11 @@ class ChatSession:
         self.images: list = []
 
     @classmethod
-    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> ChatSession:
-        return cls(*load_model_and_processor(model_dir, llm), **kwargs)
+    def load(cls, model_dir: str | Path, llm: str | None = None, device=None, dtype=None, **kwargs) -> ChatSession:
+        """A session over a saved model on `device` in `dtype` (default: a GPU in bfloat16 when there
+        is one, else the CPU in float32); `kwargs`: max_new_tokens, shared_base. Raises what
+        `GenieBlueForConditionalGeneration.from_pretrained` raises."""
+        return cls(*load_model_and_processor(model_dir, llm, device, dtype), **kwargs)
 
     def ask(self, text: str, image: str | Path | None = None) -> str:
         """Add a user turn (with an image) and return the greedy reply, kept in the history."""

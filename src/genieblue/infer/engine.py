@@ -256,9 +256,11 @@ class Engine(BatchingEngine):
         super().__init__(processor, context, eos_token_ids(model.llm, processor.tokenizer), max_batch, **options)
 
     @classmethod
-    def load(cls, model_dir: str | Path, llm: str | None = None, **kwargs) -> Engine:
-        """An engine over a saved GenieBlue folder (its base from the manifest, or `llm`)."""
-        return cls(*load_model_and_processor(model_dir, llm), **kwargs)
+    def load(cls, model_dir: str | Path, llm: str | None = None, device=None, dtype=None, **kwargs) -> Engine:
+        """An engine over a saved GenieBlue folder (its base from the manifest, or `llm`) on `device`
+        in `dtype` (default: a GPU in bfloat16 when there is one, else the CPU in float32); `kwargs`
+        go to `Engine`. Raises what `GenieBlueForConditionalGeneration.from_pretrained` raises."""
+        return cls(*load_model_and_processor(model_dir, llm, device, dtype), **kwargs)
 
     def run_batch(self, requests: list[Request]) -> None:
         """Generate for requests of one group as one left-padded batch."""

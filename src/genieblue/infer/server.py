@@ -309,10 +309,13 @@ def serve(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_images: int = MAX_IMAGES,
     max_queue: int = Engine.MAX_QUEUE,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> None:
-    """Load a saved model (`model_dir`) or an exported folder (`onnx`, under onnxruntime with
-    `threads`) and serve it until interrupted (a warning first when `host` reaches beyond this machine and no `api_key`
-    protects it)."""
+    """Load a saved model (`model_dir`, on `device` in `dtype`) or an exported folder (`onnx`, under
+    onnxruntime with `threads`) and serve it until interrupted (a warning first when `host` reaches
+    beyond this machine and no `api_key` protects it). Raises ValueError for options that do not go
+    together, and what loading the model raises."""
     import uvicorn
 
     if model_dir is not None and onnx is not None:
@@ -323,6 +326,8 @@ def serve(
         raise ValueError("an exported folder holds its base already; --llm applies to a saved model folder only")
     if onnx is None and threads is not None:
         raise ValueError("--threads sets onnxruntime's threads and applies to --onnx only")
+    if onnx is not None and (device is not None or dtype is not None):
+        raise ValueError("--device / --dtype place a saved model (-m); an --onnx folder runs under onnxruntime")
     if not api_key and not is_loopback(host):
         print(
             f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
@@ -340,7 +345,7 @@ def serve(
                 file=sys.stderr,
             )
     else:
-        engine = Engine.load(model_dir, llm=llm, max_queue=max_queue)
+        engine = Engine.load(model_dir, llm=llm, device=device, dtype=dtype, max_queue=max_queue)
     app = create_app(
         engine,
         model_name=Path(onnx or model_dir).resolve().name,

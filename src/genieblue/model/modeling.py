@@ -11,18 +11,23 @@ router switches copies, experts and LoRA on. `save_pretrained` writes only the d
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from .._io import atomic_dir, write_json
 from .card import write_card
+from .fingerprint import FILES_SCHEME, files_fingerprint, remember_match, remembered_match, tensors_fingerprint
 from .folder import DELTA, MANIFEST, TRAINING, check_model_folder
+from .placement import resolve_placement
 from .routing import Expert, LoRALinear, Router, Switch, delta_members, swap_modules
-from .sources import fingerprint, load_llm, load_vision
+from .sources import base_files, fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
 from .vision import VisionTower, split_tower_options
 
@@ -51,6 +56,28 @@ VISION_PREFIX = "vision."  # state-dict keys of the vision tower and connector
 def _refuse_placeholders(placeholders: int) -> None:
     if placeholders:
         raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
+
+
+def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device) -> tuple[PreTrainedModel, str, str]:
+    """(base model, its spec, its fingerprint). Files already on disk are fingerprinted on a second
+    thread while the base loads (a first load hashes them; later loads find their digests cached)."""
+    if isinstance(llm, PreTrainedModel):
+        return llm, llm.name_or_path, fingerprint(None, llm)
+    files = base_files(llm)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(files_fingerprint, files) if files else None
+        base = load_llm(llm, dtype, device)
+        return base, llm, pending.result() if pending else fingerprint(llm)  # a hub id downloaded just now
+
+
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor shard of a sharded model (FSDP2) is all-gathered (every rank must call)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _writes_files() -> bool:
+    """Whether this process writes shared files: the only process, or rank 0 of a distributed run."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class GenieBlueForConditionalGeneration(nn.Module):
@@ -85,27 +112,40 @@ class GenieBlueForConditionalGeneration(nn.Module):
         llm: str | PreTrainedModel | None = None,
         vision: str | dict | None = None,
         strategy: str | Strategy = "genieblue-skip",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         shared_base: bool = False,
         downsample: int | None = None,
+        device: torch.device | str = "cpu",
         **strategy_options,
     ) -> GenieBlueForConditionalGeneration:
-        """Build from a base LLM (hub id, folder, .gguf, None for the built-in default, or a loaded
-        model) and a vision tower (SigLIP / CLIP / AutoBackbone id or folder, or a config dict for a new
-        encoder, which may also hold the tower's `downsample` and `mix_tokens`; None: `DEFAULT_VISION`).
-        `downsample`, when given, merges downsample x downsample tokens into one image token (1: none,
-        for a patch grid of odd side such as SigLIP so400m's 27 x 27 at 384 px)."""
+        """Build a fresh model (its delta untrained) around a frozen base LLM.
+
+        Args:
+            llm: the base: a hub id, a folder, a .gguf file, None for the built-in SmolLM2-135M-Instruct,
+                or a loaded `transformers` causal LM (used as it is, on its own device and dtype).
+            vision: the encoder: a SigLIP / CLIP / AutoBackbone hub id or folder, or a config dict for a
+                new one (it may also hold the tower's `downsample` and `mix_tokens`); None: `DEFAULT_VISION`.
+            strategy: a `Strategy` or one of `STRATEGIES`; `strategy_options` (fraction, lora_rank, ...)
+                go to `Strategy` with a name.
+            dtype, device: where the base and tower are loaded (default float32 on the CPU, the
+                master weights training wants); a torch dtype or a name such as "bfloat16".
+            shared_base: send text-only inputs through the multimodal path too (the paper's ablation).
+            downsample: merge downsample x downsample tokens into one image token (1: none, for a
+                patch grid of odd side such as SigLIP so400m's 27 x 27 at 384 px).
+
+        Raises:
+            ValueError: an unknown strategy, an unsupported LLM or vision architecture, or a token grid
+                the downsampler cannot divide.
+            FileNotFoundError: a missing folder or file, or a base folder without config.json.
+        """
         if isinstance(strategy, str):
             strategy = Strategy(strategy, **strategy_options)
-        if isinstance(llm, PreTrainedModel):
-            base, spec = llm, llm.name_or_path
-        else:
-            base, spec = load_llm(llm, dtype), llm
-        fp = fingerprint(base)
+        where, dtype = resolve_placement(device, dtype)
+        base, spec, fp = _load_base(llm, dtype, where)
         encoder, options = split_tower_options(DEFAULT_VISION if vision is None else vision)
         if downsample is not None:
             options["downsample"] = downsample
-        tower = VisionTower(load_vision(encoder, dtype), base.config.hidden_size, **options)
+        tower = VisionTower(load_vision(encoder, dtype), base.config.hidden_size, **options).to(base.device)
         return cls(base, tower, strategy, spec, fp, shared_base)
 
     def _install_delta(self) -> None:
@@ -134,9 +174,14 @@ class GenieBlueForConditionalGeneration(nn.Module):
         return [VISION_PREFIX, *(f"{name}." if isinstance(child, nn.Module) else name for name, _, child in members)]
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything that is not the base LLM: copies, experts, LoRA, projector and ViT."""
+        """Everything that is not the base LLM: copies, experts, LoRA, projector and ViT. On a model
+        sharded with FSDP2 each tensor is gathered whole, so every rank must call this together."""
+        return {k: _gathered(v) for k, v in self._delta_items()}
+
+    def _delta_items(self):
+        """(key, tensor) of the delta as the model holds it (shards, on a model sharded with FSDP2)."""
         prefixes = tuple(self._delta_prefixes())
-        return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        return ((k, v) for k, v in self.state_dict().items() if k.startswith(prefixes))
 
     def llm_delta_parameters(self) -> list[nn.Parameter]:
         prefixes = tuple(p for p in self._delta_prefixes() if p != VISION_PREFIX)
@@ -160,6 +205,14 @@ class GenieBlueForConditionalGeneration(nn.Module):
             self.vision.vit.requires_grad_(True)
             for p in self.llm_delta_parameters():
                 p.requires_grad_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
+
+    def _on_device(self, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """Inputs moved to the model's device (a no-op where they already are); dtypes kept."""
+        return tuple(t if t is None else t.to(self.device) for t in tensors)
 
     # forward --------------------------------------------------------------------------------
     def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
@@ -197,7 +250,11 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, shared_base=None, **kwargs):
         """Logits (and loss with `labels`). Text-only inputs take the untouched base path unless
-        `shared_base` (default: the model's setting) sends them through the multimodal path."""
+        `shared_base` (default: the model's setting) sends them through the multimodal path. Inputs
+        on another device are moved to the model's."""
+        input_ids, attention_mask, pixel_values, labels = self._on_device(
+            input_ids, attention_mask, pixel_values, labels
+        )
         if self._text_only(input_ids, pixel_values, shared_base):
             with self.router.route(image=False):
                 return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -208,6 +265,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, shared_base=None, **gen_kwargs):
         """transformers `generate` on the routed model; returns only the new tokens (B, new)."""
+        input_ids, attention_mask, pixel_values = self._on_device(input_ids, attention_mask, pixel_values)
         gen_kwargs.setdefault(
             "pad_token_id", self.llm.generation_config.pad_token_id or self.llm.generation_config.eos_token_id
         )
@@ -248,13 +306,26 @@ class GenieBlueForConditionalGeneration(nn.Module):
         }
 
     def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
-        """Write the delta (safetensors), a manifest naming the base and its fingerprint, and a
-        model card (README.md, see `card`); `training` (what the model was trained on, from the
-        trainer) goes to training.json and into the card. The folder appears atomically; the base
-        weights are never written."""
+        """Write the delta (safetensors), a manifest naming the base and its fingerprint, and a model
+        card (README.md, see `card`); the folder appears atomically and the base is never written.
+
+        Args:
+            directory: the folder to write (replaced whole if it exists).
+            training: what the model was trained on (from the trainer), written to training.json and
+                into the card.
+
+        In a distributed run every rank may call it: a model sharded with FSDP2 is gathered by all
+        ranks together (so there every rank must call it), and only rank 0 writes.
+        """
         directory = Path(directory)
+        writer, state = _writes_files(), {}
+        for key, tensor in self._delta_items():  # one tensor at a time: the GPU never holds a gathered delta
+            tensor = _gathered(tensor)
+            if writer:
+                state[key] = tensor.detach().cpu().contiguous()
+        if not writer:
+            return directory
         with atomic_dir(directory) as tmp:
-            state = {k: v.detach().contiguous() for k, v in self.delta_state_dict().items()}
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
             from .report import parameter_report  # report builds on this module
 
@@ -271,32 +342,42 @@ class GenieBlueForConditionalGeneration(nn.Module):
         cls,
         directory: str | Path,
         llm: str | PreTrainedModel | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = None,
         strategy: Strategy | None = None,
+        device: torch.device | str | None = None,
     ) -> GenieBlueForConditionalGeneration:
-        """Load a saved delta onto its base (from the manifest, or `llm` to point elsewhere).
-        Refuses a base whose weights differ from the ones the delta was trained on. A `strategy` other
-        than the saved one takes only the vision tower and connector from the folder; its LLM delta
-        starts fresh (one stage 1 shared by several stage-2 strategies)."""
+        """Load a saved delta onto its base.
+
+        Args:
+            directory: a folder written by `save_pretrained` (or `genieblue train`).
+            llm: the base, when not the one the manifest names (a hub id, folder, .gguf file or a
+                loaded model); it must hold the same weights.
+            dtype, device: where to run (default: cuda when present, else cpu; bfloat16 on a GPU,
+                float32 on a CPU); a torch dtype or a name such as "bfloat16". The base check does
+                not depend on them: the fingerprint names the base's files, not how they were loaded.
+            strategy: another strategy than the saved one: only the vision tower and connector are
+                taken from the folder, the LLM delta starts fresh (one stage 1 for several stage 2s).
+
+        Raises:
+            FileNotFoundError: the folder lacks its manifest or delta, or the base cannot be found.
+            ValueError: the base is not the one the delta was trained on, the delta does not match
+                the strategy, or a device / dtype that is not available.
+        """
         directory = check_model_folder(directory)
+        where, dtype = resolve_placement(device, dtype)
         manifest = json.loads((directory / MANIFEST).read_text())
-        spec = manifest["base"]["llm"]
-        if isinstance(llm, PreTrainedModel):
-            base, spec = llm, llm.name_or_path
-        else:
-            spec = llm if llm is not None else spec
-            base = load_llm(spec, dtype)
-        fp = fingerprint(base)
-        if fp != manifest["base"]["fingerprint"]:
+        saved_fp = manifest["base"]["fingerprint"]
+        base, spec, fp = _load_base(manifest["base"]["llm"] if llm is None else llm, dtype, where)
+        if not _same_base(saved_fp, fp, spec, base):
             raise ValueError(
-                f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {fp[:12]} != "
-                f"{manifest['base']['fingerprint'][:12]}): pass the original base with llm=..."
+                f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {_short(fp)} != "
+                f"{_short(saved_fp)}): pass the original base with llm=..."
             )
         vision = dict(manifest["vision"])
-        tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision)
+        tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision).to(where)
         saved = Strategy(**manifest["strategy"])
         model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False))
-        state = load_file(directory / DELTA)
+        state = load_file(directory / DELTA, device=str(where))
         if strategy is not None and strategy != saved:
             state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
             model.load_state_dict(state, strict=False)
@@ -309,3 +390,22 @@ class GenieBlueForConditionalGeneration(nn.Module):
             )
         model.load_state_dict(state, strict=False)
         return model
+
+
+def _short(fp: str) -> str:
+    return fp.removeprefix(FILES_SCHEME)[:12]
+
+
+def _same_base(saved: str, fp: str, spec, base: PreTrainedModel) -> bool:
+    """Whether the loaded base (fingerprint `fp`) is the one a delta was saved on (`saved`). A delta of
+    an earlier version names its base's tensors in float32 (how those versions loaded it): they are
+    hashed once from a float32 copy, and the match is remembered with the files' fingerprint."""
+    if saved == fp or saved.startswith(FILES_SCHEME) or not fp.startswith(FILES_SCHEME):
+        return saved == fp
+    if remembered_match(fp, saved):
+        return True
+    reference = base if base.dtype == torch.float32 and base.device.type == "cpu" else load_llm(spec)
+    if tensors_fingerprint(reference) != saved:
+        return False
+    remember_match(fp, saved)
+    return True

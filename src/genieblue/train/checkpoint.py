@@ -1,6 +1,11 @@
 """Training checkpoints: the model delta, optimiser, schedule and RNG states, all in safetensors +
 JSON (no pickle), written atomically and pruned to the last k, so a kill never leaves a broken one
-and a resume reproduces the uninterrupted run."""
+and a resume reproduces the uninterrupted run.
+
+A checkpoint holds whole tensors named by parameter (torch's `get_optimizer_state_dict` with
+`full_state_dict`), whatever wrapped or sharded them: one written by 8 FSDP2 processes resumes on
+1 process and the other way round. Every process calls `save_checkpoint` and `load_checkpoint`
+together (sharded state is gathered and scattered by all of them); only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -11,7 +16,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from .._io import atomic_dir, write_json
 from ..model import GenieBlueForConditionalGeneration
@@ -24,24 +36,47 @@ MODEL = "model"
 """The subfolder holding the checkpoint's model folder (`save_pretrained`)."""
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Whole tensors on the CPU (on rank 0 only, in a distributed run)."""
+
+
+def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimiser state as safetensors (`PARAM_FQN/SLOT`) and JSON (param groups, plain numbers)."""
+    state = get_optimizer_state_dict(model, optimizer, options=WHOLE)
     tensors, scalars = {}, {}
-    for index, slots in state["state"].items():
+    for fqn, slots in state.get("state", {}).items():
         for key, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous()
+                tensors[f"{fqn}/{key}"] = value.detach().contiguous()
             else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                scalars[f"{fqn}/{key}"] = value
+    return tensors, {"param_groups": state.get("param_groups", []), "scalars": scalars}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, key = flat.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def _optimizer_state(model, optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The state dict `set_optimizer_state_dict` takes, from the files. A checkpoint of an earlier
+    version numbers parameters (`INDEX.SLOT`) in the optimiser's order: they are named here."""
+    groups = meta["param_groups"]
+    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+        def rename(flat: str) -> str:  # "3.exp_avg" -> "<fqn of parameter 3>/exp_avg"
+            index, key = flat.split(".", 1)
+            return f"{order[int(index)]}/{key}"
+
+        tensors = {rename(k): v for k, v in tensors.items()}
+        meta = {"scalars": {rename(k): v for k, v in meta["scalars"].items()}}
+        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in groups]
+    state: dict[str, dict] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        fqn, key = flat.rsplit("/", 1)
+        state.setdefault(fqn, {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _writes_files() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def remove_partial(folder: Path) -> list[Path]:
@@ -59,11 +94,15 @@ def remove_partial(folder: Path) -> list[Path]:
 def save_checkpoint(
     folder: Path, model: GenieBlueForConditionalGeneration, optimizer, scheduler, step: int, extra: dict, keep_last: int
 ) -> Path:
-    """Write `folder/step-XXXXXXX` atomically, then remove all but the newest `keep_last`."""
+    """Write `folder/step-XXXXXXX` atomically, then remove all but the newest `keep_last`. In a
+    distributed run every process calls it (the model and optimiser are gathered by all); rank 0 writes."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     target = folder / f"step-{step:07d}"
-    tensors, meta = _optimizer_tensors(optimizer)
+    tensors, meta = _optimizer_tensors(model, optimizer)
+    if not _writes_files():
+        model.save_pretrained(target / MODEL)  # gathers its shards with rank 0; writes nothing here
+        return target
     tensors["rng.torch"] = torch.get_rng_state()
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp / MODEL)
@@ -89,13 +128,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: GenieBlueForConditionalGeneration, optimizer, scheduler) -> dict:
-    """Restore model delta, optimiser, schedule and RNG; returns the trainer state (step, ...)."""
+    """Restore model delta, optimiser, schedule and RNG onto a model and optimiser as training runs
+    them (wrapped, sharded or neither); returns the trainer state (step, ...). Every process calls it."""
     state = json.loads((path / STATE).read_text())
-    delta = load_file(path / MODEL / DELTA)
-    model.load_state_dict(delta, strict=False)
+    set_model_state_dict(
+        model, load_file(path / MODEL / DELTA), options=StateDictOptions(full_state_dict=True, strict=False)
+    )
     tensors = load_file(path / OPTIM)
     torch.set_rng_state(tensors.pop("rng.torch"))
-    _load_optimizer(optimizer, tensors, state["optimizer"])
+    optim = _optimizer_state(model, optimizer, tensors, state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))

@@ -1,6 +1,6 @@
 """The training loop: stage 1 / stage 2 on packed LLaVA data through `accelerate` (one process, DDP or
-FSDP), with resumable atomic checkpoints, a rich progress bar, a JSONL metrics log, a loss-curve PNG
-and a bad-data report.
+FSDP2: see `distributed`), with resumable atomic checkpoints that every layout writes and reads alike,
+a rich progress bar, a JSONL metrics log, a loss-curve PNG and a bad-data report.
 
 Every sample, text-only ones included, trains the multimodal path (shared_base=True): the base
 itself is frozen and serves text requests untouched. The loss is the token mean over the whole
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -33,8 +33,10 @@ from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_proc
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
 from ..model.folder import MANIFEST, TRAINING, check_model_folder
+from ..model.placement import resolve_device
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
+from .distributed import Layout, layout, shard_fsdp2
 from .loss import causal_lm_loss
 from .optim import build_optimizer
 from .vision_pretrain import pretrain_vision, sample_batches, stream_batches
@@ -52,6 +54,7 @@ class PreparedData:
 
 
 def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
+    """The model a config trains, on the CPU in float32 (master weights; accelerate places it)."""
     strategy = Strategy(cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     if not cfg.init_from:
         model = GenieBlueForConditionalGeneration.from_base(
@@ -70,7 +73,11 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
                     f"the config asks {cfg.strategy} (only a stage-1 folder can start another strategy)"
                 )
         model = GenieBlueForConditionalGeneration.from_pretrained(
-            folder, llm=cfg.llm, strategy=strategy if saved != cfg.strategy else None
+            folder,
+            llm=cfg.llm,
+            strategy=strategy if saved != cfg.strategy else None,
+            device="cpu",
+            dtype=torch.float32,
         )
     model.set_stage(cfg.stage)
     return model
@@ -93,6 +100,17 @@ def prepare_data(cfg: TrainConfig, processor: GenieBlueProcessor, progress=None)
     return PreparedData(samples, bad, total=mixture.unique + len(mixture.bad))
 
 
+def _check_writable(folder: Path) -> None:
+    """A one-line ValueError now, rather than a run that trains for hours and then cannot save."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output_dir {folder} cannot be written ({err.strerror}): choose another") from None
+
+
 def _restart_metrics(path: Path, last_step: int) -> None:
     """Keep only the log entries of steps <= `last_step`: a resumed run logs the later steps again,
     a fresh run (last_step 0) starts an empty log."""
@@ -109,14 +127,17 @@ def _restart_metrics(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def _precision(name: str) -> str:
+def _precision(name: str, device: torch.device) -> str:
     """`auto`: bf16 autocast on a GPU that has it, and on a CPU with native bf16 matrix units (AVX512-BF16
     or AMX: matmuls ~8x faster than fp32 there); else fp32. Master weights stay fp32 either way."""
     if name != "auto":
         return name
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
+
+
+PRECISION_WORDS = {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "no": "fp32"}
 
 
 def _progress(console: Console) -> Progress:
@@ -151,14 +172,24 @@ class _Run:
 
 class Trainer:
     """Runs one stage described by a `TrainConfig`; `run()` returns the final model folder.
-    `stage0_source`, an endless iterator of (PIL image, reply text), feeds stage 0 instead of the
-    stage-1 records (the demo draws freshly generated images)."""
+
+    Args:
+        cfg: the run (model, data, optimisation, output_dir).
+        console: where the plan, progress and warnings go (default: stderr).
+        stage0_source: an endless iterator of (PIL image, reply text) that feeds stage 0 instead of
+            the stage-1 records (the demo draws freshly generated images).
+
+    Raises:
+        ValueError: a distributed mode the trainer cannot save in (FSDP1, DeepSpeed, ...), an
+            output_dir that cannot be written, and, from `run()`, a config without usable data.
+    """
 
     def __init__(self, cfg: TrainConfig, console: Console | None = None, stage0_source=None):
         self.cfg = cfg
         self.stage0_source = stage0_source
         self.console = console or Console(stderr=True)
-        precision = _precision(cfg.precision)
+        device = resolve_device(cfg.device)
+        self.precision = precision = _precision(cfg.precision, device)
         state = AcceleratorState._shared_state
         if state and state.get("_mixed_precision") != precision and PartialState().num_processes == 1:
             # one process running stages of different precision in turn (a notebook, the tests):
@@ -166,9 +197,10 @@ class Trainer:
             AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=precision,
-            cpu=not torch.cuda.is_available(),
+            cpu=device.type == "cpu",
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self.layout: Layout = layout(self.accelerator)  # refuses what could not be saved, before any work
         self.out = Path(cfg.output_dir)
         self._epoch_order: tuple[int | None, list[int]] = (None, [])
 
@@ -204,7 +236,7 @@ class Trainer:
 
     def _claim_output(self, resume: bool) -> Path | None:
         """The newest checkpoint in output_dir (refused unless `resume`), after clearing what a killed
-        writer left half-written (checkpoint, final model, JSON)."""
+        writer left half-written (checkpoint, final model, JSON) and checking the folder takes files."""
         ckpt_dir = self.out / "checkpoints"
         latest = latest_checkpoint(ckpt_dir)
         if latest and not resume:
@@ -215,6 +247,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             remove_partial(self.out)
             remove_partial(ckpt_dir)
+            _check_writable(self.out)
         return latest
 
     def _setup(self, latest: Path | None, resume: bool, progress) -> _Run:
@@ -237,16 +270,21 @@ class Trainer:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        model.train()
+        if self.layout.shard_here:  # FSDP2 on CPUs, where accelerate offers none
+            model = shard_fsdp2(model)
         optimizer, scheduler = build_optimizer(model, cfg, total)
+        if self.layout.shard_here:
+            ddp_model, optimizer = model, acc.prepare(optimizer)
+        else:
+            ddp_model, optimizer = acc.prepare(model, optimizer)
         start = 0
-        if latest:
+        if latest:  # after sharding: every process loads its shards of the whole tensors saved
             start = load_checkpoint(latest, model, optimizer, scheduler)["step"]
             if acc.is_main_process:
                 self.console.print(f"resuming from {latest} (step {start})")
         elif resume and acc.is_main_process:
             self.console.print(f"no checkpoint in {self.out / 'checkpoints'}: starting from step 0")
-        model.train()
-        ddp_model, optimizer = acc.prepare(model, optimizer)
         run = _Run(model, ddp_model, optimizer, scheduler, processor, data, rows, steps_per_epoch, total, start)
         if acc.is_main_process:
             self._announce(run)
@@ -258,17 +296,12 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "train_config.json", cfg.to_dict())
         n = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        device = acc.device.type.upper() if acc.device.type != "cpu" else "CPU"
         self.console.print(
             f"stage {cfg.stage} · {cfg.strategy} · {len(run.data.samples)} samples in {len(run.rows)} rows of "
-            f"<= {cfg.max_length} tokens · {run.total} steps · {n / 1e6:.2f}M trainable · {acc.num_processes} "
-            f"process(es) · {acc.distributed_type.value}"
+            f"<= {cfg.max_length} tokens · {run.total} steps · {n / 1e6:.2f}M trainable · {self.layout} on "
+            f"{device} · {PRECISION_WORDS[self.precision]}"
         )
-        fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        if fsdp_asked and acc.distributed_type != DistributedType.FSDP:
-            self.console.print(
-                f"[yellow]FSDP was requested but accelerate runs {acc.distributed_type.value}: it only "
-                "shards with FSDP on accelerators (GPU, XPU, NPU, ...), not on CPU[/yellow]"
-            )
         _restart_metrics(self.out / "metrics.jsonl", run.start)
 
     def _loop(self, run: _Run, progress) -> None:
@@ -292,16 +325,15 @@ class Trainer:
                 )
             if (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
                 acc.wait_for_everyone()
-                if main:
-                    save_checkpoint(
-                        self.out / "checkpoints",
-                        run.model,
-                        run.optimizer,
-                        run.scheduler,
-                        step + 1,
-                        {"total": run.total},
-                        cfg.keep_last,
-                    )
+                save_checkpoint(  # every process: sharded state is gathered by all, rank 0 writes
+                    self.out / "checkpoints",
+                    run.model,
+                    run.optimizer,
+                    run.scheduler,
+                    step + 1,
+                    {"total": run.total},
+                    cfg.keep_last,
+                )
         if main:
             metrics.close()
 
@@ -419,7 +451,7 @@ class Trainer:
             "bad_records": len(data.bad),
             "lr": cfg.lr,
             "max_length": cfg.max_length,
-            "precision": _precision(cfg.precision),
+            "precision": self.precision,
             "data": [
                 {"path": d.path, "ratio": d.ratio, "samples": n} for d, n in zip(cfg.data, data.samples.mixture.counts)
             ],
@@ -433,10 +465,11 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self.out / "final"
+        # every process: a sharded model is gathered by all of them; only rank 0 writes
+        model.save_pretrained(final, training=self._training_record(data) if acc.is_main_process else None)
         if acc.is_main_process:
             from ..plots import loss_curve  # matplotlib: only the main process, only at the end
 
-            acc.unwrap_model(model).save_pretrained(final, training=self._training_record(data))
             save_processor_settings(final, max_tiles=self.cfg.max_tiles, system_prompt=self.cfg.system_prompt)
             loss_curve(
                 self.out / "metrics.jsonl", self.out / "loss.png", f"stage {self.cfg.stage} · {self.cfg.strategy}"

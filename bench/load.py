@@ -1,0 +1,107 @@
+"""Load time of a saved delta against loading its base with `transformers` alone.
+
+Writes a random-weight base of a real shape (default: Qwen2.5-0.5B-Instruct's) as bf16 safetensors
+and a fresh genieblue-skip delta on it, then times, each in a fresh process and interleaved:
+
+  * base:   transformers' `AutoModelForCausalLM.from_pretrained(base, dtype=...)`
+  * first:  `GenieBlueForConditionalGeneration.from_pretrained(delta, dtype=...)` with an empty
+            fingerprint cache (the base's files are hashed)
+  * later:  the same with the cache the first load left (nothing hashed)
+
+    python bench/load.py [--shape qwen2.5-0.5b] [--dtype float32] [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+SHAPES = {
+    "qwen2.5-0.5b": lambda: Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+}
+
+TIMED = {
+    "base": "from transformers import AutoModelForCausalLM as M; M.from_pretrained({base!r}, dtype={dtype})",
+    "genieblue": "from genieblue import GenieBlueForConditionalGeneration as G; "
+    "G.from_pretrained({delta!r}, dtype={dtype}, device='cpu')",
+}
+
+
+def timed(kind: str, base: Path, delta: Path, dtype: str, cache: Path) -> float:
+    """Seconds `kind` takes to load in a fresh process (imports excluded)."""
+    code = (
+        "import time, torch\n"
+        + TIMED[kind].split("; ")[0]
+        + "\nt = time.perf_counter()\n"
+        + TIMED[kind].split("; ")[1].format(base=str(base), delta=str(delta), dtype=f"torch.{dtype}")
+        + "\nprint(time.perf_counter() - t)"
+    )
+    env = {**os.environ, "GENIEBLUE_CACHE": str(cache)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype to load in")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from genieblue import GenieBlueForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        base, delta = root / "base", root / "delta"
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(SHAPES[args.shape](), dtype=torch.bfloat16).save_pretrained(base)
+        os.environ["GENIEBLUE_CACHE"] = str(root / "cache-build")
+        GenieBlueForConditionalGeneration.from_base(str(base)).save_pretrained(delta)
+        rows = {"base": [], "first": [], "later": []}
+        for r in range(args.rounds):
+            cache = root / f"cache-{r}"
+            rows["base"].append(timed("base", base, delta, args.dtype, cache))
+            rows["first"].append(timed("genieblue", base, delta, args.dtype, cache))
+            rows["later"].append(timed("genieblue", base, delta, args.dtype, cache))
+        size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    median = {k: statistics.median(v) for k, v in rows.items()}
+    result = {
+        "shape": args.shape,
+        "base_file_GB": round(size / 1e9, 2),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "seconds": {k: [round(x, 3) for x in v] for k, v in rows.items()},
+        "median_s": {k: round(v, 3) for k, v in median.items()},
+        "first_vs_base": round(median["first"] / median["base"], 2),
+        "later_vs_base": round(median["later"] / median["base"], 2),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.shape} base ({result['base_file_GB']} GB bf16 safetensors) loaded in {args.dtype} on CPU")
+    for kind, label in (("base", "transformers alone"), ("first", "genieblue, first load"), ("later", "later")):
+        print(f"  {label:24} {median[kind]:6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in rows[kind])})")
+    print(f"  first / base = {result['first_vs_base']:.2f}x, later / base = {result['later_vs_base']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""How a training run is spread over processes: one process, DDP, or FSDP2 (parameters, gradients and
+optimiser state sharded per decoder block). On accelerators `accelerate` shards with FSDP2 as its
+config says; on CPUs, where accelerate offers no FSDP, the trainer shards with torch's own
+`fully_shard` the same way (per decoder block, then the rest), so a sharded run behaves alike on
+both. Modes the trainer could not save in (FSDP1, DeepSpeed, Megatron-LM, XLA) are refused before
+any work is done."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+from ..model.routing import Switch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """`kind`: "single", "DDP" or "FSDP2"; `shard_here`: the trainer applies FSDP2 itself (on CPUs)."""
+
+    kind: str
+    processes: int
+    shard_here: bool = False
+
+    def __str__(self) -> str:
+        if self.kind == "single":
+            return "1 process"
+        where = " (torch fully_shard on CPU)" if self.shard_here else ""
+        return f"{self.kind} on {self.processes} processes{where}"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def layout(acc: Accelerator) -> Layout:
+    """The layout of this run, or a one-line ValueError for one the trainer cannot save in."""
+    kind, n = acc.distributed_type, acc.num_processes
+    if kind == DistributedType.FSDP:
+        version = acc.state.fsdp_plugin.fsdp_version
+    elif _env_flag("ACCELERATE_USE_FSDP"):  # asked for, on a CPU: accelerate leaves it to us
+        version = int(os.environ.get("FSDP_VERSION", "1"))
+    else:
+        version = None
+    if version is not None and version != 2:
+        raise ValueError(
+            f"FSDP{version} is not supported (its sharded saves are not written): set `fsdp_version: 2` in the "
+            "accelerate config (as configs/accelerate/fsdp-8gpu.yaml does) or pass --fsdp_version 2"
+        )
+    if version == 2:
+        return Layout("FSDP2", n, shard_here=kind != DistributedType.FSDP) if n > 1 else Layout("single", 1)
+    if kind == DistributedType.NO:
+        return Layout("single", 1)
+    if kind.value.startswith("MULTI_"):
+        return Layout("DDP", n)
+    raise ValueError(
+        f"accelerate runs {kind.value}, which genieblue's trainer cannot checkpoint: use DDP (plain "
+        "`accelerate launch`) or FSDP2 (configs/accelerate/fsdp-8gpu.yaml)"
+    )
+
+
+def block_classes(model: nn.Module) -> set[type]:
+    """The decoder-block classes FSDP2 shards by: those named in accelerate's
+    FSDP_TRANSFORMER_CLS_TO_WRAP, else the LLM's own decoder blocks (copies included)."""
+    layers = [m.original if isinstance(m, Switch) else m for m in model.llm.model.layers]
+    named = [c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()]
+    if not named:
+        return {type(m) for m in layers}
+    found = {type(m) for m in model.modules() if type(m).__name__ in named}
+    if not found:
+        raise ValueError(
+            f"FSDP wraps {', '.join(named)}, which this model has none of (its blocks are "
+            f"{', '.join(sorted({type(m).__name__ for m in layers}))}): pass --fsdp_transformer_layer_cls_to_wrap"
+        )
+    return found
+
+
+def shard_fsdp2(model: nn.Module) -> nn.Module:
+    """FSDP2 as accelerate's plugin applies it: `fully_shard` each decoder block (the originals and
+    their copies alike), then the model, which takes the rest (embeddings, vision tower, ...)."""
+    from torch.distributed.fsdp import fully_shard
+
+    classes = tuple(block_classes(model))
+    for module in list(model.modules()):
+        if isinstance(module, classes):
+            fully_shard(module)
+    fully_shard(model)
+    return model
