@@ -1,11 +1,15 @@
-"""Decode-speed benchmark on the built-in SmolLM2-135M with a fresh GenieBlue delta.
+"""Decode speed through the serving engine (`genieblue.infer.Engine`, what `genieblue serve` runs), per
+decode mode: batch-1 tokens/s of the text path (the untouched base) and of the image path (copies +
+LoRA), each against the memory-bandwidth bound (the weight bytes one step reads over the measured
+copy bandwidth), and the throughput of `--clients` requests submitted at once against batch 1.
 
-Prints batch-1 decode tokens/s of the text path (the untouched base) and of the image path (block
-copies + LoRA), each next to its memory-bandwidth bound: the weight bytes one decode step reads
-divided by the measured copy bandwidth (a large tensor copy, read + write). Also prints batch-8
-throughput. Decode speed excludes the prefill: (n - 1) tokens / (time for n tokens - time for 1).
+    python bench/decode.py                                             # built-in SmolLM2-135M, CPU
+    python bench/decode.py --shape qwen2.5-3b --tokenizer DIR          # random 3B-shaped base, GPU, bf16
+    python bench/decode.py --modes generate,graph,compile --json
 
-    python bench/decode.py [--tokens 32] [--batch 8] [--json]
+Decode speed leaves the prefill out: (n - 1) tokens / (time for n tokens - time for 1), best of two.
+Modes: "generate" (transformers' generate), and the static-cache loop's "eager", "graph", "compile"
+(see genieblue.infer.decode). Each request decodes exactly `--tokens` tokens (end of turn ignored).
 """
 
 from __future__ import annotations
@@ -18,91 +22,140 @@ import numpy as np
 import torch
 from PIL import Image
 from prompts import QUESTIONS
+from train_throughput import SHAPES, VISION
 
-from genieblue.data import GenieBlueProcessor, collate_prompts
-from genieblue.model import GenieBlueForConditionalGeneration, load_tokenizer
+from genieblue import GenieBlueForConditionalGeneration
+from genieblue.data import GenieBlueProcessor
+from genieblue.infer.engine import Engine
+from genieblue.model import load_tokenizer
+from genieblue.model.placement import resolve_placement
 from genieblue.model.routing import Switch
 
 
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes per second moved by a large tensor copy (each byte read once and written once)."""
-    src = torch.ones(nbytes // 4)
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second moved by a large tensor copy on `device` (each byte read once, written once)."""
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def weight_bytes(model: GenieBlueForConditionalGeneration) -> dict[str, int]:
-    """Bytes of LLM weights one decode step reads on each path (tied embeddings counted once;
-    the vision tower runs only in the prefill)."""
+    """Bytes of LLM weights one decode step reads on each path (tied embeddings counted once, the
+    input embedding not at all: a step reads one row of it; the vision tower runs in the prefill)."""
     delta = {id(p) for p in model.llm_delta_parameters()}
     switched = {id(p) for m in model.modules() if isinstance(m, Switch) for p in m.original.parameters()}
-    params = list(model.llm.parameters())  # deduplicated: tied weights appear once
+    embedding = model.llm.get_input_embeddings().weight
+    tied = embedding is model.llm.get_output_embeddings().weight
+    params = [p for p in model.llm.parameters() if tied or p is not embedding]  # deduplicated by parameters()
     text = sum(p.nbytes for p in params if id(p) not in delta)
     image = sum(p.nbytes for p in params if id(p) not in switched)
     return {"text": text, "image": image}
 
 
-def decode_rate(model, batch: dict, tokens: int, repeats: int = 2) -> float:
-    """Generated tokens per second over all rows, prefill excluded (best of `repeats`)."""
+def build(shape: str, device: torch.device, dtype: torch.dtype, tokenizer: str | None):
+    """(model, processor): the built-in SmolLM2 or a random-weight base of `shape`, a fresh delta."""
+    torch.manual_seed(0)
+    if shape == "builtin":
+        model = GenieBlueForConditionalGeneration.from_base(None, device=device, dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device(device):
+            llm = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=dtype)
+        model = GenieBlueForConditionalGeneration.from_base(llm.eval(), vision=VISION, dtype=dtype)
+    return model.eval(), GenieBlueProcessor.from_model(model, load_tokenizer(tokenizer))
+
+
+def engine_rate(engine: Engine, image, rows: int, tokens: int) -> float:
+    """Tokens per second of `rows` requests submitted together, each `tokens` long, prefill excluded."""
 
     def timed(n: int) -> float:
         start = time.perf_counter()
-        model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        requests = [
+            engine.submit(
+                [{"role": "user", "content": ("<image>\n" if image else "") + QUESTIONS[i % len(QUESTIONS)]}],
+                [image] if image else [],
+                max_tokens=n,
+            )
+            for i in range(rows)
+        ]
+        for r in requests:
+            r.result()
         return time.perf_counter() - start
 
-    rows = batch["input_ids"].shape[0]
-    return max(rows * (tokens - 1) / (timed(tokens) - timed(1)) for _ in range(repeats))
+    timed(tokens)  # warm-up: captures / compiles this shape
+    return max(rows * (tokens - 1) / (timed(tokens) - timed(1)) for _ in range(2))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=32, help="new tokens per measurement")
-    parser.add_argument("--batch", type=int, default=8, help="rows in the batched measurement")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="builtin", help=f"builtin (SmolLM2-135M) or one of {list(SHAPES)}")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the built-in base's)")
+    parser.add_argument("--device", help="default: cuda when present")
+    parser.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--modes", help="comma-separated decode modes (default: generate, and graph on a GPU)")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--clients", type=int, default=16, help="requests submitted at once")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model = GenieBlueForConditionalGeneration.from_base(None).eval()
-    processor = GenieBlueProcessor.from_model(model, load_tokenizer(None))
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-
-    def batch(n: int, with_image: bool) -> dict:
-        messages = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
-        prompts = [processor.prompt(m, [image] if with_image else []) for m in messages]
-        return collate_prompts(prompts, processor.pad_id)
-
-    bandwidth = copy_bandwidth()
+    device, dtype = resolve_placement(args.device, args.dtype)
+    modes = args.modes.split(",") if args.modes else ["generate", *(["graph"] if device.type == "cuda" else [])]
+    model, processor = build(args.shape, device, dtype, args.tokenizer)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    bandwidth = copy_bandwidth(device)
     weights = weight_bytes(model)
     result = {
-        "model": "SmolLM2-135M-Instruct + genieblue-skip (fresh delta), float32, CPU",
+        "model": f"{args.shape} + genieblue-skip (fresh delta), {str(dtype).removeprefix('torch.')}, {device}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "new_tokens": args.tokens,
-        "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
+        "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
+        "weight_MB": {k: round(v / 1e6, 1) for k, v in weights.items()},
+        "bound_tokens_per_s": {k: round(bandwidth / v, 1) for k, v in weights.items()},
+        "modes": {},
     }
-    for path in ("text", "image"):
-        with_image = path == "image"
-        result[path] = {
-            "weight_MB": round(weights[path] / 1e6, 1),
-            "batch1_tokens_per_s": round(decode_rate(model, batch(1, with_image), args.tokens), 1),
-            "bandwidth_bound_tokens_per_s": round(bandwidth / weights[path], 1),
-            f"batch{args.batch}_tokens_per_s": round(decode_rate(model, batch(args.batch, with_image), args.tokens), 1),
+    for mode in modes:
+        engine = Engine(model, processor, decode=mode)
+        engine.eos_ids = set()  # every request decodes exactly its max_tokens
+        start = time.perf_counter()
+        row = {
+            "text_batch1": engine_rate(engine, None, 1, args.tokens),
+            "image_batch1": engine_rate(engine, image, 1, args.tokens),
+            f"text_{args.clients}_at_once": engine_rate(engine, None, args.clients, args.tokens),
+        }
+        engine.close()
+        row["warmup_and_runs_s"] = time.perf_counter() - start
+        row["text_vs_bound"] = row["text_batch1"] / result["bound_tokens_per_s"]["text"]
+        row["image_vs_text"] = row["image_batch1"] / row["text_batch1"]
+        row["clients_vs_batch1"] = row[f"text_{args.clients}_at_once"] / row["text_batch1"]
+        result["modes"][mode] = {
+            k: round(v, 3 if k.endswith(("bound", "text", "batch1")) else 1) for k, v in row.items()
         }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['model']}, {result['threads']} threads, copy bandwidth {result['copy_bandwidth_GBps']} GB/s")
-    for path in ("text", "image"):
-        r = result[path]
+    print(
+        f"{result['model']} on {result['device']}: copy bandwidth {result['copy_bandwidth_GBps']} GB/s, "
+        f"bound {result['bound_tokens_per_s']['text']} tok/s (text), {result['bound_tokens_per_s']['image']} (image)"
+    )
+    for mode, r in result["modes"].items():
         print(
-            f"{path:>5} path: {r['batch1_tokens_per_s']:7.1f} tok/s at batch 1 "
-            f"(bound {r['bandwidth_bound_tokens_per_s']:.1f}, "
-            f"{r['weight_MB']} MB/token), {r[f'batch{args.batch}_tokens_per_s']:7.1f} tok/s at batch {args.batch}"
+            f"{mode:>9}: text {r['text_batch1']:7.1f} tok/s ({100 * r['text_vs_bound']:.0f}% of bound), image "
+            f"{r['image_batch1']:7.1f} ({100 * r['image_vs_text']:.0f}% of text), {args.clients} at once "
+            f"{r[f'text_{args.clients}_at_once']:8.1f} ({r['clients_vs_batch1']:.1f}x batch 1)"
         )
 
 

@@ -29,6 +29,7 @@ from conftest import TINY_SIGLIP, load_reference, serving
 from genieblue.cli import app as cli
 from genieblue.data import GenieBlueProcessor, collate_prompts, save_processor_settings
 from genieblue.infer.chat import ChatSession
+from genieblue.infer.decode import StaticDecoder
 from genieblue.infer.engine import ContextOverflow, Engine
 from genieblue.infer.server import create_app
 from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
@@ -156,6 +157,35 @@ def test_batched_text_rows_equal_the_base_on_the_same_padded_batch(engine, base,
     assert all(torch.equal(r.ids, p) for r, p in zip(texts, prompts))
     assert [r.tokens for r in texts] == _base_tokens(base, prompts, base_tok.pad_token_id)
     assert all(c.completion_tokens > 0 for c in results)
+
+
+def test_static_cache_decoding_keeps_the_text_path_the_base_decoded_alike(engine, base, base_tok):
+    """The engine's static-cache loop (eager here; a CUDA graph per shape on a GPU): text rows give the
+    tokens of the independently loaded base decoded by the same loop on the same padded batch (and,
+    in float32, of `generate` too); image rows those of the model's own image-path `generate`; a
+    batch of a shape decoded before (its cache reused) gives the same tokens again."""
+    static = Engine(engine.model, engine.processor, decode="eager", start=False)
+    assert static.decoder is not None and Engine(engine.model, engine.processor).decoder is None  # CPU: generate
+    static.eos_ids = set()  # every row decodes N tokens: nothing stops early
+    texts = [static.submit(_user(q), max_tokens=N) for q in QUESTIONS]
+    images = [static.submit(_user("What is this?"), [_png(seed=s)], max_tokens=N) for s in range(2)]
+    static.start()
+    for r in texts + images:
+        r.result()
+    static.close()
+    prompts = [_base_prompt(base_tok, _user(q)) for q in QUESTIONS]
+    batch = collate_prompts([(p, None) for p in prompts], base_tok.pad_token_id)
+    expected = StaticDecoder(base).generate(**batch, max_new_tokens=N).tolist()
+    assert [r.tokens for r in texts] == expected
+    hf = base.generate(**batch, do_sample=False, max_new_tokens=N, min_new_tokens=N, pad_token_id=0)
+    assert hf[:, batch["input_ids"].shape[1] :].tolist() == expected
+    pictures = collate_prompts([(r.ids, r.pixels) for r in images], static.processor.pad_id)
+    own = engine.model.generate(**pictures, do_sample=False, max_new_tokens=N, min_new_tokens=N)
+    assert [r.tokens for r in images] == own.tolist()
+    again = static.decoder.generate(**pictures, max_new_tokens=N)
+    assert again.tolist() == own.tolist() and static.decoder.generate(**batch, max_new_tokens=N).tolist() == expected
+    with pytest.raises(ValueError, match="needs a model on a CUDA GPU"):
+        StaticDecoder(engine.model, "graph")
 
 
 def test_single_row_equals_the_base_and_the_image_path_differs(engine, base, base_tok):

@@ -28,6 +28,7 @@ from ..data import collate_prompts
 from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
 from ..model.sources import eos_token_ids
+from .decode import StaticDecoder, supports
 
 
 class ContextOverflow(ValueError):
@@ -138,16 +139,21 @@ class Request:
         return Completion(text, self.finish_reason, self.ids.shape[1], len(self.tokens))
 
 
+def _feed(requests: list[Request], tokens: list[int]) -> list[bool]:
+    """Hand each row's newest token to its request; returns which requests are done."""
+    for request, token in zip(requests, tokens):
+        request.push(token)
+    return [r.done for r in requests]
+
+
 class _FeedRows(StoppingCriteria):
-    """Hands each row's newest token to its request; a row is finished once its request is."""
+    """`_feed` as a stopping criterion of `generate`: a row is finished once its request is."""
 
     def __init__(self, requests: list[Request]):
         self.requests = requests
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        for request, token in zip(self.requests, input_ids[:, -1].tolist()):
-            request.push(token)
-        return torch.tensor([r.done for r in self.requests], device=input_ids.device)
+        return torch.tensor(_feed(self.requests, input_ids[:, -1].tolist()), device=input_ids.device)
 
 
 class BatchingEngine:
@@ -247,11 +253,26 @@ class BatchingEngine:
 
 class Engine(BatchingEngine):
     """Routes chat requests through one GenieBlue model: text-only -> the untouched base path,
-    image -> the copies + LoRA path; concurrent requests are batched by route."""
+    image -> the copies + LoRA path; concurrent requests are batched by route.
 
-    def __init__(self, model: GenieBlueForConditionalGeneration, processor, max_batch: int = 8, **options):
-        """`options`: `BatchingEngine`'s `start` and `max_queue`."""
+    Greedy batches decode with a static KV cache (`decode.StaticDecoder`, `decode` is its mode: by
+    default "graph" on a GPU, a CUDA graph per shape); sampled ones, and all of them with
+    `decode="generate"` (the default on a CPU), run transformers' `generate`."""
+
+    def __init__(
+        self,
+        model: GenieBlueForConditionalGeneration,
+        processor,
+        max_batch: int = 16,
+        decode: str | None = None,
+        **options,
+    ):
+        """`options`: `BatchingEngine`'s `start` and `max_queue`. Raises ValueError for a `decode` mode
+        this model or device cannot run."""
         self.model = model.eval()
+        if decode is None:
+            decode = "graph" if model.device.type == "cuda" and supports(model.llm) else "generate"
+        self.decoder = None if decode == "generate" else StaticDecoder(model, decode)
         context = model.llm.config.max_position_embeddings
         super().__init__(processor, context, eos_token_ids(model.llm, processor.tokenizer), max_batch, **options)
 
@@ -265,15 +286,19 @@ class Engine(BatchingEngine):
     def run_batch(self, requests: list[Request]) -> None:
         """Generate for requests of one group as one left-padded batch."""
         first = requests[0]
+        batch = collate_prompts([(r.ids, r.pixels) for r in requests], self.processor.pad_id)
+        max_new = max(r.max_tokens for r in requests)
+        if self.decoder is not None and first.temperature == 0:
+            self.decoder.generate(**batch, max_new_tokens=max_new, on_tokens=lambda tokens: _feed(requests, tokens))
+            return
         sampling = (
             {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
             if first.temperature > 0
             else {"do_sample": False}
         )
-        batch = collate_prompts([(r.ids, r.pixels) for r in requests], self.processor.pad_id)
         self.model.generate(
             **batch,
-            max_new_tokens=max(r.max_tokens for r in requests),
+            max_new_tokens=max_new,
             stopping_criteria=StoppingCriteriaList([_FeedRows(requests)]),
             pad_token_id=self.processor.pad_id,
             **sampling,

@@ -11,6 +11,7 @@ router switches copies, experts and LoRA on. `save_pretrained` writes only the d
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,11 +59,12 @@ def _refuse_placeholders(placeholders: int) -> None:
         raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
 
 
-def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device) -> tuple[PreTrainedModel, str, str]:
+def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device):
     """(base model, its spec, its fingerprint). Files already on disk are fingerprinted on a second
-    thread while the base loads (a first load hashes them; later loads find their digests cached)."""
+    thread while the base loads (a first load hashes them; later loads find their digests cached); a
+    model object's fingerprint is a function, called when it is first needed."""
     if isinstance(llm, PreTrainedModel):
-        return llm, llm.name_or_path, fingerprint(None, llm)
+        return llm, llm.name_or_path, lambda: fingerprint(None, llm)
     files = base_files(llm)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(files_fingerprint, files) if files else None
@@ -89,15 +91,17 @@ class GenieBlueForConditionalGeneration(nn.Module):
         vision: VisionTower,
         strategy: Strategy,
         base_spec: str,
-        base_fingerprint: str,
+        base_fingerprint: str | Callable[[], str],
         shared_base: bool = False,
     ):
+        """`base_fingerprint`: the base's (see `fingerprint`), or a function computing it when first
+        needed (a model object with no files behind it is hashed only if it is saved)."""
         super().__init__()
         self.llm = llm
         self.vision = vision
         self.strategy = strategy
         self.base_spec = base_spec
-        self.base_fingerprint = base_fingerprint
+        self._base_fingerprint = base_fingerprint
         self.shared_base = shared_base
         self.router = Router()
         llm.requires_grad_(False)
@@ -205,6 +209,12 @@ class GenieBlueForConditionalGeneration(nn.Module):
             self.vision.vit.requires_grad_(True)
             for p in self.llm_delta_parameters():
                 p.requires_grad_(True)
+
+    @property
+    def base_fingerprint(self) -> str:
+        if callable(self._base_fingerprint):
+            self._base_fingerprint = self._base_fingerprint()
+        return self._base_fingerprint
 
     @property
     def device(self) -> torch.device:
@@ -368,6 +378,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         manifest = json.loads((directory / MANIFEST).read_text())
         saved_fp = manifest["base"]["fingerprint"]
         base, spec, fp = _load_base(manifest["base"]["llm"] if llm is None else llm, dtype, where)
+        fp = fp() if callable(fp) else fp
         if not _same_base(saved_fp, fp, spec, base):
             raise ValueError(
                 f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {_short(fp)} != "
