@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from .._io import atomic_dir, write_json
 from .card import write_card
 from .folder import DELTA, MANIFEST, TRAINING, check_model_folder
+from .report import parameter_report
 from .routing import Expert, LoRALinear, Router, Switch, delta_members, swap_modules
 from .sources import fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
@@ -256,8 +257,6 @@ class GenieBlueForConditionalGeneration(nn.Module):
         with atomic_dir(directory) as tmp:
             state = {k: v.detach().contiguous() for k, v in self.delta_state_dict().items()}
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
-            from .report import parameter_report  # report builds on this module
-
             write_json(
                 tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]}
             )
