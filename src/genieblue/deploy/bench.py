@@ -1,7 +1,9 @@
 """The paper's deployment table (Table 9) on this machine: text mode vs image mode of an exported
 folder under onnxruntime - load time, ViT time, prefill and decode tokens/s, storage, peak memory.
 
-Image-mode storage is broken down against its floor (`storage_breakdown`). Each mode runs in a fresh
+Image-mode storage beyond text mode is broken down by part and set against its floor, the copied
+blocks at the base's own precision (`storage_breakdown`); it is no pass / fail target, as the paper's
++8.5% lies below that floor for the bases measured (docs/deployment.md). Each mode runs in a fresh
 worker process (`python -m genieblue.deploy.bench MODE FOLDER ...`, numpy and onnxruntime only) so
 its peak RSS is its own. Decode speed comes from a third worker that loads both modes and alternates
 their decode steps one by one, so that other load on the machine slows both alike (separate
@@ -24,8 +26,8 @@ import numpy as np
 from . import activations as activations_setting
 from .runtime import MODE_GRAPHS, DeployedModel, share_threads
 
-PAPER = {"storage_overhead": 0.085, "decode_ratio": 31 / 33}
-"""GenieBlue's phone numbers: image mode adds 8.5% storage and decodes at 31 vs 33 tokens/s."""
+PAPER_DECODE_RATIO = 31 / 33
+"""GenieBlue's phone: image mode decodes at 31 tokens/s where text mode decodes at 33."""
 DECODE_TARGET = 0.97
 """Image-mode decode speed wanted, relative to text mode."""
 
@@ -181,8 +183,9 @@ def table9(
 ) -> dict:
     """Per round, a worker process per mode (load, ViT, prefill, storage, peak memory: the best over
     rounds) and one that interleaves both modes' decode steps (decode tokens/s: one over the median
-    step time, all rounds pooled); and the targets: image-mode storage overhead vs the paper's +8.5%,
-    no second copy of the base in memory, image decode >= 97% of text decode."""
+    step time, all rounds pooled); image-mode storage beyond text mode (`storage_overhead`, by part and
+    against its floor in `storage_breakdown`); and the targets: no second copy of the base in memory,
+    image decode >= 97% of text decode."""
     runs, steps = {mode: [] for mode in MODE_GRAPHS}, {mode: [] for mode in MODE_GRAPHS}
     for _ in range(rounds):
         for mode in MODE_GRAPHS:
@@ -200,6 +203,7 @@ def table9(
     decode_ratio = image["decode_tokens_per_s"] / text["decode_tokens_per_s"]
     extra_mb = image["peak_rss_mb"] - text["peak_rss_mb"]
     return {
+        "storage_overhead": storage_overhead,
         "storage_breakdown": storage_breakdown(manifest, text["storage_bytes"]),
         "folder": str(folder),
         "precision": manifest["precision"],
@@ -212,14 +216,9 @@ def table9(
         "modes": rows,
         "delta_bytes": manifest["delta_parts"],
         "targets": {
-            "storage_overhead": {
-                "value": storage_overhead,
-                "paper": PAPER["storage_overhead"],
-                "met": storage_overhead <= PAPER["storage_overhead"],
-            },
             "decode_ratio": {
                 "value": decode_ratio,
-                "paper": PAPER["decode_ratio"],
+                "paper": PAPER_DECODE_RATIO,
                 "target": DECODE_TARGET,
                 "met": decode_ratio >= DECODE_TARGET,
             },
