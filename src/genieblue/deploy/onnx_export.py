@@ -6,15 +6,16 @@ base weights on disk.
   * `image.onnx`  - the same step on the multimodal path: block copies replace their originals, LoRA
                     adds, and image features are spliced in at the placeholder positions with dense
                     ops (Equal, CumSum, Gather, Where) - no routing, no data-dependent control flow;
-  * `vision.onnx` - ViT -> 2x2 downsampler -> projector: pixel tiles -> image features (one static
-                    tile with `single_tile`, the phone's single-patch mode).
+  * `vision.onnx` - the vision tower, encoder (ViT or convolutional backbone) -> downsampler -> token
+                    mixer (if the tower has one) -> projector: pixel tiles -> image features (one
+                    static tile with `single_tile`, the phone's single-patch mode).
 
 With the processor it was trained with, the folder also holds the base's tokenizer (`tokenizer/`)
 and the prompt settings (`processor.json`): all `genieblue serve --onnx` needs.
 
 Initializers live in external data files: `base.onnx.data` holds every tensor of the text graph and
 the image graph points at the same file and offsets for the base tensors it uses; `delta.onnx.data`
-holds the copies, LoRA, ViT and projector. A quantised model exports its weights as onnxruntime
+holds the copies, LoRA and the vision tower. A quantised model exports its weights as onnxruntime
 `MatMulNBits` (W4A16 / W8A16, see `quant`; a GGUF base keeps its own Q4_0 / Q4_1 / Q8_0 blocks, see
 `gguf_weights`), with the projections that read one input (q/k/v, gate/up) and their LoRA updates
 fused into one op each (see `fuse`).
