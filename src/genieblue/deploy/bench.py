@@ -181,11 +181,28 @@ def table9(
     repeats: int = 3,
     rounds: int = 2,
 ) -> dict:
-    """Per round, a worker process per mode (load, ViT, prefill, storage, peak memory: the best over
+    """The paper's Table 9 of an exported folder on this machine, from worker processes.
+
+    Per round, a worker process per mode (load, ViT, prefill, storage, peak memory: the best over
     rounds) and one that interleaves both modes' decode steps (decode tokens/s: one over the median
-    step time, all rounds pooled); image-mode storage beyond text mode (`storage_overhead`, by part and
-    against its floor in `storage_breakdown`); and the targets: no second copy of the base in memory,
-    image decode >= 97% of text decode."""
+    step time, all rounds pooled).
+
+    Args:
+        folder: a folder written by `genieblue export`.
+        prompt_tokens: prompt length (an image prompt's placeholders count).
+        new_tokens: tokens decoded greedily per measurement.
+        threads: onnxruntime threads (None: one per core).
+        repeats: runs per worker process.
+        rounds: rounds of worker processes.
+
+    Returns:
+        "modes" (a row per mode), image-mode storage beyond text mode (`storage_overhead`, by part
+        and against its floor in `storage_breakdown`), the delta's parts, and the targets: no second
+        copy of the base in memory, image decode >= 97% of text decode.
+
+    Raises:
+        RuntimeError: a worker process failed (its last error line says why).
+    """
     runs, steps = {mode: [] for mode in MODE_GRAPHS}, {mode: [] for mode in MODE_GRAPHS}
     for _ in range(rounds):
         for mode in MODE_GRAPHS:
@@ -234,9 +251,22 @@ def table9(
 def llama_bench(
     binary: str | Path, gguf: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, threads: int | None = None
 ) -> dict:
-    """llama.cpp's `llama-bench` on a GGUF file, the same prompt length, new tokens and threads
-    (default: one per core, as onnxruntime's): its mean prefill and decode tokens/s over its 5 runs.
-    llama.cpp is never a dependency: `binary` is whatever build the user has."""
+    """llama.cpp's `llama-bench` on a GGUF file, the same prompt length, new tokens and threads.
+    llama.cpp is never a dependency: `binary` is whatever build the user has.
+
+    Args:
+        binary: the `llama-bench` executable.
+        gguf: the GGUF file to run.
+        prompt_tokens: prompt length.
+        new_tokens: tokens decoded.
+        threads: threads (default: one per core, as onnxruntime's).
+
+    Returns:
+        Its mean prefill and decode tokens/s over its 5 runs, with the binary, file, threads and build.
+
+    Raises:
+        RuntimeError: the binary could not run or failed.
+    """
     threads = threads or os.cpu_count()
     command = [str(binary), "-m", str(gguf), "-p", str(prompt_tokens), "-n", str(new_tokens)]
     command += ["-t", str(threads), "-r", "5", "-o", "json"]

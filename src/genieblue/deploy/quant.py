@@ -384,10 +384,26 @@ def quantize_model(
     table_bits: int = TABLE_BITS,
     copy_bits: int | None = None,
 ) -> GenieBlueForConditionalGeneration:
-    """In place: base LLM and block copies at `bits` (W4A16; copies at `copy_bits` if given;
-    embedding and LM head at `table_bits`; the base's modules in `kept` as those layers), LoRA, ViT
-    linears and projector at `delta_bits` (W8A16, symmetric). The ViT's patch convolution, position
-    embeddings and norms stay float."""
+    """Quantise a GenieBlue model in place, weight-only (W4A16 for the LLM, W8A16 for the delta).
+    The encoder's patch convolution, position embeddings and norms stay float.
+
+    Args:
+        model: the model to quantise (float, not quantised before).
+        bits: the base LLM's and the block copies' weights, 4 or 8.
+        delta_bits: LoRA and the vision tower's linear layers (symmetric).
+        block_size: inputs per quantisation block (one scale each).
+        symmetric: no zero points (implicit 2^(bits-1)); False: one zero point per block.
+        kept: base module names -> ready quantised layers (a GGUF's own blocks, `gguf_weights`),
+            used as they are.
+        table_bits: the embedding table and LM head.
+        copy_bits: the block copies, if not `bits`.
+
+    Returns:
+        `model`, quantised.
+
+    Raises:
+        ValueError: the model is already quantised, or a bit width other than 4 or 8.
+    """
     if any(isinstance(m, (WeightOnlyLinear, PlanarLinear)) for m in model.modules()):
         raise ValueError("the model is already quantised")
     make = _llm_quantizer(bits, block_size, symmetric, kept, copy_bits)

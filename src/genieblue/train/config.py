@@ -19,6 +19,14 @@ class DataSource:
 
 @dataclass
 class TrainConfig:
+    """One stage of one training run (`genieblue train -c FILE`, `Trainer(cfg)`): every field below,
+    with the paper's defaults for what a file leaves out (docs/training.md lists them).
+
+    Raises:
+        ValueError: `stage` is not 1 or 2, or `batch_size`, `grad_accum`, `save_every` or
+            `keep_last` is below 1.
+    """
+
     # model
     llm: str | None = None  # None: the built-in SmolLM2-135M-Instruct
     vision: str | dict | None = None  # None: the demo's small from-scratch ResNet (model.DEFAULT_VISION)
@@ -79,6 +87,17 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
+        """The config a YAML file describes.
+
+        Args:
+            path: the YAML file; its data paths are relative to its folder.
+            **overrides: fields to set over the file's (None leaves the file's value).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: a key that is not a field (the message lists the known ones), or a value
+                `TrainConfig` refuses.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
