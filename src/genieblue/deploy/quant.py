@@ -1,9 +1,9 @@
 """Weight-only quantisation for on-device deployment: W4A16 for the LLM (base and block copies) and
-W8A16 for LoRA and the vision tower (encoder, token mixer, projector). Weights are stored as blocks of
-`block_size` 4- or 8-bit integers q along the input dimension, each block with a float scale s and a
-zero point z: w = (q - z) * s; activations stay float. z is the implicit 2^(bits-1) (symmetric), or
-one per block (asymmetric, packed like q), and a block may add a float offset o: w = (q - z) * s + o,
-the form of a GGUF Q4_1 block (d * q + m, see `gguf_weights`).
+W8A16 for LoRA and the vision tower's linear layers (encoder, token mixer, projector). Weights are
+stored as blocks of `block_size` 4- or 8-bit integers q along the input dimension, each block with a
+float scale s and a zero point z: w = (q - z) * s; activations stay float. z is the implicit
+2^(bits-1) (symmetric), or one per block (asymmetric, packed like q), and a block may add a float
+offset o: w = (q - z) * s + o, the form of a GGUF Q4_1 block (d * q + m, see `gguf_weights`).
 
 The packing is onnxruntime's `MatMulNBits` layout ((out, blocks, block bytes) uint8, (out * blocks)
 scales, (out, packed blocks) uint8 zero points), computed by onnxruntime's own round-to-nearest
