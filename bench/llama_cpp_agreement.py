@@ -4,9 +4,10 @@ decoding token by token over held-out text, against the PyTorch base (transforme
 GGUF, dequantised to float32).
 
 Prints, per runtime, perplexity next to the base's, the share of positions whose greedy next token is
-the base's, and the mean / max |logit difference| - the yardstick of issue 17's ">= 99% of next
-tokens, perplexity within 0.5%", applied to llama.cpp as well as to us. Texts: the held-out passages
-of `genieblue eval`, plus 150-word chunks of each `--text` file (its first 1200 words).
+the base's, and the mean / max |logit difference| - the yardstick of the exactness bar (">= 99% of
+next tokens, perplexity within 0.5%", docs/deployment.md), applied to llama.cpp as well as to us.
+Texts: the held-out passages of `genieblue eval`, plus 150-word chunks of each `--text` file (its
+first 1200 words).
 
     python bench/llama_cpp_agreement.py --onnx phone [--onnx phone_int8] [--text LICENSE] [--gguf FILE]
         [--threads 1] [--json]

@@ -1,4 +1,6 @@
-"""The shipped GPU recipes cannot rot: each config in configs/<base>/ trains for two steps on CPU,
+"""The shipped configs cannot rot. configs/stage1.yaml and stage2.yaml (the demo's run as configs)
+train two steps per stage on the synthetic data `genieblue synth` writes, on a tiny base. The GPU
+recipes: each config in configs/<base>/ trains for two steps on CPU,
 stage 1 then stage 2 from stage 1's model, with its hub ids swapped for local tiny random-weight
 models of the same architectures (Qwen2 / Llama shaped like the 3B bases, a SigLIP checkpoint at
 384 px with 14 px patches like so400m) and small data files laid out where the config expects
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, SiglipConfig, SiglipModel
 
+from genieblue._io import write_json
+from genieblue.data.synthetic import generate_dataset, text_only_samples
 from genieblue.model import GenieBlueForConditionalGeneration, load_tokenizer
 from genieblue.train import TrainConfig, Trainer
 
@@ -195,6 +200,34 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def test_demo_configs_train_two_steps_per_stage_on_synthetic_data(tmp_path, chat_base):
+    """configs/stage1.yaml then stage2.yaml as shipped (the tower, packing, lrs, system prompt), on data
+    laid out where they expect `genieblue synth data/synth`, with a tiny base and stage 0 cut to 2 steps."""
+    data = tmp_path / "data" / "synth"
+    generate_dataset(data, n_train=12, n_val=2, n_test=2, seed=0)
+    write_json(data / "text.json", text_only_samples(2, seed=0))
+    (tmp_path / "configs").mkdir()
+    for k in (1, 2):
+        shutil.copy(CONFIGS / f"stage{k}.yaml", tmp_path / "configs")
+    run = tmp_path / "runs"
+    short = dict(llm=chat_base, max_steps=2)
+    final1 = Trainer(
+        TrainConfig.from_yaml(tmp_path / "configs" / "stage1.yaml", output_dir=str(run / "s1"), stage0_steps=2, **short)
+    ).run()
+    assert len(json.loads((run / "s1" / "stage0.json").read_text())["losses"]) == 2
+    final2 = Trainer(
+        TrainConfig.from_yaml(
+            tmp_path / "configs" / "stage2.yaml", output_dir=str(run / "s2"), init_from=str(final1), **short
+        )
+    ).run()
+    for stage in ("s1", "s2"):
+        steps = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in steps] == [1, 2] and all(s["loss"] > 0 for s in steps), steps
+    card = (final2 / "README.md").read_text()
+    assert "caption.json` (ratio 1)" in card and "train.json` (ratio 1200)" in card and "text.json` (ratio 120)" in card
+    assert GenieBlueForConditionalGeneration.from_pretrained(final2).vision.tokens_per_tile == 16  # the demo's tower
+
+
 @pytest.mark.parametrize("name", BASES)
 def test_gpu_recipe_trains_two_steps_per_stage_on_tiny_models(tmp_path, name, so400m_like):
     hub_id, make = BASES[name]
@@ -218,7 +251,7 @@ def test_gpu_recipe_trains_two_steps_per_stage_on_tiny_models(tmp_path, name, so
         steps = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2] and all(s["loss"] > 0 for s in steps), steps
     card = (final2 / "README.md").read_text()  # both stages, stage 1 from the folder stage 2 started from
-    assert card.index("- **stage 1** (projector only): 2 steps") < card.index("- **stage 2** (ViT, projector, copies")
+    assert card.index("- **stage 1** (connector only): 2 steps") < card.index("- **stage 2** (vision tower, copies")
     assert "blip_laion_cc_sbu_558k.json` (ratio 1)" in card and "text_only.jsonl` (ratio 0.1)" in card
     model = GenieBlueForConditionalGeneration.from_pretrained(final2)
     assert model.vision.tokens_per_tile == 27 * 27  # so400m's grid at 384 px, one token per patch

@@ -133,7 +133,8 @@ def train(
     output_dir: str | None = typer.Option(None, help="Override output_dir."),
     max_steps: int | None = typer.Option(None, help="Override max_steps."),
 ):
-    """Train stage 1 (projector) or stage 2 (ViT + projector + copies + LoRA) on LLaVA JSON/JSONL.
+    """Train stage 1 (the connector: token mixer + projector) or stage 2 (vision encoder + connector +
+    copies + LoRA) on JSON/JSONL in the LLaVA, ShareGPT or OpenAI format (docs/training.md).
 
     Multi-process (DDP): `accelerate launch -m genieblue.cli train -c cfg.yaml` on GPUs, or
     `torchrun --nproc_per_node N -m genieblue.cli train -c cfg.yaml` on CPUs (gloo).
@@ -200,7 +201,7 @@ def demo(
     full_lr: float = typer.Option(
         DemoConfig.full_lr,
         help="Learning rate of every weight when full fine-tuning is compared (the copies and LoRA "
-        f"train at {DemoConfig.lr:g}, too high for full fine-tuning: README).",
+        f"train at {DemoConfig.lr:g}, too high for full fine-tuning: docs/method.md).",
     ),
     seed: int = typer.Option(DemoConfig.seed, help="Seed for data and training."),
     device: Device = None,
@@ -209,7 +210,7 @@ def demo(
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
     synthetic data -> stages 0, 1, 2 -> per-task accuracy vs chance, text retention (bit-exact logits,
     text QA, perplexity) for base vs non-shared vs shared path -> report.md/json + charts. The defaults
-    take about 8 minutes on 2 CPU cores with bf16 matrix units (see README)."""
+    take 8-12 minutes on 2 CPU cores with bf16 matrix units (docs/results/)."""
     from .demo import Demo
     from .model import STRATEGIES
 
@@ -559,9 +560,10 @@ def export(
     """Export for on-device inference (onnxruntime, or a phone toolchain that takes ONNX).
 
     Writes OUT/text.onnx (a decoder step of the untouched base with a KV cache), OUT/image.onnx (the same step
-    with block copies and LoRA, image features spliced in at the placeholders), OUT/vision.onnx (ViT +
-    downsampler + projector), OUT/base.onnx.data (the base weights, ONE copy, read by both decoder graphs),
-    OUT/delta.onnx.data (copies, LoRA, ViT, projector), OUT/deploy.json, and OUT/tokenizer/ + OUT/processor.json
+    with block copies and LoRA, image features spliced in at the placeholders), OUT/vision.onnx (the vision
+    tower: encoder, downsampler, token mixer, projector), OUT/base.onnx.data (the base weights, ONE copy,
+    read by both decoder graphs), OUT/delta.onnx.data (copies, LoRA, vision tower), OUT/deploy.json, and
+    OUT/tokenizer/ + OUT/processor.json
     (for `genieblue serve --onnx OUT`). Static dense ops only: no routing, no data-dependent control flow;
     with w4a16, q/k/v and gate/up (and their LoRA) run as one op each.
 
@@ -641,59 +643,38 @@ def bench_deploy(
 ):
     """The paper's deployment table (Table 9) on this machine: text mode vs image mode under onnxruntime -
     load time, ViT time, prefill and decode tokens/s, storage, peak memory (each mode in its own process;
-    decode from one process alternating the modes' steps, tokens/s = 1 / median step) - checked against
-    the targets: image-mode storage overhead vs the paper's +8.5%, one copy of the base in memory,
-    image-mode decode >= 97% of text-mode decode.
+    decode from one process alternating the modes' steps, tokens/s = 1 / median step) - with image-mode
+    storage by part against its floor (the copied blocks at the base's precision) and the targets: one
+    copy of the base in memory, image-mode decode >= 97% of text-mode decode.
 
     Example: genieblue bench deploy -m demo_out/runs/genieblue-skip/stage2/final --json
     """
-    import shutil
-    import tempfile
+    from .deploy.bench_deploy import bench_deploy as measure
+    from .deploy.report import bench_report
 
-    from .deploy.accuracy import deployment_cost
-    from .deploy.bench import llama_bench as llama_cpp
-    from .deploy.bench import table9, versus_llama_cpp
-    from .deploy.onnx_export import export_saved_model
-    from .deploy.report import accuracy_table, table9_table, target_lines
-    from .deploy.runtime import MANIFEST
-    from .model.folder import MANIFEST as MODEL_MANIFEST
-    from .model.folder import check_model_folder
-    from .model.sources import gguf_file
-
-    with _failures():
-        check_model_folder(model)
-    binary = llama_bench or shutil.which("llama-bench")
-    gguf = gguf_file(llm if llm is not None else json.loads((Path(model) / MODEL_MANIFEST).read_text())["base"]["llm"])
-    if llama_bench and gguf is None:
-        _fail(f"--llama-bench runs llama.cpp on the base's GGUF file, and {model}'s base is not a GGUF file")
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = onnx or str(Path(scratch) / "export")
-        with _failures(RuntimeError):
-            if not (Path(folder) / MANIFEST).is_file():
-                export_saved_model(
-                    model,
-                    folder,
-                    precision="w4a16",
-                    single_tile=single_tile,
-                    llm=llm,
-                    keep_gguf=keep_gguf,
-                    activations=activations,
-                )
-            result = table9(folder, prompt_tokens, new_tokens, threads, repeats, rounds)
-            if binary and gguf is not None:
-                measured = llama_cpp(binary, gguf, prompt_tokens, new_tokens, threads)
-                result["llama_cpp"] = versus_llama_cpp(result, measured)
-            if accuracy:
-                result["accuracy"] = deployment_cost(model, folder, llm=llm, vqa=vqa)
+    with _failures(RuntimeError):
+        result = measure(
+            model,
+            onnx,
+            single_tile=single_tile,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            threads=threads,
+            repeats=repeats,
+            rounds=rounds,
+            accuracy=accuracy,
+            vqa=vqa,
+            llm=llm,
+            keep_gguf=keep_gguf,
+            activations=activations,
+            llama_bench=llama_bench,
+        )
     if as_json:
         print(json.dumps(result, indent=2))
         return
     out = Console(width=max(Console().width, 110))
-    out.print(table9_table(result))
-    for line in target_lines(result):
-        out.print(line)
-    if accuracy:
-        out.print(accuracy_table(result["accuracy"]))
+    for item in bench_report(result):
+        out.print(item)
 
 
 if __name__ == "__main__":

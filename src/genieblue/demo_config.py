@@ -27,7 +27,7 @@ class DemoConfig:
     stage2_epochs: float = 1.0
     max_length: int = 640  # ~12 samples per packed row: one optimizer step
     lr: float = 6e-4  # copies / experts / LoRA
-    # every weight under full fine-tuning: at `lr` it falls behind on the image tasks and its text (README)
+    # every weight under full fine-tuning: at `lr` it falls behind on the image tasks and its text (docs/method.md)
     full_lr: float = 2e-4
     vision_lr: float = 1e-3  # token mixer and projector in stage 1
     stage2_vision_lr: float = 3e-4  # the whole tower in stage 2, gently: stage 0 already taught it to spell

@@ -39,7 +39,20 @@ class Sample:
 
 class GenieBlueProcessor:
     """Turns records (any format `check_record` reads) into training `Sample`s and chat messages
-    into generation prompts."""
+    into generation prompts. `from_model` and `load_processor` build one matching a model.
+
+    Args:
+        tokenizer: the base's tokenizer, with a chat template.
+        image_size: tile side in pixels, the vision tower's.
+        tokens_per_tile: image tokens one tile makes in the model.
+        max_tiles: tiles per image (plus a thumbnail above 1); 1: single-patch mode.
+        vision_type: the encoder's `model_type`, which picks the pixel normalisation.
+        max_length: the longest sample in tokens (longer records are refused, never truncated).
+        system_prompt: the system turn added to training records and image prompts without one.
+
+    Raises:
+        ValueError: the tokenizer has no chat template.
+    """
 
     def __init__(
         self,
@@ -134,7 +147,13 @@ class GenieBlueProcessor:
         `system_prompt` left out), so it runs as the base. With images, a conversation without a
         system turn gets the training `system_prompt` (the delta learnt with it); a system turn of
         its own wins. `images` are PIL images, paths or bytes; without any `<image>` in the
-        messages they go before the first user text."""
+        messages they go before the first user text.
+
+        Raises:
+            ValueError: images but no user message, or `<image>` placeholders that do not match
+                the images in number.
+            ImageError: an image that cannot be read.
+        """
         if not images:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
             return torch.tensor([ids]), None
@@ -238,5 +257,16 @@ def processor_settings(model_dir: str | Path) -> dict:
 
 
 def load_processor(model_dir: str | Path, model, tokenizer, max_length: int = 4096) -> GenieBlueProcessor:
-    """The processor a saved model was trained with (defaults when the folder has no settings)."""
+    """The processor a saved model was trained with.
+
+    Args:
+        model_dir: the saved folder; its `processor.json` holds the prompt settings (the defaults
+            when it has none).
+        model: the loaded model (its vision tower sets tile size, tokens per tile, normalisation).
+        tokenizer: the base's tokenizer.
+        max_length: the longest sample in tokens.
+
+    Raises:
+        ValueError: the tokenizer has no chat template.
+    """
     return GenieBlueProcessor.from_model(model, tokenizer, max_length=max_length, **processor_settings(model_dir))

@@ -158,8 +158,22 @@ def _resolve(source: str, folder: Path) -> str:
 
 
 def check_record(record, image_folder: str | Path | None = None, fallback_id="?") -> dict:
-    """The normalised LLaVA copy of a valid record in any supported format, or `BadRecord`
-    saying what is wrong with it."""
+    """The normalised LLaVA copy of a valid record in any supported format.
+
+    Args:
+        record: one parsed record: LLaVA / ShareGPT4V, ShareGPT / LLaMA-Factory or OpenAI content
+            parts (docs/training.md, Data formats).
+        image_folder: what relative image paths are relative to (default: the working directory).
+        fallback_id: the id to report for a record without one.
+
+    Returns:
+        {"id", "conversations" (LLaVA turns with `<image>` placeholders), "images" (absolute paths
+        or data URLs), and the record's other keys}.
+
+    Raises:
+        BadRecord: what is wrong with the record (shape, roles, placeholders, a remote or missing
+            image).
+    """
     rid = _record_id(record, fallback_id)
     if not isinstance(record, dict):
         raise BadRecord(rid, f"a record must be a JSON object, got {type(record).__name__}")
@@ -265,8 +279,19 @@ class RecordFile:
 
 
 def scan_records(path: str | Path, image_folder: str | Path | None = None) -> tuple[list[dict], list[BadRecord]]:
-    """Read a JSON list or JSONL file: (normalised good records, one BadRecord per bad one).
-    Image paths are relative to `image_folder`, by default the data file's folder."""
+    """Read a JSON list or JSONL file in any supported format.
+
+    Args:
+        path: the data file.
+        image_folder: what image paths are relative to (default: the data file's folder).
+
+    Returns:
+        (the normalised good records, one `BadRecord` per bad one).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not valid JSON / JSONL.
+    """
     path = Path(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
     good, bad = [], []
@@ -279,7 +304,13 @@ def scan_records(path: str | Path, image_folder: str | Path | None = None) -> tu
 
 
 def read_records(path: str | Path, image_folder: str | Path | None = None) -> list[dict]:
-    """Like `scan_records`, but the first bad record raises its `BadRecord`."""
+    """Like `scan_records`, but every record must be good: returns the normalised records.
+
+    Raises:
+        BadRecord: the first bad record, saying what is wrong with it.
+        FileNotFoundError: no such file.
+        ValueError: the file is not valid JSON / JSONL.
+    """
     good, bad = scan_records(path, image_folder)
     if bad:
         raise bad[0]
@@ -331,7 +362,13 @@ class DataMixture:
     unusable. What fails either is left out and kept in `bad` (one `BadRecord` each, in file order)
     for the caller to report; `scanned` counts every record read and `on_record(n)` is told each
     time n more were. Only byte spans, the drawn order and the measures stay in memory;
-    `mixture[i]` re-reads record i from its file."""
+    `mixture[i]` re-reads record i from its file.
+
+    Raises:
+        ValueError: no source, a negative ratio or ratios summing to zero, or a file that is not
+            valid JSON / JSONL.
+        FileNotFoundError: a source's file does not exist.
+    """
 
     def __init__(self, sources, seed: int = 0, size: int | None = None, measure=None, on_record=None):
         self.sources = [s if isinstance(s, Source) else Source(*s) for s in sources]

@@ -272,11 +272,30 @@ def generate_dataset(
     tasks: Sequence[str] = TASKS,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Path]:
-    """Write out_dir/images/<split>/<id>.png and out_dir/<split>.json (LLaVA format, image paths
+    """Write the synthetic dataset: what `genieblue synth` writes (without text.json).
+
+    Writes out_dir/images/<split>/<id>.png and out_dir/<split>.json (LLaVA format, image paths
     relative to out_dir), tasks round-robin, every sample seeded by (seed, split, index); then
     out_dir/caption.json, a caption record for every training image (LLaVA's alignment data: stage 1
     learns from descriptions, stage 2 from questions), and out_dir/dataset.json with the metadata.
-    Each JSON appears only once its images are written."""
+    Each JSON appears only once its images are written; the same arguments write the same bytes.
+
+    Args:
+        out_dir: the folder to write into (created if needed).
+        n_train: training samples (and captions).
+        n_val: validation samples.
+        n_test: test samples.
+        seed: the seed of every sample.
+        image_size: image side in pixels.
+        tasks: the tasks to draw, in turn (default: all of `TASKS`).
+        progress: called with (samples written, total) as it goes.
+
+    Returns:
+        {"train", "val", "test", "caption"}: the JSON files' paths (dataset.json holds the metadata).
+
+    Raises:
+        ValueError: no tasks, or an unknown one.
+    """
     out_dir, tasks = Path(out_dir), tuple(tasks)
     if not tasks:
         raise ValueError("tasks must not be empty")

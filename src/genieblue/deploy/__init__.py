@@ -2,7 +2,8 @@
 image graph and a vision graph that share one copy of the base weights on disk (`onnx_export`), with
 the projections that read one input fused into one op each (`fuse`), an onnxruntime runner for the
 exported folder (`runtime`, numpy + onnxruntime only), the paper's Table-9 deployment benchmark
-(`bench`), what W4A16 costs in accuracy (`accuracy`) and their console tables (`report`).
+(`bench`, its worker processes; `bench_deploy`, the whole `genieblue bench deploy`), what W4A16 costs
+in accuracy (`accuracy`) and their console tables (`report`).
 
 Names are re-exported lazily, so the runtime and the benchmark's worker processes never load torch.
 """

@@ -134,9 +134,23 @@ def stepwise_text(folder, reference: GenieBlueForConditionalGeneration, tokenize
 def deployment_cost(
     model_dir: str | Path, folder: str | Path, *, llm: str | None = None, vqa: str | None = None
 ) -> dict:
-    """What W4A16 costs against the float model: logit error per mode, held-out perplexity and text QA
-    on the text path, VQA exact match on `vqa` (LLaVA JSON) if given, the exported graphs against
-    the PyTorch model, and the exported text graph decoding the held-out passages step by step."""
+    """What W4A16 costs against the float model.
+
+    Args:
+        model_dir: the saved GenieBlue folder that was exported.
+        folder: its export (`genieblue export`); its manifest says how to quantise the reference.
+        llm: the base LLM, if not the one the model's manifest names.
+        vqa: a LLaVA JSON of short-answer image questions, scored float vs W4A16.
+
+    Returns:
+        logit error per mode, held-out perplexity and text QA on the text path (and VQA exact match
+        with `vqa`), the exported graphs against the PyTorch model, and the exported text graph
+        decoding the held-out passages step by step.
+
+    Raises:
+        FileNotFoundError: either folder is missing what it needs.
+        BadRecord: a record of `vqa` is unusable.
+    """
     manifest = DeployedModel(folder).manifest
     reference, processor = load_model_and_processor(model_dir, llm)
     quantized = load_model_and_processor(model_dir, llm)[0]

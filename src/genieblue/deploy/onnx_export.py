@@ -6,15 +6,16 @@ base weights on disk.
   * `image.onnx`  - the same step on the multimodal path: block copies replace their originals, LoRA
                     adds, and image features are spliced in at the placeholder positions with dense
                     ops (Equal, CumSum, Gather, Where) - no routing, no data-dependent control flow;
-  * `vision.onnx` - ViT -> 2x2 downsampler -> projector: pixel tiles -> image features (one static
-                    tile with `single_tile`, the phone's single-patch mode).
+  * `vision.onnx` - the vision tower, encoder (ViT or convolutional backbone) -> downsampler -> token
+                    mixer (if the tower has one) -> projector: pixel tiles -> image features (one
+                    static tile with `single_tile`, the phone's single-patch mode).
 
 With the processor it was trained with, the folder also holds the base's tokenizer (`tokenizer/`)
 and the prompt settings (`processor.json`): all `genieblue serve --onnx` needs.
 
 Initializers live in external data files: `base.onnx.data` holds every tensor of the text graph and
 the image graph points at the same file and offsets for the base tensors it uses; `delta.onnx.data`
-holds the copies, LoRA, ViT and projector. A quantised model exports its weights as onnxruntime
+holds the copies, LoRA and the vision tower. A quantised model exports its weights as onnxruntime
 `MatMulNBits` (W4A16 / W8A16, see `quant`; a GGUF base keeps its own Q4_0 / Q4_1 / Q8_0 blocks, see
 `gguf_weights`), with the projections that read one input (q/k/v, gate/up) and their LoRA updates
 fused into one op each (see `fuse`).
@@ -334,10 +335,25 @@ def export_onnx(
     activations: str = activations_setting.DEFAULT,
 ) -> dict:
     """Write text.onnx, image.onnx, vision.onnx, base.onnx.data, delta.onnx.data and deploy.json
-    into `folder` (atomically), and with a `processor` its tokenizer and settings. Quantise first
-    (`quantize`, or `quant.quantize_model`; its entry goes to the manifest as `quantization`) for
-    W4A16; a float model exports float32. `activations`: what the quantised matmuls compute with
-    (see `activations`; `int8` needs a quantised model). Returns the manifest."""
+    into `folder` (atomically), and with a `processor` its tokenizer and settings.
+
+    Args:
+        model: a GenieBlue model of a genieblue-*, lora or full strategy; quantise it first
+            (`quantize`, or `quant.quantize_model`) for W4A16, or leave it float to export float32.
+        folder: the folder to write; replaced as a whole once everything is written.
+        single_tile: fix the vision graph to one 1x3xSxS tile (default: any number of tiles).
+        eos_token_ids: the ids that end a reply, recorded for the runtime and `serve --onnx`.
+        quantization: the manifest's `quantization` entry (what `quantize` returns).
+        processor: the model's processor; its tokenizer and prompt settings are written beside.
+        activations: what the quantised matmuls compute with, "float" or "int8" (see `activations`).
+
+    Returns:
+        The manifest written as deploy.json.
+
+    Raises:
+        ValueError: a cogvlm strategy (its experts route per token), an unknown `activations`, or
+            int8 activations for a float model.
+    """
     if model.strategy.family == "cogvlm":
         raise ValueError(
             "cogvlm visual experts pick weights per token (MoE-style routing); export supports "
@@ -403,8 +419,26 @@ def export_saved_model(
     copy_bits: int = LLM_BITS,
     activations: str = activations_setting.DEFAULT,
 ) -> dict:
-    """Load a saved GenieBlue folder, quantise it (`w4a16`, see `quantize`) or keep it float
-    (`fp32`) and export it (`activations`: see the `activations` module)."""
+    """Load a saved GenieBlue folder, quantise it and export it: what `genieblue export` does.
+
+    Args:
+        model_dir: a saved GenieBlue folder (`save_pretrained`).
+        out: the folder to write (see `export_onnx`).
+        precision: "w4a16" (weights quantised, see `quantize`) or "fp32" (float weights).
+        single_tile: fix the vision graph to one tile.
+        llm: the base LLM, if not the one the model's manifest names.
+        keep_gguf: with w4a16 and a GGUF base, keep the file's own Q4_0 / Q4_1 / Q8_0 blocks.
+        copy_bits: bits of the block copies' weights, 4 or 8.
+        activations: "float" or "int8" (see the `activations` module).
+
+    Returns:
+        The export's manifest (deploy.json).
+
+    Raises:
+        FileNotFoundError: `model_dir` is not a saved model folder.
+        ValueError: an unknown precision or activations setting, `copy_bits` other than 4 or 8, a
+            cogvlm strategy, or a GGUF tensor that does not match the loaded base.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     activations_setting.check(activations, precision)

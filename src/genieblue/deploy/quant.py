@@ -1,17 +1,18 @@
 """Weight-only quantisation for on-device deployment: W4A16 for the LLM (base and block copies) and
-W8A16 for LoRA, the ViT and the projector. Weights are stored as blocks of `block_size` 4- or 8-bit
-integers q along the input dimension, each block with a float scale s and a zero point z:
-w = (q - z) * s; activations stay float. z is the implicit 2^(bits-1) (symmetric), or one per block
-(asymmetric, packed like q), and a block may add a float offset o: w = (q - z) * s + o, the form of
-a GGUF Q4_1 block (d * q + m, see `gguf_weights`).
+W8A16 for LoRA and the vision tower's linear layers (encoder, token mixer, projector). Weights are
+stored as blocks of `block_size` 4- or 8-bit integers q along the input dimension, each block with a
+float scale s and a zero point z: w = (q - z) * s; activations stay float. z is the implicit
+2^(bits-1) (symmetric), or one per block (asymmetric, packed like q), and a block may add a float
+offset o: w = (q - z) * s + o, the form of a GGUF Q4_1 block (d * q + m, see `gguf_weights`).
 
 The packing is onnxruntime's `MatMulNBits` layout ((out, blocks, block bytes) uint8, (out * blocks)
 scales, (out, packed blocks) uint8 zero points), computed by onnxruntime's own round-to-nearest
 quantiser, so the exported ONNX graphs read the very bytes the PyTorch modules here use. onnxruntime
-also takes float zero points, but its CPU kernel then runs ~10x slower (1.32, measured), so offsets
-are exported as one small extra product instead: o . (x summed per block), with the block sums of x
-(ReduceSum) times the (blocks, out) offsets. Quantising is deterministic: the text path of a
-quantised GenieBlue model is bit-identical to its base quantised on its own.
+also takes float zero points, but its CPU kernel then runs many times slower (1.32; measured in
+docs/results/2026-12-02-deployment.md), so offsets are exported as one small extra product instead:
+o . (x summed per block), with the block sums of x (ReduceSum) times the (blocks, out) offsets.
+Quantising is deterministic: the text path of a quantised GenieBlue model is bit-identical to its
+base quantised on its own.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ DELTA_BITS = 8
 """LoRA, ViT and projector (W8A16)."""
 SYMMETRIC = True
 """LLM weights without zero points (implicit 2^(bits-1)); False: one zero point per block. Symmetric
-measured better (README, Deployment)."""
+measured better (docs/results/2026-12-01-deployment.md)."""
 TABLE_BITS = 8
 """The embedding table and LM head (tied or not): 8-bit, as two 4-bit planes (`PlanarLinear`); at 4
-bits they cost most of W4A16's perplexity (README, Deployment)."""
+bits they cost most of W4A16's perplexity (docs/results/2026-12-01-deployment.md)."""
 
 
 def quantize_weight(
@@ -232,9 +233,10 @@ class PlanarLinear(nn.Module):
     values q = 16 h + l: `high` (h, scale 16 s, implicit zero point 8) and `low` (l, scale s, zero
     point 0), whose weights add up to s (q - 128) exactly when s has at most 20 significant bits (a
     GGUF's float16 scales; `quantize_llm` rounds its tables' scales to float16). Exported as two 4-bit
-    MatMulNBits and an Add: onnxruntime's 8-bit MatMulNBits runs ~30x slower than its 4-bit one on the CPU (1.32,
-    measured), for the same bytes (with int8 activations, where the 8-bit op is fast, the built decoder
-    graph runs one: `merge_planes`). Eagerly it computes with the summed (exact) weight."""
+    MatMulNBits and an Add: with float activations onnxruntime's 8-bit MatMulNBits runs tens of times
+    slower than the two 4-bit ones on the CPU (1.32; docs/results/2026-12-02-deployment.md); with int8
+    activations, where the 8-bit op is fast, the built decoder graph runs one (`merge_planes`).
+    Eagerly it computes with the summed (exact) weight."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, in_features: int, block_size: int, bias=None):
         super().__init__()
@@ -382,10 +384,26 @@ def quantize_model(
     table_bits: int = TABLE_BITS,
     copy_bits: int | None = None,
 ) -> GenieBlueForConditionalGeneration:
-    """In place: base LLM and block copies at `bits` (W4A16; copies at `copy_bits` if given;
-    embedding and LM head at `table_bits`; the base's modules in `kept` as those layers), LoRA, ViT
-    linears and projector at `delta_bits` (W8A16, symmetric). The ViT's patch convolution, position
-    embeddings and norms stay float."""
+    """Quantise a GenieBlue model in place, weight-only (W4A16 for the LLM, W8A16 for the delta).
+    The encoder's patch convolution, position embeddings and norms stay float.
+
+    Args:
+        model: the model to quantise (float, not quantised before).
+        bits: the base LLM's and the block copies' weights, 4 or 8.
+        delta_bits: LoRA and the vision tower's linear layers (symmetric).
+        block_size: inputs per quantisation block (one scale each).
+        symmetric: no zero points (implicit 2^(bits-1)); False: one zero point per block.
+        kept: base module names -> ready quantised layers (a GGUF's own blocks, `gguf_weights`),
+            used as they are.
+        table_bits: the embedding table and LM head.
+        copy_bits: the block copies, if not `bits`.
+
+    Returns:
+        `model`, quantised.
+
+    Raises:
+        ValueError: the model is already quantised, or a bit width other than 4 or 8.
+    """
     if any(isinstance(m, (WeightOnlyLinear, PlanarLinear)) for m in model.modules()):
         raise ValueError("the model is already quantised")
     make = _llm_quantizer(bits, block_size, symmetric, kept, copy_bits)

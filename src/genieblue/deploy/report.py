@@ -1,5 +1,6 @@
 """`genieblue export` and `genieblue bench deploy` results for the console: the exported files, the
-paper's Table 9 on this machine, its targets, and what W4A16 costs."""
+paper's Table 9 on this machine, image-mode storage against its floor, the targets, and what W4A16
+costs."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from . import activations as activations_setting
 
 
 def export_table(manifest: dict, folder: str) -> Table:
+    """The files of an export (`export_onnx`'s manifest) with their sizes and the mode that reads each."""
     table = Table(
         title=f"{folder}: {manifest['precision']}, {manifest.get('activations', 'float')} activations, vision graph "
         f"{'fixed to 1 tile' if manifest['single_tile'] else 'any number of tiles'}"
     )
     table.add_column("file")
-    table.add_column("MB", justify="right")
+    table.add_column("MiB", justify="right")
     table.add_column("read by")
     readers = {
         "text.onnx": "text mode",
@@ -28,7 +30,18 @@ def export_table(manifest: dict, folder: str) -> Table:
     return table
 
 
+def bench_report(result: dict) -> list:
+    """What `genieblue bench deploy` prints for a `bench_deploy` result, in order: the Table-9 table,
+    the storage and target lines, and the accuracy table when measured."""
+    return [
+        table9_table(result),
+        *target_lines(result),
+        *([accuracy_table(result["accuracy"])] if "accuracy" in result else []),
+    ]
+
+
 def table9_table(result: dict) -> Table:
+    """Text mode vs image mode: load, ViT, prefill, decode, storage, peak memory."""
     text, image = result["modes"]["text"], result["modes"]["image"]
     table = Table(
         title=f"Table 9 on this machine ({result['precision']}, {result.get('activations', 'float')} activations, "
@@ -42,8 +55,8 @@ def table9_table(result: dict) -> Table:
         ("ViT time (ms)", "vit_s", "{:.1f}"),
         ("prefill (tokens/s)", "prefill_tokens_per_s", "{:.1f}"),
         ("decode (tokens/s)", "decode_tokens_per_s", "{:.1f}"),
-        ("storage (MB)", "storage_bytes", "{:.1f}"),
-        ("peak memory, RSS (MB)", "peak_rss_mb", "{:.0f}"),
+        ("storage (MiB)", "storage_bytes", "{:.1f}"),
+        ("peak memory, RSS (MiB)", "peak_rss_mb", "{:.0f}"),
     ]
     scale = {"vit_s": 1e3, "storage_bytes": 2**-20}
     for label, key, fmt in rows:
@@ -53,9 +66,11 @@ def table9_table(result: dict) -> Table:
 
 
 def target_lines(result: dict) -> list[str]:
+    """llama.cpp beside text mode (when measured), image-mode storage by part against its floor, and
+    the two targets: image / text decode and one copy of the base in memory."""
     t = result["targets"]
     parts, split = result["delta_bytes"], result["storage_breakdown"]
-    storage, decode, memory = t["storage_overhead"], t["decode_ratio"], t["single_base_in_memory"]
+    decode, memory = t["decode_ratio"], t["single_base_in_memory"]
     mark = {True: "met", False: "NOT met"}
     llama = result.get("llama_cpp")
     versus = []
@@ -67,22 +82,22 @@ def target_lines(result: dict) -> list[str]:
             f"{llama['prefill_tokens_per_s']:.0f} tokens/s ({100 * llama['prefill_ratio']:.0f}%)"
         ]
     return versus + [
-        f"image-mode storage overhead: +{100 * storage['value']:.1f}% (paper +{100 * storage['paper']:.1f}%: "
-        f"{mark[storage['met']]}); delta: copies {parts['copies'] / 2**20:.1f} MB, "
-        f"LoRA {parts['lora'] / 2**20:.1f} MB, "
-        f"ViT + projector {parts['vision'] / 2**20:.1f} MB",
+        f"image-mode storage beyond text mode: +{100 * result['storage_overhead']:.1f}% (its floor, the copied "
+        f"blocks at the base's precision: +{100 * split['floor_copies_at_base_precision']:.1f}%); delta: copies "
+        f"{parts['copies'] / 2**20:.1f} MiB, LoRA {parts['lora'] / 2**20:.1f} MiB, "
+        f"ViT + projector {parts['vision'] / 2**20:.1f} MiB",
         "  of text-mode storage: "
-        + ", ".join(f"{name} +{100 * v:.1f}%" for name, v in split.items() if name != "floor_copies_at_base_precision")
-        + f"; floor (copies at the base's precision) +{100 * split['floor_copies_at_base_precision']:.1f}%",
+        + ", ".join(f"{name} +{100 * v:.1f}%" for name, v in split.items() if name != "floor_copies_at_base_precision"),
         f"image / text decode: {100 * decode['value']:.1f}% (target >= {100 * decode['target']:.0f}%, paper "
         f"{100 * decode['paper']:.0f}%: {mark[decode['met']]})",
         "one copy of the base in memory: image-mode peak RSS exceeds text mode by "
-        f"{memory['image_minus_text_peak_rss_mb']:.0f} MB "
-        f"< base weights {memory['base_data_mb']:.0f} MB ({mark[memory['met']]})",
+        f"{memory['image_minus_text_peak_rss_mb']:.0f} MiB "
+        f"< base weights {memory['base_data_mb']:.0f} MiB ({mark[memory['met']]})",
     ]
 
 
 def accuracy_table(acc: dict) -> Table:
+    """What W4A16 costs (`accuracy.deployment_cost`): scores float vs W4A16, logit errors, ONNX vs PyTorch."""
     activations = activations_setting.of(acc) + " activations in the exported graphs"
     table = Table(title=f"What W4A16 costs (vs the float model; {activations})")
     for col in ("", "float", "w4a16"):

@@ -116,7 +116,16 @@ class KVCache:
 
 
 class DeployedModel:
-    """An exported folder behind onnxruntime sessions, loaded per mode on demand."""
+    """An exported folder behind onnxruntime sessions, loaded per mode on demand.
+
+    Args:
+        folder: a folder written by `genieblue export` (`export_onnx`).
+        threads: onnxruntime's threads per session (None: onnxruntime's default, or the pool
+            `share_threads` made).
+
+    Raises:
+        FileNotFoundError: `folder` holds no deploy.json.
+    """
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         self.folder = Path(folder)
@@ -166,10 +175,24 @@ class DeployedModel:
         image_features: np.ndarray | None = None,
         attention_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, KVCache | list[np.ndarray]]:
-        """One decoder call: (B, T) ids after `cache` -> (last-position logits (B, V), new cache).
-        With `image_features` it runs the image graph (pass the features on the step whose ids hold
-        the placeholders; any (1, D) array on later steps), else the text graph. A `KVCache` is
-        updated in place and returned; a list of arrays is left as it is and a new list returned."""
+        """One decoder call of the text graph, or with `image_features` of the image graph.
+
+        Args:
+            input_ids: (B, T) ids that follow what `cache` holds.
+            cache: `new_cache()` or `empty_cache()` for a prompt, then what the last step returned.
+                A `KVCache` is updated in place; a list of arrays is left as it is.
+            image_features: `image_features(pixels)` on the step whose ids hold the placeholders;
+                any (1, D) array on the later steps of an image conversation.
+            attention_mask: (B, past + T) ones and zeros (default: all ones); rows must not be
+                left-padded.
+
+        Returns:
+            (last-position logits (B, V), the cache after this step).
+
+        Raises:
+            ValueError: the attention mask's length is not past + T, or the context length would
+                be exceeded (with a `KVCache`).
+        """
         mode = "text" if image_features is None else "image"
         self.load(mode)
         if isinstance(cache, KVCache):
@@ -226,7 +249,17 @@ class DeployedModel:
         max_new_tokens: int = 32,
         stop_at_eos: bool = True,
     ) -> list[int]:
-        """Greedy tokens for one prompt (1, T) (with an image: its placeholders and pixel tiles)."""
+        """Greedy tokens for one prompt.
+
+        Args:
+            input_ids: (1, T) prompt ids (with an image: its placeholders).
+            pixel_values: (tiles, 3, S, S) normalised pixel tiles of the image, if any.
+            max_new_tokens: the most tokens returned.
+            stop_at_eos: stop before the first end-of-reply id of the manifest.
+
+        Returns:
+            The new token ids, end-of-reply id left out.
+        """
         out: list[int] = []
         for token in islice(self.tokens(input_ids, pixel_values), max_new_tokens):
             if stop_at_eos and token in self.manifest["eos_token_ids"]:

@@ -19,8 +19,21 @@ def _mean(values: list) -> float | None:
 def retention_table(
     scores: dict[str, dict[str, float | None]], reference: str, lower_is_better: set[str] | frozenset = frozenset()
 ) -> dict:
-    """Rows of `scores` (label -> {benchmark: score or None}) with their average over the
-    higher-is-better benchmarks and `retention` = 100 * average / the reference row's average."""
+    """A retention table (the paper's Tables 4-6): each row's average and its retention.
+
+    Args:
+        scores: row label (a text path, a checkpoint) -> {benchmark: score, or None if not scored}.
+        reference: the label of the row the others are retained against (e.g. "base").
+        lower_is_better: benchmarks left out of the averages (e.g. perplexity).
+
+    Returns:
+        {"columns", "lower_is_better", "reference", "rows"}: per row its scores, its average over
+        the higher-is-better benchmarks and `retention` = 100 * average / the reference's average
+        (None where either average is missing or the reference's is 0).
+
+    Raises:
+        KeyError: `reference` is not a row of `scores`.
+    """
     columns = list(dict.fromkeys(c for row in scores.values() for c in row))
     averaged = [c for c in columns if c not in lower_is_better]
     averages = {label: _mean([row.get(c) for c in averaged]) for label, row in scores.items()}
@@ -72,8 +85,22 @@ def write_report(
     percent: bool,
     notes: str = "",
 ) -> dict[str, str]:
-    """`{stem}.md`, `{stem}.json` (table + details) and `{stem}.png` (bars per benchmark and the
-    average, lower-is-better benchmarks left out) in `out`; returns their paths."""
+    """Write a retention table as `{stem}.md`, `{stem}.json` (table + details) and `{stem}.png`
+    (bars per benchmark and the average, lower-is-better benchmarks left out) into `out`.
+
+    Args:
+        out: the output folder (created if needed).
+        stem: the files' name, e.g. "text".
+        title: the report's heading and the chart's title.
+        table: what `retention_table` returns.
+        details: more JSON to keep beside the table (per-item results, settings).
+        first_column: the heading of the row labels' column.
+        percent: scores are fractions, shown x100.
+        notes: markdown added below the table.
+
+    Returns:
+        {"md", "json", "png"}: the paths written.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / f"{stem}.{kind}" for kind in ("md", "json", "png")}

@@ -179,7 +179,19 @@ def metric_for(benchmark: str, has_options: bool) -> str:
 
 
 def score(metric: str, reply: str, item: dict) -> float:
-    """Score one reply to a benchmark item ({answers, options?, category?}) with `metric`."""
+    """Score one reply to a benchmark item with a benchmark's standard metric.
+
+    Args:
+        metric: one of "mc", "vqa", "anls", "relaxed", "ocr", "exact" (see `metric_for`).
+        reply: the model's reply, as generated.
+        item: {"answers": [...], "options": {letter: text} for "mc", "category" for "ocr"}.
+
+    Returns:
+        The reply's score in [0, 1].
+
+    Raises:
+        KeyError: an unknown metric, or an "mc" item without options.
+    """
     answers = item["answers"]
     if metric == "mc":
         return multiple_choice(reply, answers[0], item["options"])

@@ -60,7 +60,7 @@ def _training(stages: list[dict]) -> list[str]:
     out = []
     for s in stages:
         out.append(
-            f"- **stage {s['stage']}** ({'projector only' if s['stage'] == 1 else 'ViT, projector, copies and LoRA'}):"
+            f"- **stage {s['stage']}** ({'connector only' if s['stage'] == 1 else 'vision tower, copies and LoRA'}):"
             f" {s['steps']:,} steps, {s['samples']:,} samples per epoch, {s['tokens']:,} tokens seen, final loss "
             f"{s['final_loss']:.4f}; lr {s['lr']:g}, packing {s['max_length']}, precision {s['precision']}"
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .._io import write_json
+from .cache import cache_dir
 
 FILES_SCHEME = "files-sha256:"
 """Prefix of a fingerprint over weight files; one without a prefix is a `tensors_fingerprint`."""
@@ -35,8 +36,6 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _cache_file() -> Path:
-    from .sources import cache_dir  # sources imports this module
-
     return cache_dir() / "fingerprints.json"
 
 

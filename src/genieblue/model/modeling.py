@@ -27,6 +27,7 @@ from .card import write_card
 from .fingerprint import FILES_SCHEME, files_fingerprint, remember_match, remembered_match, tensors_fingerprint
 from .folder import DELTA, MANIFEST, TRAINING, check_model_folder
 from .placement import resolve_placement
+from .report import parameter_report
 from .routing import Expert, LoRALinear, Router, Switch, delta_members, swap_modules
 from .sources import base_files, fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
@@ -337,8 +338,6 @@ class GenieBlueForConditionalGeneration(nn.Module):
             return directory
         with atomic_dir(directory) as tmp:
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
-            from .report import parameter_report  # report builds on this module
-
             write_json(
                 tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]}
             )

@@ -1,4 +1,7 @@
-"""Parameter accounting per strategy (the paper's #Param column) and the delta's size on disk."""
+"""Parameter accounting per strategy (the paper's #Param column) and the delta's size on disk.
+
+`modeling` writes these counts into every saved manifest, so this module reads a model only through
+its attributes and never imports `modeling` (the arrow points one way)."""
 
 from __future__ import annotations
 
@@ -8,12 +11,21 @@ from pathlib import Path
 from torch import nn
 
 from .folder import DELTA
-from .modeling import GenieBlueForConditionalGeneration
 from .routing import delta_members
 
 
-def parameter_report(model: GenieBlueForConditionalGeneration, measure_disk: bool = True) -> dict:
-    """Counts of base and delta parameters; `measure_disk` saves the delta once to measure its file."""
+def parameter_report(model: nn.Module, measure_disk: bool = True) -> dict:
+    """Counts of base and delta parameters of a model.
+
+    Args:
+        model: a `GenieBlueForConditionalGeneration` (its `llm`, `vision`, `strategy` and `base_spec`
+            are read).
+        measure_disk: save the delta once to a temporary folder and add its file size as `delta_bytes`.
+
+    Returns:
+        strategy, base, block and LoRA indices, `params` (base LLM, copies, experts, LoRA, ViT,
+        projector, trainable), trainable and LLM-delta shares of the base, tokens per tile.
+    """
     groups = {"copies": 0, "experts": 0, "lora": 0}
     for _, part, child in delta_members(model.llm):
         groups[part] += sum(p.numel() for p in child.parameters()) if isinstance(child, nn.Module) else child.numel()

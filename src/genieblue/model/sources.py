@@ -25,6 +25,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_FOR_BACKBONE_MAPPING_NAMES
 
+from .cache import cache_dir
 from .fingerprint import files_fingerprint, tensors_fingerprint, weight_files
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -36,11 +37,6 @@ SUPPORTED_LLM_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
 VISION_MODELS = {"siglip_vision_model": SiglipVisionModel, "clip_vision_model": CLIPVisionModel}
 _VISION_CONFIGS = {"siglip_vision_model": SiglipVisionConfig, "clip_vision_model": CLIPVisionConfig}
 _FULL_TO_VISION = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
-
-
-def cache_dir() -> Path:
-    """Folder for converted models (GENIEBLUE_CACHE, else ~/.cache/genieblue)."""
-    return Path(os.environ.get("GENIEBLUE_CACHE", Path.home() / ".cache" / "genieblue"))
 
 
 def _default_gguf() -> Path:

@@ -19,9 +19,17 @@ class DataSource:
 
 @dataclass
 class TrainConfig:
+    """One stage of one training run (`genieblue train -c FILE`, `Trainer(cfg)`): every field below,
+    with the paper's defaults for what a file leaves out (docs/training.md lists them).
+
+    Raises:
+        ValueError: `stage` is not 1 or 2, or `batch_size`, `grad_accum`, `save_every` or
+            `keep_last` is below 1.
+    """
+
     # model
     llm: str | None = None  # None: the built-in SmolLM2-135M-Instruct
-    vision: str | dict | None = None  # None: the tiny from-scratch SigLIP
+    vision: str | dict | None = None  # None: the demo's small from-scratch ResNet (model.DEFAULT_VISION)
     # tokens merged per side into one image token (default: the tower's, 2 for a ViT; 1 for an odd grid: so400m-384)
     vision_downsample: int | None = None
     strategy: str = "genieblue-skip"
@@ -36,21 +44,24 @@ class TrainConfig:
     system_prompt: str | None = None
     max_length: int = 4096  # packing length
     max_bad_fraction: float = 0.01  # stop with an error when more records than this are bad
-    # stage 0, run at the start of a fresh stage 1 (see `vision_pretrain`): a from-scratch ViT + projector
-    # learns to put each image's reply words into its tokens, in the LLM's embeddings (0: off, for a pretrained ViT)
+    # stage 0, run at the start of a fresh stage 1 (see `vision_pretrain`): a from-scratch tower (encoder, token
+    # mixer, projector) learns to put each image's reply words into its tokens, in the LLM's embeddings
+    # (0: off, for a pretrained encoder)
     stage0_steps: int = 0
     stage0_batch: int = 64
     stage0_lr: float = 3e-3
     stage0_match: float = 1.0  # weight of the cosine term that pulls each image token onto its target word's embedding
     # optimisation (paper defaults)
-    stage: int = 2  # 1: projector only; 2: ViT + projector + copies/experts + LoRA
+    stage: int = 2  # 1: connector only (token mixer + projector); 2: encoder + connector + copies/experts + LoRA
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 1  # packed sequences per micro-batch per process
     grad_accum: int = 1
     lr: float = 2e-5
-    projector_lr: float | None = None  # default: lr
-    vit_lr: float | None = None  # top ViT block's lr (default: lr); lower blocks decay from it
+    projector_lr: float | None = None  # the connector's (token mixer + projector) lr; default: lr
+    # the encoder's lr above its blocks (default: lr); its block k from the top (ViT layer, backbone stage; k = 1
+    # for the top one) trains at vit_lr * vit_layer_decay**k, its embeddings below them all one factor lower
+    vit_lr: float | None = None
     vit_layer_decay: float = 0.9
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
@@ -64,7 +75,6 @@ class TrainConfig:
     output_dir: str = "runs/genieblue"
     save_every: int = 200
     keep_last: int = 2
-    log_every: int = 1
     seed: int = 0
 
     def __post_init__(self):
@@ -78,6 +88,17 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
+        """The config a YAML file describes.
+
+        Args:
+            path: the YAML file; its data paths are relative to its folder.
+            **overrides: fields to set over the file's (None leaves the file's value).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: a key that is not a field (the message lists the known ones), or a value
+                `TrainConfig` refuses.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
