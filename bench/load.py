@@ -36,6 +36,9 @@ SHAPES = {
         tie_word_embeddings=True,
         max_position_embeddings=32768,
     ),
+    "tiny": lambda: Qwen2Config(  # for the bench's own test
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4
+    ),
 }
 
 TIMED = {
@@ -54,7 +57,12 @@ def timed(kind: str, base: Path, delta: Path, dtype: str, cache: Path) -> float:
         + TIMED[kind].split("; ")[1].format(base=str(base), delta=str(delta), dtype=f"torch.{dtype}")
         + "\nprint(time.perf_counter() - t)"
     )
-    env = {**os.environ, "GENIEBLUE_CACHE": str(cache)}
+    env = {
+        **os.environ,
+        "GENIEBLUE_CACHE": str(cache),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -67,7 +75,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    from transformers.utils import logging
+
     from genieblue import GenieBlueForConditionalGeneration
+
+    logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

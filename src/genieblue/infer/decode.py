@@ -174,13 +174,16 @@ class _Shape:
         self.mask4d.copy_(torch.where(self.valid, 0.0, self.minimum)[:, None, None, :])
 
     def capture(self, step) -> None:
-        """Run the step on a side stream (warm-up: lazy cache and workspace allocations), then
-        capture it; inputs and outputs stay in these buffers."""
+        """Run the step once on a side stream (warm-up: workspace allocations), put the cache's length
+        back, then capture it; inputs and outputs stay in these buffers and the replay does the step."""
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             step(self)
         torch.cuda.current_stream().wait_stream(stream)
+        for layer, length in zip(self.cache.layers, lengths):
+            layer.cumulative_length.copy_(length)  # the warm-up wrote this token's slot; the replay writes it again
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = step(self)

@@ -29,7 +29,7 @@ class Layout:
         if self.kind == "single":
             return "1 process"
         where = " (torch fully_shard on CPU)" if self.shard_here else ""
-        return f"{self.kind} on {self.processes} processes{where}"
+        return f"{self.kind} on {self.processes} process{'es' if self.processes > 1 else ''}{where}"
 
 
 def _env_flag(name: str) -> bool:
@@ -50,8 +50,10 @@ def layout(acc: Accelerator) -> Layout:
             f"FSDP{version} is not supported (its sharded saves are not written): set `fsdp_version: 2` in the "
             "accelerate config (as configs/accelerate/fsdp-8gpu.yaml does) or pass --fsdp_version 2"
         )
-    if version == 2:
-        return Layout("FSDP2", n, shard_here=kind != DistributedType.FSDP) if n > 1 else Layout("single", 1)
+    if kind == DistributedType.FSDP:  # accelerate shards, on any number of processes
+        return Layout("FSDP2", n)
+    if version == 2 and n > 1:
+        return Layout("FSDP2", n, shard_here=True)
     if kind == DistributedType.NO:
         return Layout("single", 1)
     if kind.value.startswith("MULTI_"):

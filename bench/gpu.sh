@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# genieblue on one GPU in a few minutes, offline: the paper's Qwen2.5-3B stage-2 recipe at its real size
+# through the CLI (plain; FSDP2 with a checkpoint, --resume and a reload), the text path checked against
+# the base on the GPU, a chat with an image, `serve` under 1 and 16 clients, training throughput per
+# strategy and decode through the serving engine. Random-weight 3B-shaped models (bench/recipe_3b.py):
+# nothing is downloaded.
+#
+#   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt
+#
+# Environment: STAGES (default recipe,fsdp,exact,chat,serve,train,decode), WORK (scratch, default
+# /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the built-in base's), WHEELS (a folder of
+# wheels installed first into a private site, for a machine without a package index), SMALL=1 (tiny
+# shapes and few steps: a CPU rehearsal of this script, as tests/test_bench.py runs it).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
+WORK=${WORK:-/tmp/genieblue-gpu}
+STAGES=${STAGES:-recipe,fsdp,exact,chat,serve,train,decode}
+SMALL=${SMALL:-}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export GENIEBLUE_CACHE=$WORK/cache
+if [[ -n ${WHEELS:-} ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=$WORK/site:$PWD/src:${PYTHONPATH:-}
+else
+  export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+fi
+has() { [[ ,$STAGES, == *,$1,* ]]; }
+t0=$(date +%s)
+lap() { echo "== $1: ${2:-done} at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"; }
+run() {  # run NAME TIMEOUT CMD...: output to OUT/NAME.log, its status in summary.txt
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  lap "$name" "rc=$rc"
+  return $rc
+}
+GB=(python3 -m genieblue.cli)
+if [[ -n $SMALL ]]; then
+  SHAPE=() STEPS=2 FSDP=(--num_processes 2 --fsdp_sync_module_states false --mixed_precision no) TOKENS=8
+else
+  SHAPE=(--shape qwen2.5-3b) STEPS=4 FSDP=(--num_processes 1) TOKENS=64
+fi
+: >"$OUT/summary.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
+  python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, '· transformers', transformers.__version__, '· accelerate', accelerate.__version__)"
+  git log -1 --format='commit %h %cd' 2>/dev/null; } | tee "$OUT/env.txt"
+
+TOK=${TOKENIZER:-$WORK/tokenizer}
+[[ -d $TOK ]] || python3 -c "from genieblue.model import load_tokenizer; load_tokenizer(None).save_pretrained('$TOK')"
+
+if has recipe; then
+  rm -rf "$WORK/llm" "$WORK/vision" "$WORK/runs" "$WORK/plain"
+  run prepare 300 python3 bench/recipe_3b.py "$WORK" --tokenizer "$TOK" ${SMALL:+--small} || exit 1
+  run train_plain 400 "${GB[@]}" train -c "$WORK/stage2.yaml" --max-steps $STEPS --output-dir "$WORK/plain"
+  cp "$WORK/plain/metrics.jsonl" "$OUT/train_plain_metrics.jsonl" 2>/dev/null
+fi
+MODEL=$WORK/plain/final
+
+if has fsdp; then  # FSDP2 as shipped: a checkpoint at step 2, the final model at 3, then --resume from step 2
+  rm -rf "$WORK/fsdp" "$WORK/fsdp-resume"
+  launch=(python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp-8gpu.yaml "${FSDP[@]}" -m genieblue.cli)
+  run train_fsdp 400 "${launch[@]}" train -c "$WORK/stage2-ckpt.yaml" --max-steps 3 --output-dir "$WORK/fsdp"
+  mkdir -p "$WORK/fsdp-resume/checkpoints" && cp -r "$WORK/fsdp/checkpoints/step-0000002" "$WORK/fsdp-resume/checkpoints/"
+  run train_fsdp_resume 400 "${launch[@]}" train -c "$WORK/stage2-ckpt.yaml" --max-steps 3 --output-dir "$WORK/fsdp-resume" --resume
+  run fsdp_check 300 python3 - "$WORK" <<'EOF'
+import json, sys, torch
+from safetensors.torch import load_file
+from genieblue import GenieBlueForConditionalGeneration
+work = sys.argv[1]
+full, resumed = load_file(f"{work}/fsdp/final/delta.safetensors"), load_file(f"{work}/fsdp-resume/final/delta.safetensors")
+loss = lambda run: [json.loads(l)["loss"] for l in open(f"{work}/{run}/metrics.jsonl")]
+loaded = GenieBlueForConditionalGeneration.from_pretrained(f"{work}/fsdp/final", dtype=torch.float32).delta_state_dict()
+print(json.dumps({
+    "delta_tensors": len(full), "delta_params": sum(t.numel() for t in full.values()),
+    "resumed_max_abs_diff": max((full[k] - resumed[k]).abs().max().item() for k in full),
+    "losses": loss("fsdp"), "resumed_losses": loss("fsdp-resume"),
+    "reloaded_equal": all(torch.equal(loaded[k].cpu(), full[k]) for k in full),
+}))
+EOF
+fi
+
+if has exact; then  # the text path is the base's own on this device and dtype
+  modes=eager; [[ -z $SMALL ]] && modes=eager,graph
+  run text_exact 300 python3 bench/text_exact.py "$MODEL" --modes $modes --json
+fi
+
+if has chat; then
+  python3 -c "from PIL import Image; Image.new('RGB', (384, 384), (200, 30, 30)).save('$WORK/red.png')"
+  run chat_image 300 "${GB[@]}" chat -m "$MODEL" -i "$WORK/red.png" "What colour is the picture?" --max-new-tokens 16
+fi
+
+if has serve; then
+  port=$((8100 + RANDOM % 500))
+  "${GB[@]}" serve -m "$MODEL" --port $port >"$OUT/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.5; done
+  curl -s "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: application/json' \
+    -d '{"model": "m", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' >"$OUT/serve_request.json"
+  lap serve_request "$(head -c 300 "$OUT/serve_request.json")"
+  run serve_load 300 python3 bench/serve_load.py --url "http://127.0.0.1:$port" --clients 16 --requests 2 \
+    --max-tokens $TOKENS --json
+  kill $server; wait $server 2>/dev/null
+fi
+
+if has train; then
+  run train_throughput 400 python3 bench/train_throughput.py "${SHAPE[@]}" --seq $([[ -n $SMALL ]] && echo 256 || echo 4096) --json
+  run train_throughput_ckpt 400 python3 bench/train_throughput.py "${SHAPE[@]}" --seq $([[ -n $SMALL ]] && echo 256 || echo 4096) --checkpointing --json
+fi
+
+if has decode; then
+  modes=generate,eager; [[ -z $SMALL ]] && modes=generate,graph
+  run decode 400 python3 bench/decode.py "${SHAPE[@]}" --tokenizer "$TOK" --modes $modes --tokens $TOKENS --clients 16 --json
+fi
+lap total

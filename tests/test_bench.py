@@ -1,0 +1,63 @@
+"""The CPU-runnable parts of the GPU script (`bench/gpu.sh`) and of the benchmarks it calls, run for real
+at tiny shapes: the Qwen2.5-3B recipe's files and configs as the script writes them, a training run
+of the shipped recipe through the CLI, the text-path check against the base, a chat with an image,
+and the load-time bench's numbers. (FSDP2 and serving are tested in test_train and test_infer.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.integration
+def test_gpu_script_rehearses_on_a_cpu(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "SMALL": "1", "STAGES": "recipe,exact,chat", "WORK": str(work), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert re.findall(r"== (\w+): rc=(\d+)", summary) == [
+        ("prepare", "0"),
+        ("train_plain", "0"),
+        ("text_exact", "0"),
+        ("chat_image", "0"),
+    ], summary
+    # the shipped recipe with only base, tower, data and output swapped in
+    shipped = yaml.safe_load((ROOT / "configs" / "qwen2.5-3b" / "stage2.yaml").read_text())
+    written = yaml.safe_load((work / "stage2.yaml").read_text())
+    swapped = {"llm", "vision", "init_from", "data", "output_dir", "save_every", "grad_accum"}
+    assert {k: v for k, v in written.items() if k not in swapped} == {
+        k: v for k, v in shipped.items() if k not in swapped
+    }
+    assert written["precision"] == "bf16" and written["gradient_checkpointing"] and written["max_length"] == 4096
+    assert [json.loads(line)["step"] for line in (out / "train_plain_metrics.jsonl").read_text().splitlines()] == [1, 2]
+    exact = json.loads((out / "text_exact.log").read_text().splitlines()[-1])
+    assert exact["logits_equal"] == exact["chat_replies_equal"] == exact["prompts"] > 0
+    assert exact["static_eager_tokens_equal"] is True
+    assert (out / "chat_image.log").read_text().strip()
+
+
+@pytest.mark.integration
+def test_load_bench_times_a_delta_against_its_base(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--shape", "tiny", "--rounds", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert set(result["median_s"]) == {"base", "first", "later"} and all(v > 0 for v in result["median_s"].values())
+    assert result["first_vs_base"] == pytest.approx(result["median_s"]["first"] / result["median_s"]["base"], abs=0.01)
