@@ -75,7 +75,10 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, tokenizer: str |
         with torch.device(device):
             llm = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=dtype)
         model = GenieBlueForConditionalGeneration.from_base(llm.eval(), vision=VISION, dtype=dtype)
-    return model.eval(), GenieBlueProcessor.from_model(model, load_tokenizer(tokenizer))
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(None) if tokenizer is None else AutoTokenizer.from_pretrained(tokenizer)
+    return model.eval(), GenieBlueProcessor.from_model(model, tok)
 
 
 def engine_rate(engine: Engine, image, rows: int, tokens: int) -> float:
@@ -141,9 +144,7 @@ def main() -> None:
         row["text_vs_bound"] = row["text_batch1"] / result["bound_tokens_per_s"]["text"]
         row["image_vs_text"] = row["image_batch1"] / row["text_batch1"]
         row["clients_vs_batch1"] = row[f"text_{args.clients}_at_once"] / row["text_batch1"]
-        result["modes"][mode] = {
-            k: round(v, 3 if k.endswith(("bound", "text", "batch1")) else 1) for k, v in row.items()
-        }
+        result["modes"][mode] = {k: round(v, 3 if "_vs_" in k else 1) for k, v in row.items()}
     if args.json:
         print(json.dumps(result, indent=2))
         return
