@@ -17,7 +17,8 @@ OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
 WORK=${WORK:-/tmp/genieblue-gpu}
 STAGES=${STAGES:-recipe,fsdp,exact,chat,serve,train,decode}
 SMALL=${SMALL:-}
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+# offline: no hub kernels either (transformers would fetch kernels-community ones for a model on a GPU)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 USE_HUB_KERNELS=NO TRANSFORMERS_VERBOSITY=error
 export GENIEBLUE_CACHE=$WORK/cache
 if [[ -n ${WHEELS:-} ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$WHEELS"/*.whl || exit 1
@@ -94,7 +95,7 @@ if has serve; then
   port=$((8100 + RANDOM % 500))
   "${GB[@]}" serve -m "$MODEL" --port $port >"$OUT/serve.log" 2>&1 &
   server=$!
-  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.5; done
+  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; kill -0 $server || break; sleep 0.5; done
   curl -s "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: application/json' \
     -d '{"model": "m", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' >"$OUT/serve_request.json"
   lap serve_request "$(head -c 300 "$OUT/serve_request.json")"
