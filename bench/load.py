@@ -41,22 +41,21 @@ SHAPES = {
     ),
 }
 
+SETUP = (
+    "import time, torch, transformers.models.qwen2.modeling_qwen2\n"  # the same imports before either clock
+    "from transformers import AutoModelForCausalLM\n"
+    "from genieblue import GenieBlueForConditionalGeneration\n"
+)
 TIMED = {
-    "base": "from transformers import AutoModelForCausalLM as M; M.from_pretrained({base!r}, dtype={dtype})",
-    "genieblue": "from genieblue import GenieBlueForConditionalGeneration as G; "
-    "G.from_pretrained({delta!r}, dtype={dtype}, device='cpu')",
+    "base": "AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.{dtype})",
+    "genieblue": "GenieBlueForConditionalGeneration.from_pretrained({delta!r}, dtype=torch.{dtype}, device='cpu')",
 }
 
 
 def timed(kind: str, base: Path, delta: Path, dtype: str, cache: Path) -> float:
-    """Seconds `kind` takes to load in a fresh process (imports excluded)."""
-    code = (
-        "import time, torch\n"
-        + TIMED[kind].split("; ")[0]
-        + "\nt = time.perf_counter()\n"
-        + TIMED[kind].split("; ")[1].format(base=str(base), delta=str(delta), dtype=f"torch.{dtype}")
-        + "\nprint(time.perf_counter() - t)"
-    )
+    """Seconds `kind` takes to load in a fresh process (the imports, the same for both, excluded)."""
+    load = TIMED[kind].format(base=str(base), delta=str(delta), dtype=dtype)
+    code = f"{SETUP}t = time.perf_counter()\n{load}\nprint(time.perf_counter() - t)"
     env = {
         **os.environ,
         "GENIEBLUE_CACHE": str(cache),

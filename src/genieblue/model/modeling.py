@@ -94,9 +94,11 @@ class GenieBlueForConditionalGeneration(nn.Module):
         base_spec: str,
         base_fingerprint: str | Callable[[], str],
         shared_base: bool = False,
+        empty_delta: bool = False,
     ):
         """`base_fingerprint`: the base's (see `fingerprint`), or a function computing it when first
-        needed (a model object with no files behind it is hashed only if it is saved)."""
+        needed (a model object with no files behind it is hashed only if it is saved). `empty_delta`:
+        the LLM delta's parameters without data (meta), for a saved delta loaded in their place."""
         super().__init__()
         self.llm = llm
         self.vision = vision
@@ -106,7 +108,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         self.shared_base = shared_base
         self.router = Router()
         llm.requires_grad_(False)
-        self._install_delta()
+        self._install_delta(empty_delta)
         llm.model.register_forward_pre_hook(self.router.begin_forward)
         self.set_stage(2)
 
@@ -153,20 +155,20 @@ class GenieBlueForConditionalGeneration(nn.Module):
         tower = VisionTower(load_vision(encoder, dtype), base.config.hidden_size, **options).to(base.device)
         return cls(base, tower, strategy, spec, fp, shared_base)
 
-    def _install_delta(self) -> None:
+    def _install_delta(self, empty: bool) -> None:
         s, router, n = self.strategy, self.router, len(self.llm.model.layers)
         blocks = [f"model.layers.{i}" for i in s.block_indices(n)]
         if s.family == "cogvlm":
             inside = [*(f"self_attn.{t}" for t in EXPERT_TARGETS[:-1]), EXPERT_TARGETS[-1]]  # q, k, v; the MLP
             experts = {f"{b}.{t}" for b in blocks for t in inside}
-            swap_modules(self.llm, lambda _, m: Expert(m, router), lambda name, _: name in experts)
+            swap_modules(self.llm, lambda _, m: Expert(m, router, empty), lambda name, _: name in experts)
         else:  # `full`: every block copied, the final norm too (embeddings stay: no resize)
             copied = {*blocks, "model.norm"} if s.family == "full" else set(blocks)
-            swap_modules(self.llm, lambda _, m: Switch(m, router), lambda name, _: name in copied)
+            swap_modules(self.llm, lambda _, m: Switch(m, router, empty), lambda name, _: name in copied)
         lora_blocks = tuple(f"model.layers.{i}." for i in s.lora_indices(n))
         swap_modules(
             self.llm,
-            lambda _, m: LoRALinear(m, router, s.lora_rank, s.lora_alpha),
+            lambda _, m: LoRALinear(m, router, s.lora_rank, s.lora_alpha, empty),
             lambda name, m: (
                 isinstance(m, nn.Linear) and name.startswith(lora_blocks) and name.rsplit(".", 1)[-1] in s.lora_targets
             ),
@@ -386,19 +388,24 @@ class GenieBlueForConditionalGeneration(nn.Module):
         vision = dict(manifest["vision"])
         tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision).to(where)
         saved = Strategy(**manifest["strategy"])
-        model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False))
+        fresh = strategy is not None and strategy != saved  # its LLM delta starts fresh: built with data
+        model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False), not fresh)
         state = load_file(directory / DELTA, device=str(where))
-        if strategy is not None and strategy != saved:
+        if fresh:
             state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
             model.load_state_dict(state, strict=False)
             return model
-        expected = set(model.delta_state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        targets = dict(model._delta_items())
+        if set(state) != set(targets):
+            missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
             raise ValueError(
                 f"{directory / DELTA} does not match the strategy: missing {missing[:3]}, unexpected {extra[:3]}"
             )
-        model.load_state_dict(state, strict=False)
+        vision = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
+        model.load_state_dict(vision, strict=False)  # copied in: the tower keeps its memory layout
+        # the LLM delta's saved tensors take the empty ones' places (no copy into them), in the model's dtype
+        llm = {k: v.to(targets[k].dtype) for k, v in state.items() if k not in vision}
+        model.load_state_dict(llm, strict=False, assign=True)
         return model
 
 

@@ -86,14 +86,22 @@ class _Wrapper(nn.Module):
             return getattr(self._modules["original"], name)
 
 
+def trainable_copy(module: nn.Module, empty: bool = False) -> nn.Module:
+    """A trainable deep copy of `module`; `empty`: its parameters on the meta device, without data, for
+    weights about to be loaded in their place (`load_state_dict(..., assign=True)`)."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta")) for p in module.parameters()} if empty else {}
+    return copy.deepcopy(module, memo).requires_grad_(True)
+
+
 class Switch(_Wrapper):
-    """Runs a trainable copy of `original` in image mode, the original in text mode."""
+    """Runs a trainable copy of `original` in image mode, the original in text mode (`empty`: see
+    `trainable_copy`)."""
 
     TRAINABLE, PART = ("copy",), "copies"
 
-    def __init__(self, original: nn.Module, router: Router):
+    def __init__(self, original: nn.Module, router: Router, empty: bool = False):
         super().__init__(original, router)
-        self.copy = copy.deepcopy(original).requires_grad_(True)
+        self.copy = trainable_copy(original, empty)
 
     def forward(self, *args, **kwargs):
         return (self.copy if self._router.image else self.original)(*args, **kwargs)
@@ -105,11 +113,13 @@ class LoRALinear(_Wrapper):
 
     TRAINABLE, PART = ("lora_A", "lora_B"), "lora"
 
-    def __init__(self, original: nn.Module, router: Router, rank: int | None = None, alpha: float = 1.0):
+    def __init__(
+        self, original: nn.Module, router: Router, rank: int | None = None, alpha: float = 1.0, empty: bool = False
+    ):
         super().__init__(original, router)
         if rank is not None:
             weight = original.weight
-            like = {"dtype": weight.dtype, "device": weight.device}
+            like = {"dtype": weight.dtype, "device": "meta" if empty else weight.device}
             self.lora_A = nn.Parameter(torch.empty(rank, original.in_features, **like))
             self.lora_B = nn.Parameter(torch.zeros(original.out_features, rank, **like))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -131,9 +141,9 @@ class Expert(_Wrapper):
 
     TRAINABLE, PART = ("expert",), "experts"
 
-    def __init__(self, original: nn.Module, router: Router):
+    def __init__(self, original: nn.Module, router: Router, empty: bool = False):
         super().__init__(original, router)
-        self.expert = copy.deepcopy(original).requires_grad_(True)
+        self.expert = trainable_copy(original, empty)
 
     def forward(self, x):
         y = self.original(x)
