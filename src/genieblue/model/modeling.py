@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from .._io import atomic_dir, write_json
 from .card import write_card
 from .folder import DELTA, MANIFEST, TRAINING, check_model_folder
-from .routing import Expert, LoRALinear, Router, Switch, delta_members, swap_modules
+from .routing import Expert, LoRALinear, Router, Switch, delta_members, group_siblings, swap_modules
 from .sources import fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
 from .vision import VisionTower, split_tower_options
@@ -126,6 +126,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
                 isinstance(m, nn.Linear) and name.startswith(lora_blocks) and name.rsplit(".", 1)[-1] in s.lora_targets
             ),
         )
+        group_siblings(self.llm)
 
     # the delta ------------------------------------------------------------------------------
     def _delta_prefixes(self) -> list[str]:
