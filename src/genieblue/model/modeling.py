@@ -196,15 +196,34 @@ class GenieBlueForConditionalGeneration(nn.Module):
             return True
         return False
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, shared_base=None, **kwargs):
+    def forward(
+        self, input_ids, attention_mask=None, pixel_values=None, labels=None, shared_base=None, head=None, **kwargs
+    ):
         """Logits (and loss with `labels`). Text-only inputs take the untouched base path unless
-        `shared_base` (default: the model's setting) sends them through the multimodal path."""
+        `shared_base` (default: the model's setting) sends them through the multimodal path.
+        `head` (training, without `labels`): a function of the decoder's final hidden states (B, T, H)
+        and `self.logits`, whose value is returned instead of the LM's output, so that a loss can take
+        the logits a few positions at a time (`train.loss`) inside the forward that DDP / FSDP wrap."""
+        if head is not None and labels is not None:
+            raise ValueError("pass either labels (the LM's own loss) or head, not both")
         if self._text_only(input_ids, pixel_values, shared_base):
             with self.router.route(image=False):
-                return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+                return self._decode(head, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         embeds, visual = self.embed_multimodal(input_ids, pixel_values)
         with self.router.route(image=True, visual_mask=visual):
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            return self._decode(head, inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _decode(self, head, labels=None, **inputs):
+        if head is None:
+            return self.llm(labels=labels, **inputs)
+        return head(self.llm.model(**inputs).last_hidden_state, self.logits)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM's logits for final hidden states: its (frozen) LM head, then the soft cap of an LM
+        that caps its logits (Gemma's `final_logit_softcapping`), as its own forward does."""
+        logits = self.llm.get_output_embeddings()(hidden)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, shared_base=None, **gen_kwargs):
