@@ -10,6 +10,7 @@ router switches copies, experts and LoRA on. `save_pretrained` writes only the d
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -244,6 +245,20 @@ class GenieBlueForConditionalGeneration(nn.Module):
         self.llm.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self.router.checkpoint_context_fn}
         )
+
+    def compile_blocks(self, **options) -> None:
+        """`torch.compile` the decoder blocks on the image path (a training option; `options` go to
+        torch.compile): a copied block's copy, and every other block's forward while the router is in
+        image mode. Text mode still runs every block eagerly, op for op the base."""
+        for block in self.llm.model.layers:
+            if isinstance(block, Switch):
+                block.copy.compile(**options)
+            else:
+                eager, compiled = block.forward, torch.compile(block.forward, **options)
+                block.forward = functools.partial(self._by_mode, compiled, eager)
+
+    def _by_mode(self, image_path, text_path, *args, **kwargs):
+        return (image_path if self.router.image else text_path)(*args, **kwargs)
 
     # persistence ----------------------------------------------------------------------------
     def manifest(self) -> dict:
