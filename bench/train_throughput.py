@@ -15,7 +15,9 @@ labelled position's logits at once, not `train.loss`'s chunks), `--foreach-adamw
 fused=True); `--compile` turns torch.compile of the decoder blocks on. `--profile` counts the
 operator calls (aten ops; on a GPU also kernels) of one more step with torch.profiler.
 
-Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU.
+Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU. On a
+CPU shared with other work, `cpu_s` (the process's CPU seconds per step; run one thread,
+OMP_NUM_THREADS=1) is steadier than wall time; `cpu_time_vs_full` is its speed ratio.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import resource
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from genieblue import GenieBlueForConditionalGeneration
-from genieblue.model import IMAGE_TOKEN_INDEX
+from genieblue.model import IMAGE_TOKEN_INDEX, modeling
 from genieblue.train import TrainConfig
 from genieblue.train.loss import CHUNK, causal_lm_loss
 from genieblue.train.optim import build_optimizer
@@ -70,14 +73,18 @@ VISION = {
 
 
 def build(shape: str, strategy: str, device: str, dtype: torch.dtype) -> GenieBlueForConditionalGeneration:
+    """A random-weight model, initialised on `device` in `dtype` (a 3B one in seconds on a GPU), without
+    the base's fingerprint (a hash of every weight: seconds per model, and meaningless for random ones)."""
     config = SHAPES[shape]() if shape in SHAPES else AutoConfig.from_pretrained(shape)
     torch.manual_seed(0)
-    llm = AutoModelForCausalLM.from_config(config).to(device, dtype)
-    model = GenieBlueForConditionalGeneration.from_base(llm, vision=VISION, strategy=strategy, dtype=dtype)
+    with torch.device(device):
+        llm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with mock.patch.object(modeling, "fingerprint", lambda _: "random weights"):
+        model = GenieBlueForConditionalGeneration.from_base(llm, vision=VISION, strategy=strategy, dtype=dtype)
     return model.to(device)
 
 
-OPS = ("aten::mm", "aten::addmm", "aten::mul", "aten::add", "aten::add_", "aten::copy_", "aten::cat")
+OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::mul", "aten::add", "aten::add_", "aten::copy_", "aten::cat")
 """Operators whose calls `--profile` lists one by one (the rest count in the total)."""
 
 
@@ -114,18 +121,24 @@ def measure(
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu = [], []
     for i in range(steps + 1):  # the first step warms up and is not timed
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         if i:
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     peak = (
         torch.cuda.max_memory_allocated()
         if device == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    row = {"tokens_per_s": seq * len(times) / sum(times), "step_s": sum(times) / len(times), "peak_bytes": peak}
+    row = {
+        "tokens_per_s": seq * len(times) / sum(times),
+        "step_s": sum(times) / len(times),
+        "cpu_s": sum(cpu) / len(cpu),  # this process's CPU seconds per step: steadier than wall time on a shared CPU
+        "peak_bytes": peak,
+    }
     return {**row, **(count_ops(step, device) if profile else {})}
 
 
@@ -223,6 +236,7 @@ def main() -> None:
         if full:
             r["speed_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
             r["memory_vs_full"] = r["peak_bytes"] / full["peak_bytes"]
+            r["cpu_time_vs_full"] = full["cpu_s"] / r["cpu_s"]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -234,11 +248,13 @@ def _print(rows: list[dict]) -> None:
     off = ", ".join(first["levers_off"]) or "none"
     print(f"{first['shape']} · seq {first['seq']} · {first['device']} {first['dtype']} · checkpointing ", end="")
     print(f"{first['checkpointing']} · levers off: {off} · compile {first['compile']}")
-    print(f"{'strategy':16} {'tok/s':>9} {'step s':>8} {'peak GiB':>9} {'vs full speed':>14} {'vs full mem':>12}")
+    print(f"{'strategy':16} {'tok/s':>9} {'step s':>8} {'cpu s':>7} {'peak GiB':>9} {'vs full speed':>14} ", end="")
+    print(f"{'(cpu time)':>10} {'vs full mem':>12}")
     for r in rows:
         print(
-            f"{r['strategy']:16} {r['tokens_per_s']:9.0f} {r['step_s']:8.2f} {r['peak_bytes'] / 2**30:9.2f} "
-            f"{r.get('speed_vs_full', float('nan')):14.2f} {r.get('memory_vs_full', float('nan')):12.2f}"
+            f"{r['strategy']:16} {r['tokens_per_s']:9.0f} {r['step_s']:8.2f} {r['cpu_s']:7.2f} "
+            f"{r['peak_bytes'] / 2**30:9.2f} {r.get('speed_vs_full', float('nan')):14.2f} "
+            f"{r.get('cpu_time_vs_full', float('nan')):10.2f} {r.get('memory_vs_full', float('nan')):12.2f}"
         )
     if "aten_calls" not in first:
         return

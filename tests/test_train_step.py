@@ -7,9 +7,12 @@ changes no gradient."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +20,7 @@ from conftest import FAMILY_CONFIGS, TINY_SIGLIP, load_reference
 from genieblue import GenieBlueForConditionalGeneration
 from genieblue.model import IMAGE_TOKEN_INDEX
 from genieblue.model.routing import LoRAGroup, LoRALinear
-from genieblue.train import TrainConfig
+from genieblue.train import TrainConfig, Trainer
 from genieblue.train.loss import causal_lm_loss
 from genieblue.train.optim import build_optimizer
 
@@ -165,14 +168,29 @@ def test_text_path_is_the_base_after_fast_training_steps(base_dirs):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_compiled_blocks_give_the_eager_gradients_and_leave_text_mode_eager():
+@pytest.mark.parametrize("checkpointing", ["none", "before", "after"])
+def test_compiled_blocks_give_the_eager_gradients_and_leave_text_mode_eager(checkpointing):
+    """`compile_blocks` with gradient checkpointing enabled before or after it: the gradients are the
+    eager ones, a checkpointed block really recomputes its (compiled) attention, and the text path
+    stays the independently built base's, bit for bit, and compiles nothing."""
     model = _model("llama", "genieblue-skip")
     batch = _batch(model)
     eager = _step(model, batch, causal_lm_loss)
+    calls = []
+    model.llm.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    if checkpointing == "before":
+        model.gradient_checkpointing_enable()
     model.compile_blocks()
+    if checkpointing == "after":
+        model.gradient_checkpointing_enable()
     _assert_same_step(_step(model, batch, causal_lm_loss), eager)
-    model.gradient_checkpointing_enable()
-    _assert_same_step(_step(model, batch, causal_lm_loss), eager)
+    assert len(calls) == (1 if checkpointing == "none" else 2)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model.eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _base("llama").eval()(ids).logits)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
 
 
 def test_fast_step_under_bf16_autocast_is_as_close_to_float32_as_the_plain_one(monkeypatch):
@@ -193,3 +211,38 @@ def test_fast_step_under_bf16_autocast_is_as_close_to_float32_as_the_plain_one(m
     assert {g.dtype for g in fast[1].values()} == {torch.float32}
     assert 0 < error(fast) < 1.25 * error(plain) < 0.1
     assert abs(fast[0] - exact[0]) < 1e-2 * exact[0]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_compiled_checkpointed_training_run_takes_the_eager_runs_steps(tmp_path, chat_base, synth_data, monkeypatch):
+    """`compile: true` in a training config (with gradient checkpointing): the trainer compiles the
+    blocks, and its losses and final delta are the eager run's (up to the compiled kernels' rounding)."""
+    compiled = []
+    monkeypatch.setattr(
+        GenieBlueForConditionalGeneration,
+        "compile_blocks",
+        lambda self, _original=GenieBlueForConditionalGeneration.compile_blocks: compiled.append(_original(self)),
+    )
+    runs = {}
+    for compile_ in (False, True):
+        cfg = TrainConfig(
+            llm=chat_base,
+            vision=TINY_SIGLIP,
+            data=[{"path": str(synth_data["train"])}],
+            max_length=256,
+            batch_size=2,
+            max_steps=3,
+            lr=1e-3,
+            precision="no",
+            gradient_checkpointing=True,
+            compile=compile_,
+            output_dir=str(tmp_path / f"run-{compile_}"),
+        )
+        final = Trainer(cfg).run()
+        log = [json.loads(line) for line in (tmp_path / f"run-{compile_}" / "metrics.jsonl").read_text().splitlines()]
+        runs[compile_] = ([r["loss"] for r in log], load_file(final / "delta.safetensors"))
+    assert len(compiled) == 1
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for name, tensor in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], tensor, rtol=1e-4, atol=1e-6, msg=name)

@@ -247,15 +247,14 @@ class GenieBlueForConditionalGeneration(nn.Module):
         )
 
     def compile_blocks(self, **options) -> None:
-        """`torch.compile` the decoder blocks on the image path (a training option; `options` go to
-        torch.compile): a copied block's copy, and every other block's forward while the router is in
-        image mode. Text mode still runs every block eagerly, op for op the base."""
+        """`torch.compile` the attention and MLP of every decoder block for the image path (a training
+        option; `options` go to torch.compile); text mode still runs them eagerly, op for op the base.
+        The blocks themselves stay eager, so gradient checkpointing (which recomputes a block with a
+        `context_fn` torch.compile cannot trace) wraps compiled parts."""
         for block in self.llm.model.layers:
-            if isinstance(block, Switch):
-                block.copy.compile(**options)
-            else:
-                eager, compiled = block.forward, torch.compile(block.forward, **options)
-                block.forward = functools.partial(self._by_mode, compiled, eager)
+            block = block.copy if isinstance(block, Switch) else block
+            for part in (block.self_attn, block.mlp):
+                part.forward = functools.partial(self._by_mode, torch.compile(part.forward, **options), part.forward)
 
     def _by_mode(self, image_path, text_path, *args, **kwargs):
         return (image_path if self.router.image else text_path)(*args, **kwargs)

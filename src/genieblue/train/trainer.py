@@ -237,6 +237,8 @@ class Trainer:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.compile:
+            model.compile_blocks()
         optimizer, scheduler = build_optimizer(model, cfg, total)
         start = 0
         if latest:
