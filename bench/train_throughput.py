@@ -10,7 +10,7 @@ the config is built from a name or JSON file).
 
 One sample of `--seq` tokens with one image; every text token is labelled. Levers (each on by
 default, off by its flag, for A/B runs): `--plain-lora` (LoRA as B(A(x)) * scale per projection,
-not the fused update of `routing.LoRALinear.add_update`), `--full-logits` (the loss over every
+not the fused update of `routing.LoRALinear.fused`), `--full-logits` (the loss over every
 labelled position's logits at once, not `train.loss`'s chunks), `--foreach-adamw` (AdamW without
 fused=True); `--compile` turns torch.compile of the decoder blocks on. `--profile` counts the
 operator calls (aten ops; on a GPU also kernels) of one more step with torch.profiler.

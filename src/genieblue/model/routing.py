@@ -38,7 +38,7 @@ SigLIP and CLIP have q/k/v)."""
 class Router:
     """Mode of the current forward. `visual_mask` (B, T) is set for the next decoder forward only
     (a prefill), so decode steps after an image prompt see text tokens. `fused_lora`: image mode adds
-    LoRA the fast way (`LoRALinear.add_update`); off, as the plain `B(A(x)) * alpha / r` per
+    LoRA the fast way (`LoRALinear.fused`); off, as the plain `B(A(x)) * alpha / r` per
     projection (the same update, for comparisons)."""
 
     def __init__(self):
