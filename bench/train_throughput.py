@@ -6,6 +6,7 @@ the config is built from a name or JSON file).
     python bench/train_throughput.py --shape qwen2.5-3b --seq 4096    # the issue's GPU target shape
     python bench/train_throughput.py --profile                        # + operator calls per step
     python bench/train_throughput.py --baseline                       # every lever off (the step before issue 30)
+    python bench/train_throughput.py --interleave                     # shared CPU: levers off / on in turns
     python bench/train_throughput.py --json
 
 One sample of `--seq` tokens with one image; every text token is labelled. Levers (each on by
@@ -14,6 +15,8 @@ not the fused update of `routing.LoRALinear.fused`), `--full-logits` (the loss o
 labelled position's logits at once, not `train.loss`'s chunks), `--foreach-adamw` (AdamW without
 fused=True); `--compile` turns torch.compile of the decoder blocks on. `--profile` counts the
 operator calls (aten ops; on a GPU also kernels) of one more step with torch.profiler.
+`--interleave` (for a CPU shared with other work): every strategy in one process, each taking steps
+with every lever off and with every lever on in turn, round after round; median CPU seconds per step.
 
 Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU. On a
 CPU shared with other work, `cpu_s` (the process's CPU seconds per step; run one thread,
@@ -26,6 +29,7 @@ import argparse
 import collections
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -88,37 +92,37 @@ OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::mul", "aten::add", "ate
 """Operators whose calls `--profile` lists one by one (the rest count in the total)."""
 
 
-def measure(
-    model,
-    seq: int,
-    steps: int,
-    device: str,
-    checkpointing: bool,
-    chunk: int | None = CHUNK,
-    fused_adamw: bool = True,
-    profile: bool = False,
-) -> dict:
-    """tokens/s, seconds and peak memory of `steps` training steps (after one untimed warm-up step)
-    as the trainer takes them (`causal_lm_loss`, `build_optimizer`); with `profile`, the operator
-    calls of one more step."""
-    model.train()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+def training_step(
+    model, seq: int, device: str, chunk: int | None = CHUNK, fused_adamw: bool = True, fused_lora: bool = True
+):
+    """One training step of `model` as the trainer takes it (`causal_lm_loss`, `build_optimizer`), as a
+    function: one sample of `seq` tokens with one image, every text token labelled."""
     per = model.vision.tokens_per_tile
     ids = torch.randint(100, model.llm.config.vocab_size, (1, seq), device=device)
     ids[:, 8 : 8 + per] = IMAGE_TOKEN_INDEX
     pixels = torch.randn(1, 3, model.vision.image_size, model.vision.image_size, device=device)
     batch = {"input_ids": ids, "labels": ids.masked_fill(ids < 0, -100), "pixel_values": pixels, "use_cache": False}
     n_tokens = int((batch["labels"][:, 1:] != -100).sum())
-    opt, _ = build_optimizer(model, TrainConfig(lr=1e-5), steps + 2, fused=fused_adamw)
+    opt, _ = build_optimizer(model, TrainConfig(lr=1e-5), 1000, fused=fused_adamw)
 
     def step():
+        model.router.fused_lora = fused_lora
         causal_lm_loss(model, batch, n_tokens, chunk).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return step
+
+
+def measure(model, seq: int, steps: int, device: str, checkpointing: bool, profile: bool = False, **levers) -> dict:
+    """tokens/s, seconds and peak memory of `steps` training steps (`training_step` with `levers`) after
+    one untimed warm-up step; with `profile`, the operator calls of one more step."""
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    step = training_step(model, seq, device, **levers)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, cpu = [], []
@@ -140,6 +144,36 @@ def measure(
         "peak_bytes": peak,
     }
     return {**row, **(count_ops(step, device) if profile else {})}
+
+
+def interleave(models: dict, seq: int, rounds: int, device: str) -> list[dict]:
+    """CPU seconds per step (median of `rounds`, after a warm-up round) of every strategy in `models`
+    with every lever off (the step before issue 30) and on, their steps taking turns round after round
+    (the order reversed every other round): on a CPU shared with other work, a slow minute then slows
+    every variant alike."""
+    off = {"chunk": None, "fused_adamw": False, "fused_lora": False}
+    steps = {
+        (s, v): training_step(m, seq, device, **(off if v == "off" else {}))
+        for s, m in models.items()
+        for v in ("off", "on")
+    }
+    cpu = collections.defaultdict(list)
+    for i in range(rounds + 1):
+        for key, step in list(steps.items())[:: 1 if i % 2 else -1]:
+            start = time.process_time()
+            step()
+            if i:
+                cpu[key].append(time.process_time() - start)
+    return [
+        {
+            "strategy": s,
+            "levers": v,
+            "cpu_s": statistics.median(t),
+            "cpu_s_all": t,
+            "tokens_per_cpu_s": seq / statistics.median(t),
+        }
+        for (s, v), t in cpu.items()
+    ]
 
 
 def count_ops(step, device: str) -> dict:
@@ -188,6 +222,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks (image path)")
     parser.add_argument("--baseline", action="store_true", help="--plain-lora --full-logits --foreach-adamw")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--interleave", action="store_true", help="all strategies in one process, levers off and on")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.baseline:
@@ -195,13 +230,14 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
     strategies = args.strategies.split(",")
+    if args.interleave:
+        return _print_interleaved(_interleaved(args, strategies, device, dtype), args.json)
     if device == "cpu" and len(strategies) > 1:  # peak RSS never goes down: one process per strategy
         rows = [_run_alone(strategy) for strategy in strategies]
     else:
         rows = []
         for strategy in strategies:
             model = build(args.shape, strategy, device, dtype)
-            model.router.fused_lora = not args.plain_lora
             if args.compile:
                 model.compile_blocks()
             result = measure(
@@ -210,9 +246,10 @@ def main() -> None:
                 args.steps,
                 device,
                 args.checkpointing,
+                args.profile,
                 chunk=None if args.full_logits else CHUNK,
                 fused_adamw=not args.foreach_adamw,
-                profile=args.profile,
+                fused_lora=not args.plain_lora,
             )
             levers = {k: getattr(args, k) for k in ("plain_lora", "full_logits", "foreach_adamw", "compile")}
             rows.append(
@@ -241,6 +278,43 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     _print(rows)
+
+
+def _interleaved(args, strategies: list[str], device: str, dtype: torch.dtype) -> list[dict]:
+    models = {}
+    for strategy in strategies:
+        models[strategy] = build(args.shape, strategy, device, dtype).train()
+        if args.checkpointing:
+            models[strategy].gradient_checkpointing_enable()
+        if args.compile:
+            models[strategy].compile_blocks()
+    rows = interleave(models, args.seq, args.steps, device)
+    full = {r["levers"]: r["cpu_s"] for r in rows if r["strategy"] == "full"}
+    for r in rows:
+        r.update(shape=args.shape, seq=args.seq, checkpointing=args.checkpointing, compile=args.compile)
+        if full:
+            r["cpu_time_vs_full"] = full[r["levers"]] / r["cpu_s"]
+    return rows
+
+
+def _print_interleaved(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    first = rows[0]
+    print(
+        f"{first['shape']} · seq {first['seq']} · checkpointing {first['checkpointing']} · compile {first['compile']}"
+    )
+    print(f"median CPU s per step of {len(first['cpu_s_all'])} interleaved rounds, levers off / on")
+    print(f"{'strategy':16} {'off s':>7} {'vs full':>8} {'on s':>7} {'vs full':>8} {'on / off':>9}")
+    by = {(r["strategy"], r["levers"]): r for r in rows}
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        off, on = by[strategy, "off"], by[strategy, "on"]
+        nan = float("nan")
+        print(
+            f"{strategy:16} {off['cpu_s']:7.2f} {off.get('cpu_time_vs_full', nan):8.2f} {on['cpu_s']:7.2f} "
+            f"{on.get('cpu_time_vs_full', nan):8.2f} {off['cpu_s'] / on['cpu_s']:9.2f}"
+        )
 
 
 def _print(rows: list[dict]) -> None:
