@@ -6,7 +6,6 @@ the config is built from a name or JSON file).
     python bench/train_throughput.py --shape qwen2.5-3b --seq 4096    # the issue's GPU target shape
     python bench/train_throughput.py --profile                        # + operator calls per step
     python bench/train_throughput.py --baseline                       # every lever off (the step before issue 30)
-    python bench/train_throughput.py --interleave                     # shared CPU: levers off / on in turns
     python bench/train_throughput.py --json
 
 One sample of `--seq` tokens with one image; every text token is labelled. Levers (each on by
@@ -15,8 +14,6 @@ not the fused update of `routing.LoRALinear.fused`), `--full-logits` (the loss o
 labelled position's logits at once, not `train.loss`'s chunks), `--foreach-adamw` (AdamW without
 fused=True); `--compile` turns torch.compile of the decoder blocks on. `--profile` counts the
 operator calls (aten ops; on a GPU also kernels) of one more step with torch.profiler.
-`--interleave` (for a CPU shared with other work): every strategy in one process, each taking steps
-with every lever off and with every lever on in turn, round after round; median CPU seconds per step.
 
 Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU. On a
 CPU shared with other work, `cpu_s` (the process's CPU seconds per step; run one thread,
@@ -29,7 +26,6 @@ import argparse
 import collections
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -146,36 +142,6 @@ def measure(model, seq: int, steps: int, device: str, checkpointing: bool, profi
     return {**row, **(count_ops(step, device) if profile else {})}
 
 
-def interleave(models: dict, seq: int, rounds: int, device: str) -> list[dict]:
-    """CPU seconds per step (median of `rounds`, after a warm-up round) of every strategy in `models`
-    with every lever off (the step before issue 30) and on, their steps taking turns round after round
-    (the order reversed every other round): on a CPU shared with other work, a slow minute then slows
-    every variant alike."""
-    off = {"chunk": None, "fused_adamw": False, "fused_lora": False}
-    steps = {
-        (s, v): training_step(m, seq, device, **(off if v == "off" else {}))
-        for s, m in models.items()
-        for v in ("off", "on")
-    }
-    cpu = collections.defaultdict(list)
-    for i in range(rounds + 1):
-        for key, step in list(steps.items())[:: 1 if i % 2 else -1]:
-            start = time.process_time()
-            step()
-            if i:
-                cpu[key].append(time.process_time() - start)
-    return [
-        {
-            "strategy": s,
-            "levers": v,
-            "cpu_s": statistics.median(t),
-            "cpu_s_all": t,
-            "tokens_per_cpu_s": seq / statistics.median(t),
-        }
-        for (s, v), t in cpu.items()
-    ]
-
-
 def count_ops(step, device: str) -> dict:
     """Operator calls of one `step()` by torch.profiler: every aten op (nested calls too: a linear
     counts with the mm inside it), the `OPS` one by one, and on a GPU the kernels launched."""
@@ -222,7 +188,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks (image path)")
     parser.add_argument("--baseline", action="store_true", help="--plain-lora --full-logits --foreach-adamw")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
-    parser.add_argument("--interleave", action="store_true", help="all strategies in one process, levers off and on")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.baseline:
@@ -230,8 +195,6 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
     strategies = args.strategies.split(",")
-    if args.interleave:
-        return _print_interleaved(_interleaved(args, strategies, device, dtype), args.json)
     if device == "cpu" and len(strategies) > 1:  # peak RSS never goes down: one process per strategy
         rows = [_run_alone(strategy) for strategy in strategies]
     else:
@@ -278,43 +241,6 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     _print(rows)
-
-
-def _interleaved(args, strategies: list[str], device: str, dtype: torch.dtype) -> list[dict]:
-    models = {}
-    for strategy in strategies:
-        models[strategy] = build(args.shape, strategy, device, dtype).train()
-        if args.checkpointing:
-            models[strategy].gradient_checkpointing_enable()
-        if args.compile:
-            models[strategy].compile_blocks()
-    rows = interleave(models, args.seq, args.steps, device)
-    full = {r["levers"]: r["cpu_s"] for r in rows if r["strategy"] == "full"}
-    for r in rows:
-        r.update(shape=args.shape, seq=args.seq, checkpointing=args.checkpointing, compile=args.compile)
-        if full:
-            r["cpu_time_vs_full"] = full[r["levers"]] / r["cpu_s"]
-    return rows
-
-
-def _print_interleaved(rows: list[dict], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    first = rows[0]
-    print(
-        f"{first['shape']} · seq {first['seq']} · checkpointing {first['checkpointing']} · compile {first['compile']}"
-    )
-    print(f"median CPU s per step of {len(first['cpu_s_all'])} interleaved rounds, levers off / on")
-    print(f"{'strategy':16} {'off s':>7} {'vs full':>8} {'on s':>7} {'vs full':>8} {'on / off':>9}")
-    by = {(r["strategy"], r["levers"]): r for r in rows}
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        off, on = by[strategy, "off"], by[strategy, "on"]
-        nan = float("nan")
-        print(
-            f"{strategy:16} {off['cpu_s']:7.2f} {off.get('cpu_time_vs_full', nan):8.2f} {on['cpu_s']:7.2f} "
-            f"{on.get('cpu_time_vs_full', nan):8.2f} {off['cpu_s'] / on['cpu_s']:9.2f}"
-        )
 
 
 def _print(rows: list[dict]) -> None:
