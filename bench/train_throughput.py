@@ -1,27 +1,44 @@
-"""Training throughput per strategy: tokens/s and peak memory of forward+backward+AdamW steps on a
-random-weight model of any HF config (no download; the config is built from a name or JSON file).
+"""Training throughput per strategy: tokens/s and peak memory of the trainer's training step
+(forward, its chunked loss, backward, AdamW) on a random-weight model of any HF config (no download;
+the config is built from a name or JSON file).
 
     python bench/train_throughput.py                                  # SmolLM2-135M shape, CPU
     python bench/train_throughput.py --shape qwen2.5-3b --seq 4096    # the issue's GPU target shape
+    python bench/train_throughput.py --profile                        # + operator calls per step
+    python bench/train_throughput.py --baseline                       # every lever off (the step before issue 30)
     python bench/train_throughput.py --json
 
-Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU.
+One sample of `--seq` tokens with one image; every text token is labelled. Levers (each on by
+default, off by its flag, for A/B runs): `--plain-lora` (LoRA as B(A(x)) * scale per projection,
+not the fused update of `routing.LoRALinear.fused`), `--full-logits` (the loss over every
+labelled position's logits at once, not `train.loss`'s chunks), `--foreach-adamw` (AdamW without
+fused=True); `--compile` turns torch.compile of the decoder blocks on. `--profile` counts the
+operator calls (aten ops; on a GPU also kernels) of one more step with torch.profiler.
+
+Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU. On a
+CPU shared with other work, `cpu_s` (the process's CPU seconds per step; run one thread,
+OMP_NUM_THREADS=1) is steadier than wall time; `cpu_time_vs_full` is its speed ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from genieblue import GenieBlueForConditionalGeneration
-from genieblue.model import IMAGE_TOKEN_INDEX
+from genieblue.model import IMAGE_TOKEN_INDEX, modeling
+from genieblue.train import TrainConfig
+from genieblue.train.loss import CHUNK, causal_lm_loss
+from genieblue.train.optim import build_optimizer
 
 SHAPES = {
     "smollm2-135m": lambda: LlamaConfig(
@@ -56,41 +73,90 @@ VISION = {
 
 
 def build(shape: str, strategy: str, device: str, dtype: torch.dtype) -> GenieBlueForConditionalGeneration:
+    """A random-weight model, initialised on `device` in `dtype` (a 3B one in seconds on a GPU), without
+    the base's fingerprint (a hash of every weight: seconds per model, and meaningless for random ones)."""
     config = SHAPES[shape]() if shape in SHAPES else AutoConfig.from_pretrained(shape)
     torch.manual_seed(0)
-    llm = AutoModelForCausalLM.from_config(config).to(device, dtype)
-    model = GenieBlueForConditionalGeneration.from_base(llm, vision=VISION, strategy=strategy, dtype=dtype)
+    with torch.device(device):
+        llm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with mock.patch.object(modeling, "fingerprint", lambda _: "random weights"):
+        model = GenieBlueForConditionalGeneration.from_base(llm, vision=VISION, strategy=strategy, dtype=dtype)
     return model.to(device)
 
 
-def measure(model, seq: int, steps: int, device: str, checkpointing: bool) -> dict:
-    model.train()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::mul", "aten::add", "aten::add_", "aten::copy_", "aten::cat")
+"""Operators whose calls `--profile` lists one by one (the rest count in the total)."""
+
+
+def training_step(
+    model, seq: int, device: str, chunk: int | None = CHUNK, fused_adamw: bool = True, fused_lora: bool = True
+):
+    """One training step of `model` as the trainer takes it (`causal_lm_loss`, `build_optimizer`), as a
+    function: one sample of `seq` tokens with one image, every text token labelled."""
     per = model.vision.tokens_per_tile
     ids = torch.randint(100, model.llm.config.vocab_size, (1, seq), device=device)
     ids[:, 8 : 8 + per] = IMAGE_TOKEN_INDEX
     pixels = torch.randn(1, 3, model.vision.image_size, model.vision.image_size, device=device)
-    labels = ids.masked_fill(ids < 0, -100)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(steps + 1):  # the first step warms up and is not timed
-        start = time.perf_counter()
-        model(ids, pixel_values=pixels, labels=labels, shared_base=True).loss.backward()
+    batch = {"input_ids": ids, "labels": ids.masked_fill(ids < 0, -100), "pixel_values": pixels, "use_cache": False}
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    opt, _ = build_optimizer(model, TrainConfig(lr=1e-5), 1000, fused=fused_adamw)
+
+    def step():
+        model.router.fused_lora = fused_lora
+        causal_lm_loss(model, batch, n_tokens, chunk).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        if step:
+
+    return step
+
+
+def measure(model, seq: int, steps: int, device: str, checkpointing: bool, profile: bool = False, **levers) -> dict:
+    """tokens/s, seconds and peak memory of `steps` training steps (`training_step` with `levers`) after
+    one untimed warm-up step; with `profile`, the operator calls of one more step."""
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    step = training_step(model, seq, device, **levers)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu = [], []
+    for i in range(steps + 1):  # the first step warms up and is not timed
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        if i:
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     peak = (
         torch.cuda.max_memory_allocated()
         if device == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    return {"tokens_per_s": seq * len(times) / sum(times), "step_s": sum(times) / len(times), "peak_bytes": peak}
+    row = {
+        "tokens_per_s": seq * len(times) / sum(times),
+        "step_s": sum(times) / len(times),
+        "cpu_s": sum(cpu) / len(cpu),  # this process's CPU seconds per step: steadier than wall time on a shared CPU
+        "peak_bytes": peak,
+    }
+    return {**row, **(count_ops(step, device) if profile else {})}
+
+
+def count_ops(step, device: str) -> dict:
+    """Operator calls of one `step()` by torch.profiler: every aten op (nested calls too: a linear
+    counts with the mm inside it), the `OPS` one by one, and on a GPU the kernels launched."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+    events = prof.events()
+    counts = collections.Counter(e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    aten = {name: n for name, n in counts.items() if name.startswith("aten::")}
+    out = {"aten_calls": sum(aten.values()), "ops": {name: aten.get(name, 0) for name in OPS}}
+    if device == "cuda":
+        out["kernels"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return out
 
 
 def _run_alone(strategy: str) -> dict:
@@ -115,10 +181,19 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--profile", action="store_true", help="count the operator calls of one step")
+    parser.add_argument("--plain-lora", action="store_true", help="LoRA as B(A(x)) * scale per projection")
+    parser.add_argument("--full-logits", action="store_true", help="all labelled positions' logits at once")
+    parser.add_argument("--foreach-adamw", action="store_true", help="AdamW without fused=True")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks (image path)")
+    parser.add_argument("--baseline", action="store_true", help="--plain-lora --full-logits --foreach-adamw")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.baseline:
+        args.plain_lora = args.full_logits = args.foreach_adamw = True
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
     strategies = args.strategies.split(",")
     if device == "cpu" and len(strategies) > 1:  # peak RSS never goes down: one process per strategy
         rows = [_run_alone(strategy) for strategy in strategies]
@@ -126,13 +201,31 @@ def main() -> None:
         rows = []
         for strategy in strategies:
             model = build(args.shape, strategy, device, dtype)
+            if args.compile:
+                model.compile_blocks()
+            result = measure(
+                model,
+                args.seq,
+                args.steps,
+                device,
+                args.checkpointing,
+                args.profile,
+                chunk=None if args.full_logits else CHUNK,
+                fused_adamw=not args.foreach_adamw,
+                fused_lora=not args.plain_lora,
+            )
+            levers = {k: getattr(args, k) for k in ("plain_lora", "full_logits", "foreach_adamw", "compile")}
             rows.append(
                 {
                     "strategy": strategy,
                     "shape": args.shape,
                     "seq": args.seq,
                     "device": device,
-                    **measure(model, args.seq, args.steps, device, args.checkpointing),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "checkpointing": args.checkpointing,
+                    "levers_off": [k for k, v in levers.items() if v and k != "compile"],
+                    "compile": args.compile,
+                    **result,
                 }
             )
             del model
@@ -143,15 +236,35 @@ def main() -> None:
         if full:
             r["speed_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
             r["memory_vs_full"] = r["peak_bytes"] / full["peak_bytes"]
+            r["cpu_time_vs_full"] = full["cpu_s"] / r["cpu_s"]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'strategy':16} {'tok/s':>9} {'step s':>8} {'peak GiB':>9} {'vs full speed':>14} {'vs full mem':>12}")
+    _print(rows)
+
+
+def _print(rows: list[dict]) -> None:
+    first = rows[0]
+    off = ", ".join(first["levers_off"]) or "none"
+    print(f"{first['shape']} · seq {first['seq']} · {first['device']} {first['dtype']} · checkpointing ", end="")
+    print(f"{first['checkpointing']} · levers off: {off} · compile {first['compile']}")
+    print(f"{'strategy':16} {'tok/s':>9} {'step s':>8} {'cpu s':>7} {'peak GiB':>9} {'vs full speed':>14} ", end="")
+    print(f"{'(cpu time)':>10} {'vs full mem':>12}")
     for r in rows:
         print(
-            f"{r['strategy']:16} {r['tokens_per_s']:9.0f} {r['step_s']:8.2f} {r['peak_bytes'] / 2**30:9.2f} "
-            f"{r.get('speed_vs_full', float('nan')):14.2f} {r.get('memory_vs_full', float('nan')):12.2f}"
+            f"{r['strategy']:16} {r['tokens_per_s']:9.0f} {r['step_s']:8.2f} {r['cpu_s']:7.2f} "
+            f"{r['peak_bytes'] / 2**30:9.2f} {r.get('speed_vs_full', float('nan')):14.2f} "
+            f"{r.get('cpu_time_vs_full', float('nan')):10.2f} {r.get('memory_vs_full', float('nan')):12.2f}"
         )
+    if "aten_calls" not in first:
+        return
+    kernels = "kernels" in first
+    print("\noperator calls per step (torch.profiler; aten ops nested ones included)")
+    header = f"{'strategy':16} {'aten ops':>9}" + (f" {'kernels':>8}" if kernels else "")
+    print(header + "".join(f" {name.removeprefix('aten::'):>7}" for name in OPS))
+    for r in rows:
+        line = f"{r['strategy']:16} {r['aten_calls']:9d}" + (f" {r['kernels']:8d}" if kernels else "")
+        print(line + "".join(f" {r['ops'][name]:7d}" for name in OPS))
 
 
 if __name__ == "__main__":

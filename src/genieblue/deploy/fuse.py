@@ -21,11 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..model.routing import SIBLINGS
 from .quant import QuantizedLoRALinear, WeightOnlyLinear
-
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-"""Children of one attention / MLP module that read the same input (every supported LLM family;
-SigLIP and CLIP have q/k/v)."""
 
 
 def _base(member: nn.Module) -> WeightOnlyLinear:

@@ -10,6 +10,7 @@ router switches copies, experts and LoRA on. `save_pretrained` writes only the d
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from .fingerprint import FILES_SCHEME, files_fingerprint, remember_match, rememb
 from .folder import DELTA, MANIFEST, TRAINING, check_model_folder
 from .placement import resolve_placement
 from .report import parameter_report
-from .routing import Expert, LoRALinear, Router, Switch, delta_members, swap_modules
+from .routing import Expert, LoRALinear, Router, Switch, delta_members, group_siblings, swap_modules
 from .sources import base_files, fingerprint, load_llm, load_vision
 from .strategy import EXPERT_TARGETS, Strategy
 from .vision import VisionTower, split_tower_options
@@ -173,6 +174,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
                 isinstance(m, nn.Linear) and name.startswith(lora_blocks) and name.rsplit(".", 1)[-1] in s.lora_targets
             ),
         )
+        group_siblings(self.llm)
 
     # the delta ------------------------------------------------------------------------------
     def _delta_prefixes(self) -> list[str]:
@@ -261,19 +263,38 @@ class GenieBlueForConditionalGeneration(nn.Module):
             return True
         return False
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, shared_base=None, **kwargs):
+    def forward(
+        self, input_ids, attention_mask=None, pixel_values=None, labels=None, shared_base=None, head=None, **kwargs
+    ):
         """Logits (and loss with `labels`). Text-only inputs take the untouched base path unless
         `shared_base` (default: the model's setting) sends them through the multimodal path. Inputs
-        on another device are moved to the model's."""
+        on another device are moved to the model's. `head` (training, without `labels`): a function of
+        the decoder's final hidden states (B, T, H) and `self.logits`, whose value is returned instead
+        of the LM's output, so that a loss can take the logits a few positions at a time (`train.loss`)
+        inside the forward that DDP / FSDP wrap."""
+        if head is not None and labels is not None:
+            raise ValueError("pass either labels (the LM's own loss) or head, not both")
         input_ids, attention_mask, pixel_values, labels = self._on_device(
             input_ids, attention_mask, pixel_values, labels
         )
         if self._text_only(input_ids, pixel_values, shared_base):
             with self.router.route(image=False):
-                return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+                return self._decode(head, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         embeds, visual = self.embed_multimodal(input_ids, pixel_values)
         with self.router.route(image=True, visual_mask=visual):
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            return self._decode(head, inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _decode(self, head, labels=None, **inputs):
+        if head is None:
+            return self.llm(labels=labels, **inputs)
+        return head(self.llm.model(**inputs).last_hidden_state, self.logits)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM's logits for final hidden states: its (frozen) LM head, then the soft cap of an LM
+        that caps its logits (Gemma's `final_logit_softcapping`), as its own forward does."""
+        logits = self.llm.get_output_embeddings()(hidden)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, shared_base=None, **gen_kwargs):
@@ -295,6 +316,19 @@ class GenieBlueForConditionalGeneration(nn.Module):
         self.llm.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self.router.checkpoint_context_fn}
         )
+
+    def compile_blocks(self, **options) -> None:
+        """`torch.compile` the attention and MLP of every decoder block for the image path (a training
+        option; `options` go to torch.compile); text mode still runs them eagerly, op for op the base.
+        The blocks themselves stay eager, so gradient checkpointing (which recomputes a block with a
+        `context_fn` torch.compile cannot trace) wraps compiled parts."""
+        for block in self.llm.model.layers:
+            block = block.copy if isinstance(block, Switch) else block
+            for part in (block.self_attn, block.mlp):
+                part.forward = functools.partial(self._by_mode, torch.compile(part.forward, **options), part.forward)
+
+    def _by_mode(self, image_path, text_path, *args, **kwargs):
+        return (image_path if self.router.image else text_path)(*args, **kwargs)
 
     # persistence ----------------------------------------------------------------------------
     def manifest(self) -> dict:

@@ -5,7 +5,9 @@ which token positions are visual. The wrappers below sit where the original modu
 mode, call the original module and nothing else, so the text path runs exactly the base's ops:
 
   * `Switch`     - a copied module (GenieBlue block copies; for `full`, every block and the norm)
-  * `LoRALinear` - a frozen linear plus a rank-r update that only image mode adds
+  * `LoRALinear` - a frozen linear plus a rank-r update that only image mode adds; sibling projections
+                   that read one input (q/k/v, gate/up: `SIBLINGS`) share one product for their A
+                   (`LoRAGroup`)
   * `Expert`     - CogVLM visual expert: image-token positions use the expert, text positions the
                    original; dense `torch.where`, so the graph stays static (no routing ops)
 
@@ -28,13 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Children of one attention / MLP module that read the same input (every supported LLM family;
+SigLIP and CLIP have q/k/v)."""
+
 
 class Router:
     """Mode of the current forward. `visual_mask` (B, T) is set for the next decoder forward only
-    (a prefill), so decode steps after an image prompt see text tokens."""
+    (a prefill), so decode steps after an image prompt see text tokens. `fused_lora`: image mode adds
+    LoRA the fast way (`LoRALinear.fused`); off, as the plain `B(A(x)) * alpha / r` per
+    projection (the same update, for comparisons)."""
 
     def __init__(self):
         self.image = False
+        self.fused_lora = True
         self.pending_mask: torch.Tensor | None = None
         self.visual_mask: torch.Tensor | None = None
 
@@ -112,6 +121,7 @@ class LoRALinear(_Wrapper):
     `alpha` make a fresh update; a subclass may set its own `lora_A` / `lora_B` instead."""
 
     TRAINABLE, PART = ("lora_A", "lora_B"), "lora"
+    group: LoRAGroup | None = None  # set by `group_siblings`: a plain attribute, not in the state dict
 
     def __init__(
         self, original: nn.Module, router: Router, rank: int | None = None, alpha: float = 1.0, empty: bool = False
@@ -126,14 +136,75 @@ class LoRALinear(_Wrapper):
             self.scaling = alpha / rank
 
     def forward(self, x):
-        y = self.original(x)
-        if self._router.image:
-            y = y + self.low_rank(x)
-        return y
+        if not self._router.image:
+            return self.original(x)
+        if self._router.fused_lora and self.fusable:
+            return self.fused(x)
+        return self.original(x) + self.low_rank(x)
 
     def low_rank(self, x):
         """The image-mode update B(A(x)) * alpha / r."""
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    @property
+    def fusable(self) -> bool:
+        """A float linear with trainable A and B (not deploy's quantised form): `fused` applies."""
+        return isinstance(self.lora_A, nn.Parameter) and isinstance(self.original, nn.Linear)
+
+    def fused(self, x):
+        """`original(x) + low_rank(x)` in two products and no op of its own on activations: x A'^T with
+        A' = A * alpha / r (the scale folded into the small A; one product with the siblings in `group`),
+        then the B product added to the original's fresh output in place (addmm_: y += z B^T)."""
+        z = self.group.project(self, x) if self.group is not None else F.linear(x, _scaled(self.lora_A, self.scaling))
+        y = self.original(x.reshape(-1, x.shape[-1]))  # 2-D: a new tensor, not a view (in place is cheap)
+        y.addmm_(z.reshape(-1, z.shape[-1]).to(y.dtype), self.lora_B.t().to(y.dtype))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _scaled(weight: torch.Tensor, scale: float) -> torch.Tensor:
+    return weight if scale == 1 else weight * scale
+
+
+class LoRAGroup:
+    """The LoRA of sibling projections that read one input (`SIBLINGS`): the first member called on an
+    input computes x A^T for all of them in one product (their A stacked, scale folded in), each member
+    takes its slice and applies its own B (the group's B is block-diagonal). A fused A's product reads x
+    once, and its backward reads x once and writes one input gradient, where separate ones do it per member.
+    The input and the slices not yet taken are held only until every member has taken its own."""
+
+    def __init__(self, members: list[LoRALinear]):
+        self.members = members
+        self._input: torch.Tensor | None = None
+        self._left: dict[int, torch.Tensor] = {}
+
+    def project(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        index = self.members.index(member)
+        if x is not self._input or index not in self._left:
+            stacked = torch.cat([m.lora_A for m in self.members])
+            z = F.linear(x, _scaled(stacked, member.scaling)).split([m.lora_A.shape[0] for m in self.members], -1)
+            self._input, self._left = x, dict(enumerate(z))
+        z = self._left.pop(index)
+        if not self._left:
+            self._input = None
+        return z
+
+
+def group_siblings(root: nn.Module) -> list[LoRAGroup]:
+    """Join the LoRA of every sibling set (`SIBLINGS`) under `root` whose members are all fusable
+    `LoRALinear`s of one input width, scale and dtype into a `LoRAGroup`; returns the groups."""
+    groups = []
+    for parent in root.modules():
+        for names in SIBLINGS:
+            members = [parent._modules.get(name) for name in names]
+            if not all(isinstance(m, LoRALinear) and m.fusable for m in members):
+                continue
+            if len({(m.lora_A.shape[1], m.scaling, m.lora_A.dtype) for m in members}) != 1:
+                continue
+            group = LoRAGroup(members)
+            for member in members:
+                member.group = group
+            groups.append(group)
+    return groups
 
 
 class Expert(_Wrapper):

@@ -70,6 +70,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto: bf16 on a GPU or CPU with native bf16 matmuls, else fp32; or bf16 / fp16 / no
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the blocks' attention and MLP on the image path (model.compile_blocks)
     device: str | None = None  # cpu or cuda (None: cuda when present; several processes: one GPU each)
     # bookkeeping
     output_dir: str = "runs/genieblue"

@@ -46,10 +46,13 @@ def param_groups(model: GenieBlueForConditionalGeneration, cfg: TrainConfig) -> 
     ]
 
 
-def build_optimizer(model: GenieBlueForConditionalGeneration, cfg: TrainConfig, total_steps: int):
+def build_optimizer(model: GenieBlueForConditionalGeneration, cfg: TrainConfig, total_steps: int, fused: bool = True):
+    """AdamW and its schedule. `fused`: one fused kernel per step for all parameters (torch's
+    `fused=True`) where every parameter lives on a CPU or CUDA device; else torch's default (foreach)."""
     groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps)
+    fused = fused and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
     warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)

@@ -270,6 +270,8 @@ class Trainer:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.compile:
+            model.compile_blocks()
         model.train()
         if self.layout.shard_here:  # FSDP2 on CPUs, where accelerate offers none
             model = shard_fsdp2(model)
