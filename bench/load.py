@@ -23,19 +23,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from train_throughput import SHAPES as TRAIN_SHAPES
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 SHAPES = {
-    "qwen2.5-0.5b": lambda: Qwen2Config(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-    ),
+    "qwen2.5-0.5b": TRAIN_SHAPES["qwen2.5-0.5b"],
     "tiny": lambda: Qwen2Config(  # for the bench's own test
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4
     ),

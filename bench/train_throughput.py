@@ -60,6 +60,16 @@ SHAPES = {
         tie_word_embeddings=True,
         max_position_embeddings=32768,
     ),
+    "qwen2.5-0.5b": lambda: Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
 }
 VISION = {
     "model_type": "siglip_vision_model",
