@@ -1,5 +1,6 @@
 """Atomic writes: a folder or file appears complete under its final name, or not at all, so a kill
-mid-write never leaves a broken checkpoint or model folder behind."""
+mid-write never leaves a broken checkpoint or model folder behind; and which process of a distributed
+run writes the files all of them share (`writes_files`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ def atomic_dir(target: str | os.PathLike):
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def writes_files() -> bool:
+    """Whether this process writes shared files: the only process, or rank 0 of a distributed run."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

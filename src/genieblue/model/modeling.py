@@ -17,13 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from .._io import atomic_dir, write_json
+from .._io import atomic_dir, write_json, writes_files
 from .card import write_card
 from .fingerprint import FILES_SCHEME, files_fingerprint, remember_match, remembered_match, tensors_fingerprint
 from .folder import DELTA, MANIFEST, TRAINING, check_model_folder
@@ -77,11 +76,6 @@ def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device):
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a DTensor shard of a sharded model (FSDP2) is all-gathered (every rank must call)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def _writes_files() -> bool:
-    """Whether this process writes shared files: the only process, or rank 0 of a distributed run."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class GenieBlueForConditionalGeneration(nn.Module):
@@ -365,7 +359,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         ranks together (so there every rank must call it), and only rank 0 writes.
         """
         directory = Path(directory)
-        writer, state = _writes_files(), {}
+        writer, state = writes_files(), {}
         for key, tensor in self._delta_items():  # one tensor at a time: the GPU never holds a gathered delta
             tensor = _gathered(tensor)
             if writer:

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -25,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .._io import atomic_dir, write_json
+from .._io import atomic_dir, write_json, writes_files
 from ..model import GenieBlueForConditionalGeneration
 from ..model.folder import DELTA
 
@@ -75,10 +74,6 @@ def _optimizer_state(model, optimizer, tensors: dict[str, torch.Tensor], meta: d
     return {"state": state, "param_groups": groups}
 
 
-def _writes_files() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def remove_partial(folder: Path) -> list[Path]:
     """Delete what a killed writer left in `folder`: the hidden `.name.tmpPID` / `.name.oldPID`
     siblings of `atomic_dir` and `write_json`. Call it only while no other writer uses `folder`."""
@@ -100,7 +95,7 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     target = folder / f"step-{step:07d}"
     tensors, meta = _optimizer_tensors(model, optimizer)
-    if not _writes_files():
+    if not writes_files():
         model.save_pretrained(target / MODEL)  # gathers its shards with rank 0; writes nothing here
         return target
     tensors["rng.torch"] = torch.get_rng_state()
