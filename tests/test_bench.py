@@ -60,4 +60,5 @@ def test_load_bench_times_a_delta_against_its_base(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert set(result["median_s"]) == {"base", "first", "later"} and all(v > 0 for v in result["median_s"].values())
-    assert result["first_vs_base"] == pytest.approx(result["median_s"]["first"] / result["median_s"]["base"], abs=0.01)
+    ratio = result["median_s"]["first"] / result["median_s"]["base"]  # of medians rounded to 1 ms
+    assert result["first_vs_base"] == pytest.approx(ratio, rel=0.03, abs=0.01)
