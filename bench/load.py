@@ -8,7 +8,10 @@ and a fresh genieblue-skip delta on it, then times, each in a fresh process and 
             fingerprint cache (the base's files are hashed)
   * later:  the same with the cache the first load left (nothing hashed)
 
-    python bench/load.py [--shape qwen2.5-0.5b] [--dtype float32] [--rounds 3] [--json]
+The delta's tower is the default (a small ResNet) or, with `--vision siglip-so400m`, the paper's
+SigLIP-so400m shape (400M parameters, saved in the delta as any trained tower is).
+
+    python bench/load.py [--shape qwen2.5-0.5b] [--vision resnet] [--dtype float32] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from recipe_3b import VISION as SO400M
 from train_throughput import SHAPES as TRAIN_SHAPES
 from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -32,6 +36,9 @@ SHAPES = {
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4
     ),
 }
+
+SO400M_TOWER = dict(SO400M, model_type="siglip_vision_model", num_attention_heads=16, downsample=1)  # as the recipe
+TOWERS = {"resnet": None, "siglip-so400m": SO400M_TOWER}
 
 SETUP = (
     "import time, torch, transformers.models.qwen2.modeling_qwen2\n"  # the same imports before either clock
@@ -61,6 +68,7 @@ def timed(kind: str, base: Path, delta: Path, dtype: str, cache: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES))
+    parser.add_argument("--vision", default="resnet", choices=list(TOWERS), help="the delta's tower")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype to load in")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
@@ -78,7 +86,7 @@ def main() -> None:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(SHAPES[args.shape](), dtype=torch.bfloat16).save_pretrained(base)
         os.environ["GENIEBLUE_CACHE"] = str(root / "cache-build")
-        GenieBlueForConditionalGeneration.from_base(str(base)).save_pretrained(delta)
+        GenieBlueForConditionalGeneration.from_base(str(base), vision=TOWERS[args.vision]).save_pretrained(delta)
         rows = {"base": [], "first": [], "later": []}
         for r in range(args.rounds):
             cache = root / f"cache-{r}"
@@ -86,9 +94,12 @@ def main() -> None:
             rows["first"].append(timed("genieblue", base, delta, args.dtype, cache))
             rows["later"].append(timed("genieblue", base, delta, args.dtype, cache))
         size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        delta_size = sum(f.stat().st_size for f in delta.glob("*.safetensors"))
     median = {k: statistics.median(v) for k, v in rows.items()}
     result = {
         "shape": args.shape,
+        "vision": args.vision,
+        "delta_file_GB": round(delta_size / 1e9, 2),
         "base_file_GB": round(size / 1e9, 2),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
@@ -100,7 +111,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.shape} base ({result['base_file_GB']} GB bf16 safetensors) loaded in {args.dtype} on CPU")
+    print(
+        f"{args.shape} base ({result['base_file_GB']} GB bf16 safetensors) and a {args.vision} delta "
+        f"({result['delta_file_GB']} GB) loaded in {args.dtype} on CPU"
+    )
     for kind, label in (("base", "transformers alone"), ("first", "genieblue, first load"), ("later", "later")):
         print(f"  {label:24} {median[kind]:6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in rows[kind])})")
     print(f"  first / base = {result['first_vs_base']:.2f}x, later / base = {result['later_vs_base']:.2f}x")

@@ -285,6 +285,8 @@ def test_conv_backbone_tower_round_trips_and_stage1_trains_the_connector_only(ba
     loaded = GenieBlue.from_pretrained(tmp_path / "d", llm=base_dirs["llama"]).eval()
     with torch.no_grad():
         assert torch.equal(loaded.vision(pixels), mixed)
+    kernels = [p for p in loaded.vision.vit.parameters() if p.dim() == 4]  # loaded as saved, then re-laid out
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
     loaded.set_stage(1)
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("vision.projector.", "vision.mixer.")) for n in trainable)
@@ -328,9 +330,25 @@ def test_a_delta_loads_in_any_dtype_and_its_text_path_is_the_base_loaded_alike(f
     assert all(p.dtype == dtype for p in loaded.parameters())  # the delta too, converted on load
     ref = AutoModelForCausalLM.from_pretrained(base_dirs[family], dtype=dtype).eval()
     _assert_text_path_is_base(loaded, ref)
+    # the tower, built without initialising its weights, holds every saved tensor (cast to dtype)
+    saved = {k: v.to(dtype) for k, v in model.vision.state_dict().items()}
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.vision.state_dict().items())
     ids, px = _image_batch(loaded)
     with torch.no_grad():
-        assert loaded(ids, pixel_values=px).logits.dtype == dtype  # float32 pixels are cast by the tower
+        logits = loaded(ids, pixel_values=px).logits
+        assert logits.dtype == dtype  # float32 pixels are cast by the tower
+        if dtype == torch.float32:
+            assert torch.equal(logits, model.eval()(ids, pixel_values=px).logits)
+
+
+def test_a_delta_that_lacks_a_tensor_is_refused_whichever_strategy_it_starts(base_dirs, tmp_path):
+    GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP).save_pretrained(tmp_path / "d")
+    tensors = load_file(tmp_path / "d" / "delta.safetensors")
+    del tensors[next(k for k in tensors if k.startswith("vision.vit."))]
+    save_file(tensors, tmp_path / "d" / "delta.safetensors")
+    for strategy in (None, Strategy("lora")):  # the saved one; another (its tower only)
+        with pytest.raises(ValueError, match="does not match the strategy: missing \\['vision.vit."):
+            GenieBlue.from_pretrained(tmp_path / "d", strategy=strategy)
 
 
 def test_the_fingerprint_names_the_files_not_how_they_were_loaded(base_dirs, tmp_path):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from .._io import atomic_dir, write_json, writes_files
 from .card import write_card
@@ -414,26 +415,24 @@ class GenieBlueForConditionalGeneration(nn.Module):
                 f"{_short(saved_fp)}): pass the original base with llm=..."
             )
         vision = dict(manifest["vision"])
-        tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision).to(where)
+        with no_init_weights(), torch.device(where):  # built where it runs, uninitialised: its weights load below
+            tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision)
         saved = Strategy(**manifest["strategy"])
         fresh = strategy is not None and strategy != saved  # its LLM delta starts fresh: built with data
         model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False), not fresh)
         state = load_file(directory / DELTA, device=str(where))
-        if fresh:
-            state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
-            model.load_state_dict(state, strict=False)
-            return model
         targets = dict(model._delta_items())
+        if fresh:  # the tower from the folder, the LLM delta as built
+            state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
+            targets = {k: v for k, v in targets.items() if k.startswith(VISION_PREFIX)}
         if set(state) != set(targets):
             missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
             raise ValueError(
                 f"{directory / DELTA} does not match the strategy: missing {missing[:3]}, unexpected {extra[:3]}"
             )
-        vision = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
-        model.load_state_dict(vision, strict=False)  # copied in: the tower keeps its memory layout
-        # the LLM delta's saved tensors take the empty ones' places (no copy into them), in the model's dtype
-        llm = {k: v.to(targets[k].dtype) for k, v in state.items() if k not in vision}
-        model.load_state_dict(llm, strict=False, assign=True)
+        # the saved tensors take the empty ones' places (no copy into them), in the model's dtypes
+        model.load_state_dict({k: v.to(targets[k].dtype) for k, v in state.items()}, strict=False, assign=True)
+        tower.settle_layout()
         return model
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoBackbone,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -158,12 +157,15 @@ def _supported_vision() -> list[str]:
 
 
 def load_vision(spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A pretrained vision encoder (id or folder) or a freshly initialised one (config or dict)."""
+    """A pretrained vision encoder (id or folder) or a freshly initialised one (config or dict), built
+    in `dtype` (on the default device; under `transformers.initialization.no_init_weights` a fresh one
+    is left uninitialised, for saved weights to be loaded into)."""
     config = vision_config(spec)
     if config.model_type not in VISION_MODELS:  # a convolutional (or other) backbone
-        if isinstance(spec, str):  # the concrete class: AutoBackbone.from_pretrained asks the hub first
-            return MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained(spec, config=config, dtype=dtype)
-        return AutoBackbone.from_config(config).to(dtype)
+        cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]  # the concrete class: AutoBackbone asks the hub first
+        if isinstance(spec, str):
+            return cls.from_pretrained(spec, config=config, dtype=dtype)
+        return cls._from_config(config, dtype=dtype)
     cls = VISION_MODELS[config.model_type]
     if config.model_type == "siglip_vision_model":
         config.vision_use_head = False  # the pooled output is never used; its head would be dead weight
@@ -171,7 +173,7 @@ def load_vision(spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.
         if config.model_type == "clip_vision_model":
             config.num_hidden_layers -= 1  # LLaVA reads CLIP features from the penultimate layer
         return cls.from_pretrained(spec, config=config, dtype=dtype)
-    return cls(config).to(dtype)
+    return cls._from_config(config, dtype=dtype)
 
 
 def base_files(spec: str | None) -> list[Path]:
