@@ -8,6 +8,8 @@ copy bandwidth), and the throughput of `--clients` requests submitted at once ag
     python bench/decode.py --modes generate,graph,compile --json
 
 Decode speed leaves the prefill out: (n - 1) tokens / (time for n tokens - time for 1), best of two.
+Operator calls of one decode step per route (aten ops; on a GPU also kernels) are counted by
+torch.profiler on the eager loop at batch 1: (calls of a 6-token decode - those of a 2-token one) / 4.
 Modes: "generate" (transformers' generate), and the static-cache loop's "eager", "graph", "compile"
 (see genieblue.infer.decode). Each request decodes exactly `--tokens` tokens (end of turn ignored).
 """
@@ -17,15 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
 from prompts import QUESTIONS
-from train_throughput import SHAPES, VISION
+from train_throughput import SHAPES, VISION, count_ops
 
 from genieblue import GenieBlueForConditionalGeneration
-from genieblue.data import GenieBlueProcessor
+from genieblue.data import GenieBlueProcessor, collate_prompts
+from genieblue.infer.decode import StaticDecoder
 from genieblue.infer.engine import Engine
 from genieblue.model import load_tokenizer
 from genieblue.model.placement import resolve_placement
@@ -102,6 +106,18 @@ def engine_rate(engine: Engine, image, rows: int, tokens: int) -> float:
     return max(rows * (tokens - 1) / (timed(tokens) - timed(1)) for _ in range(2))
 
 
+def ops_per_step(model, processor: GenieBlueProcessor, image) -> dict[str, dict]:
+    """Operator calls of one eager decode step at batch 1, per route (see the module's docstring)."""
+    decoder, out = StaticDecoder(model), {}
+    for route, images in (("text", []), ("image", [image])):
+        content = ("<image>\n" if images else "") + QUESTIONS[0]
+        batch = collate_prompts([processor.prompt([{"role": "user", "content": content}], images)], processor.pad_id)
+        decoder.generate(**batch, max_new_tokens=2)  # warm-up
+        two, six = (count_ops(partial(decoder.generate, **batch, max_new_tokens=n), model.device.type) for n in (2, 6))
+        out[route] = {k: (six[k] - two[k]) // 4 for k in ("aten_calls", "kernels") if k in six}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="builtin", help=f"builtin (SmolLM2-135M) or one of {list(SHAPES)}")
@@ -128,6 +144,7 @@ def main() -> None:
         "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
         "weight_MB": {k: round(v / 1e6, 1) for k, v in weights.items()},
         "bound_tokens_per_s": {k: round(bandwidth / v, 1) for k, v in weights.items()},
+        "ops_per_step": ops_per_step(model, processor, image),
         "modes": {},
     }
     for mode in modes:
@@ -151,6 +168,11 @@ def main() -> None:
     print(
         f"{result['model']} on {result['device']}: copy bandwidth {result['copy_bandwidth_GBps']} GB/s, "
         f"bound {result['bound_tokens_per_s']['text']} tok/s (text), {result['bound_tokens_per_s']['image']} (image)"
+    )
+    text, image = result["ops_per_step"]["text"], result["ops_per_step"]["image"]
+    kernels = f", {text['kernels']} / {image['kernels']} kernels" if "kernels" in text else ""
+    print(
+        f"one decode step, eager, batch 1: text / image {text['aten_calls']} / {image['aten_calls']} aten ops{kernels}"
     )
     for mode, r in result["modes"].items():
         print(

@@ -22,6 +22,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -33,6 +34,7 @@ from genieblue.infer.decode import StaticDecoder
 from genieblue.infer.engine import ContextOverflow, Engine
 from genieblue.infer.server import create_app
 from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
+from genieblue.model.routing import LoRAGroup, LoRALinear
 
 QUESTIONS = ["Hi!", "What is the capital of France?", "Name three colours of the rainbow, please.", "2+2?"]
 N = 8  # max_tokens in most tests
@@ -186,6 +188,55 @@ def test_static_cache_decoding_keeps_the_text_path_the_base_decoded_alike(engine
     assert again.tolist() == own.tolist() and static.decoder.generate(**batch, max_new_tokens=N).tolist() == expected
     with pytest.raises(ValueError, match="needs a model on a CUDA GPU"):
         StaticDecoder(engine.model, "graph")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_image_decode_makes_each_lora_weight_once_and_takes_up_changed_weights(model_dir, chat_base, monkeypatch):
+    """A decode makes each LoRA group's stacked, scaled A once, not at every step (a step saves the cat
+    of each sibling set's A and the scaling of every A: 6 ops per LoRA block), gives the tokens of the
+    model's own image-path `generate`, and takes up changed weights at its next decode, in the same
+    tensors (a CUDA graph captured in one decode reads the next's)."""
+    model = GenieBlueForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base))
+    batch = collate_prompts([processor.prompt(_user("What is this?"), [_png(seed=s)]) for s in range(2)], 0)
+    decoder = StaticDecoder(model)
+    decoder.generate(**batch, max_new_tokens=2)  # the shape's cache is made once
+
+    def per_step() -> float:
+        counts = []
+        for n in (2, 6):
+            with _CountOps() as counter:
+                decoder.generate(**batch, max_new_tokens=n)
+            counts.append(counter.calls)
+        return (counts[1] - counts[0]) / 4
+
+    held = per_step()
+    groups = {id(m.group): m.group for m in model.modules() if isinstance(m, LoRALinear)}.values()
+    tensors = [g._held for g in groups]
+    lora_blocks = len(model.strategy.lora_indices(len(model.llm.model.layers)))
+    with monkeypatch.context() as patch:
+        patch.setattr(LoRAGroup, "hold", lambda self: None)  # every step makes them anew
+        assert per_step() - held == 6 * lora_blocks
+    before = decoder.generate(**batch, max_new_tokens=N)
+    own = lambda: model.generate(**batch, do_sample=False, max_new_tokens=N, min_new_tokens=N)  # noqa: E731
+    assert before.tolist() == own().tolist()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_A.normal_(std=0.5)
+    after = decoder.generate(**batch, max_new_tokens=N)
+    assert after.tolist() == own().tolist() != before.tolist()
+    assert all(g._held is t for g, t in zip(groups, tensors))
 
 
 def test_single_row_equals_the_base_and_the_image_path_differs(engine, base, base_tok):

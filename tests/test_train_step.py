@@ -135,7 +135,7 @@ def test_siblings_share_one_lora_a_product():
         assert isinstance(attn.q_proj.group, LoRAGroup)
         assert attn.q_proj.group.members == [attn.q_proj, attn.k_proj, attn.v_proj]
         assert mlp.gate_proj.group.members == [mlp.gate_proj, mlp.up_proj]
-        assert attn.o_proj.group is None and mlp.down_proj.group is None
+        assert attn.o_proj.group.members == [attn.o_proj] and mlp.down_proj.group.members == [mlp.down_proj]
     batch = _batch(model)
     counts = {}
     for fused in (True, False):

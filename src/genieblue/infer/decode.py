@@ -26,6 +26,8 @@ import torch
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from ..model.routing import held_lora
+
 MODES = ("eager", "graph", "compile")
 MIN_CACHE = 256
 """The cache length is the prompt plus new tokens rounded up to a power of two (at least this), so a
@@ -69,7 +71,10 @@ class StaticDecoder:
             self.model._text_only(input_ids, None, False)  # refuses image placeholders without pixels
             return self.model.router.route(image=False), {"input_ids": input_ids}
         embeds, visual = self.model.embed_multimodal(input_ids, pixel_values)
-        return self.model.router.route(image=True, visual_mask=visual), {"inputs_embeds": embeds}
+        route = contextlib.ExitStack()  # the image route, with each LoRA's scaled A made once per decode
+        route.enter_context(self.model.router.route(image=True, visual_mask=visual))
+        route.enter_context(held_lora(self.llm))
+        return route, {"inputs_embeds": embeds}
 
     def _step(self, shape: _Shape) -> torch.Tensor:
         out = self.llm(

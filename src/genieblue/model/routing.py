@@ -166,22 +166,45 @@ def _scaled(weight: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class LoRAGroup:
-    """The LoRA of sibling projections that read one input (`SIBLINGS`): the first member called on an
-    input computes x A^T for all of them in one product (their A stacked, scale folded in), each member
-    takes its slice and applies its own B (the group's B is block-diagonal). A fused A's product reads x
-    once, and its backward reads x once and writes one input gradient, where separate ones do it per member.
-    The input and the slices not yet taken are held only until every member has taken its own."""
+    """The LoRA of sibling projections that read one input (`SIBLINGS`), or of one projection alone:
+    the first member called on an input computes x A^T for all of them in one product (their A stacked,
+    scale folded in), each member takes its slice and applies its own B (the group's B is
+    block-diagonal). A fused A's product reads x once, and its backward reads x once and writes one input
+    gradient, where separate ones do it per member. The input and the slices not yet taken are held only
+    until every member has taken its own. During a decode (`held_lora`) the stacked, scaled A is made
+    once, not at every step."""
 
     def __init__(self, members: list[LoRALinear]):
         self.members = members
         self._input: torch.Tensor | None = None
         self._left: dict[int, torch.Tensor] = {}
+        self._held: torch.Tensor | None = None  # the weight `hold` made (kept for the next hold)
+        self._holding = False
+
+    def weight(self) -> torch.Tensor:
+        """The members' A stacked, their scale folded in."""
+        if self._holding:
+            return self._held
+        a = [m.lora_A for m in self.members]
+        return _scaled(a[0] if len(a) == 1 else torch.cat(a), self.members[0].scaling)
+
+    def hold(self) -> None:
+        """Make the weight once and use it until `release` (the weights must not change meanwhile). It
+        is written into the previous hold's tensor, so a CUDA graph captured in one decode reads the next's."""
+        with torch.no_grad():
+            weight = self.weight()
+            like = (weight.shape, weight.dtype, weight.device)
+            same = self._held is not None and (self._held.shape, self._held.dtype, self._held.device) == like
+            self._held = self._held.copy_(weight) if same else weight.clone()
+        self._holding = True
+
+    def release(self) -> None:
+        self._holding = False
 
     def project(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
         index = self.members.index(member)
         if x is not self._input or index not in self._left:
-            stacked = torch.cat([m.lora_A for m in self.members])
-            z = F.linear(x, _scaled(stacked, member.scaling)).split([m.lora_A.shape[0] for m in self.members], -1)
+            z = F.linear(x, self.weight()).split([m.lora_A.shape[0] for m in self.members], -1)
             self._input, self._left = x, dict(enumerate(z))
         z = self._left.pop(index)
         if not self._left:
@@ -191,7 +214,8 @@ class LoRAGroup:
 
 def group_siblings(root: nn.Module) -> list[LoRAGroup]:
     """Join the LoRA of every sibling set (`SIBLINGS`) under `root` whose members are all fusable
-    `LoRALinear`s of one input width, scale and dtype into a `LoRAGroup`; returns the groups."""
+    `LoRALinear`s of one input width, scale and dtype into a `LoRAGroup`, and every other fusable
+    `LoRALinear` into a group of its own; returns the groups."""
     groups = []
     for parent in root.modules():
         for names in SIBLINGS:
@@ -200,11 +224,29 @@ def group_siblings(root: nn.Module) -> list[LoRAGroup]:
                 continue
             if len({(m.lora_A.shape[1], m.scaling, m.lora_A.dtype) for m in members}) != 1:
                 continue
-            group = LoRAGroup(members)
-            for member in members:
-                member.group = group
-            groups.append(group)
+            groups.append(LoRAGroup(members))
+    grouped = {id(m) for group in groups for m in group.members}
+    groups += [
+        LoRAGroup([m]) for m in root.modules() if isinstance(m, LoRALinear) and m.fusable and id(m) not in grouped
+    ]
+    for group in groups:
+        for member in group.members:
+            member.group = group
     return groups
+
+
+@contextlib.contextmanager
+def held_lora(root: nn.Module):
+    """Within it (a decode: no weight changes between its steps), each LoRA group's stacked, scaled A
+    under `root` is made once, on entry (`LoRAGroup.hold`), instead of at every step."""
+    groups = list({id(m.group): m.group for m in root.modules() if isinstance(m, LoRALinear) and m.group}.values())
+    for group in groups:
+        group.hold()
+    try:
+        yield
+    finally:
+        for group in groups:
+            group.release()
 
 
 class Expert(_Wrapper):
