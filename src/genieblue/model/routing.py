@@ -157,7 +157,10 @@ class LoRALinear(_Wrapper):
         then the B product added to the original's fresh output in place (addmm_: y += z B^T)."""
         z = self.group.project(self, x) if self.group is not None else F.linear(x, _scaled(self.lora_A, self.scaling))
         y = self.original(x.reshape(-1, x.shape[-1]))  # 2-D: a new tensor, not a view (in place is cheap)
-        y.addmm_(z.reshape(-1, z.shape[-1]).to(y.dtype), self.lora_B.t().to(y.dtype))
+        b = self.lora_B
+        if z.dtype != y.dtype or b.dtype != y.dtype:  # under autocast: the update in the output's dtype
+            z, b = z.to(y.dtype), b.to(y.dtype)
+        y.addmm_(z.reshape(-1, z.shape[-1]), b.t())
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
