@@ -207,7 +207,8 @@ class LoRAGroup:
     def project(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
         index = self.members.index(member)
         if x is not self._input or index not in self._left:
-            z = F.linear(x, self.weight()).split([m.lora_A.shape[0] for m in self.members], -1)
+            z = F.linear(x, self.weight())
+            z = z.split([m.lora_A.shape[0] for m in self.members], -1) if len(self.members) > 1 else (z,)
             self._input, self._left = x, dict(enumerate(z))
         z = self._left.pop(index)
         if not self._left:
