@@ -193,12 +193,16 @@ class LoRAGroup:
 
     def hold(self) -> None:
         """Make the weight once and use it until `release` (the weights must not change meanwhile). It
-        is written into the previous hold's tensor, so a CUDA graph captured in one decode reads the next's."""
+        is written into the previous hold's tensor, so a CUDA graph captured in one decode reads the
+        next's (marked a static address for torch.compile's graphs too, as transformers' StaticCache is)."""
         with torch.no_grad():
             weight = self.weight()
             like = (weight.shape, weight.dtype, weight.device)
-            same = self._held is not None and (self._held.shape, self._held.dtype, self._held.device) == like
-            self._held = self._held.copy_(weight) if same else weight.clone()
+            if self._held is not None and (self._held.shape, self._held.dtype, self._held.device) == like:
+                self._held.copy_(weight)
+            else:
+                self._held = weight.clone()
+                torch._dynamo.mark_static_address(self._held)
         self._holding = True
 
     def release(self) -> None:
