@@ -138,7 +138,7 @@ class LoRALinear(_Wrapper):
     def forward(self, x):
         if not self._router.image:
             return self.original(x)
-        if self._router.fused_lora and self.fusable:
+        if self._router.fused_lora and self.group is not None:
             return self.fused(x)
         return self.original(x) + self.low_rank(x)
 
@@ -148,14 +148,15 @@ class LoRALinear(_Wrapper):
 
     @property
     def fusable(self) -> bool:
-        """A float linear with trainable A and B (not deploy's quantised form): `fused` applies."""
+        """A float linear with trainable A and B (not deploy's quantised form): `fused` applies, once
+        `group_siblings` has given it a group."""
         return isinstance(self.lora_A, nn.Parameter) and isinstance(self.original, nn.Linear)
 
     def fused(self, x):
         """`original(x) + low_rank(x)` in two products and no op of its own on activations: x A'^T with
         A' = A * alpha / r (the scale folded into the small A; one product with the siblings in `group`),
         then the B product added to the original's fresh output in place (addmm_: y += z B^T)."""
-        z = self.group.project(self, x) if self.group is not None else F.linear(x, _scaled(self.lora_A, self.scaling))
+        z = self.group.project(self, x)
         y = self.original(x.reshape(-1, x.shape[-1]))  # 2-D: a new tensor, not a view (in place is cheap)
         b = self.lora_B
         if z.dtype != y.dtype or b.dtype != y.dtype:  # under autocast: the update in the output's dtype
