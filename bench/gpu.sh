@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # genieblue on one GPU in a few minutes, offline: the paper's Qwen2.5-3B stage-2 recipe at its real size
-# through the CLI (plain; FSDP2 with a checkpoint, --resume and a reload), the text path checked against
-# the base on the GPU, a chat with an image, `serve` under 1 and 16 clients, training throughput per
-# strategy and decode through the serving engine. Random-weight 3B-shaped models (bench/recipe_3b.py):
-# nothing is downloaded.
+# through the CLI, training throughput per strategy, decode through the serving engine, `serve` under 1
+# and 16 clients, the recipe under FSDP2 (a checkpoint, --resume and a reload), the text path checked
+# against the base on the GPU, and a chat with an image, in that order (what a GPU has measured least
+# comes first). Random-weight 3B-shaped models (bench/recipe_3b.py): nothing is downloaded.
 #
 #   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt
 #
-# Environment: STAGES (default recipe,fsdp,exact,chat,serve,train,decode), WORK (scratch, default
+# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat), WORK (scratch, default
 # /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the built-in base's), WHEELS (a folder of
 # wheels installed first into a private site, for a machine without a package index), SMALL=1 (tiny
 # shapes and few steps: a CPU rehearsal of this script, as tests/test_bench.py runs it).
@@ -15,7 +15,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
 WORK=${WORK:-/tmp/genieblue-gpu}
-STAGES=${STAGES:-recipe,fsdp,exact,chat,serve,train,decode}
+STAGES=${STAGES:-recipe,train,decode,serve,fsdp,exact,chat}
 SMALL=${SMALL:-}
 # offline: no hub kernels either (transformers would fetch kernels-community ones for a model on a GPU)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 USE_HUB_KERNELS=NO TRANSFORMERS_VERBOSITY=error
@@ -29,16 +29,16 @@ fi
 has() { [[ ,$STAGES, == *,$1,* ]]; }
 t0=$(date +%s)
 lap() { echo "== $1: ${2:-done} at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"; }
-run() {  # run NAME TIMEOUT CMD...: output to OUT/NAME.log, its status in summary.txt
+run() {  # run NAME TIMEOUT CMD...: its output in OUT/NAME.log (errors and warnings: NAME.err), its status in summary.txt
   local name=$1 limit=$2; shift 2
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>"$OUT/$name.err"
   local rc=$?
   lap "$name" "rc=$rc"
   return $rc
 }
 GB=(python3 -m genieblue.cli)
 if [[ -n $SMALL ]]; then
-  SHAPE=() STEPS=2 FSDP=(--num_processes 2 --fsdp_sync_module_states false --mixed_precision no) TOKENS=8
+  SHAPE=(--shape tiny) STEPS=2 FSDP=(--num_processes 2 --fsdp_sync_module_states false --mixed_precision no) TOKENS=8
 else
   SHAPE=(--shape qwen2.5-3b) STEPS=4 FSDP=(--num_processes 1) TOKENS=64
 fi
@@ -57,6 +57,30 @@ if has recipe; then
   cp "$WORK/plain/metrics.jsonl" "$OUT/train_plain_metrics.jsonl" 2>/dev/null
 fi
 MODEL=$WORK/plain/final
+
+if has train; then
+  seq=$([[ -n $SMALL ]] && echo 256 || echo 4096)
+  run train_throughput 400 python3 bench/train_throughput.py "${SHAPE[@]}" --seq $seq --profile --json
+  run train_throughput_ckpt 400 python3 bench/train_throughput.py "${SHAPE[@]}" --seq $seq --checkpointing --profile --json
+fi
+
+if has decode; then
+  modes=generate,eager; [[ -z $SMALL ]] && modes=generate,graph
+  run decode 400 python3 bench/decode.py "${SHAPE[@]}" --tokenizer "$TOK" --modes $modes --tokens $TOKENS --clients 16 --json
+fi
+
+if has serve; then
+  port=$((8100 + RANDOM % 500))
+  "${GB[@]}" serve -m "$MODEL" --port $port >"$OUT/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; kill -0 $server || break; sleep 0.5; done
+  curl -s "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: application/json' \
+    -d '{"model": "m", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' >"$OUT/serve_request.json"
+  lap serve_request "$(head -c 300 "$OUT/serve_request.json")"
+  run serve_load 300 python3 bench/serve_load.py --url "http://127.0.0.1:$port" --clients 16 --requests 2 \
+    --max-tokens $TOKENS --json
+  kill $server; wait $server 2>/dev/null
+fi
 
 if has fsdp; then  # FSDP2 as shipped: a checkpoint at step 2, the final model at 3, then --resume from step 2
   rm -rf "$WORK/fsdp" "$WORK/fsdp-resume"
@@ -91,26 +115,4 @@ if has chat; then
   run chat_image 300 "${GB[@]}" chat -m "$MODEL" -i "$WORK/red.png" "What colour is the picture?" --max-new-tokens 16
 fi
 
-if has serve; then
-  port=$((8100 + RANDOM % 500))
-  "${GB[@]}" serve -m "$MODEL" --port $port >"$OUT/serve.log" 2>&1 &
-  server=$!
-  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; kill -0 $server || break; sleep 0.5; done
-  curl -s "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: application/json' \
-    -d '{"model": "m", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' >"$OUT/serve_request.json"
-  lap serve_request "$(head -c 300 "$OUT/serve_request.json")"
-  run serve_load 300 python3 bench/serve_load.py --url "http://127.0.0.1:$port" --clients 16 --requests 2 \
-    --max-tokens $TOKENS --json
-  kill $server; wait $server 2>/dev/null
-fi
-
-if has train; then
-  run train_throughput 400 python3 bench/train_throughput.py "${SHAPE[@]}" --seq $([[ -n $SMALL ]] && echo 256 || echo 4096) --json
-  run train_throughput_ckpt 400 python3 bench/train_throughput.py "${SHAPE[@]}" --seq $([[ -n $SMALL ]] && echo 256 || echo 4096) --checkpointing --json
-fi
-
-if has decode; then
-  modes=generate,eager; [[ -z $SMALL ]] && modes=generate,graph
-  run decode 400 python3 bench/decode.py "${SHAPE[@]}" --tokenizer "$TOK" --modes $modes --tokens $TOKENS --clients 16 --json
-fi
 lap total

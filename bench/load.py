@@ -28,14 +28,9 @@ from pathlib import Path
 import torch
 from recipe_3b import VISION as SO400M
 from train_throughput import SHAPES as TRAIN_SHAPES
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM
 
-SHAPES = {
-    "qwen2.5-0.5b": TRAIN_SHAPES["qwen2.5-0.5b"],
-    "tiny": lambda: Qwen2Config(  # for the bench's own test
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4
-    ),
-}
+SHAPES = {name: TRAIN_SHAPES[name] for name in ("qwen2.5-0.5b", "tiny")}
 
 SO400M_TOWER = dict(SO400M, model_type="siglip_vision_model", num_attention_heads=16, downsample=1)  # as the recipe
 TOWERS = {"resnet": None, "siglip-so400m": SO400M_TOWER}

@@ -41,6 +41,15 @@ from genieblue.train.loss import CHUNK, causal_lm_loss
 from genieblue.train.optim import build_optimizer
 
 SHAPES = {
+    "tiny": lambda: LlamaConfig(  # the benches' own tests: the built-in tokenizer's vocabulary, 4 small blocks
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     "smollm2-135m": lambda: LlamaConfig(
         vocab_size=49152,
         hidden_size=576,

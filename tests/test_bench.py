@@ -1,7 +1,8 @@
 """The CPU-runnable parts of the GPU script (`bench/gpu.sh`) and of the benchmarks it calls, run for real
 at tiny shapes: the Qwen2.5-3B recipe's files and configs as the script writes them, a training run
-of the shipped recipe through the CLI, the text-path check against the base, a chat with an image,
-and the load-time bench's numbers. (FSDP2 and serving are tested in test_train and test_infer.)"""
+of the shipped recipe through the CLI, the training and decode benches, the text-path check against the
+base, a chat with an image, and the load-time bench's numbers. (FSDP2 and serving are tested in
+test_train and test_infer.)"""
 
 from __future__ import annotations
 
@@ -21,18 +22,28 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.integration
 def test_gpu_script_rehearses_on_a_cpu(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "SMALL": "1", "STAGES": "recipe,exact,chat", "WORK": str(work), "OMP_NUM_THREADS": "1"}
+    stages = "recipe,train,decode,exact,chat"
+    env = {**os.environ, "SMALL": "1", "STAGES": stages, "WORK": str(work), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    assert re.findall(r"== (\w+): rc=(\d+)", summary) == [
-        ("prepare", "0"),
-        ("train_plain", "0"),
-        ("text_exact", "0"),
-        ("chat_image", "0"),
-    ], summary
+    ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "decode", "text_exact", "chat_image"]
+    assert re.findall(r"== (\w+): rc=(\d+)", summary) == [(name, "0") for name in ran], summary
+    # the training bench: every strategy, the B products added in place one per LoRA'd projection (7 a
+    # block: the tiny shape's 4 blocks for LoRA everywhere, 3 for genieblue-skip, whose block 3 is copied),
+    # twice with gradient checkpointing (the forward runs again in the backward)
+    for bench, forwards in (("train_throughput", 1), ("train_throughput_ckpt", 2)):
+        rows = {r["strategy"]: r for r in json.loads((out / f"{bench}.log").read_text())}
+        products = [rows[s]["ops"]["aten::addmm_"] for s in ("full", "lora", "genieblue-skip")]
+        assert products == [0, 28 * forwards, 21 * forwards]
+        assert rows["full"]["speed_vs_full"] == 1 and all(r["tokens_per_s"] > 0 for r in rows.values())
+    # the decode bench: both modes, and a decode step's operator calls per route (LoRA's only on the image path)
+    decode = json.loads((out / "decode.log").read_text())
+    assert set(decode["modes"]) == {"generate", "eager"}
+    assert all(m["text_batch1"] > 0 and m["image_batch1"] > 0 for m in decode["modes"].values())
+    assert 0 < decode["ops_per_step"]["text"]["aten_calls"] < decode["ops_per_step"]["image"]["aten_calls"]
     # the shipped recipe with only base, tower, data and output swapped in
     shipped = yaml.safe_load((ROOT / "configs" / "qwen2.5-3b" / "stage2.yaml").read_text())
     written = yaml.safe_load((work / "stage2.yaml").read_text())
