@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 import torch
 import uvicorn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -105,6 +106,18 @@ def base_dirs(tmp_path_factory):
         model.save_pretrained(root / family)
         out[family] = str(root / family)
     return out
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten calls made while it is active: those of `ops` (overload packets), or all."""
+
+    def __init__(self, ops: tuple = ()):
+        super().__init__()
+        self.ops, self.calls = ops, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += not self.ops or func.overloadpacket in self.ops
+        return func(*args, **(kwargs or {}))
 
 
 def load_reference(path: str):

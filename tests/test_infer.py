@@ -22,11 +22,10 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import TINY_SIGLIP, load_reference, serving
+from conftest import TINY_SIGLIP, CountOps, load_reference, serving
 from genieblue.cli import app as cli
 from genieblue.data import GenieBlueProcessor, collate_prompts, save_processor_settings
 from genieblue.infer.chat import ChatSession
@@ -34,7 +33,7 @@ from genieblue.infer.decode import StaticDecoder
 from genieblue.infer.engine import ContextOverflow, Engine
 from genieblue.infer.server import create_app
 from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
-from genieblue.model.routing import LoRAGroup, LoRALinear
+from genieblue.model.routing import LoRAGroup, LoRALinear, lora_groups
 
 QUESTIONS = ["Hi!", "What is the capital of France?", "Name three colours of the rainbow, please.", "2+2?"]
 N = 8  # max_tokens in most tests
@@ -190,16 +189,6 @@ def test_static_cache_decoding_keeps_the_text_path_the_base_decoded_alike(engine
         StaticDecoder(engine.model, "graph")
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_an_image_decode_makes_each_lora_weight_once_and_takes_up_changed_weights(model_dir, chat_base, monkeypatch):
     """A decode makes each LoRA group's stacked, scaled A once, not at every step (a step saves the cat
     of each sibling set's A and the scaling of every A: 6 ops per LoRA block), gives the tokens of the
@@ -214,13 +203,13 @@ def test_an_image_decode_makes_each_lora_weight_once_and_takes_up_changed_weight
     def per_step() -> float:
         counts = []
         for n in (2, 6):
-            with _CountOps() as counter:
+            with CountOps() as counter:
                 decoder.generate(**batch, max_new_tokens=n)
             counts.append(counter.calls)
         return (counts[1] - counts[0]) / 4
 
     held = per_step()
-    groups = {id(m.group): m.group for m in model.modules() if isinstance(m, LoRALinear)}.values()
+    groups = lora_groups(model)
     tensors = [g._held for g in groups]
     lora_blocks = len(model.strategy.lora_indices(len(model.llm.model.layers)))
     with monkeypatch.context() as patch:

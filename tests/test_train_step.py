@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILY_CONFIGS, TINY_SIGLIP, load_reference
+from conftest import FAMILY_CONFIGS, TINY_SIGLIP, CountOps, load_reference
 from genieblue import GenieBlueForConditionalGeneration
 from genieblue.model import IMAGE_TOKEN_INDEX
 from genieblue.model.routing import LoRAGroup, LoRALinear
@@ -112,17 +111,6 @@ def test_fast_step_with_gradient_checkpointing_gives_the_plain_steps_gradients(f
     _assert_same_step(ours, _step(model, batch, _reference_loss))
 
 
-class _CountProducts(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_siblings_share_one_lora_a_product():
     """q/k/v and gate/up of every LoRA block form a group, and a step really shares their A product:
     per LoRA block, 4 A products instead of 7 forward, and 4 A gradients and 4 input gradients instead
@@ -140,7 +128,7 @@ def test_siblings_share_one_lora_a_product():
     counts = {}
     for fused in (True, False):
         model.router.fused_lora = fused
-        with _CountProducts() as counter:
+        with CountOps((torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)) as counter:
             causal_lm_loss(model, batch, 10).backward()
         counts[fused] = counter.calls
     assert counts[False] - counts[True] == 9 * len(lora_blocks)

@@ -244,11 +244,16 @@ def group_siblings(root: nn.Module) -> list[LoRAGroup]:
     return groups
 
 
+def lora_groups(root: nn.Module) -> list[LoRAGroup]:
+    """The LoRA groups under `root` (each once), as `group_siblings` formed them."""
+    return list({id(m.group): m.group for m in root.modules() if isinstance(m, LoRALinear) and m.group}.values())
+
+
 @contextlib.contextmanager
 def held_lora(root: nn.Module):
     """Within it (a decode: no weight changes between its steps), each LoRA group's stacked, scaled A
     under `root` is made once, on entry (`LoRAGroup.hold`), instead of at every step."""
-    groups = list({id(m.group): m.group for m in root.modules() if isinstance(m, LoRALinear) and m.group}.values())
+    groups = lora_groups(root)
     for group in groups:
         group.hold()
     try:
