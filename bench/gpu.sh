@@ -60,8 +60,10 @@ MODEL=$WORK/plain/final
 
 if has train; then
   seq=$([[ -n $SMALL ]] && echo 256 || echo 4096)
-  run train_throughput 400 python3 bench/train_throughput.py "${SHAPE[@]}" --seq $seq --profile --json
-  run train_throughput_ckpt 400 python3 bench/train_throughput.py "${SHAPE[@]}" --seq $seq --checkpointing --profile --json
+  tt=(python3 bench/train_throughput.py "${SHAPE[@]}" --seq $seq --json)
+  run train_throughput 400 "${tt[@]}" --precision amp --profile  # as `genieblue train` runs: fp32 weights, bf16 autocast
+  run train_throughput_ckpt 400 "${tt[@]}" --precision amp --checkpointing --profile
+  run train_throughput_bf16 300 "${tt[@]}" --precision bf16  # every weight and AdamW state in bf16 (the regime of the 2026-12-04 GPU figures)
 fi
 
 if has decode; then

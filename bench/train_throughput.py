@@ -8,22 +8,28 @@ the config is built from a name or JSON file).
     python bench/train_throughput.py --baseline                       # every lever off (the step before issue 30)
     python bench/train_throughput.py --json
 
-One sample of `--seq` tokens with one image; every text token is labelled. Levers (each on by
+One sample of `--seq` tokens with one image; every text token is labelled. `--precision`: `amp`
+(float32 weights, bf16 autocast: what `genieblue train` runs on a GPU, the default there), `bf16`
+(every weight and optimizer state in bf16) or `fp32` (the default on a CPU). Levers (each on by
 default, off by its flag, for A/B runs): `--plain-lora` (LoRA as B(A(x)) * scale per projection,
 not the fused update of `routing.LoRALinear.fused`), `--full-logits` (the loss over every
 labelled position's logits at once, not `train.loss`'s chunks), `--foreach-adamw` (AdamW without
-fused=True); `--compile` turns torch.compile of the decoder blocks on. `--profile` counts the
-operator calls (aten ops; on a GPU also kernels) of one more step with torch.profiler.
+fused=True), `--fp32-base` (under amp, the base's frozen projections in float32, not in bf16 as
+`cast_base_projections` holds them); `--compile` turns torch.compile of the decoder blocks on.
+`--profile` counts the operator calls (aten ops; on a GPU also kernels) of one more step with
+torch.profiler.
 
-Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU. On a
-CPU shared with other work, `cpu_s` (the process's CPU seconds per step; run one thread,
-OMP_NUM_THREADS=1) is steadier than wall time; `cpu_time_vs_full` is its speed ratio.
+Peak memory is torch.cuda.max_memory_allocated on a GPU; on a CPU, the process's peak RSS above its
+RSS before the model was built. On a CPU shared with other work, `cpu_s` (the process's CPU seconds
+per step; run one thread, OMP_NUM_THREADS=1) is steadier than wall time; `cpu_time_vs_full` is its
+speed ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import resource
 import subprocess
@@ -108,10 +114,17 @@ OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::mul", "aten::add", "ate
 
 
 def training_step(
-    model, seq: int, device: str, chunk: int | None = CHUNK, fused_adamw: bool = True, fused_lora: bool = True
+    model,
+    seq: int,
+    device: str,
+    chunk: int | None = CHUNK,
+    fused_adamw: bool = True,
+    fused_lora: bool = True,
+    autocast: bool = False,
 ):
-    """One training step of `model` as the trainer takes it (`causal_lm_loss`, `build_optimizer`), as a
-    function: one sample of `seq` tokens with one image, every text token labelled."""
+    """One training step of `model` as the trainer takes it (`causal_lm_loss`, `build_optimizer`, under
+    bf16 autocast with `autocast`), as a function: one sample of `seq` tokens with one image, every
+    text token labelled."""
     per = model.vision.tokens_per_tile
     ids = torch.randint(100, model.llm.config.vocab_size, (1, seq), device=device)
     ids[:, 8 : 8 + per] = IMAGE_TOKEN_INDEX
@@ -122,7 +135,9 @@ def training_step(
 
     def step():
         model.router.fused_lora = fused_lora
-        causal_lm_loss(model, batch, n_tokens, chunk).backward()
+        with torch.autocast(device, torch.bfloat16) if autocast else contextlib.nullcontext():
+            loss = causal_lm_loss(model, batch, n_tokens, chunk)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -131,9 +146,25 @@ def training_step(
     return step
 
 
-def measure(model, seq: int, steps: int, device: str, checkpointing: bool, profile: bool = False, **levers) -> dict:
+def rss() -> int:
+    """This process's resident memory now, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(
+    model,
+    seq: int,
+    steps: int,
+    device: str,
+    checkpointing: bool,
+    profile: bool = False,
+    rss_before: int = 0,
+    **levers,
+) -> dict:
     """tokens/s, seconds and peak memory of `steps` training steps (`training_step` with `levers`) after
-    one untimed warm-up step; with `profile`, the operator calls of one more step."""
+    one untimed warm-up step; with `profile`, the operator calls of one more step. On a CPU the peak
+    is the peak RSS above `rss_before` (the RSS before the model was built)."""
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable()
@@ -150,7 +181,7 @@ def measure(model, seq: int, steps: int, device: str, checkpointing: bool, profi
     peak = (
         torch.cuda.max_memory_allocated()
         if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     )
     row = {
         "tokens_per_s": seq * len(times) / sum(times),
@@ -204,55 +235,31 @@ def main() -> None:
     parser.add_argument("--plain-lora", action="store_true", help="LoRA as B(A(x)) * scale per projection")
     parser.add_argument("--full-logits", action="store_true", help="all labelled positions' logits at once")
     parser.add_argument("--foreach-adamw", action="store_true", help="AdamW without fused=True")
+    parser.add_argument("--fp32-base", action="store_true", help="amp: the base's projections in float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks (image path)")
-    parser.add_argument("--baseline", action="store_true", help="--plain-lora --full-logits --foreach-adamw")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--baseline", action="store_true", help="every lever off")
+    parser.add_argument("--precision", choices=("amp", "bf16", "fp32"), help="default: amp on a GPU, fp32 on a CPU")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.baseline:
-        args.plain_lora = args.full_logits = args.foreach_adamw = True
+        args.plain_lora = args.full_logits = args.foreach_adamw = args.fp32_base = True
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
+    precision = args.precision or ("amp" if device == "cuda" else "fp32")
     strategies = args.strategies.split(",")
     if device == "cpu" and len(strategies) > 1:  # peak RSS never goes down: one process per strategy
         rows = [_run_alone(strategy) for strategy in strategies]
     else:
         rows = []
         for strategy in strategies:
-            model = build(args.shape, strategy, device, dtype)
-            if args.compile:
-                model.compile_blocks()
-            result = measure(
-                model,
-                args.seq,
-                args.steps,
-                device,
-                args.checkpointing,
-                args.profile,
-                chunk=None if args.full_logits else CHUNK,
-                fused_adamw=not args.foreach_adamw,
-                fused_lora=not args.plain_lora,
-            )
-            levers = {k: getattr(args, k) for k in ("plain_lora", "full_logits", "foreach_adamw", "compile")}
-            rows.append(
-                {
-                    "strategy": strategy,
-                    "shape": args.shape,
-                    "seq": args.seq,
-                    "device": device,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "checkpointing": args.checkpointing,
-                    "levers_off": [k for k, v in levers.items() if v and k != "compile"],
-                    "compile": args.compile,
-                    **result,
-                }
-            )
-            del model
+            try:
+                rows.append(_row(args, strategy, device, precision))
+            except torch.OutOfMemoryError:  # e.g. full fine-tuning of the 3B shape on an 80 GB card
+                rows.append({"strategy": strategy, "error": "out of memory"})
             if device == "cuda":
                 torch.cuda.empty_cache()
-    full = next((r for r in rows if r["strategy"] == "full"), None)
+    full = next((r for r in rows if r["strategy"] == "full" and "error" not in r), None)
     for r in rows:
-        if full:
+        if full and "error" not in r:
             r["speed_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
             r["memory_vs_full"] = r["peak_bytes"] / full["peak_bytes"]
             r["cpu_time_vs_full"] = full["cpu_s"] / r["cpu_s"]
@@ -262,14 +269,55 @@ def main() -> None:
     _print(rows)
 
 
+def _row(args, strategy: str, device: str, precision: str) -> dict:
+    """The measured row of one strategy (a fresh model)."""
+    rss_before = rss() if device == "cpu" else 0
+    model = build(args.shape, strategy, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    if precision == "amp" and not args.fp32_base:
+        model.cast_base_projections(torch.bfloat16)
+    if args.compile:
+        model.compile_blocks()
+    result = measure(
+        model,
+        args.seq,
+        args.steps,
+        device,
+        args.checkpointing,
+        args.profile,
+        rss_before,
+        chunk=None if args.full_logits else CHUNK,
+        fused_adamw=not args.foreach_adamw,
+        fused_lora=not args.plain_lora,
+        autocast=precision == "amp",
+    )
+    names = ("plain_lora", "full_logits", "foreach_adamw", "fp32_base", "compile")
+    levers = {k: getattr(args, k) for k in names if k != "fp32_base" or precision == "amp"}
+    return {
+        "strategy": strategy,
+        "shape": args.shape,
+        "seq": args.seq,
+        "device": device,
+        "precision": precision,
+        "checkpointing": args.checkpointing,
+        "levers_off": [k for k, v in levers.items() if v and k != "compile"],
+        "compile": args.compile,
+        **result,
+    }
+
+
 def _print(rows: list[dict]) -> None:
-    first = rows[0]
-    off = ", ".join(first["levers_off"]) or "none"
-    print(f"{first['shape']} · seq {first['seq']} · {first['device']} {first['dtype']} · checkpointing ", end="")
-    print(f"{first['checkpointing']} · levers off: {off} · compile {first['compile']}")
+    measured = [r for r in rows if "error" not in r]
+    first = measured[0] if measured else {}
+    if first:
+        off = ", ".join(first["levers_off"]) or "none"
+        print(f"{first['shape']} · seq {first['seq']} · {first['device']} {first['precision']} · ", end="")
+        print(f"checkpointing {first['checkpointing']} · levers off: {off} · compile {first['compile']}")
     print(f"{'strategy':16} {'tok/s':>9} {'step s':>8} {'cpu s':>7} {'peak GiB':>9} {'vs full speed':>14} ", end="")
     print(f"{'(cpu time)':>10} {'vs full mem':>12}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['strategy']:16} {r['error']}")
+            continue
         print(
             f"{r['strategy']:16} {r['tokens_per_s']:9.0f} {r['step_s']:8.2f} {r['cpu_s']:7.2f} "
             f"{r['peak_bytes'] / 2**30:9.2f} {r.get('speed_vs_full', float('nan')):14.2f} "
@@ -281,7 +329,7 @@ def _print(rows: list[dict]) -> None:
     print("\noperator calls per step (torch.profiler; aten ops nested ones included)")
     header = f"{'strategy':16} {'aten ops':>9}" + (f" {'kernels':>8}" if kernels else "")
     print(header + "".join(f" {name.removeprefix('aten::'):>7}" for name in OPS))
-    for r in rows:
+    for r in measured:
         line = f"{r['strategy']:16} {r['aten_calls']:9d}" + (f" {r['kernels']:8d}" if kernels else "")
         print(line + "".join(f" {r['ops'][name]:7d}" for name in OPS))
 

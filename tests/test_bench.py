@@ -29,15 +29,18 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "decode", "text_exact", "chat_image"]
+    ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "train_throughput_bf16", "decode"]
+    ran += ["text_exact", "chat_image"]
     assert re.findall(r"== (\w+): rc=(\d+)", summary) == [(name, "0") for name in ran], summary
-    # the training bench: every strategy, the B products added in place one per LoRA'd projection (7 a
-    # block: the tiny shape's 4 blocks for LoRA everywhere, 3 for genieblue-skip, whose block 3 is copied),
-    # twice with gradient checkpointing (the forward runs again in the backward)
-    for bench, forwards in (("train_throughput", 1), ("train_throughput_ckpt", 2)):
+    # the training bench, as the trainer runs (amp) and all in bf16: every strategy, the B products added
+    # in place one per LoRA'd projection (7 a block: the tiny shape's 4 blocks for LoRA everywhere, 3 for
+    # genieblue-skip, whose block 3 is copied), twice with gradient checkpointing (the forward runs again)
+    for bench, forwards in (("train_throughput", 1), ("train_throughput_ckpt", 2), ("train_throughput_bf16", 0)):
         rows = {r["strategy"]: r for r in json.loads((out / f"{bench}.log").read_text())}
-        products = [rows[s]["ops"]["aten::addmm_"] for s in ("full", "lora", "genieblue-skip")]
-        assert products == [0, 28 * forwards, 21 * forwards]
+        assert {r["precision"] for r in rows.values()} == {"bf16" if bench.endswith("bf16") else "amp"}
+        if forwards:
+            products = [rows[s]["ops"]["aten::addmm_"] for s in ("full", "lora", "genieblue-skip")]
+            assert products == [0, 28 * forwards, 21 * forwards]
         assert rows["full"]["speed_vs_full"] == 1 and all(r["tokens_per_s"] > 0 for r in rows.values())
     # the decode bench: both modes, and a decode step's operator calls per route (LoRA's only on the image path)
     decode = json.loads((out / "decode.log").read_text())

@@ -311,32 +311,25 @@ def _assert_same_training(one: Path, several: Path, steps: int) -> None:
         torch.testing.assert_close(dist[name], ref[name], rtol=0, atol=1e-5, msg=name)
 
 
+def _torchrun_two(config: Path) -> list[str]:
+    """`genieblue train` in 2 processes under torch's launcher: DDP (over gloo on CPUs)."""
+    cli = ["-m", "genieblue.cli", "train", "--config", str(config)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cli]
+
+
 @pytest.mark.integration
 def test_ddp_two_cpu_processes_equal_one_process(tmp_path, chat_base, synth_data):
     two, one = tmp_path / "ddp2", tmp_path / "ddp1"
     fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=3, save_every=2)
     config = _config(tmp_path, synth_data, **fields, output_dir=str(two))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "genieblue.cli",
-        "train",
-        "--config",
-        str(config),
-    ]
-    stderr = _run_beside_one_process(cmd, tmp_path, synth_data, fields, one)
+    stderr = _run_beside_one_process(_torchrun_two(config), tmp_path, synth_data, fields, one)
     assert "DDP on 2 processes on CPU · fp32" in " ".join(stderr.split())  # DDP over gloo, 2 CPU processes
     _assert_same_training(one, two, 3)
     step2 = load_file(two / "checkpoints" / "step-0000002" / "model" / "delta.safetensors")
     assert any(not torch.equal(t, _delta(two)[n]) for n, t in step2.items())  # a checkpoint written under DDP
 
 
-def _accelerate_launch_fsdp(*args: str, processes: int = 2) -> list[str]:
+def _accelerate_launch_fsdp(*args: str, processes: int = 2, precision: str = "no") -> list[str]:
     """`accelerate launch` as the shipped FSDP config asks (FSDP2, one unit per decoder block), on CPUs:
     accelerate leaves FSDP to the trainer there, which shards with torch's own fully_shard."""
     return [
@@ -358,7 +351,7 @@ def _accelerate_launch_fsdp(*args: str, processes: int = 2) -> list[str]:
         "--num_machines",
         "1",
         "--mixed_precision",
-        "no",
+        precision,
         "--dynamo_backend",
         "no",
         "--main_process_port",
@@ -413,6 +406,29 @@ def test_fsdp2_two_cpu_processes_save_resume_and_load(tmp_path, chat_base, synth
         again = _delta(resumed)
         for name in saved:
             torch.testing.assert_close(again[name], saved[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.integration
+def test_ddp_and_fsdp2_train_alike_with_the_base_projections_held_in_bf16(tmp_path, chat_base, synth_data):
+    """Under bf16 autocast the trainer holds the base's projections in bf16 beside float32 trained
+    weights: DDP's broadcast and FSDP2's all-gather of those mixed dtypes (2 gloo processes) take them,
+    and both train (with gradient checkpointing) and save the same losses and delta."""
+    runs = {}
+    for kind in ("ddp", "fsdp2"):
+        out = tmp_path / kind
+        fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=2, gradient_checkpointing=True)
+        config = _config(tmp_path, synth_data, f"{kind}.yaml", **fields, precision="bf16", output_dir=str(out))
+        cli = ("-m", "genieblue.cli", "train", "--config", str(config))
+        cmd = _torchrun_two(config) if kind == "ddp" else _accelerate_launch_fsdp(*cli, precision="bf16")
+        done = subprocess.run(cmd, env=_env(cpu=True), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "on 2 processes" in done.stderr and "bf16 autocast" in " ".join(done.stderr.split())
+        runs[kind] = (_losses(out), _delta(out))
+    (ddp_losses, ddp_delta), (fsdp_losses, fsdp_delta) = runs["ddp"], runs["fsdp2"]
+    assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-6) and len(ddp_losses) == 2
+    assert fsdp_delta.keys() == ddp_delta.keys() and {t.dtype for t in ddp_delta.values()} == {torch.float32}
+    for name, tensor in ddp_delta.items():
+        torch.testing.assert_close(fsdp_delta[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def test_modes_that_could_not_save_are_refused_before_any_work(tmp_path, chat_base, synth_data, monkeypatch):

@@ -3,7 +3,7 @@ soft-capped Gemma3 models, a step's loss and every trainable gradient equal a re
 here the straightforward way (LoRA as `original(x) + B(A(x)) * alpha / r` per projection, the loss
 from float32 logits of every labelled position at once); sibling projections really share one LoRA A
 product; the text path stays the base's, bit for bit, after fast steps; torch.compile of the blocks
-changes no gradient."""
+changes no gradient; under bf16 autocast, the base's projections held in bf16 change no bit."""
 
 from __future__ import annotations
 
@@ -234,3 +234,75 @@ def test_a_compiled_checkpointed_training_run_takes_the_eager_runs_steps(tmp_pat
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     for name, tensor in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _base_projection_values(family: str) -> int:
+    """The values of an independently built base's `nn.Linear`s, less a head tied to the embeddings."""
+    base = _base(family)
+    tied = base.get_input_embeddings().weight
+    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear) and m.weight is not tied]
+    return sum(p.numel() for m in linears for p in m.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])  # untied head; q/k/v biases; tied head
+@pytest.mark.parametrize("strategy", ["genieblue-skip", "lora", "full", "cogvlm-skip"])
+def test_base_projections_held_in_bf16_change_nothing_under_bf16_autocast(family, strategy):
+    """What the trainer does under bf16 autocast (`cast_base_projections`): the base's projections go
+    to bf16, embeddings, norms and the whole delta stay float32, and a step's loss and every gradient,
+    and the text path's logits (against an independently built base under the same autocast), are
+    bit for bit what they were with the float32 projections."""
+    model = _model(family, strategy)
+    batch = _batch(model)
+    delta = {k: v.clone() for k, v in model.delta_state_dict().items()}
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", torch.bfloat16):
+        before = _step(model, batch, causal_lm_loss)
+        assert model.cast_base_projections(torch.bfloat16) == _base_projection_values(family)
+        after = _step(model, batch, causal_lm_loss)
+        with torch.no_grad():
+            text = model.eval()(ids).logits
+            reference = _base(family).eval()(ids).logits
+    assert torch.equal(after[0], before[0])
+    assert after[1].keys() == before[1].keys()
+    assert all(torch.equal(after[1][name], grad) for name, grad in before[1].items())
+    assert torch.equal(text, reference)
+    held = {p.dtype for m in model.llm.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+    assert torch.bfloat16 in held
+    assert model.llm.get_input_embeddings().weight.dtype == torch.float32
+    now = model.delta_state_dict()
+    assert all(now[k].dtype == torch.float32 and torch.equal(now[k], v) for k, v in delta.items())
+
+
+@pytest.mark.integration
+def test_the_trainer_under_bf16_autocast_trains_as_with_float32_base_projections(tmp_path, chat_base, synth_data):
+    """The trainer holds the base's projections in bf16 under bf16 autocast (here on a CPU, with gradient
+    checkpointing): its losses and saved delta are bit for bit those of the same run with them in float32."""
+    runs, cast = {}, []
+    original = GenieBlueForConditionalGeneration.cast_base_projections
+    for held in (True, False):
+
+        def spy(self, dtype, held=held):
+            cast.append((dtype, original(self, dtype) if held else 0))
+            return cast[-1][1]
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(GenieBlueForConditionalGeneration, "cast_base_projections", spy)
+            cfg = TrainConfig(
+                llm=chat_base,
+                vision=TINY_SIGLIP,
+                data=[{"path": str(synth_data["train"])}],
+                max_length=256,
+                batch_size=2,
+                max_steps=2,
+                lr=1e-3,
+                precision="bf16",
+                gradient_checkpointing=True,
+                output_dir=str(tmp_path / f"run-{held}"),
+            )
+            final = Trainer(cfg).run()
+        log = [json.loads(line) for line in (tmp_path / f"run-{held}" / "metrics.jsonl").read_text().splitlines()]
+        runs[held] = ([r["loss"] for r in log], load_file(final / "delta.safetensors"))
+    assert [dtype for dtype, _ in cast] == [torch.bfloat16, torch.bfloat16] and cast[0][1] > 0
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1].keys() == runs[False][1].keys()
+    assert all(torch.equal(runs[True][1][k], v) for k, v in runs[False][1].items())

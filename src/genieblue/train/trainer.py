@@ -129,7 +129,8 @@ def _restart_metrics(path: Path, last_step: int) -> None:
 
 def _precision(name: str, device: torch.device) -> str:
     """`auto`: bf16 autocast on a GPU that has it, and on a CPU with native bf16 matrix units (AVX512-BF16
-    or AMX: matmuls ~8x faster than fp32 there); else fp32. Master weights stay fp32 either way."""
+    or AMX: matmuls ~8x faster than fp32 there); else fp32. Trained weights stay fp32 either way (the
+    base's frozen projections are held in the autocast dtype: `cast_base_projections`)."""
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -138,6 +139,7 @@ def _precision(name: str, device: torch.device) -> str:
 
 
 PRECISION_WORDS = {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "no": "fp32"}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _progress(console: Console) -> Progress:
@@ -268,6 +270,8 @@ class Trainer:
                 "lower batch_size/grad_accum or max_length"
             )
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        if self.precision in AUTOCAST_DTYPES:  # autocast computes the frozen projections in its dtype anyway
+            model.cast_base_projections(AUTOCAST_DTYPES[self.precision])
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.compile:
