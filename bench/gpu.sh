@@ -2,12 +2,13 @@
 # genieblue on one GPU in a few minutes, offline: the paper's Qwen2.5-3B stage-2 recipe at its real size
 # through the CLI, training throughput per strategy, decode through the serving engine, `serve` under 1
 # and 16 clients, the recipe under FSDP2 (a checkpoint, --resume and a reload), the text path checked
-# against the base on the GPU, and a chat with an image, in that order (what a GPU has measured least
-# comes first). Random-weight 3B-shaped models (bench/recipe_3b.py): nothing is downloaded.
+# against the base on the GPU, a chat with an image, and last torch.compile'd decode (minutes of
+# compiling), in that order (what a GPU has measured least comes first). Random-weight 3B-shaped models
+# (bench/recipe_3b.py): nothing is downloaded.
 #
 #   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt
 #
-# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat), WORK (scratch, default
+# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,compile), WORK (scratch, default
 # /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the built-in base's), WHEELS (a folder of
 # wheels installed first into a private site, for a machine without a package index), SMALL=1 (tiny
 # shapes and few steps: a CPU rehearsal of this script, as tests/test_bench.py runs it).
@@ -15,7 +16,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
 WORK=${WORK:-/tmp/genieblue-gpu}
-STAGES=${STAGES:-recipe,train,decode,serve,fsdp,exact,chat}
+STAGES=${STAGES:-recipe,train,decode,serve,fsdp,exact,chat,compile}
 SMALL=${SMALL:-}
 # offline: no hub kernels either (transformers would fetch kernels-community ones for a model on a GPU)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 USE_HUB_KERNELS=NO TRANSFORMERS_VERBOSITY=error
@@ -115,6 +116,12 @@ fi
 if has chat; then
   python3 -c "from PIL import Image; Image.new('RGB', (384, 384), (200, 30, 30)).save('$WORK/red.png')"
   run chat_image 300 "${GB[@]}" chat -m "$MODEL" -i "$WORK/red.png" "What colour is the picture?" --max-new-tokens 16
+fi
+
+if has compile; then  # a GPU only: the compiled text path's tokens against the base compiled alike, then its speed
+  run text_exact_compile 300 python3 bench/text_exact.py "$MODEL" --modes compile --json
+  run decode_compile 500 python3 bench/decode.py "${SHAPE[@]}" --tokenizer "$TOK" --modes compile --tokens $TOKENS \
+    --clients 16 --json
 fi
 
 lap total
