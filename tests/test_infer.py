@@ -33,7 +33,7 @@ from genieblue.infer.decode import StaticDecoder
 from genieblue.infer.engine import ContextOverflow, Engine
 from genieblue.infer.server import create_app
 from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
-from genieblue.model.routing import LoRAGroup, LoRALinear, lora_groups
+from genieblue.model.routing import LoRAGroup, LoRALinear, held_lora, lora_groups
 
 QUESTIONS = ["Hi!", "What is the capital of France?", "Name three colours of the rainbow, please.", "2+2?"]
 N = 8  # max_tokens in most tests
@@ -190,31 +190,39 @@ def test_static_cache_decoding_keeps_the_text_path_the_base_decoded_alike(engine
 
 
 def test_an_image_decode_makes_each_lora_weight_once_and_takes_up_changed_weights(model_dir, chat_base, monkeypatch):
-    """A decode makes each LoRA group's stacked, scaled A once, not at every step (a step saves the cat
-    of each sibling set's A and the scaling of every A: 6 ops per LoRA block), gives the tokens of the
-    model's own image-path `generate`, and takes up changed weights at its next decode, in the same
-    tensors (a CUDA graph captured in one decode reads the next's)."""
+    """A decode makes each LoRA group's weights once, not at every step, and on the base the decoder
+    shares computes each sibling set's outputs in one product: per LoRA block and step, the ops that
+    launch kernels (mm, addmm, addmm_, cat, mul) fall from 24 (the A of each sibling set stacked and
+    scaled anew, then a product and an in-place B product per projection) to 18 (A held) to 12 (one
+    product of the shared base, one A product and one B product per sibling set). It gives the tokens
+    of the model's own image-path `generate`, and takes up changed weights at its next decode, in the
+    same tensors (a CUDA graph captured in one decode reads the next's)."""
     model = GenieBlueForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base))
     batch = collate_prompts([processor.prompt(_user("What is this?"), [_png(seed=s)]) for s in range(2)], 0)
     decoder = StaticDecoder(model)
     decoder.generate(**batch, max_new_tokens=2)  # the shape's cache is made once
+    kernels = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.cat, torch.ops.aten.mul)
 
     def per_step() -> float:
         counts = []
         for n in (2, 6):
-            with CountOps() as counter:
+            with CountOps(kernels) as counter:
                 decoder.generate(**batch, max_new_tokens=n)
             counts.append(counter.calls)
         return (counts[1] - counts[0]) / 4
 
-    held = per_step()
+    shared = per_step()
     groups = lora_groups(model)
-    tensors = [g._held for g in groups]
+    assert sum(g.share_base() for g in groups) == len(groups) // 2  # q/k/v and gate/up of the 4 groups a block
+    tensors = [(g._held, g._held_b) for g in groups]
     lora_blocks = len(model.strategy.lora_indices(len(model.llm.model.layers)))
     with monkeypatch.context() as patch:
-        patch.setattr(LoRAGroup, "hold", lambda self: None)  # every step makes them anew
-        assert per_step() - held == 6 * lora_blocks
+        patch.setattr(LoRAGroup, "_shares", lambda self: False)  # the siblings' base used apart
+        apart = per_step()
+        patch.setattr(LoRAGroup, "hold", lambda self: None)  # and every step makes the weights anew
+        assert per_step() - apart == 6 * lora_blocks
+    assert apart - shared == 6 * lora_blocks
     before = decoder.generate(**batch, max_new_tokens=N)
     own = lambda: model.generate(**batch, do_sample=False, max_new_tokens=N, min_new_tokens=N)  # noqa: E731
     assert before.tolist() == own().tolist()
@@ -223,9 +231,44 @@ def test_an_image_decode_makes_each_lora_weight_once_and_takes_up_changed_weight
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_A.normal_(std=0.5)
+                m.lora_B.normal_(std=0.5)
     after = decoder.generate(**batch, max_new_tokens=N)
     assert after.tolist() == own().tolist() != before.tolist()
-    assert all(g._held is t for g, t in zip(groups, tensors))
+    assert all(g._held is a and g._held_b is b for g, (a, b) in zip(groups, tensors))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])  # q/k/v with biases; a tied head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_shared_sibling_base_keeps_the_text_path_the_bases_and_the_image_path(base_dirs, family, dtype):
+    """`share_sibling_bases` lays each LoRA block's q/k/v and gate/up weights out in one buffer: the
+    text path's logits stay those of the base loaded on its own (`torch.equal`), and a held image
+    forward, which then takes one product per sibling set (biases included), gives the image path's
+    logits."""
+    model = GenieBlueForConditionalGeneration.from_base(base_dirs[family], TINY_SIGLIP, dtype=dtype).eval()
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.2)
+    per = model.vision.tokens_per_tile
+    ids = torch.randint(3, 128, (2, 12 + per), generator=torch.Generator().manual_seed(0))
+    image = ids.clone()
+    image[:, 2 : 2 + per] = IMAGE_TOKEN_INDEX
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with torch.no_grad():
+        groups = lora_groups(model.llm)
+        assert sum(g.share_base() for g in groups) == len(groups) // 2
+        q = model.llm.model.layers[0].self_attn
+        views = [getattr(q, name).original.weight for name in ("q_proj", "k_proj", "v_proj")]
+        assert len({w.untyped_storage().data_ptr() for w in views}) == 1
+        reference = AutoModelForCausalLM.from_pretrained(base_dirs[family], dtype=dtype).eval()
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+        for m in model.modules():  # biases a fresh model has as zeros, which would test nothing
+            if isinstance(m, LoRALinear) and m.original.bias is not None:
+                m.original.bias.normal_(std=0.5)
+        separate = model(image, pixel_values=pixels).logits
+        with held_lora(model.llm):
+            fused = model(image, pixel_values=pixels).logits
+    torch.testing.assert_close(fused, separate, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5)
 
 
 def test_single_row_equals_the_base_and_the_image_path_differs(engine, base, base_tok):

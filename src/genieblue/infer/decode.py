@@ -26,7 +26,7 @@ import torch
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from ..model.routing import held_lora
+from ..model.routing import held_lora, share_sibling_bases
 
 MODES = ("eager", "graph", "compile")
 MIN_CACHE = 256
@@ -58,6 +58,7 @@ class StaticDecoder:
         self.llm = getattr(model, "llm", model)  # a GenieBlue model's base inside, or the plain model
         if not supports(self.llm):
             raise ValueError(f"{self.llm.config.model_type} has sliding-window layers: decode it with generate")
+        share_sibling_bases(self.llm)  # the image path's sibling projections in one product each
         self._shapes: dict[tuple, _Shape] = {}
         self._compiled = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if mode == "compile" else None
 

@@ -155,7 +155,10 @@ class LoRALinear(_Wrapper):
     def fused(self, x):
         """`original(x) + low_rank(x)` in two products and no op of its own on activations: x A'^T with
         A' = A * alpha / r (the scale folded into the small A; one product with the siblings in `group`),
-        then the B product added to the original's fresh output in place (addmm_: y += z B^T)."""
+        then the B product added to the original's fresh output in place (addmm_: y += z B^T). During a
+        decode on a shared base, the group's one product for all siblings (`LoRAGroup.output`)."""
+        if self.group.outputs_whole:
+            return self.group.output(self, x)
         z = self.group.project(self, x)
         y = self.original(x.reshape(-1, x.shape[-1]))  # 2-D: a new tensor, not a view (in place is cheap)
         b = self.lora_B
@@ -176,7 +179,9 @@ class LoRAGroup:
     block-diagonal). A fused A's product reads x once, and its backward reads x once and writes one input
     gradient, where separate ones do it per member. The input and the slices not yet taken are held only
     until every member has taken its own. During a decode (`held_lora`) the stacked, scaled A is made
-    once, not at every step."""
+    once, not at every step; and where `share_base` has laid the members' frozen weights out in one
+    buffer, the first member computes every member's whole output: one product with that buffer, the
+    biases, and one B product (block-diagonal B) added in place, as the deployed graphs do."""
 
     def __init__(self, members: list[LoRALinear]):
         self.members = members
@@ -184,6 +189,10 @@ class LoRAGroup:
         self._left: dict[int, torch.Tensor] = {}
         self._held: torch.Tensor | None = None  # the weight `hold` made (kept for the next hold)
         self._holding = False
+        self._base: torch.Tensor | None = None  # the members' frozen weights in one buffer (`share_base`)
+        self._held_b: torch.Tensor | None = None  # during a hold on a shared base: B block-diagonal
+        self._held_bias: torch.Tensor | None = None  # and the members' biases concatenated (or None)
+        self._sharing = False
 
     def weight(self) -> torch.Tensor:
         """The members' A stacked, their scale folded in."""
@@ -192,33 +201,103 @@ class LoRAGroup:
         a = [m.lora_A for m in self.members]
         return _scaled(a[0] if len(a) == 1 else torch.cat(a), self.members[0].scaling)
 
-    def hold(self) -> None:
-        """Make the weight once and use it until `release` (the weights must not change meanwhile). It
-        is written into the previous hold's tensor, so a CUDA graph captured in one decode reads the
-        next's (marked a static address for torch.compile's graphs too, as transformers' StaticCache is)."""
+    def share_base(self) -> bool:
+        """Lay the frozen weights of two or more members out in one buffer, each original's weight a
+        view of its rows (the same values, and the same ops in text mode); returns whether they share
+        one. Only plain float linears of one input width and dtype whose views start 256-byte aligned
+        (what a fresh tensor gives the matrix kernels) are laid out; a model moved since is noticed
+        at the next hold, which then leaves the base unshared."""
+        originals = [m.original for m in self.members]
+        if self._shares():
+            return True
+        if len(originals) < 2 or any(type(o) is not nn.Linear or o.weight.requires_grad for o in originals):
+            return False
+        if len({o.bias is None for o in originals}) != 1:
+            return False
+        weights = [o.weight for o in originals]
+        if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
+            return False
+        rows = [w.shape[0] for w in weights]
+        if any(sum(rows[:i]) * weights[0][0].nbytes % 256 for i in range(1, len(rows))):
+            return False
         with torch.no_grad():
-            weight = self.weight()
-            like = (weight.shape, weight.dtype, weight.device)
-            if self._held is not None and (self._held.shape, self._held.dtype, self._held.device) == like:
-                self._held.copy_(weight)
-            else:
-                self._held = weight.clone()
-                torch._dynamo.mark_static_address(self._held)
+            self._base = torch.cat(weights)
+        for o, view in zip(originals, self._base.split(rows)):
+            o.weight = nn.Parameter(view, requires_grad=False)
+        return True
+
+    def _shares(self) -> bool:
+        """Whether the members' weights are still the views `share_base` made."""
+        if self._base is None:
+            return False
+        views = self._base.split([m.original.weight.shape[0] for m in self.members])
+        return all(
+            m.original.weight.data_ptr() == v.data_ptr() and m.original.weight.shape == v.shape
+            for m, v in zip(self.members, views)
+        )
+
+    def hold(self) -> None:
+        """Make the weights once and use them until `release` (the weights must not change meanwhile):
+        the stacked, scaled A, and on a shared base the block-diagonal B and the biases. Each is written
+        into the previous hold's tensor, so a CUDA graph captured in one decode reads the next's (marked
+        a static address for torch.compile's graphs too, as transformers' StaticCache is)."""
+        with torch.no_grad():
+            weight, self._sharing = self.weight(), self._shares()
+            if self._sharing:
+                dtype = self._base.dtype
+                weight = weight.to(dtype)
+                self._held_b = _into(self._held_b, torch.block_diag(*(m.lora_B.to(dtype) for m in self.members)))
+                biases = [m.original.bias for m in self.members]
+                self._held_bias = None if biases[0] is None else _into(self._held_bias, torch.cat(biases).to(dtype))
+            self._held = _into(self._held, weight)
         self._holding = True
 
     def release(self) -> None:
-        self._holding = False
+        self._holding = self._sharing = False
 
-    def project(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    def _share(self, member: LoRALinear, x: torch.Tensor, compute) -> torch.Tensor:
+        """`member`'s part of `compute(x)` (a tuple, one per member), computed by the first member
+        called on `x` and kept until every member has taken its own."""
         index = self.members.index(member)
         if x is not self._input or index not in self._left:
-            z = F.linear(x, self.weight())
-            z = z.split([m.lora_A.shape[0] for m in self.members], -1) if len(self.members) > 1 else (z,)
-            self._input, self._left = x, dict(enumerate(z))
-        z = self._left.pop(index)
+            self._input, self._left = x, dict(enumerate(compute(x)))
+        out = self._left.pop(index)
         if not self._left:
             self._input = None
-        return z
+        return out
+
+    def project(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """`member`'s slice of x A'^T."""
+        return self._share(member, x, self._products)
+
+    def _products(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z = F.linear(x, self.weight())
+        return z.split([m.lora_A.shape[0] for m in self.members], -1) if len(self.members) > 1 else (z,)
+
+    @property
+    def outputs_whole(self) -> bool:
+        """Held on a shared base: `output` gives each member's whole output."""
+        return self._holding and self._sharing
+
+    def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """`member`'s whole output, original(x) + its update (see the class; during a hold on a shared base)."""
+        return self._share(member, x, self._outputs)
+
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = x.reshape(-1, x.shape[-1])
+        y = F.linear(flat, self._base, self._held_bias)
+        y.addmm_(F.linear(flat, self._held), self._held_b.t())
+        return tuple(part.view(*x.shape[:-1], -1) for part in y.split([m.out_features for m in self.members], -1))
+
+
+def _into(held: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """`value` written into `held` where shape, dtype and device agree, else a new tensor marked a
+    static address (a decode's graphs read it in place)."""
+    if held is not None and (held.shape, held.dtype, held.device) == (value.shape, value.dtype, value.device):
+        return held.copy_(value)
+    held = value.clone()
+    torch._dynamo.mark_static_address(held)
+    return held
 
 
 def group_siblings(root: nn.Module) -> list[LoRAGroup]:
@@ -249,10 +328,17 @@ def lora_groups(root: nn.Module) -> list[LoRAGroup]:
     return list({id(m.group): m.group for m in root.modules() if isinstance(m, LoRALinear) and m.group}.values())
 
 
+def share_sibling_bases(root: nn.Module) -> int:
+    """`LoRAGroup.share_base` for every LoRA group under `root` (a decoder's, before it captures or
+    compiles anything: graphs read the weights where they are); returns how many groups share one."""
+    return sum(group.share_base() for group in lora_groups(root))
+
+
 @contextlib.contextmanager
 def held_lora(root: nn.Module):
     """Within it (a decode: no weight changes between its steps), each LoRA group's stacked, scaled A
-    under `root` is made once, on entry (`LoRAGroup.hold`), instead of at every step."""
+    under `root` (and, on a shared base, its block-diagonal B and biases) is made once, on entry
+    (`LoRAGroup.hold`), instead of at every step."""
     groups = lora_groups(root)
     for group in groups:
         group.hold()
