@@ -12,9 +12,11 @@ fixed buffers. `mode` says how the step runs:
   * "compile" - `torch.compile(mode="reduce-overhead")`: fused kernels in CUDA graphs (a long first call).
 
 A GenieBlue model decodes each row on its route: text-only rows run the untouched base, image rows the
-copies and LoRA. A plain transformers model decodes the same way, so the base decoded with the same
-settings is what the text path is compared with. Families with sliding-window layers (Gemma 3) keep
-per-layer masks this loop does not build: `supports` says no and callers use `generate`.
+copies and LoRA (each sibling set of a LoRA block in one product: the decoder lays their base weights
+out in one buffer, `routing.share_sibling_bases`, before it captures or compiles anything). A plain
+transformers model decodes the same way, so the base decoded with the same settings is what the text
+path is compared with. Families with sliding-window layers (Gemma 3) keep per-layer masks this loop
+does not build: `supports` says no and callers use `generate`.
 """
 
 from __future__ import annotations
