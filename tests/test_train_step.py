@@ -201,6 +201,26 @@ def test_fast_step_under_bf16_autocast_is_as_close_to_float32_as_the_plain_one(m
     assert abs(fast[0] - exact[0]) < 1e-2 * exact[0]
 
 
+def _train(out, chat_base, synth_data, steps: int, precision: str, **fields) -> tuple[list[float], dict]:
+    """The losses and saved delta of a short run of the trainer, with gradient checkpointing."""
+    cfg = TrainConfig(
+        llm=chat_base,
+        vision=TINY_SIGLIP,
+        data=[{"path": str(synth_data["train"])}],
+        max_length=256,
+        batch_size=2,
+        max_steps=steps,
+        lr=1e-3,
+        precision=precision,
+        gradient_checkpointing=True,
+        output_dir=str(out),
+        **fields,
+    )
+    final = Trainer(cfg).run()
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in log], load_file(final / "delta.safetensors")
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_compiled_checkpointed_training_run_takes_the_eager_runs_steps(tmp_path, chat_base, synth_data, monkeypatch):
@@ -212,24 +232,10 @@ def test_a_compiled_checkpointed_training_run_takes_the_eager_runs_steps(tmp_pat
         "compile_blocks",
         lambda self, _original=GenieBlueForConditionalGeneration.compile_blocks: compiled.append(_original(self)),
     )
-    runs = {}
-    for compile_ in (False, True):
-        cfg = TrainConfig(
-            llm=chat_base,
-            vision=TINY_SIGLIP,
-            data=[{"path": str(synth_data["train"])}],
-            max_length=256,
-            batch_size=2,
-            max_steps=3,
-            lr=1e-3,
-            precision="no",
-            gradient_checkpointing=True,
-            compile=compile_,
-            output_dir=str(tmp_path / f"run-{compile_}"),
-        )
-        final = Trainer(cfg).run()
-        log = [json.loads(line) for line in (tmp_path / f"run-{compile_}" / "metrics.jsonl").read_text().splitlines()]
-        runs[compile_] = ([r["loss"] for r in log], load_file(final / "delta.safetensors"))
+    runs = {
+        compile_: _train(tmp_path / f"run-{compile_}", chat_base, synth_data, 3, "no", compile=compile_)
+        for compile_ in (False, True)
+    }
     assert len(compiled) == 1
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     for name, tensor in runs[False][1].items():
@@ -287,21 +293,7 @@ def test_the_trainer_under_bf16_autocast_trains_as_with_float32_base_projections
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(GenieBlueForConditionalGeneration, "cast_base_projections", spy)
-            cfg = TrainConfig(
-                llm=chat_base,
-                vision=TINY_SIGLIP,
-                data=[{"path": str(synth_data["train"])}],
-                max_length=256,
-                batch_size=2,
-                max_steps=2,
-                lr=1e-3,
-                precision="bf16",
-                gradient_checkpointing=True,
-                output_dir=str(tmp_path / f"run-{held}"),
-            )
-            final = Trainer(cfg).run()
-        log = [json.loads(line) for line in (tmp_path / f"run-{held}" / "metrics.jsonl").read_text().splitlines()]
-        runs[held] = ([r["loss"] for r in log], load_file(final / "delta.safetensors"))
+            runs[held] = _train(tmp_path / f"run-{held}", chat_base, synth_data, 2, "bf16")
     assert [dtype for dtype, _ in cast] == [torch.bfloat16, torch.bfloat16] and cast[0][1] > 0
     assert runs[True][0] == runs[False][0]
     assert runs[True][1].keys() == runs[False][1].keys()
