@@ -243,7 +243,7 @@ def test_a_shared_sibling_base_keeps_the_text_path_the_bases_and_the_image_path(
     """`share_sibling_bases` lays each LoRA block's q/k/v and gate/up weights out in one buffer: the
     text path's logits stay those of the base loaded on its own (`torch.equal`), and a held image
     forward, which then takes one product per sibling set (biases included), gives the image path's
-    logits."""
+    logits; after the model is moved (each weight on its own), a hold notices and computes them apart."""
     model = GenieBlueForConditionalGeneration.from_base(base_dirs[family], TINY_SIGLIP, dtype=dtype).eval()
     torch.manual_seed(1)
     for m in model.modules():
@@ -268,7 +268,14 @@ def test_a_shared_sibling_base_keeps_the_text_path_the_bases_and_the_image_path(
         separate = model(image, pixel_values=pixels).logits
         with held_lora(model.llm):
             fused = model(image, pixel_values=pixels).logits
-    torch.testing.assert_close(fused, separate, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5)
+    close = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(fused, separate, **close)
+    model.to(torch.float64)  # every weight moved on its own: a hold sees it, and computes the members apart
+    with torch.no_grad():
+        apart = model(image, pixel_values=pixels.double()).logits
+        with held_lora(model.llm):
+            assert not any(g.outputs_whole for g in groups) and all(g._base is None for g in groups)
+            torch.testing.assert_close(model(image, pixel_values=pixels.double()).logits, apart)
 
 
 def test_single_row_equals_the_base_and_the_image_path_differs(engine, base, base_tok):

@@ -243,7 +243,9 @@ class LoRAGroup:
         a static address for torch.compile's graphs too, as transformers' StaticCache is)."""
         with torch.no_grad():
             weight, self._sharing = self.weight(), self._shares()
-            if self._sharing:
+            if not self._sharing:
+                self._base = None  # weights moved since `share_base`: let the old buffer go
+            else:
                 dtype = self._base.dtype
                 weight = weight.to(dtype)
                 self._held_b = _into(self._held_b, torch.block_diag(*(m.lora_B.to(dtype) for m in self.members)))
