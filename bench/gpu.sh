@@ -8,7 +8,8 @@
 #
 #   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt
 #
-# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,compile), WORK (scratch, default
+# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,compile), MAX_S (seconds: no
+# stage starts after them and a command is cut to end by then, for a device call's time limit), WORK (scratch, default
 # /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the built-in base's), WHEELS (a folder of
 # wheels installed first into a private site, for a machine without a package index), SMALL=1 (tiny
 # shapes and few steps: a CPU rehearsal of this script, as tests/test_bench.py runs it).
@@ -27,11 +28,19 @@ if [[ -n ${WHEELS:-} ]]; then
 else
   export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 fi
-has() { [[ ,$STAGES, == *,$1,* ]]; }
 t0=$(date +%s)
 lap() { echo "== $1: ${2:-done} at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"; }
+left() { echo $(( ${MAX_S:-100000} - ($(date +%s) - t0) )); }  # seconds until MAX_S
+has() {  # has STAGE: asked for, and time left for it
+  [[ ,$STAGES, == *,$1,* ]] || return 1
+  (( $(left) > 30 )) && return 0
+  lap "$1" "skipped (MAX_S=$MAX_S reached)"
+  return 1
+}
 run() {  # run NAME TIMEOUT CMD...: its output in OUT/NAME.log (errors and warnings: NAME.err), its status in summary.txt
   local name=$1 limit=$2; shift 2
+  (( $(left) < limit )) && limit=$(left)
+  if (( limit <= 0 )); then lap "$name" "skipped (MAX_S=$MAX_S reached)"; return 1; fi
   timeout "$limit" "$@" >"$OUT/$name.log" 2>"$OUT/$name.err"
   local rc=$?
   lap "$name" "rc=$rc"

@@ -63,6 +63,19 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path):
 
 
 @pytest.mark.integration
+def test_gpu_script_starts_no_stage_past_max_s(tmp_path):
+    """MAX_S (a device call's time limit): stages that would start after it are skipped and said so."""
+    out = tmp_path / "out"
+    env = {**os.environ, "SMALL": "1", "STAGES": "recipe,exact", "WORK": str(tmp_path / "work"), "MAX_S": "1"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    skipped = re.findall(r"== (\w+): skipped \(MAX_S=1 reached\)", (out / "summary.txt").read_text())
+    assert skipped == ["recipe", "exact"] and not (out / "prepare.log").exists()
+
+
+@pytest.mark.integration
 def test_load_bench_times_a_delta_against_its_base(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "load.py"), "--shape", "tiny", "--rounds", "1", "--json"],
