@@ -128,7 +128,7 @@ if has chat; then
   run chat_image 300 "${GB[@]}" chat -m "$MODEL" -i "$WORK/red.png" "What colour is the picture?" --max-new-tokens 16
 fi
 
-if has compile; then  # a GPU only: the compiled text path's tokens against the base compiled alike, then its speed
+if has compile; then  # the compiled text path's tokens against the base compiled alike, then its speed
   run text_exact_compile 300 python3 bench/text_exact.py "$MODEL" --modes compile --json
   run decode_compile 500 python3 bench/decode.py "${SHAPE[@]}" --tokenizer "$TOK" --modes compile --tokens $TOKENS \
     --clients 16 --json

@@ -1,8 +1,8 @@
 """The CPU-runnable parts of the GPU script (`bench/gpu.sh`) and of the benchmarks it calls, run for real
 at tiny shapes: the Qwen2.5-3B recipe's files and configs as the script writes them, a training run
 of the shipped recipe through the CLI, the training and decode benches, the text-path check against the
-base, a chat with an image, and the load-time bench's numbers. (FSDP2 and serving are tested in
-test_train and test_infer.)"""
+base, a chat with an image, compiled decode, and the load-time bench's numbers. (FSDP2 and serving are
+tested in test_train and test_infer.)"""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.integration
 def test_gpu_script_rehearses_on_a_cpu(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    stages = "recipe,train,decode,exact,chat"
+    stages = "recipe,train,decode,exact,chat,compile"
     env = {**os.environ, "SMALL": "1", "STAGES": stages, "WORK": str(work), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=900
@@ -30,7 +30,7 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "train_throughput_bf16", "decode"]
-    ran += ["text_exact", "chat_image"]
+    ran += ["text_exact", "chat_image", "text_exact_compile", "decode_compile"]
     assert re.findall(r"== (\w+): rc=(\d+)", summary) == [(name, "0") for name in ran], summary
     # the training bench, as the trainer runs (amp) and all in bf16: every strategy, the B products added
     # in place one per LoRA'd projection (7 a block: the tiny shape's 4 blocks for LoRA everywhere, 3 for
@@ -59,6 +59,10 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path):
     exact = json.loads((out / "text_exact.log").read_text().splitlines()[-1])
     assert exact["logits_equal"] == exact["chat_replies_equal"] == exact["prompts"] > 0
     assert exact["static_eager_tokens_equal"] is True
+    # compiled decode (inductor's CPU kernels here): the text path's tokens are the base's compiled alike
+    assert json.loads((out / "text_exact_compile.log").read_text().splitlines()[-1])["static_compile_tokens_equal"]
+    compiled = json.loads((out / "decode_compile.log").read_text())["modes"]["compile"]
+    assert compiled["text_batch1"] > 0 and compiled["image_batch1"] > 0
     assert (out / "chat_image.log").read_text().strip()
 
 

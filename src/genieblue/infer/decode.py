@@ -8,8 +8,9 @@ attention mask whose shapes never change) and an argmax; the host only writes th
 fixed buffers. `mode` says how the step runs:
 
   * "eager"   - as it is (CPUs, and the reference the others are checked against);
-  * "graph"   - captured once per shape as a CUDA graph (`torch.cuda.CUDAGraph`) and replayed;
-  * "compile" - `torch.compile(mode="reduce-overhead")`: fused kernels in CUDA graphs (a long first call).
+  * "graph"   - captured once per shape as a CUDA graph (`torch.cuda.CUDAGraph`) and replayed (a GPU);
+  * "compile" - `torch.compile(mode="reduce-overhead")`: fused kernels, in CUDA graphs on a GPU (on a
+                CPU, inductor's C++ kernels); each new shape and route compiles first (seconds to minutes).
 
 A GenieBlue model decodes each row on its route: text-only rows run the untouched base, image rows the
 copies and LoRA (each sibling set of a LoRA block in one product: the decoder lays their base weights
@@ -54,8 +55,8 @@ class StaticDecoder:
     def __init__(self, model, mode: str = "eager"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode != "eager" and model.device.type != "cuda":
-            raise ValueError(f"decode mode {mode!r} needs a model on a CUDA GPU; use 'eager' on {model.device}")
+        if mode == "graph" and model.device.type != "cuda":
+            raise ValueError(f"decode mode 'graph' needs a CUDA GPU; use 'eager' or 'compile' on {model.device}")
         self.model, self.mode = model, mode
         self.llm = getattr(model, "llm", model)  # a GenieBlue model's base inside, or the plain model
         if not supports(self.llm):
@@ -179,7 +180,7 @@ class _Shape:
         self.ids.copy_(token[:, None])
         self.valid[:, slot] = True
         self.positions.copy_(self.valid.sum(-1, keepdim=True) - 1)
-        self.mask4d.copy_(torch.where(self.valid, 0.0, self.minimum)[:, None, None, :])
+        self.mask4d.fill_(self.minimum).masked_fill_(self.valid[:, None, None, :], 0.0)  # in the mask's dtype
 
     def capture(self, step) -> None:
         """Run the step once on a side stream (warm-up: workspace allocations), put the cache's length
