@@ -778,6 +778,32 @@ def test_serve_onnx_refuses_what_the_torch_server_refuses(cli_export, onnx_serve
         stalled.submit([{"role": "user", "content": "Hi"}], max_tokens=1)
 
 
+@pytest.mark.parametrize(
+    "args, module, extra",
+    [
+        (["export", "-m", "nope", "-o", "out"], "onnx", "deploy"),
+        (["bench", "deploy", "-m", "nope"], "onnxruntime", "deploy"),
+        (["eval", "text", "-m", "nope", "-t", "arc_easy"], "lm_eval", "eval"),
+        (
+            ["eval", "chat", "-m", "nope", "-q", "q.jsonl", "--judge-url", "http://x", "--judge-model", "j"],
+            "openai",
+            "eval",
+        ),
+    ],
+)
+def test_a_command_whose_extra_is_not_installed_names_the_extra(tmp_path, args, module, extra):
+    """A fresh `pip install -e .` has no [deploy] or [eval] extra: the commands that need one end with one
+    line naming it, not a traceback (the module is hidden in a fresh process, as if not installed)."""
+    hide = f"import sys; sys.modules[{module!r}] = None; from genieblue.cli import app; app()"
+    done = subprocess.run(
+        [sys.executable, "-c", hide, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: this command needs {module}, which genieblue's [{extra}] extra installs: pip install -e '.[{extra}]'"
+    ], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, cli_export):
     model_dir, folder, _ = cli_export

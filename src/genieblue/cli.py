@@ -74,14 +74,37 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _extra_installing(module: str) -> str | None:
+    """The optional extra of this package (pyproject's `optional-dependencies`) that installs `module`."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        specs = requires("genieblue") or []
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return None
+    for req in map(Requirement, specs):
+        if req.name.replace("-", "_").lower() == module and req.marker is not None:
+            return next((e for e in ("deploy", "eval") if req.marker.evaluate({"extra": e})), None)
+    return None
+
+
 @contextlib.contextmanager
 def _failures(*more: type[Exception]):
     """The commands' one error handler: a ValueError, FileNotFoundError or one of `more` ends the
-    command with `error: <its message on one line>` and exit status 2."""
+    command with `error: <its message on one line>` and exit status 2, and so does a missing module
+    that one of the package's extras installs (the message names the extra)."""
     try:
         yield
     except (ValueError, FileNotFoundError, *more) as err:
         _fail(str(err))
+    except ModuleNotFoundError as err:
+        module = (err.name or "").partition(".")[0]
+        extra = _extra_installing(module)
+        if extra is None:
+            raise
+        _fail(f"this command needs {module}, which genieblue's [{extra}] extra installs: pip install -e '.[{extra}]'")
 
 
 @app.command()
@@ -126,12 +149,16 @@ def info(
     Console(width=max(Console().width, 110)).print(table)
 
 
-@app.command()
+@app.command(short_help="Train stage 1 or 2 from a YAML config (one process, DDP or FSDP2).")
 def train(
     config: str = typer.Option(..., "--config", "-c", help="YAML training config (see configs/)."),
-    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in output_dir."),
+    resume: bool = typer.Option(
+        False, help="Continue from the newest checkpoint in output_dir (a folder holding one is refused without it)."
+    ),
     output_dir: str | None = typer.Option(None, help="Override output_dir."),
-    max_steps: int | None = typer.Option(None, help="Override max_steps."),
+    max_steps: int | None = typer.Option(
+        None, help="Override max_steps: the run's optimiser steps, in place of epochs (the schedule spans them)."
+    ),
 ):
     """Train stage 1 (the connector: token mixer + projector) or stage 2 (vision encoder + connector +
     copies + LoRA) on JSON/JSONL in the LLaVA, ShareGPT or OpenAI format (docs/training.md).
@@ -147,7 +174,7 @@ def train(
         Trainer(cfg, console).run(resume=resume)
 
 
-@app.command()
+@app.command(short_help="Write the built-in synthetic image-question dataset (LLaVA format).")
 def synth(
     out: str = typer.Argument(..., help="Folder to write train/val/test JSON + PNG images into."),
     n_train: int = typer.Option(2000, help="Training samples."),
@@ -168,7 +195,9 @@ def synth(
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
-@app.command()
+@app.command(
+    short_help="Train and measure a model on the built-in SmolLM2-135M, offline (8-12 min on 2 bf16 CPU cores)."
+)
 def demo(
     out: str = typer.Option(DemoConfig.out, help="Output folder (data, runs, report.md/json, charts)."),
     compare: str = typer.Option(
@@ -265,7 +294,7 @@ def chat(
             session.interactive(Console(), image)
 
 
-@app.command()
+@app.command(short_help="Serve an OpenAI-compatible API (a saved model, or an export with --onnx).")
 def serve(
     model: Annotated[str | None, typer.Option("--model", "-m", show_default=False, help=MODEL_HELP)] = None,
     onnx: str | None = typer.Option(
@@ -293,9 +322,11 @@ def serve(
     dtype: DType = None,
 ):
     """Serve an OpenAI-compatible API: POST /v1/chat/completions (streaming too), GET /v1/models,
-    GET /health. Text-only requests run the untouched base; concurrent requests are batched
-    (with --onnx: the quantised base, one request at a time). Binding a --host other than loopback
-    without --api-key prints a warning.
+    GET /health. Give -m (a saved model) or --onnx (an export; then --llm, --device and --dtype do not
+    apply). Text-only requests run the untouched base; concurrent requests are batched (with --onnx:
+    the quantised base, one request at a time). As in OpenAI's API, requests sample (temperature 1)
+    unless they set temperature 0. Binding a --host other than loopback without --api-key prints a
+    warning.
 
     Example: GENIEBLUE_API_KEY=secret genieblue serve -m demo_out/runs/genieblue-skip/stage2/final --port 8000
     """
@@ -327,7 +358,7 @@ eval_app = typer.Typer(
     "(MODEL/README.md).",
     no_args_is_help=True,
 )
-app.add_typer(eval_app, name="eval")
+app.add_typer(eval_app, name="eval", short_help="Retention tables: lm-eval text tasks, VQA benchmarks, judged chat.")
 EVAL_PATHS_HELP = (
     "Comma-separated text paths: base (the base LLM loaded on its own), non-shared (the model's "
     "text path: the untouched base), shared (text through copies + LoRA)."
@@ -385,9 +416,9 @@ def eval_text(
     lm-eval's own CLI knows the same model as "genieblue":
     python -m genieblue.eval.harness --model genieblue --model_args pretrained=DIR,path=shared --tasks gsm8k
     """
-    from .eval.text_tasks import evaluate_text
-
     with _failures(OSError):  # offline dataset downloads too
+        from .eval.text_tasks import evaluate_text
+
         result = evaluate_text(
             model,
             _csv(tasks),
@@ -495,8 +526,8 @@ def eval_chat(
     """  # noqa: E501 (the example is one command line)
     from rich.progress import Progress
 
-    from .eval.judge import Judge, JudgeUnavailable, evaluate_chat
-
+    with _failures():  # the judge's client comes with the [eval] extra
+        from .eval.judge import Judge, JudgeUnavailable, evaluate_chat
     with _failures(JudgeUnavailable):
         judge = Judge(judge_url, judge_model, judge_api_key, judge_max_tokens)
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
@@ -571,10 +602,10 @@ def export(
     """
     if format not in EXPORT_FORMATS:
         _fail(f"unknown format {format!r}; supported: {', '.join(EXPORT_FORMATS)}")
-    from .deploy.onnx_export import export_saved_model
-    from .deploy.report import export_table
-
     with _failures():
+        from .deploy.onnx_export import export_saved_model
+        from .deploy.report import export_table
+
         manifest = export_saved_model(
             model,
             out,
@@ -649,10 +680,10 @@ def bench_deploy(
 
     Example: genieblue bench deploy -m demo_out/runs/genieblue-skip/stage2/final --json
     """
-    from .deploy.bench_deploy import bench_deploy as measure
-    from .deploy.report import bench_report
-
     with _failures(RuntimeError):
+        from .deploy.bench_deploy import bench_deploy as measure
+        from .deploy.report import bench_report
+
         result = measure(
             model,
             onnx,
