@@ -100,7 +100,10 @@ def engine_rate(engine: Engine, image, rows: int, tokens: int) -> float:
         ]
         for r in requests:
             r.result()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if any(len(r.tokens) != n for r in requests):  # the rate would count tokens never decoded
+            raise RuntimeError(f"a request stopped before its {n} tokens")
+        return elapsed
 
     timed(tokens)  # warm-up: captures / compiles this shape
     return max(rows * (tokens - 1) / (timed(tokens) - timed(1)) for _ in range(2))
@@ -133,6 +136,7 @@ def main() -> None:
     device, dtype = resolve_placement(args.device, args.dtype)
     modes = args.modes.split(",") if args.modes else ["generate", *(["graph"] if device.type == "cuda" else [])]
     model, processor = build(args.shape, device, dtype, args.tokenizer)
+    model.llm.generation_config.eos_token_id = None  # generate, too, decodes every request to its max_tokens
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes(model)
