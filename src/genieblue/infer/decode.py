@@ -10,7 +10,9 @@ fixed buffers. `mode` says how the step runs:
   * "eager"   - as it is (CPUs, and the reference the others are checked against);
   * "graph"   - captured once per shape as a CUDA graph (`torch.cuda.CUDAGraph`) and replayed (a GPU);
   * "compile" - `torch.compile(mode="reduce-overhead")`: fused kernels, in CUDA graphs on a GPU (on a
-                CPU, inductor's C++ kernels); each new shape and route compiles first (seconds to minutes).
+                CPU, inductor's C++ kernels); each new shape and route compiles first (seconds to minutes),
+                and past torch's recompile limit (`torch._dynamo.config.recompile_limit`, 8 by default)
+                new ones run eagerly, with torch's warning: a mode for a few shapes, not a busy server.
 
 A GenieBlue model decodes each row on its route: text-only rows run the untouched base, image rows the
 copies and LoRA (each sibling set of a LoRA block in one product: the decoder lays their base weights
