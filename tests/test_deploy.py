@@ -804,6 +804,20 @@ def test_a_command_whose_extra_is_not_installed_names_the_extra(tmp_path, args, 
     assert not (tmp_path / "out").exists()
 
 
+def test_the_commands_without_an_extra_import_without_any():
+    """The README's install has no extra: what demo, chat, serve, train, synth, info and eval mm run
+    imports with every extra's modules hidden."""
+    hide = "import sys; sys.modules.update(dict.fromkeys(['onnx', 'onnxruntime', 'onnxscript', 'lm_eval', 'openai']))"
+    core = "genieblue.demo, genieblue.infer.server, genieblue.infer.chat, genieblue.train, genieblue.eval.vqa"
+    done = subprocess.run(
+        [sys.executable, "-c", f"{hide}; import {core}, genieblue.data.synthetic, genieblue.model.report"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, cli_export):
     model_dir, folder, _ = cli_export
