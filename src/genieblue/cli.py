@@ -239,7 +239,9 @@ def demo(
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
     synthetic data -> stages 0, 1, 2 -> per-task accuracy vs chance, text retention (bit-exact logits,
     text QA, perplexity) for base vs non-shared vs shared path -> report.md/json + charts. The defaults
-    take 8-12 minutes on 2 CPU cores with bf16 matrix units (docs/results/)."""
+    take 8-12 minutes on 2 CPU cores with bf16 matrix units (docs/results/). --dtype is the dtype the
+    models are evaluated in (against the base loaded in it); training runs in bf16 autocast where the
+    device has bf16 units, else float32."""
     from .demo import Demo
     from .model import STRATEGIES
 
