@@ -12,8 +12,8 @@
 # stage starts after them and a command is cut to end by then, for a device call's time limit), WORK
 # (scratch, default /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the built-in base's),
 # WHEELS (a folder of wheels installed first into a private site, for a machine without a package
-# index), SMALL=1 (tiny shapes and few steps: a CPU rehearsal of this script, as tests/test_bench.py
-# runs it).
+# index; bench/gpu_offline.sh makes it and the tokenizer folder), SMALL=1 (tiny shapes and few steps: a
+# CPU rehearsal of this script, as tests/test_bench.py runs it).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
