@@ -195,9 +195,7 @@ def synth(
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
-@app.command(
-    short_help="Train and measure a model on the built-in SmolLM2-135M, offline (8-12 min on 2 bf16 CPU cores)."
-)
+@app.command(short_help="Train and measure a model on the built-in SmolLM2-135M, offline (8-12 min on 2 CPU cores).")
 def demo(
     out: str = typer.Option(DemoConfig.out, help="Output folder (data, runs, report.md/json, charts)."),
     compare: str = typer.Option(
