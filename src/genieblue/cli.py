@@ -75,18 +75,19 @@ def _fail(message: str) -> None:
 
 
 def _extra_installing(module: str) -> str | None:
-    """The optional extra of this package (pyproject's `optional-dependencies`) that installs `module`."""
-    from importlib.metadata import PackageNotFoundError, requires
+    """The optional extra of this package (pyproject's `optional-dependencies`, less `test`) that
+    installs `module`."""
+    from importlib.metadata import PackageNotFoundError, metadata, requires
 
     from packaging.requirements import Requirement
 
     try:
-        specs = requires("genieblue") or []
+        specs, extras = requires("genieblue") or [], metadata("genieblue").get_all("Provides-Extra") or []
     except PackageNotFoundError:  # run from a source tree that was never installed
         return None
     for req in map(Requirement, specs):
         if req.name.replace("-", "_").lower() == module and req.marker is not None:
-            return next((e for e in ("deploy", "eval") if req.marker.evaluate({"extra": e})), None)
+            return next((e for e in extras if e != "test" and req.marker.evaluate({"extra": e})), None)
     return None
 
 
