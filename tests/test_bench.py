@@ -89,6 +89,24 @@ def test_gpu_script_fsdp_stage_rehearses_on_two_cpu_processes(tmp_path):
 
 
 @pytest.mark.integration
+def test_gpu_script_stops_before_any_stage_on_a_package_genieblue_cannot_run_with(tmp_path):
+    """A GPU image's own transformers older than genieblue needs (5.17 on the lent machines' image) ends the
+    script before its first stage, in one line that says how to bring the wheels."""
+    old = tmp_path / "site" / "transformers-5.17.0.dist-info"  # found before the installed one
+    old.mkdir(parents=True)
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 5.17.0\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "SMALL": "1", "WORK": str(work), "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1
+    said = r"^error: transformers 5\.17\.0 \(genieblue needs .*>=5\.24.*bench/gpu_offline\.sh DIR"
+    assert re.search(said, done.stderr, re.M), done.stderr
+    assert (out / "summary.txt").read_text() == "" and not work.exists()  # nothing ran, not even the tokenizer
+
+
+@pytest.mark.integration
 def test_gpu_script_starts_no_stage_past_max_s(tmp_path):
     """MAX_S (a device call's time limit): stages that would start after it are skipped and said so."""
     out = tmp_path / "out"
