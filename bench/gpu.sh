@@ -57,24 +57,7 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
   python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, '· transformers', transformers.__version__, '· accelerate', accelerate.__version__)"
   git log -1 --format='commit %h %cd' 2>/dev/null; } | tee "$OUT/env.txt"
-# genieblue's own requirements (pyproject.toml), checked before the first stage spends GPU time
-python3 - <<'EOF' || exit 1
-import sys, tomllib
-from importlib.metadata import PackageNotFoundError, version
-from packaging.requirements import Requirement
-wrong = []
-for spec in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
-    need = Requirement(spec)
-    try:
-        have = version(need.name)
-    except PackageNotFoundError:
-        have = "missing"
-    if have == "missing" or not need.specifier.contains(have, prereleases=True):
-        wrong.append(f"{need.name} {have} (genieblue needs {need.specifier})")
-if wrong:
-    sys.exit(f"error: {'; '.join(wrong)}. Without a package index, make the wheels with bench/gpu_offline.sh DIR "
-             "and run WHEELS=DIR/wheels TOKENIZER=DIR/tokenizer bench/gpu.sh")
-EOF
+python3 bench/requirements.py check || exit 1  # genieblue's requirements, before the first stage spends GPU time
 
 TOK=${TOKENIZER:-$WORK/tokenizer}
 [[ -d $TOK ]] || python3 -c "from genieblue.model import load_tokenizer; load_tokenizer(None).save_pretrained('$TOK')"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What `bench/gpu.sh` needs on a GPU machine without a package index, in one folder to copy there:
-#   DIR/wheels     what genieblue needs beyond a PyTorch CUDA image (transformers and accelerate at the
-#                  versions it was tested with, the hub client and tokenizers they need, gguf, and the
-#                  server's fastapi / uvicorn / pydantic), each at the version installed on this machine,
-#                  where the tests ran, for CPython 3.12 (PYTHON_VERSION) on x86-64 Linux (about 20 MB);
+#   DIR/wheels     what genieblue needs, and what that needs in turn, beyond a PyTorch CUDA image
+#                  (`bench/requirements.py wheels`: transformers and accelerate, the hub client and
+#                  tokenizers, gguf, the server's fastapi / uvicorn / pydantic, ...), each at the version
+#                  installed on this machine, where the tests ran, for CPython 3.12 (PYTHON_VERSION) on
+#                  x86-64 Linux (about 33 MB);
 #   DIR/tokenizer  the built-in base's tokenizer (it ships inside a wheel that machine does not have).
 # Run it on a machine with a package index and genieblue installed, then there:
 #
@@ -11,14 +12,11 @@
 #   WHEELS=DIR/wheels TOKENIZER=DIR/tokenizer bench/gpu.sh OUT
 set -euo pipefail
 DIR=${1:?usage: bench/gpu_offline.sh DIR}
-NAMES=(transformers accelerate huggingface-hub tokenizers safetensors gguf typer fastapi starlette uvicorn pydantic
-  pydantic-core typing-inspection annotated-types)
 platforms=()
 for n in 17 24 27 28 31 34 35 39; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
-for name in "${NAMES[@]}"; do
-  version=$(python3 -c "import importlib.metadata as m; print(m.version('$name'))")
+python3 "$(dirname "$0")/requirements.py" wheels | while read -r pinned; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${PYTHON_VERSION:-3.12}" \
-    --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 -d "$DIR/wheels" "$name==$version"
+    --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 -d "$DIR/wheels" "$pinned"
 done
 python3 -c "import sys; from genieblue.model import load_tokenizer; load_tokenizer(None).save_pretrained(sys.argv[1])" \
   "$DIR/tokenizer"

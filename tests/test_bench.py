@@ -2,7 +2,8 @@
 at tiny shapes: the Qwen2.5-3B recipe's files and configs as the script writes them, a training run
 of the shipped recipe through the CLI, the training and decode benches, a served load, the text-path
 check against the base, a chat with an image, compiled decode, the recipe under FSDP2 with a checkpoint
-and --resume (slow tier), and the load-time bench's numbers."""
+and --resume (slow tier), the requirements check before its first stage and the offline wheels' list,
+and the load-time bench's numbers."""
 
 from __future__ import annotations
 
@@ -101,9 +102,36 @@ def test_gpu_script_stops_before_any_stage_on_a_package_genieblue_cannot_run_wit
         ["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 1
-    said = r"^error: transformers 5\.17\.0 \(genieblue needs .*>=5\.24.*bench/gpu_offline\.sh DIR"
+    said = r"^error: transformers 5\.17\.0 \(needed: transformers\S*>=5\.24\).*bench/gpu_offline\.sh DIR"
     assert re.search(said, done.stderr, re.M), done.stderr
     assert (out / "summary.txt").read_text() == "" and not work.exists()  # nothing ran, not even the tokenizer
+
+
+def test_offline_wheels_bring_everything_their_packages_need_beyond_torch_and_the_image():
+    """`bench/requirements.py wheels` (what gpu_offline.sh downloads) is closed: each listed package's own
+    requirements are listed too, or are torch's, or one of the large packages a CUDA image holds. A list
+    written by hand once missed the hub client's httpx2 and transformers' kernels, and the GPU run would
+    have failed at its first import."""
+    from importlib.metadata import distribution, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import requirements
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "requirements.py"), "wheels"], capture_output=True)
+    listed = dict(line.split("==") for line in done.stdout.decode().split())
+    assert done.returncode == 0 and listed["transformers"] == version("transformers")
+    torch_own, _ = requirements.walk([Requirement("torch")])
+    assert not set(listed) & (set(torch_own) | requirements.IMAGE)
+    for name in listed:
+        for spec in distribution(name).requires or []:
+            need = Requirement(spec)
+            if need.marker is None or need.marker.evaluate({"extra": ""}):
+                assert canonicalize_name(need.name) in set(listed) | set(torch_own) | requirements.IMAGE, (name, spec)
 
 
 @pytest.mark.integration
