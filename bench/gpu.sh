@@ -47,6 +47,11 @@ run() {  # run NAME TIMEOUT CMD...: its output in OUT/NAME.log (errors and warni
   lap "$name" "rc=$rc"
   return $rc
 }
+http() {  # http URL [JSON]: a GET, or a POST of JSON; the body on stdout (in Python: a GPU image may have no curl)
+  python3 -c 'import sys, urllib.request as u
+body = sys.argv[2].encode() if len(sys.argv) > 2 else None
+print(u.urlopen(u.Request(sys.argv[1], body, {"content-type": "application/json"}), timeout=600).read().decode())' "$@"
+}
 GB=(python3 -m genieblue.cli)
 if [[ -n $SMALL ]]; then
   SHAPE=(--shape tiny) STEPS=2 FSDP=(--num_processes 2 --fsdp_sync_module_states false --mixed_precision no) TOKENS=8
@@ -87,9 +92,9 @@ if has serve; then
   port=$((8100 + RANDOM % 500))
   "${GB[@]}" serve -m "$MODEL" --port $port >"$OUT/serve.log" 2>&1 &
   server=$!
-  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; kill -0 $server || break; sleep 0.5; done
-  curl -s "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: application/json' \
-    -d '{"model": "m", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' >"$OUT/serve_request.json"
+  for _ in $(seq 600); do http "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; kill -0 $server || break; sleep 0.5; done
+  http "http://127.0.0.1:$port/v1/chat/completions" \
+    '{"model": "m", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' >"$OUT/serve_request.json"
   lap serve_request "$(head -c 300 "$OUT/serve_request.json")"
   run serve_load 300 python3 bench/serve_load.py --url "http://127.0.0.1:$port" --clients 16 --requests 2 \
     --max-tokens $TOKENS --json

@@ -65,6 +65,7 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path):
     }
     assert written["precision"] == "bf16" and written["gradient_checkpointing"] and written["max_length"] == 4096
     assert [json.loads(line)["step"] for line in (out / "train_plain_metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "serve_request.json").read_text())["choices"][0]["message"]["content"]  # served reply
     assert [r["clients"] for r in json.loads((out / "serve_load.log").read_text())] == [1, 16]  # served load
     exact = json.loads((out / "text_exact.log").read_text().splitlines()[-1])
     assert exact["logits_equal"] == exact["chat_replies_equal"] == exact["prompts"] > 0
