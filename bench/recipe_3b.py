@@ -25,9 +25,13 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, SiglipConfig, SiglipModel
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "qwen2.5-3b" / "stage2.yaml"
-HEADS = dict(num_attention_heads=16, num_key_value_heads=2)
-LLM = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, **HEADS)
-TINY_LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, **HEADS)
+LLM = dict(
+    hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2
+)
+# tiny: 4 heads of 16 (grouped as the 3B's), not 16 of 4: a CPU computes a 4096-token row's attention per head
+TINY_LLM = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2
+)
 VISION = dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27)
 TINY_VISION = dict(image_size=384, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
 WORDS = "the a red blue green small large shape left right of on under near is there two three four picture".split()

@@ -1,9 +1,9 @@
 """The CPU-runnable parts of the GPU script (`bench/gpu.sh`) and of the benchmarks it calls, run for real
 at tiny shapes: the Qwen2.5-3B recipe's files and configs as the script writes them, a training run
 of the shipped recipe through the CLI, the training and decode benches, a served load, the text-path
-check against the base, a chat with an image, compiled decode, the recipe under FSDP2 with a checkpoint
-and --resume (slow tier), the requirements check before its first stage and the offline wheels' list,
-and the load-time bench's numbers."""
+check against the base, a chat with an image, the recipe under FSDP2 with a checkpoint and --resume and
+compiled decode (slow tier), the requirements check before its first stage and the offline wheels'
+list, and the load-time bench's numbers."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _rehearse(tmp_path: Path, stages: str, ran: list[str]) -> tuple[Path, Path]:
-    """Run gpu.sh's `stages` at tiny shapes on this CPU; checks that the commands `ran`, in order, each
-    with status 0. Returns (its OUT, its WORK)."""
+def _rehearse(tmp_path: Path, stages: str, ran: list[str], tokenizer: str) -> tuple[Path, Path]:
+    """Run gpu.sh's `stages` at tiny shapes on this CPU with the tokenizer folder `tokenizer` (as
+    gpu_offline.sh brings one: the script would otherwise convert the built-in base into its own fresh
+    cache, ~30 s); checks that the commands `ran`, in order, each with status 0. Returns (OUT, WORK)."""
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "SMALL": "1", "STAGES": stages, "WORK": str(work), "OMP_NUM_THREADS": "1"}
+    env["TOKENIZER"] = tokenizer
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=900
     )
@@ -35,12 +37,12 @@ def _rehearse(tmp_path: Path, stages: str, ran: list[str]) -> tuple[Path, Path]:
 
 
 @pytest.mark.integration
-def test_gpu_script_rehearses_on_a_cpu(tmp_path):
-    """Every stage but FSDP2's (its own test below, in the slow tier: test_train runs FSDP2 through the
-    CLI in CI)."""
+def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
+    """Every stage but FSDP2's and compile's (the slow tier's test below; in the default tier, test_train
+    runs FSDP2 through the CLI and test_infer compiled decoding)."""
     ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "train_throughput_bf16", "decode"]
-    ran += ["serve_load", "text_exact", "chat_image", "text_exact_compile", "decode_compile"]
-    out, work = _rehearse(tmp_path, "recipe,train,decode,serve,exact,chat,compile", ran)
+    ran += ["serve_load", "text_exact", "chat_image"]
+    out, work = _rehearse(tmp_path, "recipe,train,decode,serve,exact,chat", ran, chat_base)
     # the training bench, as the trainer runs (amp) and all in bf16: every strategy, the B products added
     # in place one per LoRA'd projection (7 a block: the tiny shape's 4 blocks for LoRA everywhere, 3 for
     # genieblue-skip, whose block 3 is copied), twice with gradient checkpointing (the forward runs again)
@@ -70,24 +72,24 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path):
     exact = json.loads((out / "text_exact.log").read_text().splitlines()[-1])
     assert exact["logits_equal"] == exact["chat_replies_equal"] == exact["prompts"] > 0
     assert exact["static_eager_tokens_equal"] is True
-    # compiled decode (inductor's CPU kernels here): the text path's tokens are the base's compiled alike
-    assert json.loads((out / "text_exact_compile.log").read_text().splitlines()[-1])["static_compile_tokens_equal"]
-    compiled = json.loads((out / "decode_compile.log").read_text())["modes"]["compile"]
-    assert compiled["text_batch1"] > 0 and compiled["image_batch1"] > 0
     assert (out / "chat_image.log").read_text().strip()
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_gpu_script_fsdp_stage_rehearses_on_two_cpu_processes(tmp_path):
+def test_gpu_script_fsdp_and_compile_stages_rehearse_on_a_cpu(tmp_path, chat_base):
     """The recipe under FSDP2 as the script runs it (2 gloo processes here): a checkpoint, --resume from
-    it, and the stage's own check that the resumed run and the reload equal the uninterrupted run."""
-    out, _ = _rehearse(
-        tmp_path, "recipe,fsdp", ["prepare", "train_plain", "train_fsdp", "train_fsdp_resume", "fsdp_check"]
-    )
+    it, and the stage's own check that the resumed run and the reload equal the uninterrupted run; then
+    compiled decode (inductor's CPU kernels here)."""
+    ran = ["prepare", "train_plain", "train_fsdp", "train_fsdp_resume", "fsdp_check"]
+    out, _ = _rehearse(tmp_path, "recipe,fsdp,compile", ran + ["text_exact_compile", "decode_compile"], chat_base)
     fsdp = json.loads((out / "fsdp_check.log").read_text())
     assert fsdp["reloaded_equal"] and fsdp["resumed_max_abs_diff"] < 1e-6, fsdp
     assert fsdp["resumed_losses"] == pytest.approx(fsdp["losses"][-1:], abs=1e-6)
+    # the text path's compiled tokens are the base's compiled alike
+    assert json.loads((out / "text_exact_compile.log").read_text().splitlines()[-1])["static_compile_tokens_equal"]
+    compiled = json.loads((out / "decode_compile.log").read_text())["modes"]["compile"]
+    assert compiled["text_batch1"] > 0 and compiled["image_batch1"] > 0
 
 
 @pytest.mark.integration
@@ -136,10 +138,11 @@ def test_offline_wheels_bring_everything_their_packages_need_beyond_torch_and_th
 
 
 @pytest.mark.integration
-def test_gpu_script_starts_no_stage_past_max_s(tmp_path):
+def test_gpu_script_starts_no_stage_past_max_s(tmp_path, chat_base):
     """MAX_S (a device call's time limit): stages that would start after it are skipped and said so."""
     out = tmp_path / "out"
     env = {**os.environ, "SMALL": "1", "STAGES": "recipe,exact", "WORK": str(tmp_path / "work"), "MAX_S": "1"}
+    env["TOKENIZER"] = chat_base
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=300
     )
