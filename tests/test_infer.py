@@ -33,7 +33,7 @@ from genieblue.infer.decode import StaticDecoder
 from genieblue.infer.engine import ContextOverflow, Engine
 from genieblue.infer.server import create_app
 from genieblue.model import IMAGE_TOKEN_INDEX, GenieBlueForConditionalGeneration, load_tokenizer
-from genieblue.model.routing import LoRAGroup, LoRALinear, held_lora, lora_groups
+from genieblue.model.routing import LoRAGroup, LoRALinear, held_lora, lora_groups, share_sibling_bases
 
 QUESTIONS = ["Hi!", "What is the capital of France?", "Name three colours of the rainbow, please.", "2+2?"]
 N = 8  # max_tokens in most tests
@@ -191,12 +191,13 @@ def test_static_cache_decoding_keeps_the_text_path_the_base_decoded_alike(engine
 
 def test_an_image_decode_makes_each_lora_weight_once_and_takes_up_changed_weights(model_dir, chat_base, monkeypatch):
     """A decode makes each LoRA group's weights once, not at every step, and on the base the decoder
-    shares computes each sibling set's outputs in one product: per LoRA block and step, the ops that
-    launch kernels (mm, addmm, addmm_, cat, mul) fall from 24 (the A of each sibling set stacked and
-    scaled anew, then a product and an in-place B product per projection) to 18 (A held) to 12 (one
-    product of the shared base, one A product and one B product per sibling set). It gives the tokens
-    of the model's own image-path `generate`, and takes up changed weights at its next decode, in the
-    same tensors (a CUDA graph captured in one decode reads the next's)."""
+    shares computes each group's outputs in two products: per LoRA block and step, the ops that launch
+    kernels (mm, addmm, addmm_, cat, mul) fall from 24 (the A of each sibling set stacked and scaled
+    anew, then a product and an in-place B product per projection) to 18 (A held) to 8 (one product of
+    the shared base with A's rows below it and one B product per group: q/k/v, o, gate/up, down; the
+    text path takes 7). It gives the tokens of the model's own image-path `generate`, and takes up
+    changed weights at its next decode, in the same tensors (a CUDA graph captured in one decode reads
+    the next's)."""
     model = GenieBlueForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base))
     batch = collate_prompts([processor.prompt(_user("What is this?"), [_png(seed=s)]) for s in range(2)], 0)
@@ -214,16 +215,16 @@ def test_an_image_decode_makes_each_lora_weight_once_and_takes_up_changed_weight
 
     shared = per_step()
     groups = lora_groups(model)
-    assert sum(g.share_base() for g in groups) == len(groups) // 2  # q/k/v and gate/up of the 4 groups a block
-    tensors = [(g._held, g._held_b) for g in groups]
     lora_blocks = len(model.strategy.lora_indices(len(model.llm.model.layers)))
     with monkeypatch.context() as patch:
-        patch.setattr(LoRAGroup, "_shares", lambda self: False)  # the siblings' base used apart
+        patch.setattr(LoRAGroup, "_shares", lambda self: False)  # as after a move: each base weight apart
         apart = per_step()
         patch.setattr(LoRAGroup, "hold", lambda self: None)  # and every step makes the weights anew
         assert per_step() - apart == 6 * lora_blocks
-    assert apart - shared == 6 * lora_blocks
+    assert apart - shared == 10 * lora_blocks
+    assert share_sibling_bases(model.llm) == len(groups)  # laid out anew: q/k/v, o, gate/up, down
     before = decoder.generate(**batch, max_new_tokens=N)
+    tensors = [(g._held, g._held_b) for g in groups]
     own = lambda: model.generate(**batch, do_sample=False, max_new_tokens=N, min_new_tokens=N)  # noqa: E731
     assert before.tolist() == own().tolist()
     torch.manual_seed(0)
@@ -281,7 +282,7 @@ def test_a_shared_sibling_base_keeps_the_text_path_the_bases_and_the_image_path(
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=dtype)
     with torch.no_grad():
         groups = lora_groups(model.llm)
-        assert sum(g.share_base() for g in groups) == len(groups) // 2
+        assert sum(g.share_base() for g in groups) == len(groups)
         q = model.llm.model.layers[0].self_attn
         views = [getattr(q, name).original.weight for name in ("q_proj", "k_proj", "v_proj")]
         assert len({w.untyped_storage().data_ptr() for w in views}) == 1

@@ -15,8 +15,9 @@ fixed buffers. `mode` says how the step runs:
                 new ones run eagerly, with torch's warning: a mode for a few shapes, not a busy server.
 
 A GenieBlue model decodes each row on its route: text-only rows run the untouched base, image rows the
-copies and LoRA (each sibling set of a LoRA block in one product: the decoder lays their base weights
-out in one buffer, `routing.share_sibling_bases`, before it captures or compiles anything). A plain
+copies and LoRA (each LoRA group of a block, q/k/v, o, gate/up, down, in two products: the decoder lays
+its base weights out in one buffer with rows for its LoRA A, `routing.share_sibling_bases`, before it
+captures or compiles anything). A plain
 transformers model decodes the same way, so the base decoded with the same settings is what the text
 path is compared with. Families with sliding-window layers (Gemma 3) keep per-layer masks this loop
 does not build: `supports` says no and callers use `generate`.

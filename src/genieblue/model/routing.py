@@ -180,8 +180,9 @@ class LoRAGroup:
     gradient, where separate ones do it per member. The input and the slices not yet taken are held only
     until every member has taken its own. During a decode (`held_lora`) the stacked, scaled A is made
     once, not at every step; and where `share_base` has laid the members' frozen weights out in one
-    buffer, the first member computes every member's whole output: one product with that buffer, the
-    biases, and one B product (block-diagonal B) added in place, as the deployed graphs do."""
+    buffer with rows for that A below them, the first member computes every member's whole output in
+    two products: x times the buffer (every member's base output and x A'^T at once, the biases added),
+    then the B product (block-diagonal B) added in place, as the deployed graphs do."""
 
     def __init__(self, members: list[LoRALinear]):
         self.members = members
@@ -189,7 +190,7 @@ class LoRAGroup:
         self._left: dict[int, torch.Tensor] = {}
         self._held: torch.Tensor | None = None  # the weight `hold` made (kept for the next hold)
         self._holding = False
-        self._base: torch.Tensor | None = None  # the members' frozen weights in one buffer (`share_base`)
+        self._base: torch.Tensor | None = None  # the members' frozen weights, then `_held`: one buffer
         self._held_b: torch.Tensor | None = None  # during a hold on a shared base: B block-diagonal
         self._held_bias: torch.Tensor | None = None  # and the members' biases concatenated (or None)
         self._sharing = False
@@ -202,15 +203,15 @@ class LoRAGroup:
         return _scaled(a[0] if len(a) == 1 else torch.cat(a), self.members[0].scaling)
 
     def share_base(self) -> bool:
-        """Lay the frozen weights of two or more members out in one buffer, each original's weight a
-        view of its rows (the same values, and the same ops in text mode); returns whether they share
-        one. Only plain float linears of one input width and dtype whose views start 256-byte aligned
-        (what a fresh tensor gives the matrix kernels) are laid out; a model moved since is noticed
-        at the next hold, which then leaves the base unshared."""
+        """Lay the members' frozen weights out in one buffer, each original's weight a view of its rows
+        (the same values, and the same ops in text mode), followed by rows for the stacked A that a hold
+        writes; returns whether they share one. Only plain float linears of one input width and dtype
+        whose views start 256-byte aligned (what a fresh tensor gives the matrix kernels) are laid out;
+        a model moved since is noticed at the next hold, which then leaves the base unshared."""
         originals = [m.original for m in self.members]
         if self._shares():
             return True
-        if len(originals) < 2 or any(type(o) is not nn.Linear or o.weight.requires_grad for o in originals):
+        if any(type(o) is not nn.Linear or o.weight.requires_grad for o in originals):
             return False
         if len({o.bias is None for o in originals}) != 1:
             return False
@@ -220,17 +221,21 @@ class LoRAGroup:
         rows = [w.shape[0] for w in weights]
         if any(sum(rows[:i]) * weights[0][0].nbytes % 256 for i in range(1, len(rows))):
             return False
+        rank = sum(m.lora_A.shape[0] for m in self.members)
+        self._base = weights[0].new_zeros(sum(rows) + rank, weights[0].shape[1])
+        torch._dynamo.mark_static_address(self._base)  # compiled graphs read it in place, as a parameter
         with torch.no_grad():
-            self._base = torch.cat(weights)
-        for o, view in zip(originals, self._base.split(rows)):
-            o.weight = nn.Parameter(view, requires_grad=False)
+            for o, view in zip(originals, self._base[: sum(rows)].split(rows)):
+                o.weight = nn.Parameter(view.copy_(o.weight), requires_grad=False)
+        self._held = self._base[sum(rows) :]  # the stacked, scaled A: written there by each hold
         return True
 
     def _shares(self) -> bool:
         """Whether the members' weights are still the views `share_base` made."""
         if self._base is None:
             return False
-        views = self._base.split([m.original.weight.shape[0] for m in self.members])
+        rows = [m.original.weight.shape[0] for m in self.members]
+        views = self._base[: sum(rows)].split(rows)
         return all(
             m.original.weight.data_ptr() == v.data_ptr() and m.original.weight.shape == v.shape
             for m, v in zip(self.members, views)
@@ -238,19 +243,23 @@ class LoRAGroup:
 
     def hold(self) -> None:
         """Make the weights once and use them until `release` (the weights must not change meanwhile):
-        the stacked, scaled A, and on a shared base the block-diagonal B and the biases. Each is written
-        into the previous hold's tensor, so a CUDA graph captured in one decode reads the next's (marked
-        a static address for torch.compile's graphs too, as transformers' StaticCache is)."""
+        the stacked, scaled A, and on a shared base the block-diagonal B and the biases (zeros for the A
+        rows). Each is written into the previous hold's tensor (on a shared base, A into the buffer's
+        own rows), so a CUDA graph captured in one decode reads the next's (marked a static address for
+        torch.compile's graphs too, as transformers' StaticCache is)."""
         with torch.no_grad():
             weight, self._sharing = self.weight(), self._shares()
             if not self._sharing:
-                self._base = None  # weights moved since `share_base`: let the old buffer go
+                if self._base is not None:  # weights moved since `share_base`: let the old buffer go
+                    self._base = self._held = None
             else:
                 dtype = self._base.dtype
                 weight = weight.to(dtype)
                 self._held_b = _into(self._held_b, torch.block_diag(*(m.lora_B.to(dtype) for m in self.members)))
                 biases = [m.original.bias for m in self.members]
-                self._held_bias = None if biases[0] is None else _into(self._held_bias, torch.cat(biases).to(dtype))
+                if biases[0] is not None:  # zeros for the A rows
+                    biases = torch.cat([*biases, biases[0].new_zeros(weight.shape[0])]).to(dtype)
+                    self._held_bias = _into(self._held_bias, biases)
             self._held = _into(self._held, weight)
         self._holding = True
 
@@ -287,9 +296,11 @@ class LoRAGroup:
 
     def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         flat = x.reshape(-1, x.shape[-1])
-        y = F.linear(flat, self._base, self._held_bias)
-        y.addmm_(F.linear(flat, self._held), self._held_b.t())
-        return tuple(part.view(*x.shape[:-1], -1) for part in y.split([m.out_features for m in self.members], -1))
+        y = F.linear(flat, self._base, self._held_bias)  # every member's base output, then x A'^T
+        width = y.shape[-1] - self._held.shape[0]
+        out = y[:, :width]
+        out.addmm_(y[:, width:], self._held_b.t())
+        return tuple(part.view(*x.shape[:-1], -1) for part in out.split([m.out_features for m in self.members], -1))
 
 
 def _into(held: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
