@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # genieblue on one GPU in a few minutes, offline: the paper's Qwen2.5-3B stage-2 recipe at its real size
-# through the CLI, training throughput per strategy, decode through the serving engine, `serve` under 1
-# and 16 clients, the recipe under FSDP2 (a checkpoint, --resume and a reload), the text path checked
-# against the base on the GPU, a chat with an image, and last torch.compile'd decode (minutes of
-# compiling), in that order (what a GPU has measured least comes first). Random-weight 3B-shaped models
-# (bench/recipe_3b.py): nothing is downloaded.
+# through the CLI, training throughput per strategy (and on packed rows, sdpa against flex_attention),
+# decode through the serving engine, `serve` under 1 and 16 clients, the recipe under FSDP2 (a
+# checkpoint, --resume and a reload), the text path checked against the base on the GPU, a chat with an
+# image, and last torch.compile'd decode (minutes of compiling), in that order (what a GPU has measured
+# least comes first). Random-weight 3B-shaped models (bench/recipe_3b.py): nothing is downloaded.
 #
 #   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt
 #
@@ -81,6 +81,12 @@ if has train; then
   run train_throughput 400 "${tt[@]}" --precision amp --profile  # as `genieblue train` runs: fp32 weights, bf16 autocast
   run train_throughput_ckpt 400 "${tt[@]}" --precision amp --checkpointing --profile
   run train_throughput_bf16 300 "${tt[@]}" --precision bf16  # every weight and AdamW state in bf16 (the regime of the 2026-12-04 GPU figures)
+  # 4 samples packed in the row as the trainer packs them: sdpa's masked whole-row scores against
+  # flex_attention's blocks (which have no CPU backward: the rehearsal runs sdpa alone, one strategy)
+  attns=(sdpa flex_attention) packed=full,genieblue-skip; [[ -n $SMALL ]] && attns=(sdpa) packed=genieblue-skip
+  for attn in "${attns[@]}"; do
+    run train_packed_$attn 300 "${tt[@]}" --strategies $packed --samples 4 --attn $attn --precision amp
+  done
 fi
 
 if has decode; then

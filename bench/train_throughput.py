@@ -8,7 +8,9 @@ the config is built from a name or JSON file).
     python bench/train_throughput.py --baseline                       # every lever off (the step before issue 30)
     python bench/train_throughput.py --json
 
-One sample of `--seq` tokens with one image; every text token is labelled. `--precision`: `amp`
+One row of `--seq` tokens with one image; every text token is labelled. `--samples N` packs N
+samples of equal length into it, as the trainer packs (the image in the first), and `--attn` sets
+the LLM's attention as a config's `attn_implementation` does. `--precision`: `amp`
 (float32 weights, bf16 autocast: what `genieblue train` runs on a GPU, the default there), `bf16`
 (every weight and optimizer state in bf16) or `fp32` (the default on a CPU). Levers (each on by
 default, off by its flag, for A/B runs): `--plain-lora` (LoRA as B(A(x)) * scale per projection,
@@ -121,15 +123,20 @@ def training_step(
     fused_adamw: bool = True,
     fused_lora: bool = True,
     autocast: bool = False,
+    samples: int = 1,
 ):
     """One training step of `model` as the trainer takes it (`causal_lm_loss`, `build_optimizer`, under
-    bf16 autocast with `autocast`), as a function: one sample of `seq` tokens with one image, every
-    text token labelled."""
+    bf16 autocast with `autocast`), as a function: a row of `seq` tokens with one image, every text
+    token labelled; `samples` > 1 packs that many samples of equal length into the row as the trainer
+    does (positions restart at each, whose first token is not labelled), the first one with the image."""
     per = model.vision.tokens_per_tile
     ids = torch.randint(100, model.llm.config.vocab_size, (1, seq), device=device)
     ids[:, 8 : 8 + per] = IMAGE_TOKEN_INDEX
     pixels = torch.randn(1, 3, model.vision.image_size, model.vision.image_size, device=device)
     batch = {"input_ids": ids, "labels": ids.masked_fill(ids < 0, -100), "pixel_values": pixels, "use_cache": False}
+    if samples > 1:
+        batch["position_ids"] = (torch.arange(seq, device=device) % -(-seq // samples))[None]
+        batch["labels"][batch["position_ids"] == 0] = -100
     n_tokens = int((batch["labels"][:, 1:] != -100).sum())
     opt, _ = build_optimizer(model, TrainConfig(lr=1e-5), 1000, fused=fused_adamw)
 
@@ -237,6 +244,8 @@ def main() -> None:
     parser.add_argument("--foreach-adamw", action="store_true", help="AdamW without fused=True")
     parser.add_argument("--fp32-base", action="store_true", help="amp: the base's projections in float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks (image path)")
+    parser.add_argument("--samples", type=int, default=1, help="samples packed into the row (positions restart)")
+    parser.add_argument("--attn", default="sdpa", help="the LLM's attention: sdpa, flex_attention (GPU), eager, ...")
     parser.add_argument("--baseline", action="store_true", help="every lever off")
     parser.add_argument("--precision", choices=("amp", "bf16", "fp32"), help="default: amp on a GPU, fp32 on a CPU")
     parser.add_argument("--json", action="store_true")
@@ -275,6 +284,7 @@ def _row(args, strategy: str, device: str, precision: str) -> dict:
     model = build(args.shape, strategy, device, torch.bfloat16 if precision == "bf16" else torch.float32)
     if precision == "amp" and not args.fp32_base:
         model.cast_base_projections(torch.bfloat16)
+    model.llm.set_attn_implementation(args.attn)
     if args.compile:
         model.compile_blocks()
     result = measure(
@@ -289,6 +299,7 @@ def _row(args, strategy: str, device: str, precision: str) -> dict:
         fused_adamw=not args.foreach_adamw,
         fused_lora=not args.plain_lora,
         autocast=precision == "amp",
+        samples=args.samples,
     )
     names = ("plain_lora", "full_logits", "foreach_adamw", "fp32_base", "compile")
     levers = {k: getattr(args, k) for k in names if k != "fp32_base" or precision == "amp"}
@@ -296,6 +307,8 @@ def _row(args, strategy: str, device: str, precision: str) -> dict:
         "strategy": strategy,
         "shape": args.shape,
         "seq": args.seq,
+        "samples": args.samples,
+        "attn": args.attn,
         "device": device,
         "precision": precision,
         "checkpointing": args.checkpointing,

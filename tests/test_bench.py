@@ -40,8 +40,8 @@ def _rehearse(tmp_path: Path, stages: str, ran: list[str], tokenizer: str) -> tu
 def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
     """Every stage but FSDP2's and compile's (the slow tier's test below; in the default tier, test_train
     runs FSDP2 through the CLI and test_infer compiled decoding)."""
-    ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "train_throughput_bf16", "decode"]
-    ran += ["serve_load", "text_exact", "chat_image"]
+    ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "train_throughput_bf16"]
+    ran += ["train_packed_sdpa", "decode", "serve_load", "text_exact", "chat_image"]
     out, work = _rehearse(tmp_path, "recipe,train,decode,serve,exact,chat", ran, chat_base)
     # the training bench, as the trainer runs (amp) and all in bf16: every strategy, the B products added
     # in place one per LoRA'd projection (7 a block: the tiny shape's 4 blocks for LoRA everywhere, 3 for
@@ -53,6 +53,8 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
             products = [rows[s]["ops"]["aten::addmm_"] for s in ("full", "lora", "genieblue-skip")]
             assert products == [0, 28 * forwards, 21 * forwards]
         assert rows["full"]["speed_vs_full"] == 1 and all(r["tokens_per_s"] > 0 for r in rows.values())
+    packed = json.loads((out / "train_packed_sdpa.log").read_text())  # 4 samples a row, as the trainer packs
+    assert [(r["strategy"], r["samples"], r["attn"]) for r in packed] == [("genieblue-skip", 4, "sdpa")]
     # the decode bench: both modes, and a decode step's operator calls per route (LoRA's only on the image path)
     decode = json.loads((out / "decode.log").read_text())
     assert set(decode["modes"]) == {"generate", "eager"}

@@ -22,6 +22,7 @@ from genieblue.model.routing import LoRAGroup, LoRALinear
 from genieblue.train import TrainConfig, Trainer
 from genieblue.train.loss import causal_lm_loss
 from genieblue.train.optim import build_optimizer
+from genieblue.train.trainer import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -298,3 +299,29 @@ def test_the_trainer_under_bf16_autocast_trains_as_with_float32_base_projections
     assert runs[True][0] == runs[False][0]
     assert runs[True][1].keys() == runs[False][1].keys()
     assert all(torch.equal(runs[True][1][k], v) for k, v in runs[False][1].items())
+
+
+def test_the_attention_a_config_names_runs_in_every_block_and_copy(tmp_path, chat_base):
+    """`attn_implementation` reaches the block copies too (they share the base's config), so a packed
+    row's samples stay apart under it on the image path: flex_attention's loss (forward on this CPU;
+    its BlockMask would break a copy left on sdpa) is sdpa's, and without the restarting positions it
+    is not. Training with flex_attention on a CPU is refused before the first step."""
+    cfg = TrainConfig(llm=chat_base, vision=TINY_SIGLIP, attn_implementation="eager", output_dir=str(tmp_path / "a"))
+    model = build_model(cfg).eval()
+    attention = [m for m in model.llm.modules() if type(m).__name__.endswith("Attention")]
+    assert len(attention) > model.llm.config.num_hidden_layers  # the copies' own attention modules
+    assert {m.config._attn_implementation for m in attention} == {"eager"}
+    batch = _batch(model)
+    batch["position_ids"] = torch.cat([torch.arange(28), torch.arange(12)]).expand(2, -1)  # two samples a row
+    losses = {}
+    with torch.no_grad():
+        for attn in ("sdpa", "flex_attention"):
+            model.llm.set_attn_implementation(attn)
+            losses[attn] = model(**batch, use_cache=False).loss
+        leaky = model(**dict(batch, position_ids=torch.arange(40).expand(2, -1)), use_cache=False).loss
+    torch.testing.assert_close(losses["flex_attention"], losses["sdpa"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(leaky, losses["sdpa"], rtol=1e-4)
+    with pytest.raises(ValueError, match="flex_attention trains on a GPU only"):
+        Trainer(
+            TrainConfig(llm=chat_base, attn_implementation="flex_attention", device="cpu", output_dir=str(tmp_path))
+        )

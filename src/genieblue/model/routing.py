@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Children of one attention / MLP module that read the same input (every supported LLM family;
@@ -96,9 +97,14 @@ class _Wrapper(nn.Module):
 
 
 def trainable_copy(module: nn.Module, empty: bool = False) -> nn.Module:
-    """A trainable deep copy of `module`; `empty`: its parameters on the meta device, without data, for
-    weights about to be loaded in their place (`load_state_dict(..., assign=True)`)."""
+    """A trainable deep copy of `module` that shares the model's config objects (a change the model
+    makes to its config, such as `set_attn_implementation`, reaches the copy too); `empty`: its
+    parameters on the meta device, without data, for weights about to be loaded in their place
+    (`load_state_dict(..., assign=True)`)."""
     memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta")) for p in module.parameters()} if empty else {}
+    memo.update(
+        {id(m.config): m.config for m in module.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
+    )
     return copy.deepcopy(module, memo).requires_grad_(True)
 
 

@@ -80,6 +80,7 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
             dtype=torch.float32,
         )
     model.set_stage(cfg.stage)
+    model.llm.set_attn_implementation(cfg.attn_implementation)  # the block copies share its config
     return model
 
 
@@ -191,6 +192,11 @@ class Trainer:
         self.stage0_source = stage0_source
         self.console = console or Console(stderr=True)
         device = resolve_device(cfg.device)
+        if cfg.attn_implementation == "flex_attention" and device.type != "cuda":
+            raise ValueError(
+                f"attn_implementation flex_attention trains on a GPU only (torch has no {device.type} "
+                "backward for it); use sdpa"
+            )
         self.precision = precision = _precision(cfg.precision, device)
         state = AcceleratorState._shared_state
         if state and state.get("_mixed_precision") != precision and PartialState().num_processes == 1:
