@@ -70,10 +70,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto: bf16 on a GPU or CPU with native bf16 matmuls, else fp32; or bf16 / fp16 / no
     gradient_checkpointing: bool = False
-    # the LLM's attention while training (transformers' names; inference keeps the default): sdpa; flex_attention (a
-    # GPU only: a packed row's samples attend within themselves block by block, where sdpa computes the whole row's
-    # masked scores); eager; flash_attention_2 (with the flash-attn package)
-    attn_implementation: str = "sdpa"
+    # the LLM's attention while training (transformers' names; None: transformers' default, sdpa where the family
+    # has it; inference keeps the default): sdpa; flex_attention (a GPU only: a packed row's samples attend within
+    # themselves block by block, where sdpa computes the whole row's masked scores); eager; flash_attention_2
+    attn_implementation: str | None = None
     compile: bool = False  # torch.compile the blocks' attention and MLP on the image path (model.compile_blocks)
     device: str | None = None  # cpu or cuda (None: cuda when present; several processes: one GPU each)
     # bookkeeping

@@ -80,7 +80,8 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
             dtype=torch.float32,
         )
     model.set_stage(cfg.stage)
-    model.llm.set_attn_implementation(cfg.attn_implementation)  # the block copies share its config
+    if cfg.attn_implementation:
+        model.llm.set_attn_implementation(cfg.attn_implementation)  # the block copies share its config
     return model
 
 
