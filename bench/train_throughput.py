@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--fp32-base", action="store_true", help="amp: the base's projections in float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks (image path)")
     parser.add_argument("--samples", type=int, default=1, help="samples packed into the row (positions restart)")
-    parser.add_argument("--attn", default="sdpa", help="the LLM's attention: sdpa, flex_attention (GPU), eager, ...")
+    parser.add_argument("--attn", help="the LLM's attention: sdpa, flex_attention (GPU), ... (default: transformers')")
     parser.add_argument("--baseline", action="store_true", help="every lever off")
     parser.add_argument("--precision", choices=("amp", "bf16", "fp32"), help="default: amp on a GPU, fp32 on a CPU")
     parser.add_argument("--json", action="store_true")
@@ -284,7 +284,8 @@ def _row(args, strategy: str, device: str, precision: str) -> dict:
     model = build(args.shape, strategy, device, torch.bfloat16 if precision == "bf16" else torch.float32)
     if precision == "amp" and not args.fp32_base:
         model.cast_base_projections(torch.bfloat16)
-    model.llm.set_attn_implementation(args.attn)
+    if args.attn:
+        model.llm.set_attn_implementation(args.attn)
     if args.compile:
         model.compile_blocks()
     result = measure(
@@ -308,7 +309,7 @@ def _row(args, strategy: str, device: str, precision: str) -> dict:
         "shape": args.shape,
         "seq": args.seq,
         "samples": args.samples,
-        "attn": args.attn,
+        "attn": model.llm.config._attn_implementation,
         "device": device,
         "precision": precision,
         "checkpointing": args.checkpointing,

@@ -305,7 +305,8 @@ def test_the_attention_a_config_names_runs_in_every_block_and_copy(tmp_path, cha
     """`attn_implementation` reaches the block copies too (they share the base's config), so a packed
     row's samples stay apart under it on the image path: flex_attention's loss (forward on this CPU;
     its BlockMask would break a copy left on sdpa) is sdpa's, and without the restarting positions it
-    is not. Training with flex_attention on a CPU is refused before the first step."""
+    is not. Refused before the first step: flex_attention on a CPU, and a flash implementation with more
+    than one row a batch (transformers finds packed samples in the positions of a lone row only)."""
     cfg = TrainConfig(llm=chat_base, vision=TINY_SIGLIP, attn_implementation="eager", output_dir=str(tmp_path / "a"))
     model = build_model(cfg).eval()
     attention = [m for m in model.llm.modules() if type(m).__name__.endswith("Attention")]
@@ -325,3 +326,6 @@ def test_the_attention_a_config_names_runs_in_every_block_and_copy(tmp_path, cha
         Trainer(
             TrainConfig(llm=chat_base, attn_implementation="flex_attention", device="cpu", output_dir=str(tmp_path))
         )
+    flash = TrainConfig(llm=chat_base, attn_implementation="flash_attention_2", batch_size=2, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="keeps packed samples apart only with batch_size 1"):
+        Trainer(flash)

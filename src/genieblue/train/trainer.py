@@ -53,6 +53,21 @@ class PreparedData:
     total: int = 0
 
 
+def _check_attention(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before any work, an attention implementation that cannot train this config's packed rows."""
+    impl = cfg.attn_implementation or ""
+    if impl == "flex_attention" and device.type != "cuda":
+        raise ValueError(
+            f"attn_implementation flex_attention trains on a GPU only (torch has no {device.type} backward for it); "
+            "use sdpa"
+        )
+    if "flash" in impl and cfg.batch_size > 1:  # transformers reads packing from the positions of one row only
+        raise ValueError(
+            f"attn_implementation {impl} keeps packed samples apart only with batch_size 1 (with more rows, they "
+            "would attend to each other); set batch_size: 1 and raise grad_accum, or use flex_attention"
+        )
+
+
 def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
     """The model a config trains, on the CPU in float32 (master weights; accelerate places it)."""
     strategy = Strategy(cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
@@ -193,11 +208,7 @@ class Trainer:
         self.stage0_source = stage0_source
         self.console = console or Console(stderr=True)
         device = resolve_device(cfg.device)
-        if cfg.attn_implementation == "flex_attention" and device.type != "cuda":
-            raise ValueError(
-                f"attn_implementation flex_attention trains on a GPU only (torch has no {device.type} "
-                "backward for it); use sdpa"
-            )
+        _check_attention(cfg, device)
         self.precision = precision = _precision(cfg.precision, device)
         state = AcceleratorState._shared_state
         if state and state.get("_mixed_precision") != precision and PartialState().num_processes == 1:
