@@ -6,7 +6,7 @@
 # image, and last torch.compile'd decode (minutes of compiling), in that order (what a GPU has measured
 # least comes first). Random-weight 3B-shaped models (bench/recipe_3b.py): nothing is downloaded.
 #
-#   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt
+#   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt, report.md
 #
 # Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,compile), MAX_S (seconds: no
 # stage starts after them and a command is cut to end by then, for a device call's time limit), WORK
@@ -147,3 +147,4 @@ if has compile; then  # the compiled text path's tokens against the base compile
 fi
 
 lap total
+python3 bench/gpu_report.py "$OUT" >"$OUT/report.md" 2>"$OUT/report.err"  # the tables, each target beside its number

@@ -75,6 +75,12 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
     assert exact["logits_equal"] == exact["chat_replies_equal"] == exact["prompts"] > 0
     assert exact["static_eager_tokens_equal"] is True
     assert (out / "chat_image.log").read_text().strip()
+    # the report a results page takes its tables from: each target beside its number
+    report = (out / "report.md").read_text()
+    assert re.search(r"^\| train_throughput_ckpt \| genieblue-skip \| \d+ \| [\d.]+ \| >= 1.2: ", report, re.M), report
+    assert re.search(r"^\| eager \| [\d.]+ \| [\d.]+% (met|\*\*not met\*\*) \|", report, re.M), report
+    assert re.search(r"^`serve`: [\d.]+ tokens/s with 1 client, [\d.]+ with 16: ", report, re.M), report
+    assert "decode_compile: not run" in report and "whole script: " in report
 
 
 @pytest.mark.slow
@@ -151,6 +157,8 @@ def test_gpu_script_starts_no_stage_past_max_s(tmp_path, chat_base):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     skipped = re.findall(r"== (\w+): skipped \(MAX_S=1 reached\)", (out / "summary.txt").read_text())
     assert skipped == ["recipe", "exact"] and not (out / "prepare.log").exists()
+    report = (out / "report.md").read_text()
+    assert "| recipe | skipped (MAX_S=1 reached) |" in report and "decode: not run" in report
 
 
 @pytest.mark.integration
