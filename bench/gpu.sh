@@ -3,12 +3,13 @@
 # through the CLI, training throughput per strategy (and on packed rows, sdpa against flex_attention),
 # decode through the serving engine, `serve` under 1 and 16 clients, the recipe under FSDP2 (a
 # checkpoint, --resume and a reload), the text path checked against the base on the GPU, a chat with an
-# image, and last torch.compile'd decode (minutes of compiling), in that order (what a GPU has measured
-# least comes first). Random-weight 3B-shaped models (bench/recipe_3b.py): nothing is downloaded.
+# image, torch.compile'd decode (minutes of compiling), and last the recipe again with flex_attention,
+# in that order (what matters most and a GPU has measured least comes first). Random-weight 3B-shaped
+# models (bench/recipe_3b.py): nothing is downloaded.
 #
 #   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt, report.md
 #
-# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,compile), MAX_S (seconds: no
+# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,compile,attn), MAX_S (seconds: no
 # stage starts after them and a command is cut to end by then, for a device call's time limit), WORK
 # (scratch, default /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the built-in base's),
 # WHEELS (a folder of wheels installed first into a private site, for a machine without a package
@@ -18,7 +19,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
 WORK=${WORK:-/tmp/genieblue-gpu}
-STAGES=${STAGES:-recipe,train,decode,serve,fsdp,exact,chat,compile}
+STAGES=${STAGES:-recipe,train,decode,serve,fsdp,exact,chat,compile,attn}
 SMALL=${SMALL:-}
 # offline: no hub kernels either (transformers would fetch kernels-community ones for a model on a GPU)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 USE_HUB_KERNELS=NO TRANSFORMERS_VERBOSITY=error
@@ -144,6 +145,14 @@ if has compile; then  # the compiled text path's tokens against the base compile
   run text_exact_compile 300 python3 bench/text_exact.py "$MODEL" --modes compile --json
   run decode_compile 500 python3 bench/decode.py "${SHAPE[@]}" --tokenizer "$TOK" --modes compile --tokens $TOKENS \
     --clients 16 --json
+fi
+
+if has attn; then  # the recipe through the trainer with flex_attention (the CPU rehearsal: eager; flex has no CPU backward)
+  attn=flex_attention; [[ -n $SMALL ]] && attn=eager
+  { cat "$WORK/stage2.yaml"; echo "attn_implementation: $attn"; } >"$WORK/stage2-attn.yaml"
+  rm -rf "$WORK/attn"
+  run train_attn 400 "${GB[@]}" train -c "$WORK/stage2-attn.yaml" --max-steps $STEPS --output-dir "$WORK/attn"
+  cp "$WORK/attn/metrics.jsonl" "$OUT/train_attn_metrics.jsonl" 2>/dev/null
 fi
 
 lap total

@@ -124,6 +124,19 @@ def decode(out: Path) -> list[str]:
     return lines + [""]
 
 
+def recipe(out: Path) -> list[str]:
+    lines = ["## The recipe through the CLI (`genieblue train`, tokens/s a step)", ""]
+    for name in ("train_plain", "train_attn"):
+        path = out / f"{name}_metrics.jsonl"
+        steps = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        rates = ", ".join(f"{r['tokens_per_s']:.0f}" for r in steps)
+        lines.append(
+            f"- {name}: "
+            + (f"{rates} (loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f})" if steps else "not run")
+        )
+    return lines + [""]
+
+
 def checks(out: Path) -> list[str]:
     lines = ["## The text path and sharded training", ""]
     for name in ("text_exact", "text_exact_compile", "fsdp_check"):
@@ -151,7 +164,9 @@ def main() -> None:
     out = parser.parse_args().out
     if not out.is_dir():
         raise SystemExit(f"error: no such folder: {out}")
-    print("\n".join(["# bench/gpu.sh", "", *script(out), *train(out), *decode(out), *checks(out)]).rstrip())
+    print(
+        "\n".join(["# bench/gpu.sh", "", *script(out), *recipe(out), *train(out), *decode(out), *checks(out)]).rstrip()
+    )
 
 
 if __name__ == "__main__":

@@ -85,12 +85,13 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_gpu_script_fsdp_and_compile_stages_rehearse_on_a_cpu(tmp_path, chat_base):
+def test_gpu_script_fsdp_compile_and_attn_stages_rehearse_on_a_cpu(tmp_path, chat_base):
     """The recipe under FSDP2 as the script runs it (2 gloo processes here): a checkpoint, --resume from
     it, and the stage's own check that the resumed run and the reload equal the uninterrupted run; then
-    compiled decode (inductor's CPU kernels here)."""
+    compiled decode (inductor's CPU kernels here), and the recipe with another attention."""
     ran = ["prepare", "train_plain", "train_fsdp", "train_fsdp_resume", "fsdp_check"]
-    out, _ = _rehearse(tmp_path, "recipe,fsdp,compile", ran + ["text_exact_compile", "decode_compile"], chat_base)
+    ran += ["text_exact_compile", "decode_compile", "train_attn"]
+    out, work = _rehearse(tmp_path, "recipe,fsdp,compile,attn", ran, chat_base)
     fsdp = json.loads((out / "fsdp_check.log").read_text())
     assert fsdp["reloaded_equal"] and fsdp["resumed_max_abs_diff"] < 1e-6, fsdp
     assert fsdp["resumed_losses"] == pytest.approx(fsdp["losses"][-1:], abs=1e-6)
@@ -98,6 +99,9 @@ def test_gpu_script_fsdp_and_compile_stages_rehearse_on_a_cpu(tmp_path, chat_bas
     assert json.loads((out / "text_exact_compile.log").read_text().splitlines()[-1])["static_compile_tokens_equal"]
     compiled = json.loads((out / "decode_compile.log").read_text())["modes"]["compile"]
     assert compiled["text_batch1"] > 0 and compiled["image_batch1"] > 0
+    # the recipe again with the attention the stage names (eager here: flex_attention has no CPU backward)
+    assert json.loads((work / "attn" / "train_config.json").read_text())["attn_implementation"] == "eager"
+    assert re.search(r"^- train_attn: \d+, \d+ \(loss", (out / "report.md").read_text(), re.M)
 
 
 @pytest.mark.integration
