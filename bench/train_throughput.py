@@ -8,8 +8,8 @@ the config is built from a name or JSON file).
     python bench/train_throughput.py --baseline                       # every lever off (the step before issue 30)
     python bench/train_throughput.py --json
 
-One row of `--seq` tokens with one image; every text token is labelled. `--samples N` packs N
-samples of equal length into it, as the trainer packs (the image in the first), and `--attn` sets
+One row of `--seq` tokens with one image; every text token is labelled. `--samples N` splits it
+into N samples (the image in the first) packed by the trainer's own `data.pack`, and `--attn` sets
 the LLM's attention as a config's `attn_implementation` does. `--precision`: `amp`
 (float32 weights, bf16 autocast: what `genieblue train` runs on a GPU, the default there), `bf16`
 (every weight and optimizer state in bf16) or `fp32` (the default on a CPU). Levers (each on by
@@ -43,6 +43,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from genieblue import GenieBlueForConditionalGeneration
+from genieblue.data import Sample, pack
 from genieblue.model import IMAGE_TOKEN_INDEX, modeling
 from genieblue.train import TrainConfig
 from genieblue.train.loss import CHUNK, causal_lm_loss
@@ -127,16 +128,16 @@ def training_step(
 ):
     """One training step of `model` as the trainer takes it (`causal_lm_loss`, `build_optimizer`, under
     bf16 autocast with `autocast`), as a function: a row of `seq` tokens with one image, every text
-    token labelled; `samples` > 1 packs that many samples of equal length into the row as the trainer
-    does (positions restart at each, whose first token is not labelled), the first one with the image."""
-    per = model.vision.tokens_per_tile
-    ids = torch.randint(100, model.llm.config.vocab_size, (1, seq), device=device)
-    ids[:, 8 : 8 + per] = IMAGE_TOKEN_INDEX
-    pixels = torch.randn(1, 3, model.vision.image_size, model.vision.image_size, device=device)
-    batch = {"input_ids": ids, "labels": ids.masked_fill(ids < 0, -100), "pixel_values": pixels, "use_cache": False}
-    if samples > 1:
-        batch["position_ids"] = (torch.arange(seq, device=device) % -(-seq // samples))[None]
-        batch["labels"][batch["position_ids"] == 0] = -100
+    token labelled; `samples` > 1 splits the row into that many samples packed by `data.pack`, as the
+    trainer packs them (positions restart at each, whose first token is not labelled), the image in the first."""
+    per, size = model.vision.tokens_per_tile, model.vision.image_size
+    ids = torch.randint(100, model.llm.config.vocab_size, (seq,))
+    ids[8 : 8 + per] = IMAGE_TOKEN_INDEX
+    rows = [
+        Sample(chunk, chunk.masked_fill(chunk < 0, -100), torch.randn(1, 3, size, size) if i == 0 else None)
+        for i, chunk in enumerate(ids.tensor_split(samples))
+    ]
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pack(rows, seq).items()}
     n_tokens = int((batch["labels"][:, 1:] != -100).sum())
     opt, _ = build_optimizer(model, TrainConfig(lr=1e-5), 1000, fused=fused_adamw)
 
