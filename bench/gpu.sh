@@ -19,7 +19,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
 WORK=${WORK:-/tmp/genieblue-gpu}
-STAGES=${STAGES:-recipe,train,decode,serve,fsdp,exact,chat,compile,attn}
+ALL=recipe,train,decode,serve,fsdp,exact,chat,compile,attn
+STAGES=${STAGES:-$ALL}
 SMALL=${SMALL:-}
 # offline: no hub kernels either (transformers would fetch kernels-community ones for a model on a GPU)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 USE_HUB_KERNELS=NO TRANSFORMERS_VERBOSITY=error
@@ -62,7 +63,8 @@ fi
 : >"$OUT/summary.txt"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
   python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, '· transformers', transformers.__version__, '· accelerate', accelerate.__version__)"
-  git log -1 --format='commit %h %cd' 2>/dev/null; } | tee "$OUT/env.txt"
+  git log -1 --format='commit %h %cd' 2>/dev/null
+  echo "stages $STAGES$([[ $STAGES == "$ALL" ]] && echo ' (all)')"; } | tee "$OUT/env.txt"
 python3 bench/requirements.py check || exit 1  # genieblue's requirements, before the first stage spends GPU time
 
 TOK=${TOKENIZER:-$WORK/tokenizer}
