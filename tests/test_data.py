@@ -495,6 +495,63 @@ def test_lengths_are_exact_for_a_sample_and_estimated_for_the_rest(tmp_path, tok
     assert sorted(exact.lengths) == sorted(proc.lengths(good))
 
 
+def test_a_scan_is_read_back_for_the_same_bytes_measured_alike_and_only_then(tmp_path, tok, monkeypatch):
+    """A file's scan (spans, measures, bad records) is stored in the cache folder and read back by the
+    next mixture of the same bytes measured alike, which then reads no record and equals a fresh scan
+    in every respect; changed bytes (same size), another measure, a torn stored scan or a bad record
+    that has become usable (its image fetched) read the file again."""
+    from genieblue.data import MixtureSamples, Source, lengths
+
+    monkeypatch.setenv("GENIEBLUE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lengths, "EXACT_FIRST", 10)
+    monkeypatch.setattr(lengths, "EXACT_EVERY", 4)
+    _png(tmp_path / "a.png", size=(64, 32))
+    records = _varied_records(__import__("random").Random(0), 60, "a.png")
+    records[5] = {"id": "r5", "question": "Q"}  # bad: refused when checked
+    records[31] = {"id": "r31", **_chat("<image>\nWhat?", "A."), "image": "missing.png"}  # bad, at an estimate
+    path = _write_json(tmp_path / "data.jsonl", records, jsonl=True)
+    proc = GenieBlueProcessor(tok, SIZE, PER_TILE, max_tiles=6, max_length=1024)
+
+    def view(samples):
+        m = samples.mixture
+        return (
+            [m[k]["id"] for k in range(len(m))],
+            samples.lengths,
+            [m.exact(k) for k in range(len(m))],
+            [(b.record_id, b.reason) for b in m.bad],
+            m.scanned,
+        )
+
+    read, scan = [], RecordFile.scan
+
+    def counted(self):  # a file read record by record (what a stored scan saves)
+        read.append(self.path)
+        yield from scan(self)
+
+    fresh = view(MixtureSamples.from_sources([Source(path)], proc, seed=3, scans=False))
+    assert [b[0] for b in fresh[3]] == ["r5", "r31"] and set(fresh[2]) == {True, False}  # exact and estimated
+    monkeypatch.setattr(RecordFile, "scan", counted)
+    first = view(MixtureSamples.from_sources([Source(path)], proc, seed=3))
+    stored = list((tmp_path / "cache" / "scans").glob("*.safetensors"))
+    assert first == fresh and len(read) == 1 and len(stored) == 1
+    assert view(MixtureSamples.from_sources([Source(path)], proc, seed=3)) == fresh and len(read) == 1  # no record read
+
+    text = path.read_text()
+    path.write_text(text.replace('"A."', '"B."', 1))  # the same size, other bytes
+    MixtureSamples.from_sources([Source(path)], proc, seed=3)
+    assert len(read) == 2
+    path.write_text(text)
+    MixtureSamples.from_sources([Source(path)], GenieBlueProcessor(tok, SIZE, PER_TILE, max_tiles=6), seed=3)
+    assert len(read) == 3  # another max_length measures otherwise
+    stored[0].write_bytes(stored[0].read_bytes()[:100])  # a torn file: read again, and stored anew
+    assert view(MixtureSamples.from_sources([Source(path)], proc, seed=3)) == fresh and len(read) == 4
+    assert view(MixtureSamples.from_sources([Source(path)], proc, seed=3)) == fresh and len(read) == 4
+    _png(tmp_path / "missing.png")  # the image a bad record lacked, fetched since: the file is read again
+    mended = view(MixtureSamples.from_sources([Source(path)], proc, seed=3))
+    assert [b[0] for b in mended[3]] == ["r5"] and "r31" in mended[0] and len(read) == 5
+    assert view(MixtureSamples.from_sources([Source(path)], proc, seed=3)) == mended and len(read) == 5
+
+
 def test_rows_packed_on_estimates_too_short_are_packed_again_exactly(tmp_path, tok, monkeypatch):
     """Estimates that fall short (digits after a sample of prose) never make a row longer than
     max_length nor lose a token: a step's samples, encoded exactly, are packed again and a batch

@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
-from .lengths import measure_lengths
+from ..model.cache import cache_dir
+from .lengths import measure_key, measure_lengths
 from .processor import GenieBlueProcessor, Sample
 from .records import BadRecord, DataMixture, Source
+from .scans import ScanCache
 
 
 class MixtureSamples(Sequence):
@@ -27,10 +29,13 @@ class MixtureSamples(Sequence):
 
     @classmethod
     def from_sources(
-        cls, sources: list[Source], processor: GenieBlueProcessor, seed: int = 0, on_record=None
+        cls, sources: list[Source], processor: GenieBlueProcessor, seed: int = 0, on_record=None, scans: bool = True
     ) -> MixtureSamples:
+        """The samples of `sources` mixed by `seed`; with `scans`, each file's scan is kept in
+        `cache_dir()/scans` (see `scans`) and read back where the same bytes were measured alike."""
         measure = partial(measure_lengths, processor)
-        return cls(DataMixture(sources, seed=seed, measure=measure, on_record=on_record), processor)
+        cache = ScanCache(cache_dir() / "scans", measure_key(processor)) if scans else None
+        return cls(DataMixture(sources, seed=seed, measure=measure, on_record=on_record, scans=cache), processor)
 
     def __len__(self) -> int:
         return len(self.mixture)

@@ -34,6 +34,11 @@ _DIGITS = b"0123456789"
 _PLAIN = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") + 1)) + _DIGITS + b" \n"
 
 
+def measure_key(processor) -> str:
+    """What `measure_lengths(processor, ...)` gives depends on, in a string: equal keys, equal measures."""
+    return f"{processor.measure_key()}:{EXACT_FIRST}:{EXACT_EVERY}:{QUANTILE}"
+
+
 def measure_lengths(processor, checked, reload):
     """Yield (position, length, exact) for each (position, checked record) of `checked`, in order,
     where length is the record's token count (exact or estimated) or the `BadRecord` that makes it

@@ -9,6 +9,7 @@ tokens through the tokenizer's offsets, so no template-specific markers are hard
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,16 @@ class GenieBlueProcessor:
             max_length,
             system_prompt,
         )
+
+    def measure_key(self) -> str:
+        """A digest of everything `lengths` and `encode` depend on (the tokenizer whole, its chat
+        template, the tiling and the length limit): equal keys measure every record alike."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+        settings = [tok.chat_template, tok.eos_token, tok.bos_token, self.image_size, self.tokens_per_tile]
+        settings += [self.max_tiles, self.vision_type, self.max_length, self.system_prompt]
+        return hashlib.sha256((vocab + json.dumps(settings)).encode()).hexdigest()
 
     @property
     def pad_id(self) -> int:

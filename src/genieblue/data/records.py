@@ -221,10 +221,23 @@ class RecordFile:
             head = f.read(4096).lstrip()
         yield from (self._scan_list() if head.startswith(b"[") else self._scan_lines())
 
+    @property
+    def spans(self) -> tuple[array, array]:
+        """Each record's first and past-the-end byte, as `scan()` found them."""
+        return self._starts, self._ends
+
+    def restore(self, starts: array, ends: array) -> None:
+        """Take the spans an earlier `scan()` of the same bytes found (`spans`), instead of scanning."""
+        self._starts, self._ends = starts, ends
+
     def load(self, index: int):
         with self.path.open("rb") as f:
             f.seek(self._starts[index])
             return json.loads(f.read(self._ends[index] - self._starts[index]))
+
+    def checked(self, index: int, image_folder: Path, raw=None) -> dict:
+        """`check_record` of record `index` (`raw`: the record as parsed, when at hand)."""
+        return check_record(self.load(index) if raw is None else raw, image_folder, f"{self.path.name}#{index}")
 
     def _add(self, start: int, end: int) -> int:
         self._starts.append(start)
@@ -362,7 +375,8 @@ class DataMixture:
     unusable. What fails either is left out and kept in `bad` (one `BadRecord` each, in file order)
     for the caller to report; `scanned` counts every record read and `on_record(n)` is told each
     time n more were. Only byte spans, the drawn order and the measures stay in memory;
-    `mixture[i]` re-reads record i from its file.
+    `mixture[i]` re-reads record i from its file. With `scans` (a `scans.ScanCache`), a file whose
+    scan it holds is not read again, and a file read is stored there.
 
     Raises:
         ValueError: no source, a negative ratio or ratios summing to zero, or a file that is not
@@ -370,8 +384,9 @@ class DataMixture:
         FileNotFoundError: a source's file does not exist.
     """
 
-    def __init__(self, sources, seed: int = 0, size: int | None = None, measure=None, on_record=None):
+    def __init__(self, sources, seed: int = 0, size: int | None = None, measure=None, on_record=None, scans=None):
         self.sources = [s if isinstance(s, Source) else Source(*s) for s in sources]
+        self.scans = scans
         if not self.sources or any(s.ratio < 0 for s in self.sources) or not sum(s.ratio for s in self.sources):
             raise ValueError("a mixture needs at least one source and non-negative ratios with a positive sum")
         self.files = [RecordFile(s.path) for s in self.sources]
@@ -387,45 +402,87 @@ class DataMixture:
         rng.shuffle(self._order)
 
     def _scan(self, n: int, measure, on_record) -> range:
-        """Validate (and measure) source n's records; returns the ids of its usable ones."""
+        """Source n's records validated (and measured), from `scans` when it holds them; returns the
+        ids of its usable ones."""
         source, file = self.sources[n], self.files[n]
         folder = Path(source.image_folder) if source.image_folder is not None else file.path.parent
-        first_good, bad, seen = len(self._index), [], {"count": 0, "first": None}
+        key = self.scans.key(file.path, folder) if self.scans else None
+        scan = self.scans.load(key) if key else None
+        if scan is not None:
+            file.restore(scan.starts, scan.ends)
+            if self._mended(file, folder, scan, measure):  # e.g. a missing image fetched since: read again
+                scan = None
+            elif on_record:
+                on_record(scan.count)
+        if scan is None:
+            scan = self._read(n, folder, measure, on_record)
+            if key:
+                try:
+                    self.scans.save(key, scan)
+                except OSError:
+                    pass  # a read-only cache folder: the data is simply read again next time
+        first_good = len(self._index)
+        self._source.extend(array("l", [n]) * len(scan.index))
+        self._index.extend(scan.index)
+        self._measures.extend(scan.measures)
+        self._exact.extend(scan.exact)
+        self.bad += [err for _, err in scan.bad]
+        self.scanned += scan.count
+        return range(first_good, len(self._index))
 
-        def check(i: int, raw) -> dict:
-            return check_record(raw, folder, fallback_id=f"{file.path.name}#{i}")
+    @staticmethod
+    def _mended(file: RecordFile, folder: Path, scan, measure) -> bool:
+        """Whether a record a stored scan found bad would be usable now (the file's bytes are the
+        same, but an image it names may have been fetched or repaired since)."""
+        positions, checked = [], []
+        for i, _ in scan.bad:
+            try:
+                checked.append((len(checked), file.checked(i, folder)))
+            except BadRecord:
+                continue
+            positions.append(i)
+        if not checked or measure is None:
+            return bool(checked)
+        reload = lambda j: file.checked(positions[j], folder)  # noqa: E731
+        return any(not isinstance(value, BadRecord) for _, value, _ in measure(iter(checked), reload))
+
+    def _read(self, n: int, folder: Path, measure, on_record):
+        """Read every record of source n once: its `scans.Scan` (raises ValueError if none is usable)."""
+        from .scans import Scan
+
+        source, file = self.sources[n], self.files[n]
+        scan, first = Scan(), None
 
         def checked():
+            nonlocal first
             for i, raw in file.scan():
-                seen["count"] += 1
-                seen["first"] = raw if i == 0 else seen["first"]
-                if on_record and seen["count"] % PROGRESS_EVERY == 0:
+                scan.count += 1
+                first = raw if i == 0 else first
+                if on_record and scan.count % PROGRESS_EVERY == 0:
                     on_record(PROGRESS_EVERY)
                 try:
-                    yield i, check(i, raw)
+                    yield i, file.checked(i, folder, raw)
                 except BadRecord as err:
-                    bad.append((i, err))
+                    scan.bad.append((i, err))
             if on_record:
-                on_record(seen["count"] % PROGRESS_EVERY)
+                on_record(scan.count % PROGRESS_EVERY)
 
         results = (
-            measure(checked(), lambda i: check(i, file.load(i))) if measure else ((i, 0, True) for i, _ in checked())
+            measure(checked(), lambda i: file.checked(i, folder)) if measure else ((i, 0, True) for i, _ in checked())
         )
         for i, value, exact in results:
             if isinstance(value, BadRecord):
-                bad.append((i, value))
+                scan.bad.append((i, value))
                 continue
-            self._source.append(n)
-            self._index.append(i)
-            self._measures.append(value)
-            self._exact.append(exact)
-        bad.sort(key=lambda b: b[0])
-        self.bad += [err for _, err in bad]
-        self.scanned += seen["count"]
-        if len(self._index) == first_good:
-            reason = bad[0][1].reason if bad and bad[0][0] == 0 else ""
-            raise ValueError(unusable_file(source.path, seen["count"], seen["first"], reason))
-        return range(first_good, len(self._index))
+            scan.index.append(i)
+            scan.measures.append(value)
+            scan.exact.append(exact)
+        scan.bad.sort(key=lambda b: b[0])
+        if not scan.index:
+            reason = scan.bad[0][1].reason if scan.bad and scan.bad[0][0] == 0 else ""
+            raise ValueError(unusable_file(source.path, scan.count, first, reason))
+        scan.starts, scan.ends = file.spans
+        return scan
 
     @property
     def unique(self) -> int:
@@ -448,7 +505,7 @@ class DataMixture:
         source, i = self._source[g], self._index[g]
         file = self.files[source]
         folder = self.sources[source].image_folder or file.path.parent
-        return check_record(file.load(i), folder, fallback_id=f"{file.path.name}#{i}")
+        return file.checked(i, folder)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

@@ -1,5 +1,6 @@
-"""Where genieblue keeps what it derives from base models: GGUF files converted to transformers
-folders (`sources`) and the digests of weight files (`fingerprint`)."""
+"""Where genieblue keeps what it derives from files once: GGUF files converted to transformers
+folders (`sources`), the digests of weight files (`fingerprint`) and the scans of training data
+files (`genieblue.data.scans`)."""
 
 from __future__ import annotations
 

@@ -70,15 +70,20 @@ def file_digest(path: Path, cache: dict | None = None) -> str:
     key = _file_key(path)
     if cache is not None and key in cache:
         return cache[key]
+    digest = sha256_of(target)
+    _remember({key: digest})
+    return digest
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file's bytes, hashed now."""
     h = hashlib.sha256()
-    with open(target, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) as f:
         buffer = bytearray(16 * 2**20)
         view = memoryview(buffer)
         while n := f.readinto(buffer):
             h.update(view[:n])  # hashlib releases the GIL: files hash in parallel threads
-    digest = h.hexdigest()
-    _remember({key: digest})
-    return digest
+    return h.hexdigest()
 
 
 def weight_files(source: str | Path) -> list[Path]:

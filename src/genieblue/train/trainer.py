@@ -276,6 +276,8 @@ class Trainer:
         processor = GenieBlueProcessor.from_model(
             model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length, cfg.system_prompt
         )
+        # every process reads the data (a barrier while one of them does could outlast NCCL's 10-minute
+        # watchdog on millions of records); a later run or --resume reads the scans they stored
         data = prepare_data(cfg, processor, progress)
         self._check_bad_data(data)
         if cfg.stage == 1 and cfg.stage0_steps and not latest:
