@@ -25,7 +25,7 @@ import json
 import math
 import random
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import is_data_url
@@ -359,6 +359,20 @@ def _shares(weights: list[float], size: int) -> list[int]:
     return counts
 
 
+@dataclass
+class Scan:
+    """One source's scan: record spans (all records), then per usable record its position, measure
+    and whether that is exact, the bad records by position, and how many records were read."""
+
+    starts: array = field(default_factory=lambda: array("q"))
+    ends: array = field(default_factory=lambda: array("q"))
+    index: array = field(default_factory=lambda: array("q"))
+    measures: array = field(default_factory=lambda: array("q"))
+    exact: array = field(default_factory=lambda: array("b"))
+    bad: list[tuple[int, BadRecord]] = field(default_factory=list)
+    count: int = 0
+
+
 PROGRESS_EVERY = 1024
 """Records read between two calls of a mixture's `on_record`."""
 
@@ -447,9 +461,7 @@ class DataMixture:
         return any(not isinstance(value, BadRecord) for _, value, _ in measure(iter(checked), reload))
 
     def _read(self, n: int, folder: Path, measure, on_record):
-        """Read every record of source n once: its `scans.Scan` (raises ValueError if none is usable)."""
-        from .scans import Scan
-
+        """Read every record of source n once: its `Scan` (raises ValueError if none is usable)."""
         source, file = self.sources[n], self.files[n]
         scan, first = Scan(), None
 

@@ -1,39 +1,24 @@
 """A data file's scan kept on disk: the byte span of every record, the measures of the usable ones
 and the bad ones with their reasons, which is all a `DataMixture` learns by reading every record
 (with images, ~100 µs a record: minutes for millions). Keyed by the file's content digest, its image
-folder and what measured it (`ScanCache.measured_by`), so a resumed run, a later stage on the same
-data or the other processes of a distributed run read it back instead of scanning again. Images are
-not part of the key: one changed since is caught at its step, as any image is (see `dataset`)."""
+folder and what measured it (`ScanCache.measured_by`), so a resumed run or a later run on the same
+data reads it back instead of every record. Images are not part of the key: a stored bad record
+whose image has become usable makes the file be read again (`DataMixture`), and any other image
+changed since is caught at its step, as an unreadable one is (see `dataset`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model.fingerprint import sha256_of
-from .records import BadRecord
+from .records import BadRecord, Scan
 
 VERSION = 1
 """Bumped when what a scan holds, or how it is measured, changes: older scans are then not read."""
 _ARRAYS = ("starts", "ends", "index", "measures", "exact")
-
-
-@dataclass
-class Scan:
-    """One source's scan: record spans (all records), then per usable record its position, measure
-    and whether that is exact, the bad records by position, and how many records were read."""
-
-    starts: array = field(default_factory=lambda: array("q"))
-    ends: array = field(default_factory=lambda: array("q"))
-    index: array = field(default_factory=lambda: array("q"))
-    measures: array = field(default_factory=lambda: array("q"))
-    exact: array = field(default_factory=lambda: array("b"))
-    bad: list[tuple[int, BadRecord]] = field(default_factory=list)
-    count: int = 0
 
 
 class ScanCache:
