@@ -17,11 +17,9 @@ records too long are refused before training as before.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 from array import array
 from operator import itemgetter
-from pathlib import Path
 
 import numpy as np
 
@@ -37,14 +35,9 @@ _PLAIN = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") +
 
 
 def measure_key(processor) -> str:
-    """What `measure_lengths(processor, ...)` gives depends on, in a string: equal keys, equal measures.
-    The code that checks and measures is part of it, so an edited or upgraded genieblue measures anew."""
-    from . import images, records
-    from . import processor as processor_module
-
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (images, processor_module, records)))
-    code.update(Path(__file__).read_bytes())
-    return f"{processor.measure_key()}:{EXACT_FIRST}:{EXACT_EVERY}:{QUANTILE}:{code.hexdigest()}"
+    """The settings `measure_lengths(processor, ...)` depends on, in a string (the code that measures is
+    named by `scans.ScanCache`): equal keys, equal measures."""
+    return f"{processor.measure_key()}:{EXACT_FIRST}:{EXACT_EVERY}:{QUANTILE}"
 
 
 def measure_lengths(processor, checked, reload):

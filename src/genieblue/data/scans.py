@@ -16,8 +16,6 @@ from pathlib import Path
 from ..model.fingerprint import sha256_of
 from .records import BadRecord, Scan
 
-VERSION = 1
-"""Bumped when what a scan holds, or how it is measured, changes: older scans are then not read."""
 _ARRAYS = ("starts", "ends", "index", "measures", "exact")
 
 
@@ -30,8 +28,16 @@ class ScanCache:
         self.measured_by = measured_by
 
     def key(self, path: Path, image_folder: Path) -> str:
-        """The digest naming a scan of `path` (its bytes) with images under `image_folder`."""
-        named = json.dumps([VERSION, sha256_of(path), str(image_folder.resolve()), self.measured_by])
+        """The digest naming a scan of `path` (its bytes) with images under `image_folder`, measured by
+        `measured_by` with this genieblue's code that checks, measures and stores records (an edited
+        or upgraded genieblue reads the files anew)."""
+        from . import images, lengths, processor, records
+
+        code = [
+            sha256_of(Path(m))
+            for m in (images.__file__, lengths.__file__, processor.__file__, records.__file__, __file__)
+        ]
+        named = json.dumps([code, sha256_of(path), str(image_folder.resolve()), self.measured_by])
         return hashlib.sha256(named.encode()).hexdigest()
 
     def load(self, key: str) -> Scan | None:
