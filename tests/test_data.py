@@ -552,6 +552,99 @@ def test_a_scan_is_read_back_for_the_same_bytes_measured_alike_and_only_then(tmp
     assert view(MixtureSamples.from_sources([Source(path)], proc, seed=3)) == mended and len(read) == 5
 
 
+_SHARED_READ = """
+import json, os, sys
+from genieblue.data import GenieBlueProcessor, MixtureSamples, Source, lengths
+from genieblue.data.records import RecordFile
+from genieblue.model import load_tokenizer
+
+path, cache, (part, parts, size, per_tile) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:])
+lengths.EXACT_FIRST, lengths.EXACT_EVERY = 10, 4
+checked, check = [], RecordFile.checked
+
+def counted(self, index, *args):
+    checked.append(index)
+    return check(self, index, *args)
+
+RecordFile.checked = counted
+proc = GenieBlueProcessor(load_tokenizer(None), size, per_tile, max_tiles=6, max_length=1024)
+os.environ["GENIEBLUE_CACHE"] = cache  # the scans' folder (the tokenizer came from the usual one)
+m = MixtureSamples.from_sources([Source(path)], proc, seed=3, share=(part, parts)).mixture
+read = sorted(set(checked))  # (reading the records below checks them again)
+view = [[m[k]["id"] for k in range(len(m))], [m.measure(k) for k in range(len(m))],
+        [m.exact(k) for k in range(len(m))], [[b.record_id, b.reason] for b in m.bad], m.scanned]
+print(json.dumps({"view": view, "checked": read}))
+"""
+
+
+@pytest.mark.integration
+def test_processes_sharing_a_first_read_each_check_a_part_and_all_get_the_whole(tmp_path, tok, monkeypatch):
+    """Two processes reading a new file together (as the trainer's processes on one machine do) each
+    check and measure their half of the records and those the length estimates are fitted on, then
+    merge each other's stored part into what one process reading alone finds (order, lengths, exact
+    flags, bad records in file order), leaving one stored scan; a process whose peer never stores
+    its part reads that part itself after waiting, and without waiting where it cannot store its own."""
+    import os
+    import subprocess
+    import sys
+
+    from genieblue.data import MixtureSamples, Source, lengths, scans
+
+    monkeypatch.setenv("GENIEBLUE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lengths, "EXACT_FIRST", 10)
+    monkeypatch.setattr(lengths, "EXACT_EVERY", 4)
+    _png(tmp_path / "a.png", size=(64, 32))
+    records = _varied_records(__import__("random").Random(0), 60, "a.png")
+    for i, image in ((5, None), (8, None), (31, "missing.png"), (42, "missing.png")):  # bad, in both parts
+        records[i] = (
+            {"id": f"r{i}", "question": "Q"}
+            if image is None
+            else {"id": f"r{i}", **_chat("<image>\nWhat?", "A."), "image": image}
+        )
+    path = _write_json(tmp_path / "data.jsonl", records, jsonl=True)
+    proc = GenieBlueProcessor(tok, SIZE, PER_TILE, max_tiles=6, max_length=1024)
+    m = MixtureSamples.from_sources([Source(path)], proc, seed=3, scans=False).mixture
+    alone = [
+        [m[k]["id"] for k in range(len(m))],
+        [m.measure(k) for k in range(len(m))],
+        [m.exact(k) for k in range(len(m))],
+        [[b.record_id, b.reason] for b in m.bad],
+        m.scanned,
+    ]
+    assert [b[0] for b in alone[3]] == ["r5", "r8", "r31", "r42"] and set(alone[2]) == {True, False}
+
+    env = {k: v for k, v in os.environ.items() if k != "GENIEBLUE_CACHE"}
+    args = [str(path), str(tmp_path / "cache")]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARED_READ, *args, str(part), "2", str(SIZE), str(PER_TILE)],
+            env=env,
+            stdout=subprocess.PIPE,
+        )
+        for part in (0, 1)
+    ]
+    outs = [json.loads(child.communicate(timeout=300)[0]) for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    learned = [i for i in range(60) if i < 10 or i % 4 == 0]  # what every estimate is fitted on
+    for part, out in enumerate(outs):
+        assert out["view"] == alone
+        assert out["checked"] == sorted({*range(part, 60, 2), *learned})  # its half, and the sample
+    assert [p.name.count(".part") for p in (tmp_path / "cache" / "scans").iterdir()] == [0]  # one scan, no parts
+
+    monkeypatch.setattr(scans, "PATIENCE", 0.0)
+    monkeypatch.setattr(scans, "SLACK_S", 0.0)
+    for stored in (tmp_path / "cache" / "scans").iterdir():
+        stored.unlink()
+    m = MixtureSamples.from_sources([Source(path)], proc, seed=3, share=(1, 2)).mixture  # part 0's process is gone
+    assert [[b.record_id, b.reason] for b in m.bad] == alone[3] and [m.measure(k) for k in range(len(m))] == alone[1]
+
+    monkeypatch.setattr(scans, "SLACK_S", 3600.0)
+    monkeypatch.setattr(scans.time, "sleep", lambda s: pytest.fail("waited for a part no peer can store"))
+    monkeypatch.setenv("GENIEBLUE_CACHE", str(path))  # "scans" under a file: nothing can be stored
+    m = MixtureSamples.from_sources([Source(path)], proc, seed=3, share=(0, 2)).mixture
+    assert [[b.record_id, b.reason] for b in m.bad] == alone[3] and [m.measure(k) for k in range(len(m))] == alone[1]
+
+
 def test_rows_packed_on_estimates_too_short_are_packed_again_exactly(tmp_path, tok, monkeypatch):
     """Estimates that fall short (digits after a sample of prose) never make a row longer than
     max_length nor lose a token: a step's samples, encoded exactly, are packed again and a batch

@@ -23,7 +23,7 @@ _EXPORTS = {
         "tile_image",
     ),
     "dataset": ("MixtureSamples",),
-    "lengths": ("measure_lengths",),
+    "lengths": ("LengthMeasure",),
     "packing": ("collate", "collate_prompts", "first_fit", "pack"),
     "processor": (
         "IGNORE_INDEX",

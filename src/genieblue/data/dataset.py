@@ -6,10 +6,9 @@ however large the data files are."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 from ..model.cache import cache_dir
-from .lengths import measure_key, measure_lengths
+from .lengths import LengthMeasure
 from .processor import GenieBlueProcessor, Sample
 from .records import BadRecord, DataMixture, Source
 from .scans import ScanCache
@@ -29,12 +28,19 @@ class MixtureSamples(Sequence):
 
     @classmethod
     def from_sources(
-        cls, sources: list[Source], processor: GenieBlueProcessor, seed: int = 0, on_record=None, scans: bool = True
+        cls,
+        sources: list[Source],
+        processor: GenieBlueProcessor,
+        seed: int = 0,
+        on_record=None,
+        scans: bool = True,
+        share: tuple[int, int] = (0, 1),
     ) -> MixtureSamples:
         """The samples of `sources` mixed by `seed`; with `scans`, each file's scan is kept in
-        `cache_dir()/scans` (see `scans`) and read back where the same bytes were measured alike."""
-        measure = partial(measure_lengths, processor)
-        cache = ScanCache(cache_dir() / "scans", measure_key(processor)) if scans else None
+        `cache_dir()/scans` (see `scans`) and read back where the same bytes were measured alike, and
+        `share` (part, parts) splits a first read among the processes of a machine (`ScanCache`)."""
+        measure = LengthMeasure(processor)
+        cache = ScanCache(cache_dir() / "scans", measure.key, *share) if scans else None
         return cls(DataMixture(sources, seed=seed, measure=measure, on_record=on_record, scans=cache), processor)
 
     def __len__(self) -> int:

@@ -34,56 +34,73 @@ _DIGITS = b"0123456789"
 _PLAIN = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") + 1)) + _DIGITS + b" \n"
 
 
-def measure_key(processor) -> str:
-    """The settings `measure_lengths(processor, ...)` depends on, in a string (the code that measures is
-    named by `scans.ScanCache`): equal keys, equal measures."""
-    return f"{processor.measure_key()}:{EXACT_FIRST}:{EXACT_EVERY}:{QUANTILE}"
+def sampled(position: int) -> bool:
+    """Whether a source's record at `position` is measured exactly: the first `EXACT_FIRST` and every
+    `EXACT_EVERY`-th, the sample every estimate of that source is fitted on."""
+    return position < EXACT_FIRST or position % EXACT_EVERY == 0
 
 
-def measure_lengths(processor, checked, reload):
-    """Yield (position, length, exact) for each (position, checked record) of `checked`, in order,
-    where length is the record's token count (exact or estimated) or the `BadRecord` that makes it
-    unusable; `reload(position)` gives a record again (to measure a doubtful one exactly)."""
-    sample_x, sample_y = [], []  # features and exact text tokens of the exact ones
+class LengthMeasure:
+    """Token counts by `processor`, as a `DataMixture` takes a measure: called with an iterator of one
+    source's (position, checked record), in order, and `reload(position)` (a record again, to measure
+    a doubtful one exactly), it yields (position, length, exact) for each, where length is the
+    record's token count (exact or estimated) or the `BadRecord` that makes it unusable. An estimate
+    depends on the records at the `sampled` positions and on nothing else beyond its own record; `key`
+    names the settings every length depends on (the code that measures is named by
+    `scans.ScanCache`): equal keys, equal lengths."""
 
-    def exact(batch: list) -> list:
-        out = []
-        for (i, record), value in zip(batch, processor.lengths([r for _, r in batch])):
-            if isinstance(value, Exception):
-                value = _bad(record, value)
-            else:
-                sample_x.append(_features(record))
-                sample_y.append(value - processor.image_tokens(record))
-            out.append((i, value, True))
-        return out
+    sampled = staticmethod(sampled)
 
-    measured, pending, positions, images, features = [], [], array("q"), array("q"), array("q")
-    for i, record in checked:
-        if i < EXACT_FIRST or i % EXACT_EVERY == 0:
-            pending.append((i, record))
-            if len(pending) == BATCH:
-                measured += exact(pending)
-                pending = []
-            continue
-        try:
-            images.append(processor.image_tokens(record))
-        except ValueError as err:  # ImageError: a header that does not read
-            measured.append((i, _bad(record, err), True))
-            continue
-        positions.append(i)
-        features.extend(_features(record))
-    measured += exact(pending)
-    guesses = []
-    if positions:
-        image = np.frombuffer(images, dtype=np.int64)
-        text = _estimate(sample_x, sample_y, np.frombuffer(features, dtype=np.int64).reshape(len(positions), -1))
-        doubtful = np.flatnonzero(image + 2 * text > processor.max_length)
-        for start in range(0, len(doubtful), BATCH):
-            measured += exact([(positions[k], reload(positions[k])) for k in doubtful[start : start + BATCH].tolist()])
-        estimated = np.ones(len(positions), dtype=bool)
-        estimated[doubtful] = False
-        guesses = ((i, n, False) for i, n, e in zip(positions, (image + text).tolist(), estimated.tolist()) if e)
-    yield from heapq.merge(sorted(measured, key=itemgetter(0)), guesses, key=itemgetter(0))
+    def __init__(self, processor):
+        self.processor = processor
+
+    @property
+    def key(self) -> str:
+        return f"{self.processor.measure_key()}:{EXACT_FIRST}:{EXACT_EVERY}:{QUANTILE}"
+
+    def __call__(self, checked, reload):
+        sample_x, sample_y = [], []  # features and exact text tokens of the exact ones
+
+        def exact(batch: list) -> list:
+            out = []
+            for (i, record), value in zip(batch, self.processor.lengths([r for _, r in batch])):
+                if isinstance(value, Exception):
+                    value = _bad(record, value)
+                else:
+                    sample_x.append(_features(record))
+                    sample_y.append(value - self.processor.image_tokens(record))
+                out.append((i, value, True))
+            return out
+
+        measured, pending, positions, images, features = [], [], array("q"), array("q"), array("q")
+        for i, record in checked:
+            if sampled(i):
+                pending.append((i, record))
+                if len(pending) == BATCH:
+                    measured += exact(pending)
+                    pending = []
+                continue
+            try:
+                images.append(self.processor.image_tokens(record))
+            except ValueError as err:  # ImageError: a header that does not read
+                measured.append((i, _bad(record, err), True))
+                continue
+            positions.append(i)
+            features.extend(_features(record))
+        measured += exact(pending)
+        guesses = []
+        if positions:
+            image = np.frombuffer(images, dtype=np.int64)
+            text = _estimate(sample_x, sample_y, np.frombuffer(features, dtype=np.int64).reshape(len(positions), -1))
+            doubtful = np.flatnonzero(image + 2 * text > self.processor.max_length)
+            for start in range(0, len(doubtful), BATCH):
+                measured += exact(
+                    [(positions[k], reload(positions[k])) for k in doubtful[start : start + BATCH].tolist()]
+                )
+            estimated = np.ones(len(positions), dtype=bool)
+            estimated[doubtful] = False
+            guesses = ((i, n, False) for i, n, e in zip(positions, (image + text).tolist(), estimated.tolist()) if e)
+        yield from heapq.merge(sorted(measured, key=itemgetter(0)), guesses, key=itemgetter(0))
 
 
 def _features(record: dict) -> tuple[int, ...]:

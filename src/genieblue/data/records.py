@@ -26,6 +26,7 @@ import math
 import random
 from array import array
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .images import is_data_url
@@ -385,12 +386,14 @@ class DataMixture:
     Every record is read once to validate it and, with `measure`, to measure it: `measure(checked,
     reload)` is given an iterator of one source's (position, checked record) and a function
     reloading the record at a position, and yields (position, value, exact) for each, value a number
-    (exact or estimated, e.g. `lengths.measure_lengths`) or the `BadRecord` that makes the record
-    unusable. What fails either is left out and kept in `bad` (one `BadRecord` each, in file order)
-    for the caller to report; `scanned` counts every record read and `on_record(n)` is told each
-    time n more were. Only byte spans, the drawn order and the measures stay in memory;
-    `mixture[i]` re-reads record i from its file. With `scans` (a `scans.ScanCache`), a file whose
-    scan it holds is not read again, and a file read is stored there.
+    (exact or estimated, e.g. `lengths.LengthMeasure`) or the `BadRecord` that makes the record
+    unusable; a value that depends on other records than its own depends only on those at the
+    positions `measure.sampled(position)` names. What fails either is left out and kept in `bad` (one
+    `BadRecord` each, in file order) for the caller to report; `scanned` counts every record read and
+    `on_record(n)` is told each time n more were. Only byte spans, the drawn order and the measures
+    stay in memory; `mixture[i]` re-reads record i from its file. With `scans` (a `scans.ScanCache`),
+    a file whose scan it holds is not read again, and a file read is stored there (read in parts by
+    the processes sharing it).
 
     Raises:
         ValueError: no source, a negative ratio or ratios summing to zero, or a file that is not
@@ -429,12 +432,12 @@ class DataMixture:
             elif on_record:
                 on_record(scan.count)
         if scan is None:
-            scan = self._read(n, folder, measure, on_record)
-            if key:
-                try:
-                    self.scans.save(key, scan)
-                except OSError:
-                    pass  # a read-only cache folder: the data is simply read again next time
+            read = partial(self._read, n, folder, measure, on_record)
+            scan = self.scans.gather(key, read) if key else read(None)
+            file.restore(scan.starts, scan.ends)
+        if not scan.index:
+            reason = scan.bad[0][1].reason if scan.bad and scan.bad[0][0] == 0 else ""
+            raise ValueError(unusable_file(source.path, scan.count, file.load(0) if scan.count else None, reason))
         first_good = len(self._index)
         self._source.extend(array("l", [n]) * len(scan.index))
         self._index.extend(scan.index)
@@ -460,22 +463,26 @@ class DataMixture:
         reload = lambda j: file.checked(positions[j], folder)  # noqa: E731
         return any(not isinstance(value, BadRecord) for _, value, _ in measure(iter(checked), reload))
 
-    def _read(self, n: int, folder: Path, measure, on_record):
-        """Read every record of source n once: its `Scan` (raises ValueError if none is usable)."""
-        source, file = self.sources[n], self.files[n]
-        scan, first = Scan(), None
+    def _read(self, n: int, folder: Path, measure, on_record, share: tuple[int, int] | None) -> Scan:
+        """Read every record of source n once: its `Scan`. With `share` (part, parts), only the part's
+        records (positions part, part + parts, ...) are checked and measured, and those `measure`
+        learns from (`measure.sampled`), whose results are left to the part they belong to."""
+        file, scan = self.files[n], Scan()
+        mine = (lambda i: True) if share is None else (lambda i: i % share[1] == share[0])  # noqa: E731
+        learns = getattr(measure, "sampled", None) if share is not None else None
 
         def checked():
-            nonlocal first
             for i, raw in file.scan():
                 scan.count += 1
-                first = raw if i == 0 else first
                 if on_record and scan.count % PROGRESS_EVERY == 0:
                     on_record(PROGRESS_EVERY)
+                if not (mine(i) or (learns and learns(i))):
+                    continue
                 try:
                     yield i, file.checked(i, folder, raw)
                 except BadRecord as err:
-                    scan.bad.append((i, err))
+                    if mine(i):
+                        scan.bad.append((i, err))
             if on_record:
                 on_record(scan.count % PROGRESS_EVERY)
 
@@ -483,6 +490,8 @@ class DataMixture:
             measure(checked(), lambda i: file.checked(i, folder)) if measure else ((i, 0, True) for i, _ in checked())
         )
         for i, value, exact in results:
+            if not mine(i):
+                continue
             if isinstance(value, BadRecord):
                 scan.bad.append((i, value))
                 continue
@@ -490,9 +499,6 @@ class DataMixture:
             scan.measures.append(value)
             scan.exact.append(exact)
         scan.bad.sort(key=lambda b: b[0])
-        if not scan.index:
-            reason = scan.bad[0][1].reason if scan.bad and scan.bad[0][0] == 0 else ""
-            raise ValueError(unusable_file(source.path, scan.count, first, reason))
         scan.starts, scan.ends = file.spans
         return scan
 

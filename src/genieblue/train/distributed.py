@@ -64,6 +64,14 @@ def layout(acc: Accelerator) -> Layout:
     )
 
 
+def machine_share(acc: Accelerator) -> tuple[int, int]:
+    """(this process's number, how many) among the processes of its machine, as the launcher
+    (torchrun, `accelerate launch`) names them: those that read a new data file together."""
+    if acc.num_processes == 1:
+        return 0, 1
+    return acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def block_classes(model: nn.Module) -> set[type]:
     """The decoder-block classes FSDP2 shards by: those named in accelerate's
     FSDP_TRANSFORMER_CLS_TO_WRAP, else the LLM's own decoder blocks (copies included)."""

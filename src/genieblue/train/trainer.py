@@ -36,7 +36,7 @@ from ..model.folder import MANIFEST, TRAINING, check_model_folder
 from ..model.placement import resolve_device
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
-from .distributed import Layout, layout, shard_fsdp2
+from .distributed import Layout, layout, machine_share, shard_fsdp2
 from .loss import causal_lm_loss
 from .optim import build_optimizer
 from .vision_pretrain import pretrain_vision, sample_batches, stream_batches
@@ -100,16 +100,19 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
     return model
 
 
-def prepare_data(cfg: TrainConfig, processor: GenieBlueProcessor, progress=None) -> PreparedData:
+def prepare_data(
+    cfg: TrainConfig, processor: GenieBlueProcessor, progress=None, share: tuple[int, int] = (0, 1)
+) -> PreparedData:
     """Read, check and measure every record of the mixture (token counts exact or, in a large
     source, mostly estimated: see `data.lengths`; no pixel decoded: samples are encoded when a step
-    asks for them); unusable ones are skipped and listed, never fatal alone."""
+    asks for them); unusable ones are skipped and listed, never fatal alone. `share` (part, parts):
+    this process's part of a data file read for the first time by `parts` processes together."""
     if not cfg.data:
         raise ValueError("the config names no data: add `data: [{path: train.json}]`")
     sources = [Source(d.path, d.ratio, d.image_folder) for d in cfg.data]
     task = progress.add_task("reading data", total=None, status="") if progress else None
     advance = (lambda n: progress.advance(task, n)) if progress else None  # noqa: E731
-    samples = MixtureSamples.from_sources(sources, processor, cfg.seed, advance)
+    samples = MixtureSamples.from_sources(sources, processor, cfg.seed, advance, share=share)
     if progress:
         progress.remove_task(task)
     mixture = samples.mixture
@@ -276,9 +279,9 @@ class Trainer:
         processor = GenieBlueProcessor.from_model(
             model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length, cfg.system_prompt
         )
-        # every process reads the data (a barrier while one of them does could outlast NCCL's 10-minute
-        # watchdog on millions of records); a later run or --resume reads the scans they stored
-        data = prepare_data(cfg, processor, progress)
+        # the processes of a machine read a new data file in parts and merge them (waiting on files, not
+        # on a collective that NCCL's 10-minute watchdog would cut short); a --resume reads the scans back
+        data = prepare_data(cfg, processor, progress, machine_share(acc))
         self._check_bad_data(data)
         if cfg.stage == 1 and cfg.stage0_steps and not latest:
             self._stage0(model, data.samples, processor, progress)
