@@ -3,9 +3,11 @@ text-ish records (LLaVA and LLaMA-Factory rows, a few with images), trains one s
 SmolLM2-135M in a subprocess and reports when that step began (the trainer prints its plan: data
 read, checked, measured and packed, model built) and the subprocess's peak RSS; then trains again on
 the same file, which reads back the scan the first run stored (`genieblue.data.scans`) instead of
-every record.
+every record. With `--processes N` training runs in N processes (DDP under torch's launcher), which
+read a new file together, each its part of the records (`genieblue.data.scans`).
 
     python bench/large_data.py                       # 1,000,000 records, 100 of them with an image
+    python bench/large_data.py --images 1000000 --processes 2
     python bench/large_data.py --records 100000 --json
     python bench/large_data.py --pythonpath /tmp/old/src   # the same file through another checkout
 
@@ -76,19 +78,25 @@ def write_records(path: Path, n: int, with_images: int, llava_only: bool = False
 
 
 def _peak_rss_mib(pid: int) -> float:
-    """The process's peak RSS so far (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The largest peak RSS so far (VmHWM) of the process and its descendants (a launcher's workers)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # gone meanwhile
+        return 0.0
+    own = next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), 0.0)
+    return max([own, *(_peak_rss_mib(int(child)) for child in children)])
 
 
-def _train(config: Path, env: dict) -> tuple[float, float, float]:
-    """One `genieblue train -c config` in a subprocess: (seconds to its first step, to its end, peak RSS
-    in MiB by its first step)."""
+def _train(config: Path, env: dict, processes: int) -> tuple[float, float, float]:
+    """One `genieblue train -c config` in a subprocess (under torch's launcher for several processes):
+    (seconds to its first step, to its end, largest peak RSS of a process in MiB by its first step)."""
     start = time.perf_counter()
+    launch = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "genieblue.cli", "train", "-c", str(config)],
+        [sys.executable, *launch, "-m", "genieblue.cli", "train", "-c", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -118,7 +126,9 @@ def _private_scans(folder: Path) -> Path:
     return cache
 
 
-def run(records: int, images: int, folder: Path, pythonpath: str | None, max_length: int, llava_only: bool) -> dict:
+def run(
+    records: int, images: int, folder: Path, pythonpath: str | None, max_length: int, llava_only: bool, processes: int
+) -> dict:
     data = folder / "large.jsonl"
     t0 = time.perf_counter()
     write_records(data, records, images, llava_only)
@@ -133,11 +143,12 @@ def run(records: int, images: int, folder: Path, pythonpath: str | None, max_len
         settings = {"data": [{"path": str(data)}], "stage": 2, "max_steps": 1, "batch_size": 1, "precision": "no"}
         settings |= {"output_dir": str(folder / run_name), "save_every": 10**9, "max_length": max_length}
         config.write_text(yaml.safe_dump(settings))
-        times[run_name] = _train(config, env)
+        times[run_name] = _train(config, env, processes)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {
         "records": records,
         "with_images": images,
+        "processes": processes,
         "file_mib": data.stat().st_size / 2**20,
         "write_s": written,
         "time_to_first_step_s": times["run"][0],
@@ -158,17 +169,25 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024, help="packing length (the one step's cost)")
     parser.add_argument("--pythonpath", help="PYTHONPATH of the training subprocess (another checkout)")
     parser.add_argument("--llava-only", action="store_true", help="only LLaVA rows (what older checkouts read)")
+    parser.add_argument("--processes", type=int, default=1, help="training processes (DDP), reading the data together")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         result = run(
-            args.records, args.images, Path(args.folder or scratch), args.pythonpath, args.max_length, args.llava_only
+            args.records,
+            args.images,
+            Path(args.folder or scratch),
+            args.pythonpath,
+            args.max_length,
+            args.llava_only,
+            args.processes,
         )
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(
-        f"{result['records']:,} records ({result['with_images']} with an image, {result['file_mib']:.0f} MiB): "
+        f"{result['records']:,} records ({result['with_images']} with an image, {result['file_mib']:.0f} MiB), "
+        f"{result['processes']} process(es): "
         f"first step after {result['time_to_first_step_s']:.1f} s (peak RSS by then "
         f"{result['peak_rss_before_first_step_mib']:.0f} MiB), peak RSS {result['peak_rss_mib']:.0f} MiB "
         f"(step done and model saved after {result['first_step_done_s']:.1f} s); run again on the same file "
