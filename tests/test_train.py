@@ -264,7 +264,8 @@ def test_atomic_dir_on_interrupt_and_stale_partials(tmp_path):
     assert (target / "weights").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
     # what a SIGKILL leaves (it skips the cleanup above) goes at the next start; other files stay
-    (tmp_path / ".step-0000004.tmp4242").mkdir()
+    # (named by process and host, or by process alone as earlier versions named them)
+    (tmp_path / ".step-0000004.tmp4242-gpu-node-7").mkdir()
     (tmp_path / ".final.old4242").mkdir()
     (tmp_path / ".metrics.jsonl.tmp4242").write_text("{")
     (tmp_path / ".gitignore").write_text("*")

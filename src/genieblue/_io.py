@@ -7,8 +7,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+PARTIAL = re.compile(r"\..+\.(tmp|old)\d+(-[A-Za-z0-9-]*)?")
+"""The names `temporary` gives (and, without the host, what earlier versions gave)."""
+
+
+def temporary(path: Path, kind: str = "tmp") -> Path:
+    """The hidden sibling a writer fills before its atomic rename to `path` (`kind` "old": where the
+    replaced one goes meanwhile), named by host and process: no two writers share one, also in a
+    cache folder the machines of a cluster share (where process ids repeat across machines)."""
+    return path.with_name(f".{path.name}.{kind}{os.getpid()}-{_HOST}")
 
 
 @contextlib.contextmanager
@@ -16,7 +29,7 @@ def atomic_dir(target: str | os.PathLike):
     """Yield a temporary sibling folder; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = temporary(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -24,7 +37,7 @@ def atomic_dir(target: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.with_name(f".{target.name}.old{os.getpid()}")
+    old = temporary(target, "old")
     if target.exists():
         target.rename(old)
     tmp.rename(target)
@@ -41,7 +54,7 @@ def writes_files() -> bool:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write text through a temporary file and an atomic rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary(path)
     tmp.write_text(text)
     tmp.replace(path)
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from array import array
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from .._io import temporary
 from ..model.fingerprint import sha256_of
 from .records import BadRecord, Scan
 
@@ -120,9 +120,9 @@ class ScanCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         arrays = {name: np.frombuffer(getattr(scan, name), dtype=dtype) for name, dtype in _ARRAYS.items()}
         bad = json.dumps([(i, err.record_id, err.reason) for i, err in scan.bad])
-        tmp = self.folder / f".{key}.tmp{os.getpid()}"
-        save_file(arrays, tmp, metadata={"bad": bad, "count": str(scan.count)})
-        tmp.replace(self.folder / f"{key}.safetensors")
+        path = self.folder / f"{key}.safetensors"
+        save_file(arrays, temporary(path), metadata={"bad": bad, "count": str(scan.count)})
+        temporary(path).replace(path)
 
     def _store(self, key: str, scan: Scan) -> bool:
         """`save`, or False where the folder cannot be written (the data is read again next time)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_FOR_BACKBONE_MAPPING_NAMES
 
+from .._io import temporary
 from .cache import cache_dir
 from .fingerprint import files_fingerprint, tensors_fingerprint, weight_files
 
@@ -85,7 +85,7 @@ def resolve_llm(spec: str | None) -> str:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp = temporary(target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers flags GGUF loads as quantized; the tensors are already dequantised float32.

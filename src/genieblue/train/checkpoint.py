@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -24,12 +23,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .._io import atomic_dir, write_json, writes_files
+from .._io import PARTIAL, atomic_dir, write_json, writes_files
 from ..model import GenieBlueForConditionalGeneration
 from ..model.folder import DELTA
 
 STATE = "trainer_state.json"
-_PARTIAL = re.compile(r"\..+\.(tmp|old)\d+")
 OPTIM = "optimizer.safetensors"
 MODEL = "model"
 """The subfolder holding the checkpoint's model folder (`save_pretrained`)."""
@@ -75,9 +73,9 @@ def _optimizer_state(model, optimizer, tensors: dict[str, torch.Tensor], meta: d
 
 
 def remove_partial(folder: Path) -> list[Path]:
-    """Delete what a killed writer left in `folder`: the hidden `.name.tmpPID` / `.name.oldPID`
+    """Delete what a killed writer left in `folder`: the hidden `.name.tmpPID-HOST` / `.name.oldPID-HOST`
     siblings of `atomic_dir` and `write_json`. Call it only while no other writer uses `folder`."""
-    stale = [p for p in Path(folder).glob(".*") if _PARTIAL.fullmatch(p.name)]
+    stale = [p for p in Path(folder).glob(".*") if PARTIAL.fullmatch(p.name)]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -26,7 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .._io import write_json
+from .._io import temporary, write_json
 from ..data.dataset import MixtureSamples
 from ..data.packing import first_fit, pack
 from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_processor_settings
@@ -142,7 +142,7 @@ def _restart_metrics(path: Path, last_step: int) -> None:
                     kept.append(line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a line cut short by a kill
                 continue
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary(path)
     tmp.write_text("".join(kept))
     tmp.replace(path)
 
