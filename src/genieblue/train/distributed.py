@@ -88,6 +88,14 @@ def block_classes(model: nn.Module) -> set[type]:
     return found
 
 
+def contiguous_parameters(model: nn.Module) -> None:
+    """Lay every parameter out contiguously, as FSDP2 shards only such (a convolutional vision tower
+    keeps channels-last weights for its CPU speed: `VisionTower.settle_layout`)."""
+    for param in model.parameters():
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
+
+
 def shard_fsdp2(model: nn.Module) -> nn.Module:
     """FSDP2 as accelerate's plugin applies it: `fully_shard` each decoder block (the originals and
     their copies alike), then the model, which takes the rest (embeddings, vision tower, ...)."""
