@@ -186,6 +186,16 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, chat_base, synt
         assert _partial_files(run) == []
         assert _steps(run) == ["step-0000006", "step-0000008"]  # keep_last=2 (step 10 is the final model)
 
+    # a checkpoint at the last step, copied into a folder of its own (no metrics.jsonl): the resume
+    # has no step left to train and writes it as the final model; its card says what the log lost
+    last = tmp_path / "last"
+    _resume_from(killed, "step-0000008", last)
+    Trainer(TrainConfig.from_yaml(config, output_dir=str(last), max_steps=8)).run(resume=True)
+    step8 = load_file(killed / "checkpoints" / "step-0000008" / "model" / "delta.safetensors")
+    assert step8.keys() == _delta(last).keys() and all(torch.equal(t, _delta(last)[n]) for n, t in step8.items())
+    assert "8 steps" in (last / "final" / "README.md").read_text()
+    assert "final loss unknown" in (last / "final" / "README.md").read_text()
+
 
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, chat_base, synth_data):
     out = tmp_path / "run"
@@ -396,12 +406,27 @@ def test_fsdp2_two_cpu_processes_save_resume_and_load(tmp_path, chat_base, synth
     loaded = GenieBlueForConditionalGeneration.from_pretrained(fsdp / "final", device="cpu").delta_state_dict()
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
-    for processes in (2, 1):  # the sharded checkpoint resumes sharded and unsharded alike
-        resumed = tmp_path / f"resumed-{processes}"
+    # the sharded checkpoint resumes sharded, unsharded, and under DDP (where rank 0 alone reads it
+    # and sends every tensor to the other process)
+    for how, processes in (("fsdp", 2), ("fsdp", 1), ("ddp", 2)):
+        resumed = tmp_path / f"resumed-{how}{processes}"
         _resume_from(fsdp, "step-0000002", resumed)
         same_batch = dict(fields, batch_size=2 // processes)  # the same global batch of rows
-        resumed_config = _config(tmp_path, synth_data, f"resume{processes}.yaml", **same_batch, output_dir=str(resumed))
-        err = _train_fsdp(resumed_config, "--resume", processes=processes)
+        resumed_config = _config(
+            tmp_path, synth_data, f"resume-{how}{processes}.yaml", **same_batch, output_dir=str(resumed)
+        )
+        if how == "fsdp":
+            err = _train_fsdp(resumed_config, "--resume", processes=processes)
+        else:
+            done = subprocess.run(
+                [*_torchrun_two(resumed_config), "--resume"],
+                env=_env(cpu=True),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stderr[-4000:]
+            err = done.stderr
         assert "resuming from" in err and "step 2" in err
         assert _losses(resumed)[3] == pytest.approx(_losses(fsdp)[3], rel=1e-6, abs=1e-6)
         again = _delta(resumed)

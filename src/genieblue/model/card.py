@@ -56,13 +56,18 @@ def _parameters(manifest: dict, delta_bytes: int | None) -> list[str]:
     return out
 
 
+def _count(value, spec: str = ",") -> str:
+    """A number of the training record, or "unknown" where its run's log lacked steps."""
+    return "unknown" if value is None else format(value, spec)
+
+
 def _training(stages: list[dict]) -> list[str]:
     out = []
     for s in stages:
         out.append(
             f"- **stage {s['stage']}** ({'connector only' if s['stage'] == 1 else 'vision tower, copies and LoRA'}):"
-            f" {s['steps']:,} steps, {s['samples']:,} samples per epoch, {s['tokens']:,} tokens seen, final loss "
-            f"{s['final_loss']:.4f}; lr {s['lr']:g}, packing {s['max_length']}, precision {s['precision']}"
+            f" {s['steps']:,} steps, {s['samples']:,} samples per epoch, {_count(s['tokens'])} tokens seen, final loss "
+            f"{_count(s['final_loss'], '.4f')}; lr {s['lr']:g}, packing {s['max_length']}, precision {s['precision']}"
         )
         for d in s["data"]:
             out.append(f"  - `{d['path']}` (ratio {d['ratio']:g}): {d['samples']:,} samples in the mixture")

@@ -255,7 +255,7 @@ class Trainer:
         with progress or contextlib.nullcontext():
             run = self._setup(latest, resume, progress)
             self._loop(run, progress)
-        return self._finish(run.model, run.data)
+        return self._finish(run)
 
     def _claim_output(self, resume: bool) -> Path | None:
         """The newest checkpoint in output_dir (refused unless `resume`), after clearing what a killed
@@ -466,18 +466,21 @@ class Trainer:
             data.bad += late
             self._check_bad_data(data)
 
-    def _training_record(self, data: PreparedData) -> dict:
-        """What the model was trained on, for its card: the stages before (from init_from) and this one."""
-        cfg = self.cfg
+    def _training_record(self, run: _Run) -> dict:
+        """What the model was trained on, for its card: the stages before (from init_from) and this one.
+        Tokens and final loss come from metrics.jsonl; they are None where it lacks steps (a resume into
+        a folder holding only the checkpoint, or one at the last step)."""
+        cfg, data = self.cfg, run.data
         log = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        whole = [r["step"] for r in log] == list(range(1, run.total + 1))
         earlier = Path(cfg.init_from or "") / TRAINING
         stage = {
             "stage": cfg.stage,
             "strategy": cfg.strategy,
             "init_from": cfg.init_from,
-            "steps": len(log),
-            "tokens": sum(r["tokens"] for r in log),
-            "final_loss": log[-1]["loss"],
+            "steps": run.total,
+            "tokens": sum(r["tokens"] for r in log) if whole else None,
+            "final_loss": log[-1]["loss"] if whole else None,
             "samples": len(data.samples),
             "bad_records": len(data.bad),
             "lr": cfg.lr,
@@ -492,12 +495,12 @@ class Trainer:
             + [stage]
         }
 
-    def _finish(self, model: GenieBlueForConditionalGeneration, data: PreparedData) -> Path:
-        acc = self.accelerator
+    def _finish(self, run: _Run) -> Path:
+        acc, model, data = self.accelerator, run.model, run.data
         acc.wait_for_everyone()
         final = self.out / "final"
         # every process: a sharded model is gathered by all of them; only rank 0 writes
-        model.save_pretrained(final, training=self._training_record(data) if acc.is_main_process else None)
+        model.save_pretrained(final, training=self._training_record(run) if acc.is_main_process else None)
         if acc.is_main_process:
             from ..plots import loss_curve  # matplotlib: only the main process, only at the end
 
