@@ -5,16 +5,20 @@ and a resume reproduces the uninterrupted run.
 A checkpoint holds whole tensors named by parameter (torch's `get_optimizer_state_dict` with
 `full_state_dict`), whatever wrapped or sharded them: one written by 8 FSDP2 processes resumes on
 1 process and the other way round. Every process calls `save_checkpoint` and `load_checkpoint`
-together (sharded state is gathered and scattered by all of them); only rank 0 writes."""
+together (sharded state is gathered and scattered by all of them); only rank 0 writes, and reads the
+tensors back."""
 
 from __future__ import annotations
 
 import json
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -122,15 +126,22 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: GenieBlueForConditionalGeneration, optimizer, scheduler) -> dict:
     """Restore model delta, optimiser, schedule and RNG onto a model and optimiser as training runs
-    them (wrapped, sharded or neither); returns the trainer state (step, ...). Every process calls it."""
+    them (wrapped, sharded or neither); returns the trainer state (step, ...). Every process calls it;
+    in a distributed run only rank 0 reads the tensors and sends them to the others one by one
+    (`broadcast_from_rank0`), so a machine of 8 processes holds the checkpoint in memory once, not 8 times."""
     state = json.loads((path / STATE).read_text())
-    set_model_state_dict(
-        model, load_file(path / MODEL / DELTA), options=StateDictOptions(full_state_dict=True, strict=False)
-    )
-    tensors = load_file(path / OPTIM)
+    reads = writes_files()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_available() and dist.is_initialized())
+    model_state = load_file(path / MODEL / DELTA) if reads else {}
+    set_model_state_dict(model, model_state, options=replace(options, strict=False))
+    if reads:
+        tensors = load_file(path / OPTIM)
+    else:  # the others take rank 0's RNG state, as the uninterrupted run's processes had it
+        with safe_open(path / OPTIM, "pt") as f:
+            tensors = {"rng.torch": f.get_tensor("rng.torch")}
     torch.set_rng_state(tensors.pop("rng.torch"))
     optim = _optimizer_state(model, optimizer, tensors, state["optimizer"])
-    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, optim, options=options)
     scheduler.load_state_dict(state["scheduler"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
