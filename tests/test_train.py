@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from accelerate.utils import set_seed
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import TINY_RESNET, TINY_SIGLIP
@@ -195,6 +195,32 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, chat_base, synt
     assert step8.keys() == _delta(last).keys() and all(torch.equal(t, _delta(last)[n]) for n, t in step8.items())
     assert "8 steps" in (last / "final" / "README.md").read_text()
     assert "final loss unknown" in (last / "final" / "README.md").read_text()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, chat_base, synth_data):
+    """A --resume whose config builds another model than its checkpoint's (strategy, LoRA rank, a base
+    with one weight changed) is refused in one line naming the difference, before its first step; the
+    checkpoint is kept and the config that wrote it resumes."""
+    out = tmp_path / "run"
+    config = _config(tmp_path, synth_data, llm=chat_base, max_steps=2, save_every=1, output_dir=str(out))
+    Trainer(TrainConfig.from_yaml(config)).run()
+    other = tmp_path / "other-base"
+    shutil.copytree(chat_base, other)
+    tensors = load_file(other / "model.safetensors")
+    tensors["model.norm.weight"][0] += 1e-3
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    for overrides, words in (
+        ({"strategy": "lora"}, "does not fit this model: missing"),
+        ({"lora_rank": 4}, "does not fit this model: other shapes"),
+        ({"llm": str(other)}, "was trained on another base LLM"),
+    ):
+        with pytest.raises(ValueError) as refused:
+            Trainer(TrainConfig.from_yaml(config, **overrides)).run(resume=True)
+        message = str(refused.value)
+        assert message.startswith(f"cannot resume from {out / 'checkpoints' / 'step-0000001'}: ") and words in message
+        assert "resume with the config that wrote it" in message and "\n" not in message
+    assert _steps(out) == ["step-0000001"] and json.loads((out / "train_config.json").read_text())["lora_rank"] == 8
+    Trainer(TrainConfig.from_yaml(config)).run(resume=True)
 
 
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, chat_base, synth_data):

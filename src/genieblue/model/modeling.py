@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -186,6 +187,27 @@ class GenieBlueForConditionalGeneration(nn.Module):
         """(key, tensor) of the delta as the model holds it (shards, on a model sharded with FSDP2)."""
         prefixes = tuple(self._delta_prefixes())
         return ((k, v) for k, v in self.state_dict().items() if k.startswith(prefixes))
+
+    def check_continues(self, directory: str | Path) -> None:
+        """Refuse a saved model folder that this freshly built model cannot continue training from:
+        one trained on another base (by fingerprint), or whose delta holds other tensors or shapes
+        (another strategy, LoRA rank or tower). Reads the manifest and the delta's header only; call it
+        before the model is sharded.
+
+        Raises:
+            ValueError: naming the difference."""
+        directory = check_model_folder(directory)
+        saved_fp = json.loads((directory / MANIFEST).read_text())["base"]["fingerprint"]
+        if not _same_base(saved_fp, self.base_fingerprint, self.base_spec, self.llm):
+            raise ValueError(
+                f"{directory} was trained on another base LLM than {self.base_spec!r} (fingerprint "
+                f"{_short(saved_fp)} != {_short(self.base_fingerprint)})"
+            )
+        with safe_open(directory / DELTA, "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        mismatch = _delta_mismatch(saved, {k: tuple(v.shape) for k, v in self._delta_items()})
+        if mismatch:
+            raise ValueError(f"{directory / DELTA} does not fit this model: {mismatch}")
 
     def llm_delta_parameters(self) -> list[nn.Parameter]:
         prefixes = tuple(p for p in self._delta_prefixes() if p != VISION_PREFIX)
@@ -445,15 +467,28 @@ class GenieBlueForConditionalGeneration(nn.Module):
         if fresh:  # the tower from the folder, the LLM delta as built
             state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
             targets = {k: v for k, v in targets.items() if k.startswith(VISION_PREFIX)}
-        if set(state) != set(targets):
-            missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-            raise ValueError(
-                f"{directory / DELTA} does not match the strategy: missing {missing[:3]}, unexpected {extra[:3]}"
-            )
+        mismatch = _delta_mismatch({k: v.shape for k, v in state.items()}, {k: v.shape for k, v in targets.items()})
+        if mismatch:
+            raise ValueError(f"{directory / DELTA} does not match the strategy: {mismatch}")
         # the saved tensors take the empty ones' places (no copy into them), in the model's dtypes
         model.load_state_dict({k: v.to(targets[k].dtype) for k, v in state.items()}, strict=False, assign=True)
         tower.settle_layout()
         return model
+
+
+def _delta_mismatch(saved: dict[str, tuple], held: dict[str, tuple]) -> str | None:
+    """How a saved delta's tensors (name -> shape) differ from those a model holds, in words; None
+    when they are the same."""
+    missing, extra = sorted(held.keys() - saved.keys()), sorted(saved.keys() - held.keys())
+    resized = [
+        f"{k} {tuple(saved[k])} != {tuple(held[k])}" for k in sorted(saved.keys() & held.keys()) if saved[k] != held[k]
+    ]
+    parts = [
+        f"{what} {len(names)} (e.g. {', '.join(names[:2])})"
+        for what, names in (("missing", missing), ("unexpected", extra), ("other shapes", resized))
+        if names
+    ]
+    return "; ".join(parts) or None
 
 
 def _short(fp: str) -> str:

@@ -124,6 +124,19 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def check_resumable(path: Path, model: GenieBlueForConditionalGeneration, config_file: Path) -> None:
+    """Refuse, before any work, a checkpoint that the model a config builds cannot continue from
+    (another base, strategy, LoRA rank or tower): one line naming the difference and the way out."""
+    try:
+        model.check_continues(path / MODEL)
+    except ValueError as err:
+        wrote = f" ({config_file})" if config_file.is_file() else ""
+        raise ValueError(
+            f"cannot resume from {path}: {err}; resume with the config that wrote it{wrote} or start in "
+            "another output_dir"
+        ) from None
+
+
 def load_checkpoint(path: Path, model: GenieBlueForConditionalGeneration, optimizer, scheduler) -> dict:
     """Restore model delta, optimiser, schedule and RNG onto a model and optimiser as training runs
     them (wrapped, sharded or neither); returns the trainer state (step, ...). Every process calls it;

@@ -34,7 +34,7 @@ from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
 from ..model.folder import MANIFEST, TRAINING, check_model_folder
 from ..model.placement import resolve_device
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .distributed import Layout, contiguous_parameters, layout, machine_share, shard_fsdp2
 from .loss import causal_lm_loss
@@ -276,6 +276,8 @@ class Trainer:
     def _setup(self, latest: Path | None, resume: bool, progress) -> _Run:
         cfg, acc = self.cfg, self.accelerator
         model = build_model(cfg)
+        if latest:  # before the data is read: a checkpoint of another model is refused at once
+            check_resumable(latest, model, self.out / "train_config.json")
         processor = GenieBlueProcessor.from_model(
             model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length, cfg.system_prompt
         )
