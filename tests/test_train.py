@@ -465,7 +465,8 @@ def test_ddp_and_fsdp2_train_alike_with_the_base_projections_held_in_bf16(tmp_pa
     """Under bf16 autocast the trainer holds the base's projections in bf16 beside float32 trained
     weights: DDP's broadcast and FSDP2's all-gather of those mixed dtypes (2 gloo processes) take them,
     and both train (with gradient checkpointing) and save the same losses and delta; with a
-    convolutional tower (the default's kind: channels-last weights, which FSDP2 cannot shard as such)."""
+    convolutional tower (the default's kind: channels-last weights, which FSDP2 cannot shard as such,
+    and BatchNorms, which stop under accelerate's own FSDP2 precision: `fsdp2_precision`)."""
     runs = {}
     for kind in ("ddp", "fsdp2"):
         out = tmp_path / kind

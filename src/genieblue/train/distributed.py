@@ -96,14 +96,27 @@ def contiguous_parameters(model: nn.Module) -> None:
             param.data = param.data.contiguous()
 
 
+def fsdp2_precision():
+    """FSDP2's mixed precision: none of its own. Parameters are gathered in the dtypes they are held in
+    (the base's frozen projections already in the autocast dtype, the trained weights in float32),
+    autocast computes as under DDP, and gradients accumulate over micro-batches and are reduced in
+    float32, so FSDP2 trains as DDP does. accelerate's default for `mixed_precision: bf16` gathers every
+    parameter in bf16 and accumulates and reduces gradients in bf16; under it (tried on CPUs) a
+    BatchNorm of the default convolutional tower meets its float32 running statistics and stops
+    ("expected scalar type BFloat16 but found Float")."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy()
+
+
 def shard_fsdp2(model: nn.Module) -> nn.Module:
     """FSDP2 as accelerate's plugin applies it: `fully_shard` each decoder block (the originals and
     their copies alike), then the model, which takes the rest (embeddings, vision tower, ...)."""
     from torch.distributed.fsdp import fully_shard
 
-    classes = tuple(block_classes(model))
+    classes, policy = tuple(block_classes(model)), fsdp2_precision()
     for module in list(model.modules()):
         if isinstance(module, classes):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model

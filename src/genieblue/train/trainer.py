@@ -36,7 +36,7 @@ from ..model.folder import MANIFEST, TRAINING, check_model_folder
 from ..model.placement import resolve_device
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
-from .distributed import Layout, contiguous_parameters, layout, machine_share, shard_fsdp2
+from .distributed import Layout, contiguous_parameters, fsdp2_precision, layout, machine_share, shard_fsdp2
 from .loss import causal_lm_loss
 from .optim import build_optimizer
 from .vision_pretrain import pretrain_vision, sample_batches, stream_batches
@@ -304,8 +304,10 @@ class Trainer:
         model.train()
         if self.layout.kind == "FSDP2":
             contiguous_parameters(model)
-        if self.layout.shard_here:  # FSDP2 on CPUs, where accelerate offers none
-            model = shard_fsdp2(model)
+            if self.layout.shard_here:  # FSDP2 on CPUs, where accelerate offers none
+                model = shard_fsdp2(model)
+            else:
+                acc.state.fsdp_plugin.mixed_precision_policy = fsdp2_precision()
         optimizer, scheduler = build_optimizer(model, cfg, total)
         if self.layout.shard_here:
             ddp_model, optimizer = model, acc.prepare(optimizer)
