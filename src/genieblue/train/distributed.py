@@ -7,6 +7,7 @@ any work is done."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -94,6 +95,22 @@ def contiguous_parameters(model: nn.Module) -> None:
     for param in model.parameters():
         if not param.is_contiguous():
             param.data = param.data.contiguous()
+
+
+@contextlib.contextmanager
+def accumulating(acc: Accelerator, model: nn.Module, layout: Layout):
+    """A micro-batch before the step's last: its gradients are kept for the last one's
+    synchronisation (accelerate's `no_sync`; a model this trainer sharded itself, on CPUs, is told so
+    by FSDP2's own switch, as accelerate tells one it sharded)."""
+    if not layout.shard_here:
+        with acc.no_sync(model):
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def fsdp2_precision():

@@ -36,7 +36,15 @@ from ..model.folder import MANIFEST, TRAINING, check_model_folder
 from ..model.placement import resolve_device
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
-from .distributed import Layout, contiguous_parameters, fsdp2_precision, layout, machine_share, shard_fsdp2
+from .distributed import (
+    Layout,
+    accumulating,
+    contiguous_parameters,
+    fsdp2_precision,
+    layout,
+    machine_share,
+    shard_fsdp2,
+)
 from .loss import causal_lm_loss
 from .optim import build_optimizer
 from .vision_pretrain import pretrain_vision, sample_batches, stream_batches
@@ -394,7 +402,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(micro):
             batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(model)
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else accumulating(acc, model, self.layout)
             with sync, acc.autocast():
                 loss = causal_lm_loss(model, batch, n_tokens) * acc.num_processes  # DDP averages over processes
             acc.backward(loss)
