@@ -9,6 +9,7 @@ one), so CPU float results of different processes can be compared bit for bit.""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import yaml
 from accelerate.utils import set_seed
 from PIL import Image
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -221,6 +223,44 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, chat_base, synth
         assert "resume with the config that wrote it" in message and "\n" not in message
     assert _steps(out) == ["step-0000001"] and json.loads((out / "train_config.json").read_text())["lora_rank"] == 8
     Trainer(TrainConfig.from_yaml(config)).run(resume=True)
+
+
+def test_a_run_its_output_dir_could_not_hold_is_refused_before_its_first_step(
+    tmp_path, chat_base, synth_data, monkeypatch
+):
+    """What a run writes is known before its first step: the estimate is a real checkpoint's and final
+    model's tensors to within their headers; an output_dir with less room than one checkpoint and the
+    final model is refused in one line, before any step; one short of every checkpoint kept warns."""
+    config = _config(tmp_path, synth_data, llm=chat_base, max_steps=2, save_every=1, output_dir=str(tmp_path / "a"))
+    cfg = TrainConfig.from_yaml(config)
+    Trainer(cfg).run()
+    checkpoint, final = checkpoint_module.footprint(build_model(cfg))
+    written = lambda folder: sum(f.stat().st_size for f in folder.rglob("*.safetensors"))  # noqa: E731
+    for estimate, folder in (
+        (checkpoint, tmp_path / "a" / "checkpoints" / "step-0000001"),
+        (final, tmp_path / "a" / "final"),
+    ):
+        assert estimate <= written(folder) < estimate + 2**17, folder  # headers, step counts, RNG state
+
+    def free(n):
+        monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(2**40, 0, n))
+
+    free(checkpoint + final - 1)
+    with pytest.raises(ValueError) as refused:
+        Trainer(TrainConfig.from_yaml(config, output_dir=str(tmp_path / "b"))).run()
+    assert re.fullmatch(
+        r"output_dir \S+ has [\d.]+ GiB free, but this run writes [\d.]+ GiB \(a checkpoint .*\): "
+        r"free some space or choose another output_dir",
+        str(refused.value),
+    )
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+    free(checkpoint + final)  # room for one checkpoint, not for the second written beside it (keep_last=2)
+    console = Console(file=io.StringIO(), width=300)
+    Trainer(TrainConfig.from_yaml(config, output_dir=str(tmp_path / "c"), max_steps=3), console).run()
+    assert "2 checkpoints at once (keep_last beside the one being written) and the final model take up to" in (
+        console.file.getvalue()
+    )
+    assert _steps(tmp_path / "c") == ["step-0000001", "step-0000002"]
 
 
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, chat_base, synth_data):

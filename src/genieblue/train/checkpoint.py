@@ -76,6 +76,14 @@ def _optimizer_state(model, optimizer, tensors: dict[str, torch.Tensor], meta: d
     return {"state": state, "param_groups": groups}
 
 
+def footprint(model: GenieBlueForConditionalGeneration) -> tuple[int, int]:
+    """(bytes of one checkpoint, bytes of the final model) as this model writes them: the delta in
+    the dtypes it is held in, and AdamW's two moments per trained weight. Call it before sharding."""
+    delta = sum(t.numel() * t.element_size() for t in model.delta_state_dict().values())
+    moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return delta + moments, delta
+
+
 def remove_partial(folder: Path) -> list[Path]:
     """Delete what a killed writer left in `folder`: the hidden `.name.tmpPID-HOST` / `.name.oldPID-HOST`
     siblings of `atomic_dir` and `write_json`. Call it only while no other writer uses `folder`."""

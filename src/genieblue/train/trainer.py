@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
 from ..model.folder import MANIFEST, TRAINING, check_model_folder
 from ..model.placement import resolve_device
-from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import check_resumable, footprint, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
     Layout,
@@ -137,6 +138,26 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise ValueError(f"output_dir {folder} cannot be written ({err.strerror}): choose another") from None
+
+
+def _check_room(folder: Path, checkpoint: int, final: int, held: int, console: Console) -> None:
+    """A one-line ValueError now where `folder` cannot hold one checkpoint (if the run writes any) and
+    the final model, rather than a run that trains for hours and then cannot save; a warning where it
+    cannot hold the most checkpoints the run holds at once (`held`: keep_last beside the one being
+    written) and the final model."""
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    free = shutil.disk_usage(folder).free
+    least = final + checkpoint * min(held, 1)
+    if free < least:
+        raise ValueError(
+            f"output_dir {folder} has {gib(free)} free, but this run writes {gib(least)} (a checkpoint "
+            f"{gib(checkpoint)}, the final model {gib(final)}): free some space or choose another output_dir"
+        )
+    if free < final + checkpoint * held:
+        console.print(
+            f"[yellow]output_dir {folder} has {gib(free)} free; {held} checkpoints at once (keep_last beside the "
+            f"one being written) and the final model take up to {gib(final + checkpoint * held)}[/yellow]"
+        )
 
 
 def _restart_metrics(path: Path, last_step: int) -> None:
@@ -293,8 +314,6 @@ class Trainer:
         # on a collective that NCCL's 10-minute watchdog would cut short); a --resume reads the scans back
         data = prepare_data(cfg, processor, progress, machine_share(acc))
         self._check_bad_data(data)
-        if cfg.stage == 1 and cfg.stage0_steps and not latest:
-            self._stage0(model, data.samples, processor, progress)
         rows = self._rows(data.samples)
         steps_per_epoch = len(rows) // self._global_rows()
         if steps_per_epoch == 0:
@@ -303,6 +322,11 @@ class Trainer:
                 "lower batch_size/grad_accum or max_length"
             )
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        done = int(latest.name.removeprefix("step-")) if latest else 0
+        saves = len(range(done + cfg.save_every - done % cfg.save_every, total, cfg.save_every))
+        _check_room(self.out, *footprint(model), min(cfg.keep_last + 1, saves), self.console)
+        if cfg.stage == 1 and cfg.stage0_steps and not latest:
+            self._stage0(model, data.samples, processor, progress)
         if self.precision in AUTOCAST_DTYPES:  # autocast computes the frozen projections in its dtype anyway
             model.cast_base_projections(AUTOCAST_DTYPES[self.precision])
         if cfg.gradient_checkpointing:
