@@ -324,7 +324,8 @@ class Trainer:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         done = int(latest.name.removeprefix("step-")) if latest else 0
         saves = len(range(done + cfg.save_every - done % cfg.save_every, total, cfg.save_every))
-        _check_room(self.out, *footprint(model), min(cfg.keep_last + 1, saves), self.console)
+        if acc.is_main_process:  # the writer (the launcher stops the others if it stops)
+            _check_room(self.out, *footprint(model), min(cfg.keep_last + 1, saves), self.console)
         if cfg.stage == 1 and cfg.stage0_steps and not latest:
             self._stage0(model, data.samples, processor, progress)
         if self.precision in AUTOCAST_DTYPES:  # autocast computes the frozen projections in its dtype anyway
