@@ -127,6 +127,11 @@ def save_checkpoint(
     return target
 
 
+def step_of(path: Path) -> int:
+    """The step a checkpoint folder was written after (its name, as `save_checkpoint` gives it)."""
+    return int(path.name.removeprefix("step-"))
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     complete = [p for p in sorted(folder.glob("step-*")) if (p / STATE).is_file()]
     return complete[-1] if complete else None

@@ -35,7 +35,15 @@ from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
 from ..model.folder import MANIFEST, TRAINING, check_model_folder
 from ..model.placement import resolve_device
-from .checkpoint import check_resumable, footprint, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import (
+    check_resumable,
+    footprint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+    step_of,
+)
 from .config import TrainConfig
 from .distributed import (
     Layout,
@@ -322,7 +330,7 @@ class Trainer:
                 "lower batch_size/grad_accum or max_length"
             )
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        done = int(latest.name.removeprefix("step-")) if latest else 0
+        done = step_of(latest) if latest else 0
         saves = len(range(done + cfg.save_every - done % cfg.save_every, total, cfg.save_every))
         if acc.is_main_process:  # the writer (the launcher stops the others if it stops)
             _check_room(self.out, *footprint(model), min(cfg.keep_last + 1, saves), self.console)
@@ -506,7 +514,7 @@ class Trainer:
     def _training_record(self, run: _Run) -> dict:
         """What the model was trained on, for its card: the stages before (from init_from) and this one.
         Tokens and final loss come from metrics.jsonl; they are None where it lacks steps (a resume into
-        a folder holding only the checkpoint, or one at the last step)."""
+        a folder that holds only the checkpoint)."""
         cfg, data = self.cfg, run.data
         log = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
         whole = [r["step"] for r in log] == list(range(1, run.total + 1))
