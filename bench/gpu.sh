@@ -3,23 +3,23 @@
 # through the CLI, training throughput per strategy (and on packed rows, sdpa against flex_attention),
 # decode through the serving engine, `serve` under 1 and 16 clients, the recipe under FSDP2 (a
 # checkpoint, --resume and a reload), the text path checked against the base on the GPU, a chat with an
-# image, torch.compile'd decode (minutes of compiling), and last the recipe again with flex_attention,
+# image, stage 0 (the tower's own pretraining) on the GPU, torch.compile'd decode (minutes of compiling), and last the recipe again with flex_attention,
 # in that order (what matters most and a GPU has measured least comes first). Random-weight 3B-shaped
 # models (bench/recipe_3b.py): nothing is downloaded.
 #
 #   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt, report.md
 #
-# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,compile,attn), MAX_S (seconds: no
-# stage starts after them and a command is cut to end by then, for a device call's time limit), WORK
-# (scratch, default /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the built-in base's),
-# WHEELS (a folder of wheels installed first into a private site, for a machine without a package
-# index; bench/gpu_offline.sh makes it and the tokenizer folder), SMALL=1 (tiny shapes and few steps: a
-# CPU rehearsal of this script, as tests/test_bench.py runs it).
+# Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,stage0,compile,attn), MAX_S
+# (seconds: no stage starts after them and a command is cut to end by then, for a device call's time
+# limit), WORK (scratch, default /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the
+# built-in base's), WHEELS (a folder of wheels installed first into a private site, for a machine
+# without a package index; bench/gpu_offline.sh makes it and the tokenizer folder), SMALL=1 (tiny
+# shapes and few steps: a CPU rehearsal of this script, as tests/test_bench.py runs it).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
 WORK=${WORK:-/tmp/genieblue-gpu}
-ALL=recipe,train,decode,serve,fsdp,exact,chat,compile,attn
+ALL=recipe,train,decode,serve,fsdp,exact,chat,stage0,compile,attn
 STAGES=${STAGES:-$ALL}
 SMALL=${SMALL:-}
 # offline: no hub kernels either (transformers would fetch kernels-community ones for a model on a GPU)
@@ -141,6 +141,12 @@ fi
 if has chat; then
   python3 -c "from PIL import Image; Image.new('RGB', (384, 384), (200, 30, 30)).save('$WORK/red.png')"
   run chat_image 300 "${GB[@]}" chat -m "$MODEL" -i "$WORK/red.png" "What colour is the picture?" --max-new-tokens 16
+fi
+
+if has stage0; then  # stage 0 (a tower taught to spell before stage 1, as `genieblue demo` trains it) on the GPU
+  rm -rf "$WORK/stage0"
+  run train_stage0 300 "${GB[@]}" train -c "$WORK/stage0.yaml" --max-steps 1
+  cp "$WORK/stage0/stage0.json" "$OUT/train_stage0.json" 2>/dev/null
 fi
 
 if has compile; then  # the compiled text path's tokens against the base compiled alike, then its speed

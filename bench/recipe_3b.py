@@ -109,6 +109,9 @@ def write_configs(root: Path) -> None:
             raise ValueError(f"{RECIPE} changed: {pattern!r} matched {n} times")
     (root / "stage2.yaml").write_text(recipe)
     (root / "stage2-ckpt.yaml").write_text(recipe.replace("save_every: 100000", "save_every: 2"))
+    # stage 1 after a few steps of stage 0 (the tower taught to spell, as `genieblue demo` trains it)
+    stage0 = recipe.replace("stage: 2\n", "stage: 1\nstage0_steps: 4\nstage0_batch: 8\n")
+    (root / "stage0.yaml").write_text(stage0.replace(f"output_dir: {root / 'runs'}", f"output_dir: {root / 'stage0'}"))
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """The CPU-runnable parts of the GPU script (`bench/gpu.sh`) and of the benchmarks it calls, run for real
 at tiny shapes: the Qwen2.5-3B recipe's files and configs as the script writes them, a training run
 of the shipped recipe through the CLI, the training and decode benches, a served load, the text-path
-check against the base, a chat with an image, the recipe under FSDP2 with a checkpoint and --resume and
-compiled decode (slow tier), the requirements check before its first stage and the offline wheels'
-list, and the load-time bench's numbers."""
+check against the base, a chat with an image, stage 0 before a stage 1, the recipe under FSDP2 with
+a checkpoint and --resume and compiled decode (slow tier), the requirements check before its first
+stage and the offline wheels' list, and the load-time bench's numbers."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
     """Every stage but FSDP2's and compile's (the slow tier's test below; in the default tier, test_train
     runs FSDP2 through the CLI and test_infer compiled decoding)."""
     ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "train_throughput_bf16"]
-    ran += ["train_packed_sdpa", "decode", "serve_load", "text_exact", "chat_image"]
-    out, work = _rehearse(tmp_path, "recipe,train,decode,serve,exact,chat", ran, chat_base)
+    ran += ["train_packed_sdpa", "decode", "serve_load", "text_exact", "chat_image", "train_stage0"]
+    out, work = _rehearse(tmp_path, "recipe,train,decode,serve,exact,chat,stage0", ran, chat_base)
     # the training bench, as the trainer runs (amp) and all in bf16: every strategy, the B products added
     # in place one per LoRA'd projection (7 a block: the tiny shape's 4 blocks for LoRA everywhere, 3 for
     # genieblue-skip, whose block 3 is copied), twice with gradient checkpointing (the forward runs again)
@@ -75,6 +75,7 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
     assert exact["logits_equal"] == exact["chat_replies_equal"] == exact["prompts"] > 0
     assert exact["static_eager_tokens_equal"] is True
     assert (out / "chat_image.log").read_text().strip()
+    assert json.loads((out / "train_stage0.json").read_text())["steps"] == 4  # stage 0 of the recipe's stage 1
     # the report a results page takes its tables from: each target beside its number
     report = (out / "report.md").read_text()
     assert re.search(r"^\| train_throughput_ckpt \| genieblue-skip \| \d+ \| [\d.]+ \| >= 1.2: ", report, re.M), report
@@ -160,7 +161,7 @@ def test_gpu_script_starts_no_stage_past_max_s(tmp_path, chat_base):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     skipped = re.findall(r"== (\w+): skipped \(MAX_S=1 reached\)", (out / "summary.txt").read_text())
-    stages = ["recipe", "train", "decode", "serve", "fsdp", "exact", "chat", "compile", "attn"]
+    stages = ["recipe", "train", "decode", "serve", "fsdp", "exact", "chat", "stage0", "compile", "attn"]
     assert skipped == stages and not (out / "prepare.log").exists()
     report = (out / "report.md").read_text()
     assert "| recipe | skipped (MAX_S=1 reached) |" in report and "decode: not run" in report

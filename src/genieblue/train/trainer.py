@@ -459,8 +459,10 @@ class Trainer:
         }
 
     def _stage0(self, model: GenieBlueForConditionalGeneration, samples: list[Sample], processor, progress) -> None:
-        """Stage 0 (see `vision_pretrain`); every process runs the same seeded steps, so ViTs agree."""
+        """Stage 0 (see `vision_pretrain`) on this process's device (the model is built on the CPU);
+        every process runs the same seeded steps, so ViTs agree."""
         cfg = self.cfg
+        model.to(self.accelerator.device)
         task = progress.add_task("stage 0 (vision tower)", total=cfg.stage0_steps, status="") if progress else None
 
         def on_step(step: int, loss: float) -> None:

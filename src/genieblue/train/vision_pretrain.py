@@ -128,11 +128,13 @@ def pretrain_vision(
 ) -> list[float]:
     """Train `model.vision` (encoder, mixer, projector) on `steps` batches; returns the losses.
     `on_step(step, loss)` is called after each step (progress bars); the tower's forward runs inside
-    `autocast()` (the trainer's mixed precision)."""
+    `autocast()` (the trainer's mixed precision). It runs where the model is (batches and the random
+    negatives are drawn on the CPU, alike on every device, and moved there)."""
     tower, embed = model.vision, model.llm.get_input_embeddings()
     weight = embed.weight.detach().float()
+    device = weight.device
     target_rms = weight.pow(2).mean().sqrt()
-    log_scale = torch.nn.Parameter(torch.zeros(()))
+    log_scale = torch.nn.Parameter(torch.zeros((), device=device))
     params = list(tower.parameters()) + [log_scale]
     trainable = [p.requires_grad for p in tower.parameters()]
     tower.requires_grad_(True).train()
@@ -142,11 +144,10 @@ def pretrain_vision(
     for step in range(steps):
         pixels, replies = next(batches)
         with autocast():
-            tokens = tower(pixels).float()
-        targets = cyclic_targets(replies, tokens.shape[1])
-        loss = caption_loss(
-            tokens, weight, log_scale, targets, torch.randint(len(weight), (negatives,), generator=sampler)
-        )
+            tokens = tower(pixels.to(device)).float()
+        targets = cyclic_targets(replies, tokens.shape[1]).to(device)
+        drawn = torch.randint(len(weight), (negatives,), generator=sampler).to(device)
+        loss = caption_loss(tokens, weight, log_scale, targets, drawn)
         loss = loss + (tokens.pow(2).mean(-1).sqrt().log() - target_rms.log()).pow(2).mean()
         if match:
             loss = loss + match * (1 - F.cosine_similarity(tokens, weight[targets], dim=-1)).mean()
