@@ -1,7 +1,8 @@
 """How a training run is spread over processes: one process, DDP, or FSDP2 (parameters, gradients and
 optimiser state sharded per decoder block). On accelerators `accelerate` shards with FSDP2 as its
 config says; on CPUs, where accelerate offers no FSDP, the trainer shards with torch's own
-`fully_shard` the same way (per decoder block, then the rest), so a sharded run behaves alike on
+`fully_shard` the same way (per decoder block, then the rest), with the same mixed precision
+(`fsdp2_precision`) and gradient accumulation (`accumulating`), so a sharded run behaves alike on
 both. Modes the trainer could not save in (FSDP1, DeepSpeed, Megatron-LM, XLA) are refused before
 any work is done."""
 
