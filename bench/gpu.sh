@@ -3,9 +3,10 @@
 # through the CLI, training throughput per strategy (and on packed rows, sdpa against flex_attention),
 # decode through the serving engine, `serve` under 1 and 16 clients, the recipe under FSDP2 (a
 # checkpoint, --resume and a reload), the text path checked against the base on the GPU, a chat with an
-# image, stage 0 (the tower's own pretraining) on the GPU, torch.compile'd decode (minutes of compiling), and last the recipe again with flex_attention,
-# in that order (what matters most and a GPU has measured least comes first). Random-weight 3B-shaped
-# models (bench/recipe_3b.py): nothing is downloaded.
+# image, stage 0 (the tower's own pretraining) on the GPU, torch.compile'd decode (minutes of
+# compiling), and last the recipe again with flex_attention, in that order (what matters most and a
+# GPU has measured least comes first). Random-weight 3B-shaped models (bench/recipe_3b.py): nothing is
+# downloaded.
 #
 #   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt, report.md
 #

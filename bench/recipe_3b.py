@@ -89,29 +89,40 @@ def write_data(root: Path, images: int = 160, texts: int = 40) -> None:
     (data / "text.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
 
 
-def write_configs(root: Path) -> None:
-    """The shipped recipe with the base, tower, data and output swapped in (and one process per step)."""
-    recipe = RECIPE.read_text()
-    swap = {
-        r"^llm: .*$": f"llm: {root / 'llm'}",
-        r"^vision: .*$": f"vision: {root / 'vision'}",
-        r"^init_from: .*$": "",  # stage 2 straight from the base: no stage-1 folder here
-        r"^grad_accum: .*$": "grad_accum: 1",
-        r"^output_dir: .*$": f"output_dir: {root / 'runs'}",
-        r"^save_every: .*$": "save_every: 100000",
-        r"(?s)^data:.*?(?=^max_tiles)": "data:\n"
-        f"  - {{path: {root / 'data' / 'mm.json'}, image_folder: {root / 'data' / 'img'}, ratio: 0.9}}\n"
-        f"  - {{path: {root / 'data' / 'text.jsonl'}, ratio: 0.1}}\n",
-    }
+def _swapped(text: str, swap: dict[str, str]) -> str:
+    """`text` with each pattern (a line of the recipe) replaced once; a pattern that does not match
+    exactly once means the shipped recipe changed under this script."""
     for pattern, value in swap.items():
-        recipe, n = re.subn(pattern, value, recipe, flags=re.M)
+        text, n = re.subn(pattern, value, text, flags=re.M)
         if n != 1:
             raise ValueError(f"{RECIPE} changed: {pattern!r} matched {n} times")
+    return text
+
+
+def write_configs(root: Path) -> None:
+    """The shipped recipe with the base, tower, data and output swapped in (and one process per step)."""
+    recipe = _swapped(
+        RECIPE.read_text(),
+        {
+            r"^llm: .*$": f"llm: {root / 'llm'}",
+            r"^vision: .*$": f"vision: {root / 'vision'}",
+            r"^init_from: .*$": "",  # stage 2 straight from the base: no stage-1 folder here
+            r"^grad_accum: .*$": "grad_accum: 1",
+            r"^output_dir: .*$": f"output_dir: {root / 'runs'}",
+            r"^save_every: .*$": "save_every: 100000",
+            r"(?s)^data:.*?(?=^max_tiles)": "data:\n"
+            f"  - {{path: {root / 'data' / 'mm.json'}, image_folder: {root / 'data' / 'img'}, ratio: 0.9}}\n"
+            f"  - {{path: {root / 'data' / 'text.jsonl'}, ratio: 0.1}}\n",
+        },
+    )
     (root / "stage2.yaml").write_text(recipe)
-    (root / "stage2-ckpt.yaml").write_text(recipe.replace("save_every: 100000", "save_every: 2"))
+    (root / "stage2-ckpt.yaml").write_text(_swapped(recipe, {r"^save_every: .*$": "save_every: 2"}))
     # stage 1 after a few steps of stage 0 (the tower taught to spell, as `genieblue demo` trains it)
-    stage0 = recipe.replace("stage: 2\n", "stage: 1\nstage0_steps: 4\nstage0_batch: 8\n")
-    (root / "stage0.yaml").write_text(stage0.replace(f"output_dir: {root / 'runs'}", f"output_dir: {root / 'stage0'}"))
+    stage0 = {
+        r"^stage: 2$": "stage: 1\nstage0_steps: 4\nstage0_batch: 8",
+        r"^output_dir: .*$": f"output_dir: {root / 'stage0'}",
+    }
+    (root / "stage0.yaml").write_text(_swapped(recipe, stage0))
 
 
 def main() -> None:
