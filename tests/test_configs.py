@@ -269,3 +269,4 @@ def test_accelerate_configs_load_for_eight_gpus(file, kind):
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Qwen2DecoderLayer"
+        assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"]  # rank 0 alone reads: Layout.rank0_weights

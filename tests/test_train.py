@@ -30,6 +30,7 @@ from accelerate.utils import set_seed
 from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from conftest import TINY_RESNET, TINY_SIGLIP
@@ -423,6 +424,8 @@ def _accelerate_launch_fsdp(*args: str, processes: int = 2, precision: str = "no
         # 'XPU', 'CUDA', 'MLU', 'NPU', 'MUSA', or 'HPU'." (accelerate 1.15)
         "--fsdp_sync_module_states",
         "false",
+        "--fsdp_cpu_ram_efficient_loading",  # (the launcher's default too): rank 0 alone reads the weights
+        "true",
         "--num_processes",
         str(processes),
         "--num_machines",
@@ -465,7 +468,8 @@ def test_fsdp2_two_cpu_processes_save_resume_and_load(tmp_path, chat_base, synth
     config = _config(tmp_path, synth_data, **fields, output_dir=str(fsdp))
     cmd = _accelerate_launch_fsdp("-m", "genieblue.cli", "train", "--config", str(config))
     stderr = _run_beside_one_process(cmd, tmp_path, synth_data, fields, one)
-    assert "FSDP2 on 2 processes (torch fully_shard on CPU) on CPU · fp32" in " ".join(stderr.split())
+    header = "FSDP2 on 2 processes (torch fully_shard on CPU; weights read by rank 0) on CPU · fp32"
+    assert header in " ".join(stderr.split())
     _assert_same_training(one, fsdp, 3)
     assert _steps(fsdp) == ["step-0000002"] and not _partial_files(fsdp)
     saved = _delta(fsdp)
@@ -525,6 +529,127 @@ def test_ddp_and_fsdp2_train_alike_with_the_base_projections_held_in_bf16(tmp_pa
     assert fsdp_delta.keys() == ddp_delta.keys() and floats == {torch.float32}
     for name, tensor in ddp_delta.items():
         torch.testing.assert_close(fsdp_delta[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def _tied_base(chat_base: str, folder: Path) -> str:
+    """chat_base with its output embeddings tied to its input ones, as SmolLM2's and Qwen2.5-3B's are."""
+    config = AutoConfig.from_pretrained(chat_base)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(chat_base).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.integration
+def test_fsdp2_with_the_weights_read_by_rank_0_alone_trains_as_when_every_rank_reads_them(
+    tmp_path, chat_base, synth_data
+):
+    """FSDP2 with `cpu_ram_efficient_loading` (as accelerate's launcher passes the shipped config's
+    settings, which it refuses on CPUs): rank 0 alone reads the base, the tower and the init_from folder
+    and runs stage 0; the other process builds the structure only (parameters on the meta device) and
+    takes rank 0's weights as the model is sharded. A stage 1 with stage 0 and a convolutional tower
+    (BatchNorm statistics: buffers a state dict holds; rotary frequencies: ones it does not), then a
+    stage 2 from it, train as when every process reads the weights and runs stage 0 itself."""
+    common = dict(llm=_tied_base(chat_base, tmp_path / "base"), vision=TINY_RESNET, batch_size=1, grad_accum=2)
+    common["max_steps"] = 2
+    stages = {
+        "s1": dict(common, stage=1, stage0_steps=2, stage0_batch=8),
+        "s2": dict(common, init_from=str(tmp_path / "s1-every" / "final")),
+    }
+    for name, fields in stages.items():
+        for who in ("every", "rank0"):
+            out = tmp_path / f"{name}-{who}"
+            config = _config(tmp_path, synth_data, f"{name}-{who}.yaml", **fields, output_dir=str(out))
+            env = {
+                **_env(cpu=True),
+                "ACCELERATE_USE_FSDP": "true",
+                "FSDP_VERSION": "2",
+                "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+                "FSDP_CPU_RAM_EFFICIENT_LOADING": str(who == "rank0").lower(),
+            }
+            done = subprocess.run(_torchrun_two(config), env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-4000:]
+            header = " ".join(done.stderr.split())
+            assert ("FSDP2 on 2 processes (torch fully_shard on CPU; weights read by rank 0)" in header) is (
+                who == "rank0"
+            )
+        _assert_same_training(tmp_path / f"{name}-every", tmp_path / f"{name}-rank0", 2)
+    assert json.loads((tmp_path / "s1-rank0" / "stage0.json").read_text())["steps"] == 2
+
+
+ACCELERATE_PREPARATION = """
+import json, sys, types, torch
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin, fsdp2_prepare_model
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from genieblue import GenieBlueForConditionalGeneration
+from genieblue.train.distributed import contiguous_parameters, fsdp2_precision
+
+base, vision, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+acc = Accelerator(cpu=True)
+rank = acc.process_index
+model = GenieBlueForConditionalGeneration.from_base(base, vision, weights=rank == 0)
+model.cast_base_projections(torch.bfloat16)  # as the trainer holds them under bf16 autocast
+contiguous_parameters(model)
+built_on = sorted({p.device.type for p in model.parameters()})
+read = {k: v.clone() for k, v in model.state_dict().items()}
+plugin = FullyShardedDataParallelPlugin(
+    fsdp_version=2, cpu_ram_efficient_loading=True, auto_wrap_policy="transformer_based_wrap",
+    transformer_cls_names_to_wrap=["LlamaDecoderLayer"], mixed_precision_policy=fsdp2_precision(),
+)
+accelerator = types.SimpleNamespace(  # what fsdp2_prepare_model reads of the Accelerator calling it on a GPU
+    state=types.SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, is_main_process=rank == 0,
+    device=acc.device, mixed_precision="bf16",
+)
+model = fsdp2_prepare_model(accelerator, model)
+held = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    logits = model(input_ids=torch.arange(3, 15)[None]).logits.float()
+tensors = {f"held.{k}": v.clone() for k, v in held.items()} | {"logits": logits}
+if rank == 0:
+    tensors |= {f"read.{k}": v for k, v in read.items()}
+save_file(tensors, f"{out}/rank{rank}.safetensors")
+facts = {
+    "built_on": built_on,
+    "tied": model.llm.lm_head.weight is model.llm.get_input_embeddings().weight,
+    "buffers_on": sorted({b.device.type for b in model.buffers()}),
+}
+open(f"{out}/rank{rank}.json", "w").write(json.dumps(facts))
+"""
+
+
+@pytest.mark.integration
+def test_accelerates_fsdp2_preparation_gives_every_rank_the_weights_rank_0_read(tmp_path, chat_base):
+    """On GPUs accelerate shards the model (`fsdp2_prepare_model`); with `cpu_ram_efficient_loading` it
+    moves it to the meta device, shards it and sends rank 0's weights. Its own function on 2 gloo
+    processes (given the attributes of an Accelerator it reads: accelerate offers no FSDP on CPUs), rank
+    1 holding the structure only: both end with the tensors rank 0 read, in their dtypes (the frozen
+    projections in bf16), tied embeddings tied, buffers real, and compute the same logits."""
+    script = tmp_path / "prepare.py"
+    script.write_text(ACCELERATE_PREPARATION)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(
+        [*cmd, _tied_base(chat_base, tmp_path / "base"), json.dumps(TINY_RESNET), str(tmp_path)],
+        env=_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    tensors = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert facts[0]["built_on"] == ["cpu"] and facts[1]["built_on"] == ["meta"]
+    read = {k.removeprefix("read."): v for k, v in tensors[0].items() if k.startswith("read.")}
+    assert {t.dtype for t in read.values()} >= {torch.bfloat16, torch.float32}
+    for rank in (0, 1):
+        assert facts[rank]["tied"] and facts[rank]["buffers_on"] == ["cpu"]
+        held = {k.removeprefix("held."): v for k, v in tensors[rank].items() if k.startswith("held.")}
+        assert held.keys() == read.keys()
+        for name, tensor in read.items():
+            assert held[name].dtype == tensor.dtype and torch.equal(held[name], tensor), (rank, name)
+    assert torch.equal(tensors[0]["logits"], tensors[1]["logits"])
 
 
 def test_modes_that_could_not_save_are_refused_before_any_work(tmp_path, chat_base, synth_data, monkeypatch):

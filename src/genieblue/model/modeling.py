@@ -10,6 +10,7 @@ router switches copies, experts and LoRA on. `save_pretrained` writes only the d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -62,7 +64,7 @@ def _refuse_placeholders(placeholders: int) -> None:
         raise ValueError(f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given")
 
 
-def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device):
+def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device, weights: bool = True):
     """(base model, its spec, its fingerprint). Files already on disk are fingerprinted on a second
     thread while the base loads (a first load hashes them; later loads find their digests cached); a
     model object's fingerprint is a function, called when it is first needed."""
@@ -71,8 +73,17 @@ def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device):
     files = base_files(llm)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(files_fingerprint, files) if files else None
-        base = load_llm(llm, dtype, device)
+        base = load_llm(llm, dtype, device, weights)
         return base, llm, pending.result() if pending else fingerprint(llm)  # a hub id downloaded just now
+
+
+def _structure_only(on: bool):
+    """With `on`, what is built inside has its structure only, for a process of a sharded run that takes
+    rank 0's weights (FSDP2's `cpu_ram_efficient_loading`): no weight file is read and no memory is
+    taken; every parameter is on the meta device, and buffers are real (those no checkpoint holds,
+    such as rotary frequencies, computed as usual). Tied weights are tied again after it (inside, each
+    parameter assigned is given a meta one of its own)."""
+    return init_empty_weights(include_buffers=False) if on else contextlib.nullcontext()
 
 
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:
@@ -120,6 +131,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         shared_base: bool = False,
         downsample: int | None = None,
         device: torch.device | str = "cpu",
+        weights: bool = True,
         **strategy_options,
     ) -> GenieBlueForConditionalGeneration:
         """Build a fresh model (its delta untrained) around a frozen base LLM.
@@ -136,6 +148,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
             shared_base: send text-only inputs through the multimodal path too (the paper's ablation).
             downsample: merge downsample x downsample tokens into one image token (1: none, for a
                 patch grid of odd side such as SigLIP so400m's 27 x 27 at 384 px).
+            weights: False builds the structure only (see `_structure_only`).
 
         Raises:
             ValueError: an unknown strategy, an unsupported LLM or vision architecture, or a token grid
@@ -145,12 +158,18 @@ class GenieBlueForConditionalGeneration(nn.Module):
         if isinstance(strategy, str):
             strategy = Strategy(strategy, **strategy_options)
         where, dtype = resolve_placement(device, dtype)
-        base, spec, fp = _load_base(llm, dtype, where)
         encoder, options = split_tower_options(DEFAULT_VISION if vision is None else vision)
         if downsample is not None:
             options["downsample"] = downsample
-        tower = VisionTower(load_vision(encoder, dtype), base.config.hidden_size, **options).to(base.device)
-        return cls(base, tower, strategy, spec, fp, shared_base)
+        with _structure_only(not weights):
+            base, spec, fp = _load_base(llm, dtype, where, weights)
+            tower = VisionTower(load_vision(encoder, dtype, weights), base.config.hidden_size, **options)
+            if weights:  # (a structure's buffers stay where they are: its parameters are on the meta device)
+                tower = tower.to(base.device)
+            model = cls(base, tower, strategy, spec, fp, shared_base)
+        if not weights:
+            model.tie_weights()
+        return model
 
     def _install_delta(self, empty: bool) -> None:
         s, router, n = self.strategy, self.router, len(self.llm.model.layers)
@@ -241,6 +260,11 @@ class GenieBlueForConditionalGeneration(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.llm.device
+
+    def tie_weights(self) -> None:
+        """Tie the base's output embeddings to its input ones again, where its config ties them: moving a
+        model to the meta device unties them (accelerate's FSDP2 preparation calls this after it)."""
+        self.llm.tie_weights()
 
     def _on_device(self, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         """Inputs moved to the model's device (a no-op where they already are); dtypes kept."""
@@ -427,6 +451,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         dtype: torch.dtype | str | None = None,
         strategy: Strategy | None = None,
         device: torch.device | str | None = None,
+        weights: bool = True,
     ) -> GenieBlueForConditionalGeneration:
         """Load a saved delta onto its base.
 
@@ -439,6 +464,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
                 not depend on them: the fingerprint names the base's files, not how they were loaded.
             strategy: another strategy than the saved one: only the vision tower and connector are
                 taken from the folder, the LLM delta starts fresh (one stage 1 for several stage 2s).
+            weights: False builds the structure only (see `_structure_only`): neither the base's
+                weights nor the delta are read, and the base is not checked.
 
         Raises:
             FileNotFoundError: the folder lacks its manifest or delta, or the base cannot be found.
@@ -449,19 +476,23 @@ class GenieBlueForConditionalGeneration(nn.Module):
         where, dtype = resolve_placement(device, dtype)
         manifest = json.loads((directory / MANIFEST).read_text())
         saved_fp = manifest["base"]["fingerprint"]
-        base, spec, fp = _load_base(manifest["base"]["llm"] if llm is None else llm, dtype, where)
-        fp = fp() if callable(fp) else fp
-        if not _same_base(saved_fp, fp, spec, base):
-            raise ValueError(
-                f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {_short(fp)} != "
-                f"{_short(saved_fp)}): pass the original base with llm=..."
-            )
         vision = dict(manifest["vision"])
-        with no_init_weights(), torch.device(where):  # built where it runs, uninitialised: its weights load below
-            tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision)
         saved = Strategy(**manifest["strategy"])
         fresh = strategy is not None and strategy != saved  # its LLM delta starts fresh: built with data
-        model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False), not fresh)
+        with _structure_only(not weights):
+            base, spec, fp = _load_base(manifest["base"]["llm"] if llm is None else llm, dtype, where, weights)
+            fp = fp() if callable(fp) else fp
+            if weights and not _same_base(saved_fp, fp, spec, base):
+                raise ValueError(
+                    f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {_short(fp)} != "
+                    f"{_short(saved_fp)}): pass the original base with llm=..."
+                )
+            with no_init_weights(), torch.device(where):  # built where it runs, uninitialised: its weights load below
+                tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision)
+            model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False), not fresh)
+        if not weights:
+            model.tie_weights()
+            return model
         state = load_file(directory / DELTA, device=str(where))
         targets = dict(model._delta_items())
         if fresh:  # the tower from the folder, the LLM delta as built

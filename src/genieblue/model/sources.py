@@ -101,17 +101,22 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def load_llm(
-    spec: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    spec: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", weights: bool = True
 ) -> PreTrainedModel:
-    """Load a causal LM of a supported family onto `device` in `dtype`; every weight frozen."""
+    """Load a causal LM of a supported family onto `device` in `dtype`; every weight frozen. Without
+    `weights`, only its structure is built from its config (no weight file read); under accelerate's
+    `init_empty_weights` its parameters are then on the meta device and its buffers real."""
     source = resolve_llm(spec)
     config = AutoConfig.from_pretrained(source)
     if config.model_type not in SUPPORTED_LLM_TYPES:
         raise ValueError(
             f"unsupported LLM architecture {config.model_type!r}; supported: {', '.join(SUPPORTED_LLM_TYPES)}"
         )
-    placement = {} if torch.device(device).type == "cpu" else {"device_map": torch.device(device)}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
+    if weights:
+        placement = {} if torch.device(device).type == "cpu" else {"device_map": torch.device(device)}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     return model
 
@@ -156,22 +161,23 @@ def _supported_vision() -> list[str]:
     return [*VISION_MODELS, *(f"{kind} (AutoBackbone)" for kind in MODEL_FOR_BACKBONE_MAPPING_NAMES)]
 
 
-def load_vision(spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_vision(
+    spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.float32, weights: bool = True
+) -> PreTrainedModel:
     """A pretrained vision encoder (id or folder) or a freshly initialised one (config or dict), built
     in `dtype` (on the default device; under `transformers.initialization.no_init_weights` a fresh one
-    is left uninitialised, for saved weights to be loaded into)."""
+    is left uninitialised, for saved weights to be loaded into). Without `weights`, a pretrained one is
+    built as a fresh one is, from its config (no weight file read)."""
     config = vision_config(spec)
     if config.model_type not in VISION_MODELS:  # a convolutional (or other) backbone
         cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]  # the concrete class: AutoBackbone asks the hub first
-        if isinstance(spec, str):
-            return cls.from_pretrained(spec, config=config, dtype=dtype)
-        return cls._from_config(config, dtype=dtype)
-    cls = VISION_MODELS[config.model_type]
-    if config.model_type == "siglip_vision_model":
-        config.vision_use_head = False  # the pooled output is never used; its head would be dead weight
-    if isinstance(spec, str):
-        if config.model_type == "clip_vision_model":
+    else:
+        cls = VISION_MODELS[config.model_type]
+        if config.model_type == "siglip_vision_model":
+            config.vision_use_head = False  # the pooled output is never used; its head would be dead weight
+        if config.model_type == "clip_vision_model" and isinstance(spec, str):
             config.num_hidden_layers -= 1  # LLaVA reads CLIP features from the penultimate layer
+    if isinstance(spec, str) and weights:
         return cls.from_pretrained(spec, config=config, dtype=dtype)
     return cls._from_config(config, dtype=dtype)
 

@@ -11,6 +11,7 @@ information from the whole tile rather than only its own cell.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -74,8 +75,12 @@ class VisionTower(nn.Module):
         else:  # a backbone: its output grid and width, read off one forward pass
             self.image_size = getattr(cfg, "image_size", 224)
             was_training = vit.training
+            # a structure without weights (parameters on the meta device, buffers real) is probed by a copy
+            # wholly on the meta device: shapes only
+            probe = vit if vit.device.type != "meta" else copy.deepcopy(vit).to("meta")
+            size = (1, cfg.num_channels, self.image_size, self.image_size)
             with torch.no_grad():
-                grid = vit.eval()(torch.zeros(1, cfg.num_channels, self.image_size, self.image_size, dtype=vit.dtype))
+                grid = probe.eval()(torch.zeros(size, dtype=vit.dtype, device=vit.device))
             vit.train(was_training)
             channels, side = grid.feature_maps[-1].shape[1], grid.feature_maps[-1].shape[-1]
         if side % downsample:

@@ -12,25 +12,32 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from ..model.routing import Switch
 
 
 @dataclass(frozen=True)
 class Layout:
-    """`kind`: "single", "DDP" or "FSDP2"; `shard_here`: the trainer applies FSDP2 itself (on CPUs)."""
+    """`kind`: "single", "DDP" or "FSDP2"; `shard_here`: the trainer applies FSDP2 itself (on CPUs);
+    `rank0_weights`: only rank 0 reads the weights, the other processes build the model's structure and
+    take rank 0's weights as it is sharded (FSDP2 with `cpu_ram_efficient_loading`), so a machine holds
+    the model in host memory once, not once per process."""
 
     kind: str
     processes: int
     shard_here: bool = False
+    rank0_weights: bool = False
 
     def __str__(self) -> str:
         if self.kind == "single":
             return "1 process"
-        where = " (torch fully_shard on CPU)" if self.shard_here else ""
+        notes = ["torch fully_shard on CPU"] * self.shard_here + ["weights read by rank 0"] * self.rank0_weights
+        where = f" ({'; '.join(notes)})" if notes else ""
         return f"{self.kind} on {self.processes} process{'es' if self.processes > 1 else ''}{where}"
 
 
@@ -53,9 +60,9 @@ def layout(acc: Accelerator) -> Layout:
             "accelerate config (as configs/accelerate/fsdp-8gpu.yaml does) or pass --fsdp_version 2"
         )
     if kind == DistributedType.FSDP:  # accelerate shards, on any number of processes
-        return Layout("FSDP2", n)
+        return Layout("FSDP2", n, rank0_weights=n > 1 and acc.state.fsdp_plugin.cpu_ram_efficient_loading)
     if version == 2 and n > 1:
-        return Layout("FSDP2", n, shard_here=True)
+        return Layout("FSDP2", n, shard_here=True, rank0_weights=_env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"))
     if kind == DistributedType.NO:
         return Layout("single", 1)
     if kind.value.startswith("MULTI_"):
@@ -127,14 +134,28 @@ def fsdp2_precision():
     return MixedPrecisionPolicy()
 
 
-def shard_fsdp2(model: nn.Module) -> nn.Module:
+def shard_fsdp2(model: nn.Module, rank0_weights: bool = False) -> nn.Module:
     """FSDP2 as accelerate's plugin applies it: `fully_shard` each decoder block (the originals and
-    their copies alike), then the model, which takes the rest (embeddings, vision tower, ...)."""
+    their copies alike), then the model, which takes the rest (embeddings, vision tower, ...). With
+    `rank0_weights` (see `Layout`), as the plugin does it with `cpu_ram_efficient_loading`: rank 0 holds
+    the weights and the others the structure; the model is sharded on the meta device, rank 0 sends each
+    tensor whole and every rank keeps its shard; buffers no state dict holds (rotary frequencies, ...)
+    stay each process's own."""
     from torch.distributed.fsdp import fully_shard
 
+    if rank0_weights:
+        own = [(m, name, m._buffers[name]) for m in model.modules() for name in m._non_persistent_buffers_set]
+        weights = model.state_dict() if dist.get_rank() == 0 else {}
+        model.to("meta")
+        model.tie_weights()  # moving to meta unties them
     classes, policy = tuple(block_classes(model)), fsdp2_precision()
     for module in list(model.modules()):
         if isinstance(module, classes):
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if rank0_weights:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for module, name, buffer in own:
+            module.register_buffer(name, buffer, persistent=False)
+        model.tie_weights()  # loading the state dict unties them
     return model

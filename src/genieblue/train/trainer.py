@@ -85,12 +85,13 @@ def _check_attention(cfg: TrainConfig, device: torch.device) -> None:
         )
 
 
-def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
-    """The model a config trains, on the CPU in float32 (master weights; accelerate places it)."""
+def build_model(cfg: TrainConfig, weights: bool = True) -> GenieBlueForConditionalGeneration:
+    """The model a config trains, on the CPU in float32 (master weights; accelerate places it); without
+    `weights`, its structure only (a process that takes rank 0's weights: `Layout.rank0_weights`)."""
     strategy = Strategy(cfg.strategy, fraction=cfg.fraction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     if not cfg.init_from:
         model = GenieBlueForConditionalGeneration.from_base(
-            cfg.llm, cfg.vision, strategy, downsample=cfg.vision_downsample
+            cfg.llm, cfg.vision, strategy, downsample=cfg.vision_downsample, weights=weights
         )
     else:
         folder = check_model_folder(cfg.init_from)
@@ -110,6 +111,7 @@ def build_model(cfg: TrainConfig) -> GenieBlueForConditionalGeneration:
             strategy=strategy if saved != cfg.strategy else None,
             device="cpu",
             dtype=torch.float32,
+            weights=weights,
         )
     model.set_stage(cfg.stage)
     if cfg.attn_implementation:
@@ -312,8 +314,9 @@ class Trainer:
 
     def _setup(self, latest: Path | None, resume: bool, progress) -> _Run:
         cfg, acc = self.cfg, self.accelerator
-        model = build_model(cfg)
-        if latest:  # before the data is read: a checkpoint of another model is refused at once
+        weights = acc.is_main_process or not self.layout.rank0_weights  # (the others take rank 0's)
+        model = build_model(cfg, weights)
+        if latest and weights:  # before the data is read: a checkpoint of another model is refused at once
             check_resumable(latest, model, self.out / "train_config.json")
         processor = GenieBlueProcessor.from_model(
             model, load_tokenizer(cfg.llm), cfg.max_tiles, cfg.max_length, cfg.system_prompt
@@ -334,7 +337,7 @@ class Trainer:
         saves = len(range(done + cfg.save_every - done % cfg.save_every, total, cfg.save_every))
         if acc.is_main_process:  # the writer (the launcher stops the others if it stops)
             _check_room(self.out, *footprint(model), min(cfg.keep_last + 1, saves), self.console)
-        if cfg.stage == 1 and cfg.stage0_steps and not latest:
+        if cfg.stage == 1 and cfg.stage0_steps and not latest and weights:
             self._stage0(model, data.samples, processor, progress)
         if self.precision in AUTOCAST_DTYPES:  # autocast computes the frozen projections in its dtype anyway
             model.cast_base_projections(AUTOCAST_DTYPES[self.precision])
@@ -346,7 +349,7 @@ class Trainer:
         if self.layout.kind == "FSDP2":
             contiguous_parameters(model)
             if self.layout.shard_here:  # FSDP2 on CPUs, where accelerate offers none
-                model = shard_fsdp2(model)
+                model = shard_fsdp2(model, self.layout.rank0_weights)
             else:
                 acc.state.fsdp_plugin.mixed_precision_policy = fsdp2_precision()
         optimizer, scheduler = build_optimizer(model, cfg, total)
@@ -460,7 +463,8 @@ class Trainer:
 
     def _stage0(self, model: GenieBlueForConditionalGeneration, samples: list[Sample], processor, progress) -> None:
         """Stage 0 (see `vision_pretrain`) on this process's device (the model is built on the CPU);
-        every process runs the same seeded steps, so ViTs agree."""
+        every process holding weights runs the same seeded steps, so ViTs agree (where only rank 0 holds
+        them, `Layout.rank0_weights`, the others take its tower when the model is sharded)."""
         cfg = self.cfg
         model.to(self.accelerator.device)
         task = progress.add_task("stage 0 (vision tower)", total=cfg.stage0_steps, status="") if progress else None
