@@ -182,3 +182,21 @@ def test_load_bench_times_a_delta_against_its_base(tmp_path):
     assert set(result["median_s"]) == {"base", "first", "later"} and all(v > 0 for v in result["median_s"].values())
     ratio = result["median_s"]["first"] / result["median_s"]["base"]  # of medians rounded to 1 ms
     assert result["first_vs_base"] == pytest.approx(ratio, rel=0.03, abs=0.01)
+
+
+@pytest.mark.integration
+def test_fsdp_memory_bench_samples_every_rank_in_both_settings(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fsdp_memory.py"), "--shape", "tiny", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout)["weights read by"]
+    assert set(runs) == {"every rank", "rank 0"}
+    for run in runs.values():
+        for phase in ("setup", "training"):
+            peaks = run[f"{phase}_peak_rss_MiB"]
+            assert set(peaks) == {"0", "1"} and all(mib > 100 for mib in peaks.values()), run  # torch alone is more

@@ -351,6 +351,37 @@ def test_a_delta_that_lacks_a_tensor_is_refused_whichever_strategy_it_starts(bas
             GenieBlue.from_pretrained(tmp_path / "d", strategy=strategy)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_structure_without_weights_is_the_model_with_nothing_read(family, base_dirs, tmp_path):
+    """`weights=False` (a process of a sharded run that takes rank 0's weights) builds the model's
+    tensors by name, shape and dtype with every parameter on the meta device, the buffers the model
+    computes itself (rotary frequencies, ...) as it does, and tied weights tied, from a base folder
+    holding no weight file and a model folder whose delta is unreadable; the base's fingerprint is asked
+    only when needed (rank 0 may still be fetching the files) and then names the files as ever."""
+    model = GenieBlue.from_base(base_dirs[family], vision=TINY_RESNET)
+    model.save_pretrained(tmp_path / "d")
+    (tmp_path / "d" / "delta.safetensors").write_bytes(b"not read")
+    bare = tmp_path / "config-only"
+    bare.mkdir()
+    shutil.copy(os.path.join(base_dirs[family], "config.json"), bare)
+    held = model.state_dict()
+    unsaved = {k: b for k, b in model.named_buffers() if k not in held}
+    tied = lambda m: m.llm.get_output_embeddings().weight is m.llm.get_input_embeddings().weight  # noqa: E731
+    for structure in (
+        GenieBlue.from_base(str(bare), vision=TINY_RESNET, weights=False),
+        GenieBlue.from_pretrained(tmp_path / "d", llm=str(bare), device="cpu", weights=False),
+    ):
+        built = structure.state_dict()
+        assert built.keys() == held.keys()
+        assert all(built[k].shape == held[k].shape and built[k].dtype == held[k].dtype for k in held)
+        assert {p.device.type for p in structure.parameters()} == {"meta"}
+        buffers = dict(structure.named_buffers())
+        assert unsaved and all(torch.equal(buffers[k], b) for k, b in unsaved.items())
+        assert tied(structure) == tied(model)
+        with pytest.raises(FileNotFoundError, match="no weight files found"):
+            _ = structure.base_fingerprint
+
+
 def test_the_fingerprint_names_the_files_not_how_they_were_loaded(base_dirs, tmp_path):
     """The same files elsewhere are the same base, a copy with one weight changed is refused, the
     digests are remembered by path, size and mtime, and the hub cache's blob names are used as they are."""

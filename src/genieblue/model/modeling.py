@@ -67,13 +67,16 @@ def _refuse_placeholders(placeholders: int) -> None:
 def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device, weights: bool = True):
     """(base model, its spec, its fingerprint). Files already on disk are fingerprinted on a second
     thread while the base loads (a first load hashes them; later loads find their digests cached); a
-    model object's fingerprint is a function, called when it is first needed."""
+    model object's fingerprint, and a structure's (`weights=False`), is a function, called when it is
+    first needed."""
     if isinstance(llm, PreTrainedModel):
         return llm, llm.name_or_path, lambda: fingerprint(None, llm)
+    if not weights:  # a structure: named by its files when asked (rank 0 may still be fetching them)
+        return load_llm(llm, dtype, device, weights), llm, lambda: fingerprint(llm)
     files = base_files(llm)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(files_fingerprint, files) if files else None
-        base = load_llm(llm, dtype, device, weights)
+        base = load_llm(llm, dtype, device)
         return base, llm, pending.result() if pending else fingerprint(llm)  # a hub id downloaded just now
 
 
@@ -379,7 +382,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
         before, without the float32 copy (2 of 4 bytes a weight), the cast copy each use keeps for the
         backward (2 more), or the casts. Embeddings and norms, which autocast leaves in float32, stay.
         Outside such autocast these projections refuse float32 inputs: a training option."""
-        _ = self.base_fingerprint  # a base without files is named by its tensors as loaded: name it first
+        if self.llm.device.type != "meta":  # (a structure's base is named by its files, when asked)
+            _ = self.base_fingerprint  # a base without files is named by its tensors as loaded: name it first
         delta = {id(p) for p in self.llm_delta_parameters()}
         tied = self.llm.get_input_embeddings().weight
         cast = 0
@@ -481,12 +485,13 @@ class GenieBlueForConditionalGeneration(nn.Module):
         fresh = strategy is not None and strategy != saved  # its LLM delta starts fresh: built with data
         with _structure_only(not weights):
             base, spec, fp = _load_base(manifest["base"]["llm"] if llm is None else llm, dtype, where, weights)
-            fp = fp() if callable(fp) else fp
-            if weights and not _same_base(saved_fp, fp, spec, base):
-                raise ValueError(
-                    f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {_short(fp)} != "
-                    f"{_short(saved_fp)}): pass the original base with llm=..."
-                )
+            if weights:
+                fp = fp() if callable(fp) else fp
+                if not _same_base(saved_fp, fp, spec, base):
+                    raise ValueError(
+                        f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {_short(fp)} "
+                        f"!= {_short(saved_fp)}): pass the original base with llm=..."
+                    )
             with no_init_weights(), torch.device(where):  # built where it runs, uninitialised: its weights load below
                 tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision)
             model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False), not fresh)
