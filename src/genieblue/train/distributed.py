@@ -134,6 +134,19 @@ def fsdp2_precision():
     return MixedPrecisionPolicy()
 
 
+def _send_from_rank0(model: nn.Module, weights: dict, per_call: int = 64) -> None:
+    """Rank 0's whole tensors (`weights`; {} elsewhere) sent to every rank, each keeping its shard of the
+    sharded model (`broadcast_from_rank0`), `per_call` tensors at a time, rank 0 letting go of each once
+    sent: on CPUs the shards are host memory beside the whole tensors, which held to the end would put
+    rank 0's peak at 1.5 times the model."""
+    names = [list(weights)] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(names, src=0)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for start in range(0, len(names[0]), per_call):
+        part = {name: weights.pop(name) for name in names[0][start : start + per_call] if name in weights}
+        set_model_state_dict(model, part, options=options)
+
+
 def shard_fsdp2(model: nn.Module, rank0_weights: bool = False) -> nn.Module:
     """FSDP2 as accelerate's plugin applies it: `fully_shard` each decoder block (the originals and
     their copies alike), then the model, which takes the rest (embeddings, vision tower, ...). With
@@ -154,7 +167,7 @@ def shard_fsdp2(model: nn.Module, rank0_weights: bool = False) -> nn.Module:
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     if rank0_weights:
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        _send_from_rank0(model, weights)
         for module, name, buffer in own:
             module.register_buffer(name, buffer, persistent=False)
         model.tie_weights()  # loading the state dict unties them
