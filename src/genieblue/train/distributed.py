@@ -2,9 +2,10 @@
 optimiser state sharded per decoder block). On accelerators `accelerate` shards with FSDP2 as its
 config says; on CPUs, where accelerate offers no FSDP, the trainer shards with torch's own
 `fully_shard` the same way (per decoder block, then the rest), with the same mixed precision
-(`fsdp2_precision`) and gradient accumulation (`accumulating`), so a sharded run behaves alike on
-both. Modes the trainer could not save in (FSDP1, DeepSpeed, Megatron-LM, XLA) are refused before
-any work is done."""
+(`fsdp2_precision`), gradient accumulation (`accumulating`) and, with `cpu_ram_efficient_loading`,
+weights read by rank 0 alone and sent to the others (`Layout.rank0_weights`), so a sharded run
+behaves alike on both. Modes the trainer could not save in (FSDP1, DeepSpeed, Megatron-LM, XLA) are
+refused before any work is done."""
 
 from __future__ import annotations
 
