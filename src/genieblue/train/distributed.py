@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -120,6 +121,18 @@ def accumulating(acc: Accelerator, model: nn.Module, layout: Layout):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def rank0_alone(layout: Layout):
+    """Work that rank 0 alone does where it alone holds the weights (stage 0, `Layout.rank0_weights`):
+    the other processes wait for it on a gloo group of their own with a day's timeout, not at the run's
+    next collective, which NCCL's watchdog would cut short after 10 minutes."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if layout.rank0_weights else None
+    yield
+    if group is not None:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
 
 def fsdp2_precision():

@@ -52,6 +52,7 @@ from .distributed import (
     fsdp2_precision,
     layout,
     machine_share,
+    rank0_alone,
     shard_fsdp2,
 )
 from .loss import causal_lm_loss
@@ -337,8 +338,10 @@ class Trainer:
         saves = len(range(done + cfg.save_every - done % cfg.save_every, total, cfg.save_every))
         if acc.is_main_process:  # the writer (the launcher stops the others if it stops)
             _check_room(self.out, *footprint(model), min(cfg.keep_last + 1, saves), self.console)
-        if cfg.stage == 1 and cfg.stage0_steps and not latest and weights:
-            self._stage0(model, data.samples, processor, progress)
+        if cfg.stage == 1 and cfg.stage0_steps and not latest:
+            with rank0_alone(self.layout):
+                if weights:
+                    self._stage0(model, data.samples, processor, progress)
         if self.precision in AUTOCAST_DTYPES:  # autocast computes the frozen projections in its dtype anyway
             model.cast_base_projections(AUTOCAST_DTYPES[self.precision])
         if cfg.gradient_checkpointing:
