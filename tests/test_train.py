@@ -401,7 +401,7 @@ def test_ddp_two_cpu_processes_equal_one_process(tmp_path, chat_base, synth_data
     fields = dict(llm=chat_base, batch_size=1, grad_accum=2, max_steps=3, save_every=2)
     config = _config(tmp_path, synth_data, **fields, output_dir=str(two))
     stderr = _run_beside_one_process(_torchrun_two(config), tmp_path, synth_data, fields, one)
-    assert "DDP on 2 processes on CPU · fp32" in " ".join(stderr.split())  # DDP over gloo, 2 CPU processes
+    assert "DDP on 2 processes (weights read by rank 0) on CPU · fp32" in " ".join(stderr.split())  # over gloo
     _assert_same_training(one, two, 3)
     step2 = load_file(two / "checkpoints" / "step-0000002" / "model" / "delta.safetensors")
     assert any(not torch.equal(t, _delta(two)[n]) for n, t in step2.items())  # a checkpoint written under DDP
@@ -542,39 +542,44 @@ def _tied_base(chat_base: str, folder: Path) -> str:
 
 
 @pytest.mark.integration
-def test_fsdp2_with_the_weights_read_by_rank_0_alone_trains_as_when_every_rank_reads_them(
-    tmp_path, chat_base, synth_data
-):
-    """FSDP2 with `cpu_ram_efficient_loading` (as accelerate's launcher passes the shipped config's
-    settings, which it refuses on CPUs): rank 0 alone reads the base, the tower and the init_from folder
-    and runs stage 0; the other process builds the structure only (parameters on the meta device) and
-    takes rank 0's weights as the model is sharded. A stage 1 with stage 0 and a convolutional tower
-    (BatchNorm statistics: buffers a state dict holds; rotary frequencies: ones it does not), then a
-    stage 2 from it, train as when every process reads the weights and runs stage 0 itself."""
+def test_the_weights_read_by_rank_0_alone_train_as_when_every_rank_reads_them(tmp_path, chat_base, synth_data):
+    """Under DDP, and under FSDP2 with `cpu_ram_efficient_loading` (as accelerate's launcher passes the
+    shipped config's settings, which it refuses on CPUs), rank 0 alone reads the base, the tower and
+    the init_from folder and runs stage 0; the other process builds the structure only (parameters on
+    the meta device) and takes rank 0's weights as DDP is built or the model sharded. A stage 1 with
+    stage 0 and a convolutional tower (BatchNorm statistics: buffers a state dict holds; rotary
+    frequencies: ones it does not), then a stage 2 from it, train as under FSDP2 with every process
+    reading the weights and running stage 0 itself."""
     common = dict(llm=_tied_base(chat_base, tmp_path / "base"), vision=TINY_RESNET, batch_size=1, grad_accum=2)
     common["max_steps"] = 2
     stages = {
         "s1": dict(common, stage=1, stage0_steps=2, stage0_batch=8),
         "s2": dict(common, init_from=str(tmp_path / "s1-every" / "final")),
     }
+    fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}
+    runs = {
+        "every": (
+            {**fsdp2, "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"},
+            "FSDP2 on 2 processes (torch fully_shard on CPU)",
+        ),
+        "rank0": (
+            {**fsdp2, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
+            "FSDP2 on 2 processes (torch fully_shard on CPU; weights read by rank 0)",
+        ),
+        "ddp": ({}, "DDP on 2 processes (weights read by rank 0)"),
+    }
     for name, fields in stages.items():
-        for who in ("every", "rank0"):
-            out = tmp_path / f"{name}-{who}"
-            config = _config(tmp_path, synth_data, f"{name}-{who}.yaml", **fields, output_dir=str(out))
-            env = {
-                **_env(cpu=True),
-                "ACCELERATE_USE_FSDP": "true",
-                "FSDP_VERSION": "2",
-                "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
-                "FSDP_CPU_RAM_EFFICIENT_LOADING": str(who == "rank0").lower(),
-            }
-            done = subprocess.run(_torchrun_two(config), env=env, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr[-4000:]
-            header = " ".join(done.stderr.split())
-            assert ("FSDP2 on 2 processes (torch fully_shard on CPU; weights read by rank 0)" in header) is (
-                who == "rank0"
+        for who, (env, layout) in runs.items():
+            config = _config(
+                tmp_path, synth_data, f"{name}-{who}.yaml", **fields, output_dir=str(tmp_path / f"{name}-{who}")
             )
-        _assert_same_training(tmp_path / f"{name}-every", tmp_path / f"{name}-rank0", 2)
+            done = subprocess.run(
+                _torchrun_two(config), env={**_env(cpu=True), **env}, capture_output=True, text=True, timeout=300
+            )
+            assert done.returncode == 0, done.stderr[-4000:]
+            assert f"{layout} on CPU" in " ".join(done.stderr.split())
+        for who in ("rank0", "ddp"):
+            _assert_same_training(tmp_path / f"{name}-every", tmp_path / f"{name}-{who}", 2)
     assert json.loads((tmp_path / "s1-rank0" / "stage0.json").read_text())["steps"] == 2
 
 

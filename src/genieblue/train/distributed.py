@@ -27,8 +27,8 @@ from ..model.routing import Switch
 class Layout:
     """`kind`: "single", "DDP" or "FSDP2"; `shard_here`: the trainer applies FSDP2 itself (on CPUs);
     `rank0_weights`: only rank 0 reads the weights, the other processes build the model's structure and
-    take rank 0's weights as it is sharded (FSDP2 with `cpu_ram_efficient_loading`), so a machine holds
-    the model in host memory once, not once per process."""
+    take rank 0's weights as DDP is built (always) or as the model is sharded (FSDP2 with
+    `cpu_ram_efficient_loading`), so a machine holds the model in host memory once, not once per process."""
 
     kind: str
     processes: int
@@ -68,7 +68,7 @@ def layout(acc: Accelerator) -> Layout:
     if kind == DistributedType.NO:
         return Layout("single", 1)
     if kind.value.startswith("MULTI_"):
-        return Layout("DDP", n)
+        return Layout("DDP", n, rank0_weights=True)  # DDP's construction sends rank 0's weights to all
     raise ValueError(
         f"accelerate runs {kind.value}, which genieblue's trainer cannot checkpoint: use DDP (plain "
         "`accelerate launch`) or FSDP2 (configs/accelerate/fsdp-8gpu.yaml)"

@@ -355,6 +355,9 @@ class Trainer:
                 model = shard_fsdp2(model, self.layout.rank0_weights)
             else:
                 acc.state.fsdp_plugin.mixed_precision_policy = fsdp2_precision()
+        elif not weights:  # DDP: its construction sends rank 0's parameters and buffers to the others
+            model.to_empty(device=acc.device)  # (where they land: on a GPU, no host memory)
+            model.tie_weights()
         optimizer, scheduler = build_optimizer(model, cfg, total)
         if self.layout.shard_here:
             ddp_model, optimizer = model, acc.prepare(optimizer)
