@@ -185,17 +185,17 @@ def test_load_bench_times_a_delta_against_its_base(tmp_path):
 
 
 @pytest.mark.integration
-def test_fsdp_memory_bench_samples_every_rank_in_both_settings(tmp_path):
+def test_train_memory_bench_samples_every_rank_in_each_layout(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "fsdp_memory.py"), "--shape", "tiny", "--json"],
+        [sys.executable, str(ROOT / "bench" / "train_memory.py"), "--shape", "tiny", "--json"],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = json.loads(done.stdout)["weights read by"]
-    assert set(runs) == {"every rank", "rank 0"}
+    runs = json.loads(done.stdout)["layouts"]
+    assert list(runs) == ["DDP", "FSDP2, every rank reads", "FSDP2, rank 0 reads"]
     for run in runs.values():
         for phase in ("setup", "training"):
             peaks = run[f"{phase}_peak_rss_MiB"]

@@ -1,20 +1,25 @@
-"""Host memory of the processes of a sharded training run: the weights read by every process, against
-read by rank 0 alone (FSDP2's `cpu_ram_efficient_loading`, the shipped config's setting).
+"""Host memory of the processes of a distributed training run: DDP, and FSDP2 with the weights read
+by every process or by rank 0 alone (`cpu_ram_efficient_loading`, the shipped FSDP config's setting).
+Under DDP, and under FSDP2 with that setting, rank 0 alone reads the weights and the other processes
+build the model's structure and take rank 0's weights (docs/training.md).
 
 Writes a small synthetic dataset and a stage-1 config on a base (the built-in SmolLM2, or a random one
 of a real shape saved as bf16 safetensors, with SmolLM2's tokenizer) and a tower (the default ResNet, or
-the paper's SigLIP-so400m shape, built fresh), then runs one step of
+the paper's SigLIP-so400m shape, built fresh), then runs one step of `genieblue train` in each layout:
 
-    accelerate launch --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes N \\
-        --fsdp_cpu_ram_efficient_loading {false,true} -m genieblue.cli train -c CONFIG --max-steps 1
+    DDP                      accelerate launch --config_file configs/accelerate/ddp-8gpu.yaml
+                             (on a machine without a GPU: torchrun --standalone)
+    FSDP2, every rank reads  accelerate launch --config_file configs/accelerate/fsdp-8gpu.yaml
+                             --fsdp_cpu_ram_efficient_loading false
+    FSDP2, rank 0 reads      the same with --fsdp_cpu_ram_efficient_loading true
 
-for each setting (on a machine without a GPU, with `--fsdp_sync_module_states false`, which accelerate
-refuses there), sampling every process's resident memory (VmRSS, /proc) every 0.1 s. Prints each
-rank's peak while the run sets up (builds, shards and fills the model, reads the data) and while it
-trains, and the run's wall time. On a GPU machine the setup's is the host's peak (training memory is
-the GPU's); on CPUs the training step's memory is host memory too.
+(FSDP2 without a GPU with `--fsdp_sync_module_states false`, which accelerate refuses there), each on
+`--processes` processes, sampling every process's resident memory (VmRSS, /proc) every 0.1 s. Prints
+each rank's peak while the run sets up (builds, places or shards and fills the model, reads the data)
+and while it trains, and the run's wall time. On a GPU machine the setup's is the host's peak
+(training memory is the GPU's); on CPUs the training step's memory is host memory too.
 
-    python bench/fsdp_memory.py [--shape qwen2.5-0.5b] [--vision resnet|siglip-so400m] [--processes 2] [--json]
+    python bench/train_memory.py [--shape qwen2.5-0.5b] [--vision resnet|siglip-so400m] [--processes 2] [--json]
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from genieblue.data.synthetic import generate_dataset, text_only_samples
 from genieblue.model import load_tokenizer
 from genieblue.model.sources import resolve_llm
 
-ROOT = Path(__file__).resolve().parent.parent
-FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp-8gpu.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch")
+LAYOUTS = ("DDP", "FSDP2, every rank reads", "FSDP2, rank 0 reads")
 
 
 def _rank_of(pid: int) -> int | None:
@@ -77,17 +83,27 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def measure(config: Path, processes: int, rank0: bool, out: Path) -> dict:
-    """Peak resident MiB per rank while the run sets up (the model built, sharded and given its weights;
-    the data read) and while it trains (from the trainer's header line on), and its wall seconds."""
+def launch_command(layout: str, config: Path, processes: int) -> list[str]:
+    """The command that starts `processes` processes in `layout` (one of `LAYOUTS`)."""
+    gpu = torch.cuda.is_available()
+    if layout == "DDP":
+        if gpu:
+            return [*ACCELERATE, "--config_file", str(CONFIGS / "ddp-8gpu.yaml"), "--num_processes", str(processes)]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     wrap = AutoConfig.from_pretrained(resolve_llm(yaml.safe_load(config.read_text())["llm"])).architectures[0]
-    cmd = [
-        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)),
-        *("--num_processes", str(processes), "--fsdp_cpu_ram_efficient_loading", str(rank0).lower()),
+    return [
+        *(*ACCELERATE, "--config_file", str(CONFIGS / "fsdp-8gpu.yaml"), "--num_processes", str(processes)),
+        *("--fsdp_cpu_ram_efficient_loading", str(layout == "FSDP2, rank 0 reads").lower()),
         *("--fsdp_transformer_layer_cls_to_wrap", wrap.replace("ForCausalLM", "DecoderLayer")),
-        *(() if torch.cuda.is_available() else ("--fsdp_sync_module_states", "false", "--mixed_precision", "no")),
-        *("-m", "genieblue.cli", "train", "-c", str(config), "--max-steps", "1", "--output-dir", str(out)),
+        *(() if gpu else ("--fsdp_sync_module_states", "false", "--mixed_precision", "no")),
     ]
+
+
+def measure(layout: str, config: Path, processes: int, out: Path) -> dict:
+    """Peak resident MiB per rank while the run sets up (the model built, placed or sharded and given its
+    weights; the data read) and while it trains (from the trainer's header line on), and its wall seconds."""
+    cli = ["-m", "genieblue.cli", "train", "-c", str(config), "--max-steps", "1", "--output-dir", str(out)]
+    cmd = [*launch_command(layout, config, processes), *cli]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
     start, peak, lines, training = time.perf_counter(), {"setup": {}, "training": {}}, [], threading.Event()
     launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -144,18 +160,15 @@ def main() -> None:
             "output_dir": str(root / "run"),
         }
         config.write_text(yaml.safe_dump(fields))
-        runs = {
-            who: measure(config, args.processes, who == "rank 0", root / f"run-{who.replace(' ', '')}")
-            for who in ("every rank", "rank 0")
-        }
+        runs = {layout: measure(layout, config, args.processes, root / f"run-{i}") for i, layout in enumerate(LAYOUTS)}
     result = {"llm": args.shape or "smollm2-135m-instruct", "vision": args.vision, "processes": args.processes}
-    result["weights read by"] = runs
+    result["layouts"] = runs
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"FSDP2, {args.processes} processes, {result['llm']} + {args.vision} tower, stage 1, one step")
-    for who, run in runs.items():
-        print(f"  weights read by {who} ({run['wall_s']} s), peak resident memory:")
+    print(f"{args.processes} processes, {result['llm']} + {args.vision} tower, stage 1, one step")
+    for layout, run in runs.items():
+        print(f"  {layout} ({run['wall_s']} s), peak resident memory:")
         for phase in ("setup", "training"):
             peaks = ", ".join(f"rank {r} {mib} MiB" for r, mib in run[f"{phase}_peak_rss_MiB"].items())
             print(f"    {phase:9} {peaks}")
