@@ -106,12 +106,14 @@ def measure(layout: str, config: Path, processes: int, out: Path) -> dict:
     cmd = [*launch_command(layout, config, processes), *cli]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
     start, peak, lines, training = time.perf_counter(), {"setup": {}, "training": {}}, [], threading.Event()
+    setup_s = []
     launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def read_stderr() -> None:
         for line in launcher.stderr:
             lines.append(line)
-            if "trainable" in line:  # the header, printed once the model is sharded and the data read
+            if "trainable" in line and not training.is_set():  # the header: the model placed, the data read
+                setup_s.append(time.perf_counter() - start)
                 training.set()
 
     reader = threading.Thread(target=read_stderr, daemon=True)
@@ -127,7 +129,7 @@ def measure(layout: str, config: Path, processes: int, out: Path) -> dict:
     if launcher.returncode:
         raise SystemExit(f"the run failed:\n{''.join(lines)[-3000:]}")
     result = {f"{p}_peak_rss_MiB": {r: round(v[r]) for r in sorted(v)} for p, v in peak.items()}
-    return {**result, "wall_s": round(time.perf_counter() - start, 1)}
+    return {**result, "setup_s": round(setup_s[0], 1), "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:
@@ -168,7 +170,7 @@ def main() -> None:
         return
     print(f"{args.processes} processes, {result['llm']} + {args.vision} tower, stage 1, one step")
     for layout, run in runs.items():
-        print(f"  {layout} ({run['wall_s']} s), peak resident memory:")
+        print(f"  {layout} (set up in {run['setup_s']} s of {run['wall_s']} s), peak resident memory:")
         for phase in ("setup", "training"):
             peaks = ", ".join(f"rank {r} {mib} MiB" for r, mib in run[f"{phase}_peak_rss_MiB"].items())
             print(f"    {phase:9} {peaks}")
