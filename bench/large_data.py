@@ -26,6 +26,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,40 +78,61 @@ def write_records(path: Path, n: int, with_images: int, llava_only: bool = False
             f.write(json.dumps(record) + "\n")
 
 
-def _peak_rss_mib(pid: int) -> float:
-    """The largest peak RSS so far (VmHWM) of the process and its descendants (a launcher's workers)."""
+def peak_rss_mib(pid: int) -> dict[str, float]:
+    """The peak RSS so far (VmHWM) of a process and of each of its descendants (a launcher's workers, of
+    any of its threads), in MiB, named "rank N" for a process launched with a RANK, else "pid N"; {} for
+    a process gone meanwhile."""
+    proc = Path(f"/proc/{pid}")
     try:
-        status = Path(f"/proc/{pid}/status").read_text().splitlines()
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:  # gone meanwhile
-        return 0.0
-    own = next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), 0.0)
-    return max([own, *(_peak_rss_mib(int(child)) for child in children)])
+        status = (proc / "status").read_text().splitlines()
+        ranks = [e[5:].decode() for e in (proc / "environ").read_bytes().split(b"\0") if e.startswith(b"RANK=")]
+        children = [int(c) for t in (proc / "task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return {}
+    name = f"rank {ranks[0]}" if ranks else f"pid {pid}"
+    peaks = {name: next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), 0.0)}
+    for child in children:
+        peaks |= peak_rss_mib(child)
+    return peaks
+
+
+def train_run(cmd: list[str], env: dict) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """Run a `genieblue train` command (under a launcher or not) to its end: (seconds to its first step,
+    to its end, the peak RSS of each of its processes by its first step, and by its end: `peak_rss_mib`).
+    The trainer prints its plan ("... samples in ... rows") as its first step begins: the model built
+    and placed, the data read, checked, measured and packed. Peaks are sampled every 0.1 s."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ready, ready_peaks, end_peaks, lines = [], {}, {}, []
+
+    def sample() -> None:
+        while proc.poll() is None:
+            end_peaks.update(peak_rss_mib(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for line in proc.stderr:
+        lines.append(line)
+        if not ready and " samples in " in line:
+            ready.append(time.perf_counter() - start)
+            ready_peaks = peak_rss_mib(proc.pid)
+    proc.wait()
+    sampler.join()
+    if proc.returncode or not ready:
+        raise SystemExit(f"training failed ({proc.returncode}):\n{''.join(lines)[-3000:]}")
+    return ready[0], time.perf_counter() - start, ready_peaks, end_peaks
 
 
 def _train(config: Path, env: dict, processes: int) -> tuple[float, float, float]:
     """One `genieblue train -c config` in a subprocess (under torch's launcher for several processes):
     (seconds to its first step, to its end, largest peak RSS of a process in MiB by its first step)."""
-    start = time.perf_counter()
     launch = (
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
     )
-    proc = subprocess.Popen(
-        [sys.executable, *launch, "-m", "genieblue.cli", "train", "-c", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    ready, ready_rss, lines = None, None, []
-    for line in proc.stderr:  # the trainer prints its plan ("... samples in ... rows") as the first step begins
-        lines.append(line)
-        if ready is None and " samples in " in line:
-            ready, ready_rss = time.perf_counter() - start, _peak_rss_mib(proc.pid)
-    proc.wait()
-    if proc.returncode or ready is None:
-        raise SystemExit(f"training failed ({proc.returncode}):\n{''.join(lines)[-3000:]}")
-    return ready, time.perf_counter() - start, ready_rss
+    cmd = [sys.executable, *launch, "-m", "genieblue.cli", "train", "-c", str(config)]
+    ready, end, ready_peaks, _ = train_run(cmd, env)
+    return ready, end, max(ready_peaks.values(), default=0.0)
 
 
 def _private_scans(folder: Path) -> Path:

@@ -14,10 +14,11 @@ the paper's SigLIP-so400m shape, built fresh), then runs one step of `genieblue 
     FSDP2, rank 0 reads      the same with --fsdp_cpu_ram_efficient_loading true
 
 (FSDP2 without a GPU with `--fsdp_sync_module_states false`, which accelerate refuses there), each on
-`--processes` processes, sampling every process's resident memory (VmRSS, /proc) every 0.1 s. Prints
-each rank's peak while the run sets up (builds, places or shards and fills the model, reads the data)
-and while it trains, and the run's wall time. On a GPU machine the setup's is the host's peak
-(training memory is the GPU's); on CPUs the training step's memory is host memory too.
+`--processes` processes (`large_data.train_run`). Prints each rank's peak resident memory (VmHWM,
+/proc) by the run's first step, that is while it set up (built, placed or sharded and filled the
+model, read the data), and by its end; the seconds to its first step and its wall time. On a GPU
+machine the setup's is the host's peak (training memory is the GPU's); on CPUs the training step's
+memory is host memory too.
 
     python bench/train_memory.py [--shape qwen2.5-0.5b] [--vision resnet|siglip-so400m] [--processes 2] [--json]
 """
@@ -27,15 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
 import yaml
+from large_data import train_run
 from load import SHAPES, TOWERS
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -47,40 +46,6 @@ from genieblue.model.sources import resolve_llm
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch")
 LAYOUTS = ("DDP", "FSDP2, every rank reads", "FSDP2, rank 0 reads")
-
-
-def _rank_of(pid: int) -> int | None:
-    """The RANK a process was launched with (a training process), else None."""
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
-    return ranks[0] if ranks else None
-
-
-def _descendants(root: int) -> list[int]:
-    children, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                found = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            children += found
-            frontier += found
-    return children
-
-
-def _rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def launch_command(layout: str, config: Path, processes: int) -> list[str]:
@@ -100,36 +65,18 @@ def launch_command(layout: str, config: Path, processes: int) -> list[str]:
 
 
 def measure(layout: str, config: Path, processes: int, out: Path) -> dict:
-    """Peak resident MiB per rank while the run sets up (the model built, placed or sharded and given its
-    weights; the data read) and while it trains (from the trainer's header line on), and its wall seconds."""
+    """Peak resident MiB per rank by the run's first step (the model built, placed or sharded and given
+    its weights; the data read) and by its end, the seconds to its first step and its wall seconds."""
     cli = ["-m", "genieblue.cli", "train", "-c", str(config), "--max-steps", "1", "--output-dir", str(out)]
-    cmd = [*launch_command(layout, config, processes), *cli]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    start, peak, lines, training = time.perf_counter(), {"setup": {}, "training": {}}, [], threading.Event()
-    setup_s = []
-    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def read_stderr() -> None:
-        for line in launcher.stderr:
-            lines.append(line)
-            if "trainable" in line and not training.is_set():  # the header: the model placed, the data read
-                setup_s.append(time.perf_counter() - start)
-                training.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    while launcher.poll() is None:
-        phase = peak["training" if training.is_set() else "setup"]
-        for pid in _descendants(launcher.pid):
-            rank = _rank_of(pid)
-            if rank is not None:
-                phase[rank] = max(phase.get(rank, 0.0), _rss_mib(pid))
-        time.sleep(0.1)
-    reader.join()
-    if launcher.returncode:
-        raise SystemExit(f"the run failed:\n{''.join(lines)[-3000:]}")
-    result = {f"{p}_peak_rss_MiB": {r: round(v[r]) for r in sorted(v)} for p, v in peak.items()}
-    return {**result, "setup_s": round(setup_s[0], 1), "wall_s": round(time.perf_counter() - start, 1)}
+    setup_s, wall_s, ready, end = train_run([*launch_command(layout, config, processes), *cli], env)
+    by_rank = lambda peaks: {int(k[5:]): round(v) for k, v in peaks.items() if k.startswith("rank ")}  # noqa: E731
+    return {
+        "setup_peak_rss_MiB": dict(sorted(by_rank(ready).items())),
+        "run_peak_rss_MiB": dict(sorted(by_rank(end).items())),
+        "setup_s": round(setup_s, 1),
+        "wall_s": round(wall_s, 1),
+    }
 
 
 def main() -> None:
@@ -171,9 +118,9 @@ def main() -> None:
     print(f"{args.processes} processes, {result['llm']} + {args.vision} tower, stage 1, one step")
     for layout, run in runs.items():
         print(f"  {layout} (set up in {run['setup_s']} s of {run['wall_s']} s), peak resident memory:")
-        for phase in ("setup", "training"):
+        for phase, label in (("setup", "by its first step"), ("run", "by its end")):
             peaks = ", ".join(f"rank {r} {mib} MiB" for r, mib in run[f"{phase}_peak_rss_MiB"].items())
-            print(f"    {phase:9} {peaks}")
+            print(f"    {label:17} {peaks}")
 
 
 if __name__ == "__main__":

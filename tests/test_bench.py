@@ -197,6 +197,6 @@ def test_train_memory_bench_samples_every_rank_in_each_layout(tmp_path):
     runs = json.loads(done.stdout)["layouts"]
     assert list(runs) == ["DDP", "FSDP2, every rank reads", "FSDP2, rank 0 reads"]
     for run in runs.values():
-        for phase in ("setup", "training"):
+        for phase in ("setup", "run"):
             peaks = run[f"{phase}_peak_rss_MiB"]
             assert set(peaks) == {"0", "1"} and all(mib > 100 for mib in peaks.values()), run  # torch alone is more
