@@ -68,7 +68,7 @@ class BadDataError(RuntimeError):
 class PreparedData:
     samples: MixtureSamples
     bad: list[dict] = field(default_factory=list)  # {"id", "reason"}
-    total: int = 0
+    total: int = 0  # records the data files hold, usable or not, drawn by the ratios or not
 
 
 def _check_attention(cfg: TrainConfig, device: torch.device) -> None:
@@ -137,7 +137,7 @@ def prepare_data(
         progress.remove_task(task)
     mixture = samples.mixture
     bad = [{"id": b.record_id, "reason": b.reason} for b in mixture.bad]
-    return PreparedData(samples, bad, total=mixture.unique + len(mixture.bad))
+    return PreparedData(samples, bad, total=mixture.scanned)  # every record read, drawn or not
 
 
 def _check_writable(folder: Path) -> None:
