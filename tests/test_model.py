@@ -309,6 +309,10 @@ def test_pretrained_backbone_folder_loads_its_weights(base_dirs, tmp_path):
             tower.encode(pixels), reference(pixels).feature_maps[-1].flatten(2).transpose(1, 2), atol=1e-6
         )
     assert tower.tokens_per_tile == 4  # the default 2x2 downsampler over the 4x4 cells
+    folder = str(tmp_path / "resnet")  # a pretrained tower's downsample comes from from_base's argument
+    assert GenieBlue.from_base(base_dirs["llama"], vision=folder, downsample=1).vision.tokens_per_tile == 16
+    with pytest.raises(ValueError, match=r"4x4 token grid cannot be downsampled by 3: pass a downsample that divides"):
+        GenieBlue.from_base(base_dirs["llama"], vision=folder, downsample=3)
 
 
 def test_unknown_vision_type_lists_the_choices(base_dirs):

@@ -84,7 +84,10 @@ class VisionTower(nn.Module):
             vit.train(was_training)
             channels, side = grid.feature_maps[-1].shape[1], grid.feature_maps[-1].shape[-1]
         if side % downsample:
-            raise ValueError(f"a {side}x{side} token grid cannot be downsampled by {downsample}")
+            raise ValueError(
+                f"the tower's {side}x{side} token grid cannot be downsampled by {downsample}: pass a downsample that "
+                f"divides {side} (from_base(downsample=...), `vision_downsample:` in a training config; 1: none)"
+            )
         self.tokens_per_tile = (side // downsample) ** 2
         width = channels * downsample * downsample
         self.mixer = TokenMixer(self.tokens_per_tile).to(vit.dtype) if mix_tokens else None
