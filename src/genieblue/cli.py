@@ -640,7 +640,7 @@ def bench_deploy(
     new_tokens: int = typer.Option(32, help="Tokens decoded greedily per measurement."),
     threads: int | None = typer.Option(None, help="onnxruntime threads (default: one per core)."),
     repeats: int = typer.Option(
-        3, help="Runs per worker process (load, ViT, prefill: the best run; decode: every step counts)."
+        3, help="Runs per worker process (ViT, prefill: the best run; load: once a worker; decode: every step counts)."
     ),
     rounds: int = typer.Option(
         2, help="Rounds of worker processes: text mode, image mode, then both modes' decode steps interleaved."

@@ -30,7 +30,8 @@ class TrainConfig:
     # model
     llm: str | None = None  # None: the built-in SmolLM2-135M-Instruct
     vision: str | dict | None = None  # None: the demo's small from-scratch ResNet (model.DEFAULT_VISION)
-    # tokens merged per side into one image token (None: a `vision` dict's `downsample`, else 2; an odd grid needs 1)
+    # tokens merged per side into one image token (None: a `vision` dict's `downsample`, 1 for the default tower's,
+    # else 2; an odd grid needs 1)
     vision_downsample: int | None = None
     strategy: str = "genieblue-skip"
     fraction: float = 0.25
