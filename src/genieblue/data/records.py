@@ -502,11 +502,6 @@ class DataMixture:
         scan.starts, scan.ends = file.spans
         return scan
 
-    @property
-    def unique(self) -> int:
-        """How many different usable records the drawn list holds."""
-        return len(set(self._order))
-
     def __len__(self) -> int:
         return len(self._order)
 
