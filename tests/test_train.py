@@ -9,6 +9,7 @@ one), so CPU float results of different processes can be compared bit for bit.""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -1096,6 +1097,20 @@ def test_one_stage_1_starts_another_strategys_stage_2_and_a_stage_2_folder_does_
     )
     with pytest.raises(ValueError, match="beyond stage 1"):
         build_model(again)
+    # LoRA settings a full copy does not have do not make it another strategy
+    assert build_model(dataclasses.replace(full, init_from=str(second), lora_rank=4)).strategy.name == "full"
+
+    # the config's own settings of the folder's strategy: honoured from a stage-1 folder ...
+    rank4 = dataclasses.replace(full, strategy="genieblue-skip", lora_rank=4, output_dir=str(tmp_path / "r4"))
+    assert build_model(rank4).strategy.lora_rank == 4  # (not the stage-1 folder's 8)
+    third = Trainer(rank4).run()
+    # ... and from a stage-2 folder the same settings continue it, other settings are refused
+    continued = build_model(dataclasses.replace(rank4, init_from=str(third)))
+    trained = GenieBlueForConditionalGeneration.from_pretrained(third, llm=chat_base)
+    mine, theirs = continued.state_dict(), trained.state_dict()
+    assert continued.strategy.lora_rank == 4 and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    with pytest.raises(ValueError, match=r"beyond stage 1 as name genieblue-skip, fraction 0.25, lora_rank 4, "):
+        build_model(dataclasses.replace(rank4, init_from=str(third), lora_rank=8))
 
 
 def test_stage0_record_batches_encode_the_samples_batch_by_batch(chat_base, synth_data):

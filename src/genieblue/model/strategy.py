@@ -75,6 +75,16 @@ class Strategy:
         chosen = set(self.block_indices(num_layers))
         return [i for i in range(num_layers) if i not in chosen]
 
+    def settings(self) -> dict:
+        """What shapes this strategy's LLM delta: its name, the fraction where some blocks are copied or
+        given experts, and LoRA's rank and alpha where there is LoRA (not `full`)."""
+        shape = {"name": self.name}
+        if self.family in ("genieblue", "cogvlm"):
+            shape["fraction"] = self.fraction
+        if self.family != "full":
+            shape.update(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+        return shape
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)

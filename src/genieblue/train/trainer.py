@@ -96,20 +96,22 @@ def build_model(cfg: TrainConfig, weights: bool = True) -> GenieBlueForCondition
         )
     else:
         folder = check_model_folder(cfg.init_from)
-        saved = json.loads((folder / MANIFEST).read_text())["strategy"]["name"]
-        if saved != cfg.strategy:
+        saved = Strategy(**json.loads((folder / MANIFEST).read_text())["strategy"])
+        another = saved.settings() != strategy.settings()
+        if another:
             # a stage-1 folder (LLM delta untrained) may start any strategy's stage 2: tower and connector only
             record = folder / TRAINING
             stages = json.loads(record.read_text())["stages"] if record.is_file() else None
             if stages is None or any(s["stage"] != 1 for s in stages):
+                said = lambda s: ", ".join(f"{k} {v}" for k, v in s.settings().items())  # noqa: E731
                 raise ValueError(
-                    f"init_from {cfg.init_from} was trained beyond stage 1 with strategy {saved}; "
-                    f"the config asks {cfg.strategy} (only a stage-1 folder can start another strategy)"
+                    f"init_from {cfg.init_from} was trained beyond stage 1 as {said(saved)}; the config asks "
+                    f"{said(strategy)} (only a stage-1 folder can start another strategy or other settings of it)"
                 )
         model = GenieBlueForConditionalGeneration.from_pretrained(
             folder,
             llm=cfg.llm,
-            strategy=strategy if saved != cfg.strategy else None,
+            strategy=strategy if another else None,
             device="cpu",
             dtype=torch.float32,
             weights=weights,
