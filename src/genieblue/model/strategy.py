@@ -2,7 +2,7 @@
 and where LoRA goes.
 
 Block choice for `n` decoder blocks and `fraction` f (default 1/4), with step = round(1/f) and
-k = n // step chosen blocks:
+k = max(1, n // step) chosen blocks:
   * skip: blocks step-1, 2*step-1, ... (every 4th block, e.g. 3, 7, 11, ... for f = 1/4)
   * pre:  blocks 0 .. k-1 (the first quarter)
   * post: blocks n-k .. n-1 (the last quarter)
