@@ -743,6 +743,33 @@ def test_bad_records_are_skipped_and_reported(tmp_path, chat_base, synth_data, b
         assert re.search(BAD[row["id"]], row["reason"]), row
 
 
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("stage: 1\nlora_rnak: 4\n", r"unknown keys 'lora_rnak' \(did you mean 'lora_rank'\?\)"),
+        ("- stage: 1\n", r"not valid YAML at line 2: expected <block end>"),
+        ("stage: 1\n", r"the config names no data: add `data: \[\{path: train.json\}\]`"),
+        ("data: train.json\n", r"data: lists sources such as .*; got 'train.json'"),
+        ("data: [train.json]\n", r"data: lists sources such as .*; got 'train.json' in it"),
+        ("data: [{path: train.json, ration: 2}]\n", r"unknown keys 'ration' \(did you mean 'ratio'\?\)"),
+        ("stage: 3\ndata: [{path: train.json}]\n", r"stage must be 1 or 2, got 3"),
+        ("data: [{path: none.json}]\n", r"data file not found: \S*none.json \(a config's data paths are relative"),
+        ("data: [{path: train.json, image_folder: no-such}]\n", r"image folder not found: \S*no-such"),
+    ],
+)
+def test_a_config_mistake_is_one_line_before_any_weight_is_read(tmp_path, text, says):
+    """Each names the file and what to write instead; the base named is not there, so an error about it
+    would mean the config was checked too late."""
+    (tmp_path / "train.json").write_text("[]")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"llm: {tmp_path / 'no-such-base'}\n{text}")
+    result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(says, errors[0]), result.output
+    assert "Traceback" not in result.output and "no-such-base" not in result.output
+
+
 def test_too_many_bad_records_stop_training(tmp_path, chat_base, synth_data, bad_data):
     """The share of bad records is over every record the files hold, also those the ratios leave undrawn
     (the text file's ratio draws 5 of its 8 records here)."""

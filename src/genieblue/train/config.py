@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from difflib import get_close_matches
 from pathlib import Path
 
 import yaml
@@ -84,7 +85,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        self.data = [d if isinstance(d, DataSource) else DataSource(**d) for d in self.data]
+        self.data = _sources(self.data)
         self.betas = tuple(self.betas)
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
@@ -102,23 +103,63 @@ class TrainConfig:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: a key that is not a field (the message lists the known ones), or a value
-                `TrainConfig` refuses.
+            ValueError: not YAML, not a mapping, a key that is not a field (the message lists the known
+                ones and the likely typo), or a value `TrainConfig` refuses.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ValueError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config is a mapping of keys to values, such as `stage: 1`")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"{path}: unknown keys {_with_guesses(unknown, known)}; known keys: {sorted(known)}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        for source in raw.get("data", []):  # data paths are relative to the config file
+        try:
+            config = cls(**raw)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        for source in config.data:  # data paths are relative to the config file
             for key in ("path", "image_folder"):
-                if source.get(key) and not Path(source[key]).is_absolute():
-                    source[key] = str((path.parent / source[key]).resolve())
-        return cls(**raw)
+                value = getattr(source, key)
+                if value and not Path(value).is_absolute():
+                    setattr(source, key, str((path.parent / value).resolve()))
+        return config
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _sources(data) -> list[DataSource]:
+    """`data:` as DataSources; a one-line ValueError for anything else."""
+    example = "data: lists sources such as `data: [{path: train.json, ratio: 1}]`"
+    if data is None:
+        return []
+    if not isinstance(data, (list, tuple)):
+        raise ValueError(f"{example}; got {data!r}")
+    known = [f.name for f in fields(DataSource)]
+    sources = []
+    for entry in data:
+        if not isinstance(entry, DataSource):
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise ValueError(f"{example}; got {entry!r} in it")
+            unknown = sorted(set(entry) - set(known))
+            if unknown:
+                guessed = _with_guesses(unknown, known)
+                raise ValueError(f"data: unknown keys {guessed} in {entry!r}; a source has {known}")
+            entry = DataSource(**entry)
+        sources.append(entry)
+    return sources
+
+
+def _with_guesses(unknown: list[str], known) -> str:
+    """`unknown` keys, each with the known key it is likely a typo of."""
+    guesses = {k: get_close_matches(k, known, n=1) for k in unknown}
+    return ", ".join(repr(k) + (f" (did you mean {g[0]!r}?)" if g else "") for k, g in guesses.items())

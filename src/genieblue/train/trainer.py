@@ -71,6 +71,18 @@ class PreparedData:
     total: int = 0  # records the data files hold, usable or not, drawn by the ratios or not
 
 
+def _check_data(cfg: TrainConfig) -> None:
+    """Refuse, before any model is read, a config without data or naming a file or folder that is not there."""
+    if not cfg.data:
+        raise ValueError("the config names no data: add `data: [{path: train.json}]`")
+    where = "(a config's data paths are relative to the config file)"
+    for source in cfg.data:
+        if not Path(source.path).is_file():
+            raise FileNotFoundError(f"data file not found: {source.path} {where}")
+        if source.image_folder is not None and not Path(source.image_folder).is_dir():
+            raise FileNotFoundError(f"image folder not found: {source.image_folder} {where}")
+
+
 def _check_attention(cfg: TrainConfig, device: torch.device) -> None:
     """Refuse, before any work, an attention implementation that cannot train this config's packed rows."""
     impl = cfg.attn_implementation or ""
@@ -129,8 +141,6 @@ def prepare_data(
     source, mostly estimated: see `data.lengths`; no pixel decoded: samples are encoded when a step
     asks for them); unusable ones are skipped and listed, never fatal alone. `share` (part, parts):
     this process's part of a data file read for the first time by `parts` processes together."""
-    if not cfg.data:
-        raise ValueError("the config names no data: add `data: [{path: train.json}]`")
     sources = [Source(d.path, d.ratio, d.image_folder) for d in cfg.data]
     task = progress.add_task("reading data", total=None, status="") if progress else None
     advance = (lambda n: progress.advance(task, n)) if progress else None  # noqa: E731
@@ -244,14 +254,17 @@ class Trainer:
             the stage-1 records (the demo draws freshly generated images).
 
     Raises:
-        ValueError: a distributed mode the trainer cannot save in (FSDP1, DeepSpeed, ...), an
-            output_dir that cannot be written, and, from `run()`, a config without usable data.
+        ValueError: a config without data, a distributed mode the trainer cannot save in (FSDP1,
+            DeepSpeed, ...), an output_dir that cannot be written, and, from `run()`, data without
+            usable records.
+        FileNotFoundError: a data file or image folder that is not there.
     """
 
     def __init__(self, cfg: TrainConfig, console: Console | None = None, stage0_source=None):
         self.cfg = cfg
         self.stage0_source = stage0_source
         self.console = console or Console(stderr=True)
+        _check_data(cfg)
         device = resolve_device(cfg.device)
         _check_attention(cfg, device)
         self.precision = precision = _precision(cfg.precision, device)
