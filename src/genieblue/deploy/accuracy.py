@@ -17,7 +17,7 @@ from ..eval.text import PASSAGES, perplexity, text_qa
 from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
 from . import activations as activations_setting
-from .onnx_export import quantize
+from .onnx_export import EXPORT_PLACEMENT, quantize
 from .runtime import DeployedModel
 
 QUESTIONS = [
@@ -152,8 +152,8 @@ def deployment_cost(
         BadRecord: a record of `vqa` is unusable.
     """
     manifest = DeployedModel(folder).manifest
-    reference, processor = load_model_and_processor(model_dir, llm)
-    quantized = load_model_and_processor(model_dir, llm)[0]
+    reference, processor = load_model_and_processor(model_dir, llm, *EXPORT_PLACEMENT)
+    quantized = load_model_and_processor(model_dir, llm, *EXPORT_PLACEMENT)[0]
     scheme = manifest["quantization"] or {}
     quantize(quantized, llm, keep_gguf=bool(scheme.get("gguf")), copy_bits=scheme.get("copy_bits") or 4)
     prompts = probe_prompts(processor)

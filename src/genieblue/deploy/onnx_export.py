@@ -58,6 +58,9 @@ from .runtime import MANIFEST, SHARED_BUFFER, TOKENIZER, kv_names
 
 OPSET = 18
 PRECISIONS = ("w4a16", "fp32")
+EXPORT_PLACEMENT = ("cpu", torch.float32)
+"""Where an export (and `bench deploy`'s float reference) loads the model, a GPU visible or not: its
+quantisation and tracing read float32 weights on the CPU."""
 GRAPHS = {"text": "text.onnx", "image": "image.onnx", "vision": "vision.onnx"}
 BASE_DATA, DELTA_DATA = "base.onnx.data", "delta.onnx.data"
 INLINE_BYTES = 128
@@ -444,7 +447,7 @@ def export_saved_model(
     activations_setting.check(activations, precision)
     if copy_bits not in (4, 8):
         raise ValueError(f"block copies quantise to 4 or 8 bits, not {copy_bits}")
-    model, processor = load_model_and_processor(model_dir, llm)
+    model, processor = load_model_and_processor(model_dir, llm, *EXPORT_PLACEMENT)
     quantization = quantize(model, llm, keep_gguf, copy_bits) if precision == "w4a16" else None
     eos = eos_token_ids(model.llm, processor.tokenizer)
     return export_onnx(model, out, single_tile, eos, quantization, processor, activations)
