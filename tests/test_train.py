@@ -943,9 +943,15 @@ def test_a_text_only_micro_batch_touches_every_trainable_parameter(chat_base, sy
     assert any(torch.count_nonzero(p.grad) for n, p in trainable.items() if n.startswith("vision."))
 
 
-def test_param_groups_vit_layer_decay_and_weight_decay(chat_base):
-    model = GenieBlueForConditionalGeneration.from_base(chat_base, TINY_SIGLIP)
-    lr, L = 1e-3, TINY_SIGLIP["num_hidden_layers"]
+TINY_DINOV2 = dict(  # an AutoBackbone whose config has layers but no stages (`depths`)
+    TINY_SIGLIP, model_type="dinov2", out_features=["stage2"], downsample=2
+)
+
+
+@pytest.mark.parametrize("tower", [TINY_SIGLIP, TINY_DINOV2], ids=["siglip", "dinov2-backbone"])
+def test_param_groups_vit_layer_decay_and_weight_decay(chat_base, tower):
+    model = GenieBlueForConditionalGeneration.from_base(chat_base, tower)
+    lr, L = 1e-3, tower["num_hidden_layers"]
     cfg = TrainConfig(llm=chat_base, lr=lr, vit_layer_decay=0.9, weight_decay=0.05)
     groups = param_groups(model, cfg)
     where = {id(p): g for g in groups for p in g["params"]}
@@ -955,7 +961,7 @@ def test_param_groups_vit_layer_decay_and_weight_decay(chat_base):
     for name, p in trainable.items():
         group = where[id(p)]
         assert group["weight_decay"] == (0.0 if p.ndim == 1 else 0.05), name
-        block = re.search(r"^vision\.vit\..*\.layers\.(\d+)\.", name)
+        block = re.search(r"^vision\.vit\..*\.layers?\.(\d+)\.", name)
         if block:
             i = int(block.group(1))
             assert group["lr"] == pytest.approx(lr * 0.9 ** (L - i)), name

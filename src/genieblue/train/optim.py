@@ -1,6 +1,6 @@
 """Optimiser and schedule of the paper: AdamW (0.9/0.98, eps 1e-6, wd 0.05), cosine decay after a 1%
 warm-up, and layer-wise learning-rate decay (0.9) over the vision encoder's blocks (a ViT's layers,
-a backbone's stages)."""
+a backbone's stages or layers, counted from its parameter names)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..model import GenieBlueForConditionalGeneration
 from .config import TrainConfig
 
-_VIT_LAYER = re.compile(r"\.(?:layers|stages)\.(\d+)\.")
+_VIT_LAYER = re.compile(r"\.(?:layers?|stages)\.(\d+)\.")  # SigLIP / CLIP / Swin, DINOv2, ResNet / ConvNeXt
 
 
 def _vit_depth(name: str, num_layers: int) -> int:
@@ -25,10 +25,14 @@ def _vit_depth(name: str, num_layers: int) -> int:
     return 0 if "embeddings" in name or "embedder" in name else num_layers + 1
 
 
+def _encoder_blocks(names) -> int:
+    """How many blocks (a ViT's layers, a backbone's stages) the encoder's parameter names number."""
+    return 1 + max((int(m.group(1)) for n in names if (m := _VIT_LAYER.search(n))), default=-1)
+
+
 def param_groups(model: GenieBlueForConditionalGeneration, cfg: TrainConfig) -> list[dict]:
     """Trainable parameters grouped by learning rate and weight decay (none for biases and norms)."""
-    config = model.vision.vit.config
-    num_vit = config.num_hidden_layers if model.vision.is_vit else len(config.depths)
+    num_vit = _encoder_blocks(n for n, _ in model.named_parameters() if n.startswith("vision.vit."))
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
