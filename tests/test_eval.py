@@ -372,6 +372,10 @@ def test_mm_benchmarks_from_jsonl_and_tsv_score_resume_and_skip_bad_rows(models,
     _drop(cache, 6, lambda row: row["id"].startswith("both/"))
     assert _cli(*args)["table"] == table
     assert len(cache.read_text().splitlines()) == lines
+    # other settings are another run: nothing of the cache is read back for them
+    _cli(*args, "--max-new-tokens", "5")
+    assert len(cache.read_text().splitlines()) == 2 * lines
+    assert {r["settings"]["max_new_tokens"] for r in _cache_rows(cache)} == {"5", "8"}  # (the args say 8)
 
 
 def test_mm_errors_are_one_line(models, tmp_path):

@@ -355,8 +355,9 @@ def serve(
 eval_app = typer.Typer(
     help="Retention tables on real benchmarks: lm-eval text tasks, VQA benchmarks from local files, judged "
     "chat. Each writes OUT/<kind>.md, .json and .png and caches finished items in OUT/<kind>.cache.jsonl, "
-    "so running the same command again after an interruption resumes, and adds its table to the model's card "
-    "(MODEL/README.md).",
+    "so running the same command again after an interruption resumes (with other --device, --dtype, --llm or "
+    "--max-new-tokens every item runs again), and adds its table to the model's card (MODEL/README.md, "
+    "MODEL/evals.json).",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval", short_help="Retention tables: lm-eval text tasks, VQA benchmarks, judged chat.")

@@ -1,6 +1,8 @@
 """The resume cache every eval shares: each finished item is appended to a JSONL file as one line
-{"model", "path", "id", "result"}, so a rerun of an interrupted eval skips what is done. A line cut
-short by a kill is ignored (and the next append starts on a fresh line)."""
+{"model", "path", "settings", "id", "result"}, so a rerun of an interrupted eval skips what is done.
+A row counts only for the same model, text path and settings (device, dtype, base, reply length:
+what shapes a result), so a rerun with other settings computes afresh. A line cut short by a kill
+is ignored (and the next append starts on a fresh line)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from pathlib import Path
 
 
 class ResultCache:
-    """Finished items of one (model, path) pair, read from and appended to `file`."""
+    """Finished items of one (model, path, settings), read from and appended to `file`. `settings`
+    values are compared as strings (a torch dtype as its name)."""
 
-    def __init__(self, file: str | os.PathLike, model: str, path: str):
+    def __init__(self, file: str | os.PathLike, model: str, path: str, settings: dict | None = None):
         self.file, self.model, self.path = Path(file), str(model), path
+        self.settings = {k: str(v).removeprefix("torch.") for k, v in sorted((settings or {}).items())}
         self._done: dict[str, object] = {}
         if not self.file.is_file():
             return
@@ -23,7 +27,7 @@ class ResultCache:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("model") == self.model and row.get("path") == path:
+            if row.get("model") == self.model and row.get("path") == path and row.get("settings", {}) == self.settings:
                 self._done[row["id"]] = row["result"]
         if text and not text.endswith("\n"):
             with self.file.open("a", encoding="utf-8") as f:
@@ -39,7 +43,8 @@ class ResultCache:
         """Record a finished item (appended and flushed at once)."""
         self._done[item_id] = result
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"model": self.model, "path": self.path, "id": item_id, "result": result})
+        row = {"model": self.model, "path": self.path, "settings": self.settings, "id": item_id, "result": result}
+        line = json.dumps(row)
         with self.file.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
 

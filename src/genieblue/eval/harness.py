@@ -130,7 +130,8 @@ class GenieBlueLM(HFLM):
         name = None
         if isinstance(pretrained, (str, os.PathLike)):
             name = str(Path(pretrained).resolve()) if Path(pretrained).exists() else str(pretrained)
-            pretrained, tokenizer = _load(str(pretrained), path, llm, *resolve_placement(device, dtype))
+            device, dtype = resolve_placement(device, dtype)
+            pretrained, tokenizer = _load(str(pretrained), path, llm, device, dtype)
         elif device is not None:
             pretrained.to(device)
         if isinstance(pretrained, GenieBlueForConditionalGeneration) == (path == "base"):
@@ -143,7 +144,7 @@ class GenieBlueLM(HFLM):
                 raise ValueError(
                     "resume_cache as a file needs pretrained as a folder; pass a loaded model a ResultCache"
                 )
-            resume_cache = ResultCache(resume_cache, name, path)
+            resume_cache = ResultCache(resume_cache, name, path, {"device": device, "dtype": dtype, "llm": llm})
         self.resume_cache = resume_cache
         if resume_cache is not None:
             self.set_cache_hook(_CacheWriter(resume_cache))

@@ -242,7 +242,8 @@ def evaluate_chat(
     results = {}
     for path in paths:
         name = str(llm or model.base_spec) if path == "base" else str(Path(model_dir).resolve())
-        cache = ResultCache(out / f"{STEM}.cache.jsonl", f"{name} | judge {judge.model}", path)
+        settings = {"device": device, "dtype": dtype, "llm": llm, "max_new_tokens": max_new_tokens}
+        cache = ResultCache(out / f"{STEM}.cache.jsonl", f"{name} | judge {judge.model}", path, settings)
         todo = [q for q in questions if q["id"] not in cache]
         subject = load_llm(llm or model.base_spec, dtype, device) if path == "base" and todo else model
         task = progress.add_task(f"{path}: answer + judge", total=len(todo)) if progress else None

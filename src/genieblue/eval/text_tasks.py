@@ -105,7 +105,7 @@ def evaluate_text(
             tokenizer=tokenizer,
             device=device,
             batch_size=batch_size,
-            resume_cache=ResultCache(cache_file, name, path),
+            resume_cache=ResultCache(cache_file, name, path, {"device": device, "dtype": dtype, "llm": llm}),
         )
         return _headline(simple_evaluate(model=lm, **settings))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from ..loading import load_model_and_processor
+from ..model.placement import resolve_placement
 from .answers import answer_records
 from .cache import ResultCache
 from .report import retention_table, write_report
@@ -96,11 +97,13 @@ def evaluate_mm(
         if not b.items:
             raise ValueError(f"{b.name}: no usable items ({b.n_skipped} skipped: {dict(b.skipped)})")
     out = Path(out)
+    device, dtype = resolve_placement(device, dtype)
+    settings = {"device": device, "dtype": dtype, "llm": llm, "max_new_tokens": max_new_tokens}
     models = {f"{reference} (reference)": reference} if reference else {}
     models[model_dir] = model_dir
     results = {}
     for label, folder in models.items():
-        cache = ResultCache(out / f"{STEM}.cache.jsonl", str(Path(folder).resolve()), ROUTE)
+        cache = ResultCache(out / f"{STEM}.cache.jsonl", str(Path(folder).resolve()), ROUTE, settings)
         _answer(folder, benchmarks, cache, llm, batch_size, max_new_tokens, progress, (device, dtype))
         results[label] = {b.name: _summary(b, cache) for b in benchmarks}
     scores = {label: {b: r["score"] for b, r in per.items()} for label, per in results.items()}
