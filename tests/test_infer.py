@@ -189,6 +189,24 @@ def test_static_cache_decoding_keeps_the_text_path_the_base_decoded_alike(engine
         StaticDecoder(engine.model, "graph")
 
 
+def test_a_shared_base_model_decodes_text_on_its_multimodal_path_in_the_static_decoder_too(model_dir, chat_base):
+    """A model saved with `shared_base` (the paper's ablation) answers text through copies and LoRA in
+    `generate`; the static decoder (a GPU's greedy default) gives the same tokens, not the base's."""
+    model = GenieBlueForConditionalGeneration.from_pretrained(model_dir).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.5)  # (a fresh B is zero: the path would equal the base's)
+    model.shared_base = True
+    processor = GenieBlueProcessor.from_model(model, load_tokenizer(chat_base))
+    batch = collate_prompts([processor.prompt(_user(q)) for q in ("Hello!", "Name a colour.")], 0)
+    run = lambda **kw: model.generate(**batch, do_sample=False, max_new_tokens=N, min_new_tokens=N, **kw)  # noqa: E731
+    shared = run().tolist()
+    assert shared != run(shared_base=False).tolist()
+    assert StaticDecoder(model).generate(**batch, max_new_tokens=N).tolist() == shared
+
+
 def test_an_image_decode_makes_each_lora_weight_once_and_takes_up_changed_weights(model_dir, chat_base, monkeypatch):
     """A decode makes each LoRA group's weights once, not at every step, and on the base the decoder
     shares computes each group's outputs in two products: per LoRA block and step, the ops that launch

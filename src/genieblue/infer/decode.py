@@ -74,9 +74,9 @@ class StaticDecoder:
             if pixel_values is not None:
                 raise ValueError("a plain language model cannot decode images")
             return contextlib.nullcontext(), {"input_ids": input_ids}
-        if pixel_values is None:
-            self.model._text_only(input_ids, None, False)  # refuses image placeholders without pixels
+        if self.model._text_only(input_ids, pixel_values, None):  # (refuses placeholders without pixels)
             return self.model.router.route(image=False), {"input_ids": input_ids}
+        # an image row, or a text row of a model whose text takes the multimodal path (`shared_base`)
         embeds, visual = self.model.embed_multimodal(input_ids, pixel_values)
         route = contextlib.ExitStack()  # the image route, with each LoRA's scaled A made once per decode
         route.enter_context(self.model.router.route(image=True, visual_mask=visual))

@@ -2,8 +2,9 @@
 
 `Engine.submit` encodes a chat request and queues it; a background thread takes every request
 waiting, groups them by route and sampling settings (text-only rows together, image rows together)
-and runs each group as one left-padded `generate` call. Text-only groups run the untouched base
-path, so their greedy tokens equal the base model's on the same padded batch. Each row is followed
+and runs each group as one left-padded batch (`generate`, or for greedy groups on a GPU the static
+decoder). Text-only groups run the untouched base path (the multimodal one for a model saved with
+`shared_base`), so their greedy tokens equal the base model's on the same padded batch. Each row is followed
 token by token (a stopping criterion sees every new token): its own `max_tokens`, stop strings and
 incremental detokenisation, with text deltas handed to the caller as they are produced. At most
 `max_queue` requests wait at a time; `submit` refuses more (`EngineBusy`) instead of holding them.
@@ -252,8 +253,9 @@ class BatchingEngine:
 
 
 class Engine(BatchingEngine):
-    """Routes chat requests through one GenieBlue model: text-only -> the untouched base path,
-    image -> the copies + LoRA path; concurrent requests are batched by route.
+    """Routes chat requests through one GenieBlue model: text-only -> the untouched base path (unless
+    the model was saved with `shared_base`), image -> the copies + LoRA path; concurrent requests are
+    batched by route.
 
     Greedy batches decode with a static KV cache (`decode.StaticDecoder`, `decode` is its mode: by
     default "graph" on a GPU, a CUDA graph per shape); sampled ones, and all of them with
