@@ -138,7 +138,7 @@ def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
     delta = model.delta_state_dict()
     trainable = sum(t.numel() for t in delta.values())
     llm_delta = sum(t.numel() for k, t in delta.items() if not k.startswith("vision."))
-    assert f"| trainable (LLM delta + ViT + projector) | {trainable / 1e6:,.2f}M |" in card
+    assert f"| trainable (LLM delta + ViT + connector) | {trainable / 1e6:,.2f}M |" in card
     assert f"| LLM delta (copies + experts + LoRA) | {llm_delta / 1e6:,.2f}M |" in card
     assert "## Training\n\nNot trained (as built)." in card
     mllm = tmp_path / "mllm"
@@ -211,6 +211,15 @@ def test_the_wrappers_name_the_whole_llm_delta(strategy, base_dirs):
     assert named and named == trainable
     assert named == {k for k in model.delta_state_dict() if not k.startswith("vision.")}
     assert {k: v for k, v in parameter_report(model, measure_disk=False)["params"].items() if k in parts} == parts
+
+
+def test_the_reports_trainable_count_is_what_stage_2_trains(base_dirs):
+    """With a tower that has a token mixer (the demo's kind), which trains with the projector."""
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_RESNET)
+    assert model.vision.mixer is not None
+    model.set_stage(2)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert parameter_report(model, measure_disk=False)["params"]["trainable"] == trained
 
 
 def test_stage_one_trains_only_the_projector(base_dirs):

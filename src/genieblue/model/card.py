@@ -45,8 +45,8 @@ def _parameters(manifest: dict, delta_bytes: int | None) -> list[str]:
         ("LoRA", p["lora"]),
         ("LLM delta (copies + experts + LoRA)", delta),
         ("ViT", p["vit"]),
-        ("projector", p["projector"]),
-        ("trainable (LLM delta + ViT + projector)", p["trainable"]),
+        ("connector (projector, token mixer if any)", p["projector"]),
+        ("trainable (LLM delta + ViT + connector)", p["trainable"]),
     ]
     out = ["| parameters | count |", "|---|---|"] + [
         f"| {name} | {_millions(n)} |" for name, n in rows if n or "LLM" in name

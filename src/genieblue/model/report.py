@@ -24,7 +24,8 @@ def parameter_report(model: nn.Module, measure_disk: bool = True) -> dict:
 
     Returns:
         strategy, base, block and LoRA indices, `params` (base LLM, copies, experts, LoRA, ViT,
-        projector, trainable), trainable and LLM-delta shares of the base, tokens per tile.
+        projector (with the token mixer, if the tower has one: the connector), trainable), trainable
+        and LLM-delta shares of the base, tokens per tile.
     """
     groups = {"copies": 0, "experts": 0, "lora": 0}
     for _, part, child in delta_members(model.llm):
@@ -32,7 +33,7 @@ def parameter_report(model: nn.Module, measure_disk: bool = True) -> dict:
     llm_total = sum(p.numel() for p in model.llm.parameters())
     base = llm_total - sum(groups.values())
     vit = sum(p.numel() for p in model.vision.vit.parameters())
-    projector = sum(p.numel() for p in model.vision.projector.parameters())
+    projector = sum(p.numel() for p in model.vision.connector_parameters())
     trainable = sum(groups.values()) + vit + projector
     n = len(model.llm.model.layers)
     report = {
