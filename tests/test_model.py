@@ -149,6 +149,15 @@ def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
     ):
         assert command in card
     assert not list(tmp_path.glob(".mllm*"))  # written inside the atomic folder
+    assert "a text-only request runs it untouched" in card and "with an image runs the copied blocks" in card
+
+    experts = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP, strategy="cogvlm-skip")
+    experts.shared_base = True
+    experts.save_pretrained(tmp_path / "experts")
+    card = (tmp_path / "experts" / "README.md").read_text()
+    assert "a text-only request runs the same trained path (shared base" in card
+    assert "with an image runs visual experts for the image tokens and LoRA" in card
+    assert "; blocks with visual experts: 3, 7;" in card
 
 
 def test_reload_refuses_a_different_base(base_dirs, tmp_path):

@@ -832,7 +832,7 @@ def test_train_reads_a_llama_factory_file_and_names_what_an_unusable_file_lacks(
     assert "4 samples" in result.output and not (tmp_path / "run" / "bad_records.json").exists()
     assert sorted(_losses(tmp_path / "run")) == [1, 2]
     card = (tmp_path / "run" / "final" / "README.md").read_text()  # the model card says what it was trained on
-    assert "- **stage 2** (vision tower, copies and LoRA): 2 steps, 4 samples per epoch," in card
+    assert "- **stage 2** (tower, connector, LLM delta): 2 steps, 4 samples per epoch," in card
     assert f"final loss {_losses(tmp_path / 'run')[2]:.4f}" in card
     assert f"  - `{data}` (ratio 1): 4 samples in the mixture" in card
 

@@ -12,11 +12,18 @@ from pathlib import Path
 
 from .._io import write_json, write_text
 from .folder import DELTA, MANIFEST, TRAINING
+from .strategy import Strategy
 
 CARD = "README.md"
 EVALS = "evals.json"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _BUILT_IN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the built-in default base (None in the manifest)
+_IMAGE_PATH = {  # what a request with an image runs, per strategy family; and what its chosen blocks get
+    "genieblue": ("the copied blocks and LoRA on the others", "copied blocks"),
+    "cogvlm": ("visual experts for the image tokens and LoRA", "blocks with visual experts"),
+    "lora": ("LoRA on every block", "copied blocks"),
+    "full": ("a trained copy of every block", "copied blocks"),
+}
 
 
 def _read(path: Path):
@@ -65,7 +72,7 @@ def _training(stages: list[dict]) -> list[str]:
     out = []
     for s in stages:
         out.append(
-            f"- **stage {s['stage']}** ({'connector only' if s['stage'] == 1 else 'vision tower, copies and LoRA'}):"
+            f"- **stage {s['stage']}** ({'connector only' if s['stage'] == 1 else 'tower, connector, LLM delta'}):"
             f" {s['steps']:,} steps, {s['samples']:,} samples per epoch, {_count(s['tokens'])} tokens seen, final loss "
             f"{_count(s['final_loss'], '.4f')}; lr {s['lr']:g}, packing {s['max_length']}, precision {s['precision']}"
         )
@@ -100,19 +107,25 @@ def render_card(folder: str | Path, name: str | None = None) -> str:
     base, strategy = manifest["base"], manifest["strategy"]
     blocks = ", ".join(map(str, manifest["block_indices"])) or "none"
     vision = manifest["vision"]["config"]
+    image_path, chosen = _IMAGE_PATH[Strategy(**strategy).family]
+    text_path = (
+        "runs the same trained path (shared base, the paper's ablation)"
+        if manifest["shared_base"]
+        else "runs it untouched (logits bit-identical to the base)"
+    )
     lines = [
         _front_matter(base["llm"]),
         f"# {Path(name).name}: a GenieBlue multimodal model on {base['llm'] or _BUILT_IN}",
         "",
-        "Made with [genieblue](https://arxiv.org/abs/2503.06019): the base LLM is frozen and a text-only request "
-        "runs it untouched (logits bit-identical to the base); a request with an image runs the copied blocks and "
-        "LoRA. This folder holds only the delta and loads onto the base named here.",
+        f"Made with [genieblue](https://arxiv.org/abs/2503.06019): the base LLM is frozen and a text-only request "
+        f"{text_path}; a request with an image runs {image_path}. This folder holds only the delta and loads onto "
+        "the base named here.",
         "",
         "## Model",
         "",
         f"- base LLM: `{base['llm'] or _BUILT_IN}` ({base['model_type']}, {base['num_layers']} blocks), fingerprint "
         f"`{base['fingerprint']}` (loading refuses any other weights)",
-        f"- strategy: `{strategy['name']}`, fraction {strategy['fraction']:g}; copied blocks: {blocks}; LoRA rank "
+        f"- strategy: `{strategy['name']}`, fraction {strategy['fraction']:g}; {chosen}: {blocks}; LoRA rank "
         f"{strategy['lora_rank']} (alpha {strategy['lora_alpha']:g}) on {len(manifest['lora_indices'])} blocks",
         f"- vision: {vision['model_type']} at {manifest['image_size']} px, {manifest['tokens_per_tile']} image tokens "
         f"per tile ({manifest['vision']['downsample']}x{manifest['vision']['downsample']} merge), shared base: "
