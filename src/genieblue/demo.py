@@ -1,7 +1,7 @@
 """`genieblue demo`: the whole method offline on a laptop CPU. It writes the synthetic dataset,
-trains stage 1 and stage 2 of GenieBlue (and any baselines asked for) on the built-in
+trains stages 0, 1 and 2 of GenieBlue (and any baselines asked for) on the built-in
 SmolLM2-135M-Instruct, evaluates per-task accuracy against chance and text retention (logit equality,
-text QA, perplexity: base vs non-shared vs shared path), and writes report.md, report.json and charts.
+text QA, perplexity: base vs non-shared vs shared path), and writes report.md, report.json and a chart.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def image_tiles(source: ImageSource, image_size: int, max_tiles: int = 1, max_pi
 def best_grid(width: int, height: int, image_size: int, max_tiles: int) -> tuple[int, int]:
     """(cols, rows) with cols * rows <= max_tiles whose aspect ratio is closest to the image's.
 
-    Ties go to the larger grid when the image has at least half its pixels (InternVL's rule),
+    Ties go to the larger grid when the image has more than half its pixels (InternVL's rule),
     so a large square photo gets 2x2 tiles while a small one stays at 1x1.
     """
     grids = sorted(

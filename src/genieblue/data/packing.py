@@ -6,7 +6,8 @@ Packed rows carry no attention mask: `position_ids` restart at 0 for every sampl
 causal mask, so packed samples never attend to each other. That detection only runs without a
 KV cache, hence `use_cache=False` in every batch. Each sample's first label is dropped (-100) so the
 loss never asks the last token of one sample to predict the first of the next; the shifted loss of
-a lone sample never used that label either, so the packed loss equals the per-sample token mean.
+a lone sample never used that label either, so the packed loss equals the unpacked samples' loss
+(the same mean over their tokens).
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ class GenieBlueProcessor:
     def encode(self, record: dict, image_folder: str | Path | None = None) -> Sample:
         """A training sample from a record (validated and normalised with `check_record`). Raises
         `BadRecord` for an invalid record or one longer than `max_length` (never truncated), and
-        `ImageError` for an image that cannot be read."""
+        `ImageError` for an image that cannot be read, and `ValueError` for a chat template that
+        renders earlier turns differently once later ones follow (replies cannot be located)."""
         record, messages, text = self._rendered(record, image_folder)
         pixels = [self._pixels(path) for path in record.get("images", [])]
         ids, starts = self._tokenize(text, [len(p) for p in pixels])

@@ -380,7 +380,7 @@ PROGRESS_EVERY = 1024
 
 class DataMixture:
     """Records of several sources, interleaved deterministically (by `seed`) so that each source's
-    share of the list follows its ratio. `size` defaults to the total record count; a source with
+    share of the list follows its ratio. `size` defaults to the number of usable records; a source with
     fewer records than its share is repeated (in reshuffled passes), a larger one subsampled.
 
     Every record is read once to validate it and, with `measure`, to measure it: `measure(checked,
@@ -396,8 +396,8 @@ class DataMixture:
     the processes sharing it).
 
     Raises:
-        ValueError: no source, a negative ratio or ratios summing to zero, or a file that is not
-            valid JSON / JSONL.
+        ValueError: no source, a negative ratio or ratios summing to zero, a file that is not
+            valid JSON / JSONL, or a file without one usable record.
         FileNotFoundError: a source's file does not exist.
     """
 

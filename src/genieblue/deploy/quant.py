@@ -1,5 +1,6 @@
-"""Weight-only quantisation for on-device deployment: W4A16 for the LLM (base and block copies) and
-W8A16 for LoRA and the vision tower's linear layers (encoder, token mixer, projector). Weights are
+"""Weight-only quantisation for on-device deployment: W4A16 for the LLM (base and block copies; the
+copies at 8 bits with `copy_bits=8`; the embedding and LM head at 8 bits) and W8A16 for LoRA and the
+vision tower's linear layers (encoder, token mixer, projector). Weights are
 stored as blocks of `block_size` 4- or 8-bit integers q along the input dimension, each block with a
 float scale s and a zero point z: w = (q - z) * s; activations stay float. z is the implicit
 2^(bits-1) (symmetric), or one per block (asymmetric, packed like q), and a block may add a float

@@ -1,8 +1,9 @@
 """Text retention, measured three ways: exact logit equality with an independently loaded base, a
 small held-out text QA score, and held-out perplexity. Each can run on the base, the non-shared text
 path (the untouched base inside a GenieBlue model) or the shared-base path (text through the delta).
-Every path is prompted as the base's own chat template renders the question (a model's training
-system prompt never applies to text, see `GenieBlueProcessor.prompt`). The QA items and passages
+Text QA prompts every path as the base's own chat template renders the question (a model's training
+system prompt never applies to text, see `GenieBlueProcessor.prompt`); logit equality and perplexity
+read the raw text. The QA items and passages
 below share nothing with the training data's text-only samples."""
 
 from __future__ import annotations

@@ -150,12 +150,13 @@ class GenieBlueForConditionalGeneration(nn.Module):
                 master weights training wants); a torch dtype or a name such as "bfloat16".
             shared_base: send text-only inputs through the multimodal path too (the paper's ablation).
             downsample: merge downsample x downsample tokens into one image token (1: none, for a
-                patch grid of odd side such as SigLIP so400m's 27 x 27 at 384 px).
+                patch grid of odd side such as SigLIP so400m's 27 x 27 at 384 px); None: a vision
+                dict's `downsample`, else 2.
             weights: False builds the structure only (see `_structure_only`).
 
         Raises:
-            ValueError: an unknown strategy, an unsupported LLM or vision architecture, or a token grid
-                the downsampler cannot divide.
+            ValueError: an unknown strategy, an unsupported LLM or vision architecture, a token grid
+                the downsampler cannot divide, or a device / dtype that is not available.
             FileNotFoundError: a missing folder or file, or a base folder without config.json.
         """
         if isinstance(strategy, str):

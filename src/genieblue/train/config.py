@@ -11,7 +11,8 @@ import yaml
 
 @dataclass
 class DataSource:
-    """A LLaVA JSON/JSONL file and its share of the mixture (ratios are normalised)."""
+    """A JSON / JSONL data file (LLaVA, ShareGPT or OpenAI format) and its share of the mixture (ratios are
+    normalised)."""
 
     path: str
     ratio: float = 1.0
@@ -38,7 +39,9 @@ class TrainConfig:
     fraction: float = 0.25
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    init_from: str | None = None  # a saved model folder (e.g. stage 1's output) to continue from
+    # a saved model folder (e.g. stage 1's output) to continue from; only a stage-1 folder may start another
+    # strategy or other settings of it (fraction, lora_rank, lora_alpha)
+    init_from: str | None = None
     # data
     data: list[DataSource] = field(default_factory=list)
     max_tiles: int = 1  # dynamic resolution: up to N tiles + a thumbnail; 1 = single-patch mode
@@ -75,6 +78,7 @@ class TrainConfig:
     # the LLM's attention while training (transformers' names; None: transformers' default, sdpa where the family
     # has it; inference keeps the default): sdpa; flex_attention (a GPU only: a packed row's samples attend within
     # themselves block by block, where sdpa computes the whole row's masked scores); eager; flash_attention_2
+    # (batch_size 1 only)
     attn_implementation: str | None = None
     compile: bool = False  # torch.compile the blocks' attention and MLP on the image path (model.compile_blocks)
     device: str | None = None  # cpu or cuda (None: cuda when present; several processes: one GPU each)

@@ -1,4 +1,5 @@
-"""The training loop: stage 1 / stage 2 on packed LLaVA data through `accelerate` (one process, DDP or
+"""The training loop: stage 0 (before stage 1, when asked), stage 1 and stage 2 on packed records of
+any supported format through `accelerate` (one process, DDP or
 FSDP2: see `distributed`), with resumable atomic checkpoints that every layout writes and reads alike,
 a rich progress bar, a JSONL metrics log, a loss-curve PNG and a bad-data report.
 
@@ -254,9 +255,12 @@ class Trainer:
             the stage-1 records (the demo draws freshly generated images).
 
     Raises:
-        ValueError: a config without data, a distributed mode the trainer cannot save in (FSDP1,
-            DeepSpeed, ...), an output_dir that cannot be written, and, from `run()`, data without
-            usable records.
+        ValueError: a config without data, an unknown device, an attention implementation that
+            cannot train the config's rows, a distributed mode the trainer cannot save in (FSDP1,
+            DeepSpeed, ...); from `run()`: an output_dir that cannot be written, holds another run's
+            checkpoints without `resume` or has no room for a checkpoint and the final model, a
+            `resume` from another model's checkpoint, data without usable records or too few rows
+            for one global batch, and `BadDataError` above `max_bad_fraction`.
         FileNotFoundError: a data file or image folder that is not there.
     """
 
