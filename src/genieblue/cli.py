@@ -18,7 +18,8 @@ from .demo_config import DemoConfig
 from .deploy import activations as activations_setting
 
 app = typer.Typer(
-    help="GenieBlue: give a frozen LLM eyes without costing it a point of language ability.",
+    help="GenieBlue: give a frozen LLM eyes without costing it a point of language ability. Start with "
+    "`genieblue demo`.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -59,8 +60,7 @@ VISION_HELP = (
 
 @app.callback()
 def main():
-    """GenieBlue: train, chat with, serve, evaluate and deploy multimodal LLMs whose text path is
-    the untouched base model. Start with `genieblue demo`."""
+    """The command group (`genieblue --help` shows the Typer's own help above)."""
 
 
 def _vision_arg(vision: str | None):
@@ -110,7 +110,13 @@ def _failures(*more: type[Exception]):
 
 @app.command()
 def info(
-    strategy: list[str] = typer.Option(["genieblue-skip"], "--strategy", "-s", help="Strategy (repeatable)."),
+    strategy: list[str] = typer.Option(
+        ["genieblue-skip"],
+        "--strategy",
+        "-s",
+        help="Strategy (repeatable): genieblue-skip, genieblue-pre, genieblue-post, cogvlm-skip, cogvlm-pre, "
+        "cogvlm-post, lora or full.",
+    ),
     llm: BaseLLM = None,
     vision: str | None = typer.Option(None, help=VISION_HELP),
     as_json: AsJson = False,
@@ -161,11 +167,15 @@ def train(
         None, help="Override max_steps: the run's optimiser steps, in place of epochs (the schedule spans them)."
     ),
 ):
-    """Train stage 1 (the connector: token mixer + projector) or stage 2 (vision encoder + connector +
-    copies + LoRA) on JSON/JSONL in the LLaVA, ShareGPT or OpenAI format (docs/training.md).
+    """Train stage 1 (the connector: token mixer + projector; first stage 0 when the config sets
+    stage0_steps) or stage 2 (vision encoder + connector + copies + LoRA) on JSON/JSONL in the LLaVA,
+    ShareGPT or OpenAI format (docs/training.md). Writes OUTPUT_DIR/final (the model: give it to -m),
+    checkpoints/, metrics.jsonl, loss.png and train_config.json.
 
+    Example: genieblue train -c configs/stage1.yaml (after `genieblue synth data/synth ...`, see synth).
     Multi-process (DDP): `accelerate launch -m genieblue.cli train -c cfg.yaml` on GPUs, or
-    `torchrun --nproc_per_node N -m genieblue.cli train -c cfg.yaml` on CPUs (gloo).
+    `torchrun --nproc_per_node N -m genieblue.cli train -c cfg.yaml` on CPUs (gloo). Sharded (FSDP2):
+    `accelerate launch --config_file configs/accelerate/fsdp-8gpu.yaml -m genieblue.cli train -c cfg.yaml`.
     Interrupted? Run the same command with --resume.
     """
     from .train import BadDataError, TrainConfig, Trainer
@@ -186,7 +196,10 @@ def synth(
 ):
     """Write the built-in synthetic multimodal dataset (colour, shape, count, position, reading,
     bar charts) in LLaVA format, ready for `genieblue train`: train/val/test questions, caption.json
-    (a description of every training image, for stage 1) and text.json (text-only samples to mix in)."""
+    (a description of every training image, for stage 1) and text.json (text-only samples to mix in).
+
+    Example: genieblue synth data/synth --n-train 1200 --n-val 120 --n-test 480 (what configs/stage*.yaml read)
+    """
     from ._io import write_json
     from .data.synthetic import generate_dataset, text_only_samples
 
@@ -196,9 +209,15 @@ def synth(
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
-@app.command(short_help="Train and measure a model on the built-in SmolLM2-135M, offline (8-12 min on 2 CPU cores).")
+@app.command(
+    short_help="Train and measure a model on the built-in SmolLM2-135M, offline (8-12 min on 2 CPU cores with bf16 "
+    "units)."
+)
 def demo(
-    out: str = typer.Option(DemoConfig.out, help="Output folder (data, runs, report.md/json, charts)."),
+    out: str = typer.Option(
+        DemoConfig.out,
+        help="Output folder (data/, runs/, report.md, report.json, accuracy.png; a rerun replaces them).",
+    ),
     compare: str = typer.Option(
         "",
         help="Comma-separated baselines to train on the same data and budget, "
@@ -210,7 +229,7 @@ def demo(
     seeds: int = typer.Option(
         DemoConfig.seeds,
         help="Training seeds per strategy (seed, seed+1, ...) on the same data; with more "
-        "than one the report adds mean +- sd per task and the ratio to full fine-tuning.",
+        "than one the report adds mean +- sd per task and, when --compare includes full, the ratio to it.",
     ),
     stage0_steps: int = typer.Option(
         DemoConfig.stage0_steps,
@@ -220,11 +239,14 @@ def demo(
     stage1_steps: int = typer.Option(
         DemoConfig.stage1_steps, help="Stage-1 optimizer steps (token mixer + projector only)."
     ),
-    stage2_epochs: float = typer.Option(DemoConfig.stage2_epochs, help="Stage-2 epochs over the training questions."),
+    stage2_epochs: float = typer.Option(
+        DemoConfig.stage2_epochs,
+        help="Stage-2 epochs over the mix: the training questions, text-only samples and exercises, each once.",
+    ),
     exercises: int = typer.Option(
         DemoConfig.exercises,
         help="Text-only caption-reading exercises mixed into stage 2 (a caption in words, then a question "
-        "about it), teaching the LLM side to answer from what the tower spells (0: none).",
+        "about it; the position task), teaching the LLM side to answer from what the tower spells (0: none).",
     ),
     full_lr: float = typer.Option(
         DemoConfig.full_lr,
@@ -237,7 +259,7 @@ def demo(
 ):
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
     synthetic data -> stages 0, 1, 2 -> per-task accuracy vs chance, text retention (bit-exact logits,
-    text QA, perplexity) for base vs non-shared vs shared path -> report.md/json + charts. The defaults
+    text QA, perplexity) for base vs non-shared vs shared path -> report.md/json + accuracy.png. The defaults
     take 8-12 minutes on 2 CPU cores with bf16 matrix units (docs/results/). --dtype is the dtype the
     models are evaluated in (against the base loaded in it); training runs in bf16 autocast where the
     device has bf16 units, else float32."""
@@ -275,11 +297,17 @@ def chat(
     image: str | None = typer.Option(None, "--image", "-i", help="Image file to ask about."),
     llm: ManifestLLM = None,
     max_new_tokens: int = typer.Option(128, help="Longest reply."),
-    shared_base: bool = typer.Option(False, help="Send text-only turns through the multimodal path too."),
+    shared_base: bool = typer.Option(
+        False,
+        help="Send text-only turns through the multimodal path too: how a full, lora or cogvlm model deploys "
+        "text, and GenieBlue's shared-base ablation.",
+    ),
     device: Device = None,
     dtype: DType = None,
 ):
-    """Ask a trained model about an image, or chat with it. Text-only turns run the untouched base.
+    """Ask a trained model about an image, or chat with it (greedy replies). Text-only turns run the
+    untouched base until an image is attached; from then on the conversation holds the image and runs the
+    multimodal path (/reset starts over).
 
     Example: genieblue chat -m demo_out/runs/genieblue-skip/stage2/final -i cat.png "What colour is it?"
     """
@@ -323,8 +351,8 @@ def serve(
     dtype: DType = None,
 ):
     """Serve an OpenAI-compatible API: POST /v1/chat/completions (streaming too), GET /v1/models,
-    GET /health. Give -m (a saved model) or --onnx (an export; then --llm, --device and --dtype do not
-    apply). Text-only requests run the untouched base; concurrent requests are batched (with --onnx:
+    GET /health. Give -m (a saved model) or --onnx (an export; with it --llm, --device and --dtype are
+    refused). Text-only requests run the untouched base; concurrent requests are batched (with --onnx:
     the quantised base, one request at a time). As in OpenAI's API, requests sample (temperature 1)
     unless they set temperature 0. Binding a --host other than loopback without --api-key prints a
     warning.
@@ -362,8 +390,9 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval", short_help="Retention tables: lm-eval text tasks, VQA benchmarks, judged chat.")
 EVAL_PATHS_HELP = (
-    "Comma-separated text paths: base (the base LLM loaded on its own), non-shared (the model's "
-    "text path: the untouched base), shared (text through copies + LoRA)."
+    "Comma-separated text paths: base (the base LLM loaded on its own), non-shared (the untouched base "
+    "inside the model: GenieBlue's deployed text path), shared (text through copies + LoRA: a full / lora / "
+    "cogvlm model's deployed text path). Retention is against base, or the first path without it."
 )
 
 
@@ -413,7 +442,10 @@ def eval_text(
     """Run lm-eval tasks on the base, the non-shared and the shared text path (and other checkpoints)
     and print a Table-6-style table: score per task, average and retention vs the base.
 
-    Example: genieblue eval text -m runs/genieblue-skip/stage2/final -t gsm8k,mmlu --compare runs/full/stage2/final
+    Built-in tasks such as gsm8k download their datasets (lm-eval, in the [eval] extra); offline, give
+    task YAMLs over local files with --include-path.
+
+    Example: genieblue eval text -m demo_out/runs/genieblue-skip/stage2/final -t arc_easy --limit 200
 
     lm-eval's own CLI knows the same model as "genieblue":
     python -m genieblue.eval.harness --model genieblue --model_args pretrained=DIR,path=shared --tasks gsm8k
@@ -466,9 +498,10 @@ def eval_mm(
 
     Metrics (picked from the benchmark name, e.g. MMBench_DEV_EN -> mc, or given as NAME:METRIC=FILE):
     mc (AI2D, ScienceQA, MMBench: option extracted from free text), vqa (TextVQA), anls (DocVQA),
-    relaxed (ChartQA), ocr (OCRBench), exact. Malformed rows are skipped and counted.
+    relaxed (ChartQA), ocr (OCRBench), exact; an unknown name gets mc when its items have options, else
+    exact. Malformed rows are skipped and counted. Without --reference, retention is the model's own (100%).
 
-    Example: genieblue eval mm -m runs/genieblue-skip/stage2/final -d MMBench_DEV_EN.tsv -d textvqa=textvqa_val.jsonl
+    Example: genieblue eval mm -m demo_out/runs/genieblue-skip/stage2/final -d demo=demo_out/data/test.json
     """
     from rich.progress import Progress
 
@@ -524,7 +557,7 @@ def eval_chat(
     single-answer grading); print mean rating per category, average and retention vs the base.
     Judgments without a rating count as failures and stay out of the averages.
 
-    Example: genieblue eval chat -m runs/genieblue-skip/stage2/final -q mt_bench.jsonl --judge-url https://api.openai.com/v1 --judge-model gpt-4o
+    Example: genieblue eval chat -m demo_out/runs/genieblue-skip/stage2/final -q mt_bench.jsonl --judge-url https://api.openai.com/v1 --judge-model gpt-4o
     """  # noqa: E501 (the example is one command line)
     from rich.progress import Progress
 
@@ -554,7 +587,7 @@ EXPORT_FORMATS = ("onnx",)
 ActivationsOption = typer.Option(
     activations_setting.DEFAULT,
     help="With w4a16: what the 4-/8-bit matmuls compute with. float (default): float32 activations, "
-    "exact: text mode is the quantised base. int8: each row quantised to int8 per block inside the op "
+    "exact (text mode is the quantised base); int8: each row quantised to int8 per block inside the op "
     "(onnxruntime MatMulNBits accuracy_level 4, as llama.cpp does): faster decode, text mode no longer "
     "exactly the base (bench deploy measures the cost). Recorded in deploy.json.",
 )
@@ -563,13 +596,15 @@ ActivationsOption = typer.Option(
 @app.command()
 def export(
     model: ModelDir,
-    out: str = typer.Option("deploy_out", "--out", "-o", help="Folder to write (replaced atomically)."),
+    out: str = typer.Option(
+        "deploy_out", "--out", "-o", help="Folder to write (replaced atomically: what it held is deleted)."
+    ),
     format: str = typer.Option("onnx", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."),
     precision: str = typer.Option(
         "w4a16",
-        help="w4a16: LLM weights 4-bit (embedding and LM head 8-bit), LoRA / ViT / "
-        "projector 8-bit, one scale per 32 weights (onnxruntime MatMulNBits), activations "
-        "as --activations; fp32: float weights.",
+        help="w4a16: LLM weights 4-bit (embedding and LM head 8-bit), LoRA and the vision tower's linear "
+        "layers 8-bit (a convolutional encoder's convolutions stay float), one scale per 32 weights "
+        "(onnxruntime MatMulNBits), activations as --activations; fp32: float weights.",
     ),
     single_tile: bool = typer.Option(
         False,
@@ -585,12 +620,15 @@ def export(
         "the user's model; --requantize quantises the base's weights anew.",
     ),
     copy_bits: int = typer.Option(
-        4, help="With w4a16: bits of the block copies' weights (4 or 8: image-mode accuracy for storage)."
+        4,
+        help="With w4a16: bits of the block copies' weights, 4 or 8 (8 doubles their size for image-mode "
+        "logits closer to the float model's).",
     ),
     activations: str = ActivationsOption,
     as_json: bool = typer.Option(False, "--json", help="Print the export manifest as JSON."),
 ):
-    """Export for on-device inference (onnxruntime, or a phone toolchain that takes ONNX).
+    """Export for on-device inference (onnxruntime, or a phone toolchain that takes ONNX): genieblue-*, lora
+    and full models (cogvlm's per-token experts are refused). The model is read on the CPU in float32.
 
     Writes OUT/text.onnx (a decoder step of the untouched base with a KV cache), OUT/image.onnx (the same step
     with block copies and LoRA, image features spliced in at the placeholders), OUT/vision.onnx (the vision
