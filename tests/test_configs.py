@@ -251,7 +251,7 @@ def test_gpu_recipe_trains_two_steps_per_stage_on_tiny_models(tmp_path, name, so
         steps = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2] and all(s["loss"] > 0 for s in steps), steps
     card = (final2 / "README.md").read_text()  # both stages, stage 1 from the folder stage 2 started from
-    assert card.index("- **stage 1** (connector only): 2 steps") < card.index("- **stage 2** (vision tower, copies")
+    assert card.index("- **stage 1** (connector only): 2 steps") < card.index("- **stage 2** (tower, connector")
     assert "blip_laion_cc_sbu_558k.json` (ratio 1)" in card and "text_only.jsonl` (ratio 0.1)" in card
     model = GenieBlueForConditionalGeneration.from_pretrained(final2)
     assert model.vision.tokens_per_tile == 27 * 27  # so400m's grid at 384 px, one token per patch

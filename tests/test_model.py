@@ -18,7 +18,6 @@ from genieblue import Strategy
 from genieblue.model import IMAGE_TOKEN_INDEX, STRATEGIES, fingerprint
 from genieblue.model.fingerprint import file_digest, tensors_fingerprint
 from genieblue.model.report import parameter_report
-from genieblue.model.routing import delta_members
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 
@@ -117,8 +116,14 @@ def test_save_and_reload_gives_identical_outputs(base_dirs, tmp_path):
     assert torch.equal(
         model.generate(ids, pixel_values=px, **GREEDY), reloaded.generate(ids, pixel_values=px, **GREEDY)
     )
-    # only the delta is on disk: no original base tensor was written
-    assert not any(".original." in k or k.startswith("llm.model.embed") for k in model.delta_state_dict())
+    # only the delta is on disk: none of the base's tensors was written (none of its names, by the
+    # base's own state dict with the wrappers' levels dropped, and none of its matrices' values)
+    saved = load_file(tmp_path / "delta" / "delta.safetensors")
+    base = load_reference(base_dirs["qwen3"]).state_dict()
+    assert not {k.removeprefix("llm.").replace(".original", "") for k in saved} & set(base)
+    assert not any(
+        torch.equal(t, b) for t in saved.values() for b in base.values() if t.shape == b.shape != (t.numel(),)
+    )
 
 
 def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
@@ -206,19 +211,40 @@ def test_gradient_checkpointing_replays_the_image_route(base_dirs):
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
+def _expected_llm_delta(reference, strategy: Strategy) -> dict:
+    """The LLM delta's parts counted from an independently loaded base's own modules: a copy of each
+    chosen block (and the final norm for `full`), a visual expert's q/k/v and MLP, LoRA's A (r x in)
+    and B (out x r) on each target linear of the other blocks."""
+    layers, numel = reference.model.layers, lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    chosen, parts = strategy.block_indices(len(layers)), {"copies": 0, "experts": 0, "lora": 0}
+    if strategy.family in ("genieblue", "full"):
+        parts["copies"] = sum(numel(layers[i]) for i in chosen) + (
+            numel(reference.model.norm) if strategy.family == "full" else 0
+        )
+    if strategy.family == "cogvlm":
+        attention = lambda b: sum(numel(getattr(b.self_attn, f"{x}_proj")) for x in "qkv")  # noqa: E731
+        parts["experts"] = sum(attention(layers[i]) + numel(layers[i].mlp) for i in chosen)
+    for i in strategy.lora_indices(len(layers)):
+        for name, module in layers[i].named_modules():
+            if name.rpartition(".")[2] in strategy.lora_targets:
+                parts["lora"] += strategy.lora_rank * (module.in_features + module.out_features)
+    return parts
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_the_wrappers_name_the_whole_llm_delta(strategy, base_dirs):
-    """`delta_members` (what each routing wrapper names as trainable) is exactly the LLM's trainable
-    parameters in stage 2, what the delta file holds besides the vision tower, and the report's parts."""
+def test_the_wrappers_name_the_whole_llm_delta(strategy, base_dirs, tmp_path):
+    """What stage 2 trains in the LLM, what the delta file holds besides the tower and the report's parts
+    are the delta counted from an independently loaded base; every base weight stays, frozen, once."""
     model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP, strategy=strategy)
-    named, parts = set(), {"copies": 0, "experts": 0, "lora": 0}
-    for name, part, child in delta_members(model.llm):
-        inside = dict(child.named_parameters(prefix=name)) if isinstance(child, torch.nn.Module) else {name: child}
-        named |= {f"llm.{n}" for n in inside}
-        parts[part] += sum(p.numel() for p in inside.values())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("llm.")}
-    assert named and named == trainable
-    assert named == {k for k in model.delta_state_dict() if not k.startswith("vision.")}
+    reference = load_reference(base_dirs["llama"])
+    parts = _expected_llm_delta(reference, model.strategy)
+    model.set_stage(2)
+    llm = dict(model.llm.named_parameters())
+    assert sum(p.numel() for p in llm.values() if p.requires_grad) == sum(parts.values()) > 0
+    assert sum(p.numel() for p in llm.values() if not p.requires_grad) == sum(p.numel() for p in reference.parameters())
+    model.save_pretrained(tmp_path / "d")
+    saved = load_file(tmp_path / "d" / "delta.safetensors")
+    assert sum(t.numel() for k, t in saved.items() if not k.startswith("vision.")) == sum(parts.values())
     assert {k: v for k, v in parameter_report(model, measure_disk=False)["params"].items() if k in parts} == parts
 
 
