@@ -477,6 +477,12 @@ def test_unknown_devices_and_dtypes_are_refused_in_one_line(base_dirs, tmp_path)
     GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP).save_pretrained(tmp_path / "d")
     with pytest.raises(ValueError, match="unknown dtype 'float8'; choose one of: bfloat16"):
         GenieBlue.from_pretrained(tmp_path / "d", dtype="float8")
-    if not torch.cuda.is_available():
+    with pytest.raises(ValueError, match="unknown device 'nope': use cpu, cuda or cuda:N"):
+        GenieBlue.from_pretrained(tmp_path / "d", device="nope")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=f"device cuda:{count} asked for, but torch sees {count} GPU"):
+            GenieBlue.from_pretrained(tmp_path / "d", device=f"cuda:{count}")
+    else:
         with pytest.raises(ValueError, match="torch sees no CUDA GPU here: use --device cpu"):
             GenieBlue.from_pretrained(tmp_path / "d", device="cuda")

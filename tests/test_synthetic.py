@@ -201,6 +201,8 @@ def test_rendered_text_is_visible_and_differs_between_answers():
 def test_text_only_samples():
     records = text_only_samples(40, seed=3)
     assert records == text_only_samples(40, seed=3) != text_only_samples(40, seed=4)
+    known = {"France": "Paris", "Japan": "Tokyo", "Kenya": "Nairobi", "Canada": "Ottawa", "Chile": "Santiago"}
+    sums = capitals = 0
     for r in records:
         assert "image" not in r and r["task"] == "text"
         question, answer = (turn["value"] for turn in r["conversations"])
@@ -208,6 +210,12 @@ def test_text_only_samples():
         if m := re.match(r"What is (\d+) ([-+*]) (\d+)\?", question):
             a, op, b = int(m[1]), m[2], int(m[3])
             assert int(answer) == {"+": a + b, "-": a - b, "*": a * b}[op]
+            sums += 1
+        else:
+            country = re.match(r"What is the capital of (\w+)\?", question)[1]
+            assert answer == known.get(country, answer)
+            capitals += 1
+    assert sums == capitals == 20  # alternating
 
 
 def test_reading_exercises_ask_about_a_caption_in_words():

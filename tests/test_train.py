@@ -660,8 +660,10 @@ def test_accelerates_fsdp2_preparation_gives_every_rank_the_weights_rank_0_read(
 
 def test_modes_that_could_not_save_are_refused_before_any_work(tmp_path, chat_base, synth_data, monkeypatch):
     """FSDP1 (asked for as accelerate's launcher asks: environment variables) and an output_dir that
-    cannot take files stop at once with a one-line reason, before the model or data are touched."""
-    cfg = TrainConfig.from_yaml(_config(tmp_path, synth_data, llm=chat_base, output_dir=str(tmp_path / "run")))
+    cannot take files stop at once with a one-line reason, before the model or data are touched (the
+    base named is not there: reading it would raise another error)."""
+    missing = tmp_path / "no-such-base"
+    cfg = TrainConfig.from_yaml(_config(tmp_path, synth_data, llm=missing, output_dir=str(tmp_path / "run")))
     with monkeypatch.context() as env:
         for name, value in {
             "ACCELERATE_USE_FSDP": "true",
