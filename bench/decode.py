@@ -1,7 +1,8 @@
 """Decode speed through the serving engine (`genieblue.infer.Engine`, what `genieblue serve` runs), per
 decode mode: batch-1 tokens/s of the text path (the untouched base) and of the image path (copies +
-LoRA), each against the memory-bandwidth bound (the weight bytes one step reads over the measured
-copy bandwidth), and the throughput of `--clients` requests submitted at once against batch 1.
+LoRA), the text path against the memory-bandwidth bound (the weight bytes one step reads over the
+measured copy bandwidth) and the image path against the text path, and the throughput of `--clients`
+requests submitted at once against batch 1.
 
     python bench/decode.py                                             # built-in SmolLM2-135M, CPU
     python bench/decode.py --shape qwen2.5-3b --tokenizer DIR          # random 3B-shaped base, GPU, bf16

@@ -5,21 +5,28 @@
 # checkpoint, --resume and a reload), the text path checked against the base on the GPU, a chat with an
 # image, stage 0 (the tower's own pretraining) on the GPU, torch.compile'd decode (minutes of
 # compiling), and last the recipe again with flex_attention, in that order (what matters most and a
-# GPU has measured least comes first). Random-weight 3B-shaped models (bench/recipe_3b.py): nothing is
-# downloaded.
+# GPU has measured least comes first). Random-weight models, nothing downloaded: the recipe, serve, fsdp,
+# exact, chat, stage0 and attn stages use bench/recipe_3b.py's (a Qwen2.5-3B-shaped base, a
+# SigLIP-so400m-shaped tower); train and decode build bench/train_throughput.py's Qwen2.5-3B shape with a
+# small SigLIP.
 #
 #   bench/gpu.sh [OUT]           # results in OUT (default gpu_out): *.log, *.json, summary.txt, report.md
 #
 # Environment: STAGES (default recipe,train,decode,serve,fsdp,exact,chat,stage0,compile,attn), MAX_S
-# (seconds: no stage starts after them and a command is cut to end by then, for a device call's time
-# limit), WORK (scratch, default /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the
+# (seconds, for a device call's time limit: no stage starts with 30 s or less of them left and every
+# command is cut to end by then), WORK (scratch, default /tmp/genieblue-gpu), TOKENIZER (a tokenizer folder; default: the
 # built-in base's), WHEELS (a folder of wheels installed first into a private site, for a machine
 # without a package index; bench/gpu_offline.sh makes it and the tokenizer folder), SMALL=1 (tiny
-# shapes and few steps: a CPU rehearsal of this script, as tests/test_bench.py runs it).
+# shapes and few steps: a CPU rehearsal of this script, as tests/test_bench.py runs it). Relative
+# paths are taken from the folder it is run from.
 set -u -o pipefail
+here=$PWD
+abs() { [[ $1 == /* ]] && echo "$1" || echo "$here/$1"; }
+OUT=$(abs "${1:-${OUT:-gpu_out}}") && mkdir -p "$OUT" || exit 1
+WORK=$(abs "${WORK:-/tmp/genieblue-gpu}")
+[[ -n ${TOKENIZER:-} ]] && TOKENIZER=$(abs "$TOKENIZER")
+[[ -n ${WHEELS:-} ]] && WHEELS=$(abs "$WHEELS")
 cd "$(dirname "$0")/.."
-OUT=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
-WORK=${WORK:-/tmp/genieblue-gpu}
 ALL=recipe,train,decode,serve,fsdp,exact,chat,stage0,compile,attn
 STAGES=${STAGES:-$ALL}
 SMALL=${SMALL:-}
@@ -50,10 +57,16 @@ run() {  # run NAME TIMEOUT CMD...: its output in OUT/NAME.log (errors and warni
   lap "$name" "rc=$rc"
   return $rc
 }
-http() {  # http URL [JSON]: a GET, or a POST of JSON; the body on stdout (in Python: a GPU image may have no curl)
-  python3 -c 'import sys, urllib.request as u
+http() {  # http SECONDS URL [JSON]: a GET, or a POST of JSON, cut after SECONDS; the body on stdout (in Python: a GPU image may have no curl)
+  local limit=$1; shift
+  (( limit > 0 )) || return 1
+  timeout "$limit" python3 -c 'import sys, urllib.request as u
 body = sys.argv[2].encode() if len(sys.argv) > 2 else None
-print(u.urlopen(u.Request(sys.argv[1], body, {"content-type": "application/json"}), timeout=600).read().decode())' "$@"
+print(u.urlopen(u.Request(sys.argv[1], body, {"content-type": "application/json"})).read().decode())' "$@"
+}
+finish() {  # the total time and the report (also when a stage the others need failed)
+  lap total
+  python3 bench/gpu_report.py "$OUT" >"$OUT/report.md" 2>"$OUT/report.err"  # the tables, each target beside its number
 }
 GB=(python3 -m genieblue.cli)
 if [[ -n $SMALL ]]; then
@@ -73,7 +86,7 @@ TOK=${TOKENIZER:-$WORK/tokenizer}
 
 if has recipe; then
   rm -rf "$WORK/llm" "$WORK/vision" "$WORK/runs" "$WORK/plain"
-  run prepare 300 python3 bench/recipe_3b.py "$WORK" --tokenizer "$TOK" ${SMALL:+--small} || exit 1
+  run prepare 300 python3 bench/recipe_3b.py "$WORK" --tokenizer "$TOK" ${SMALL:+--small} || { finish; exit 1; }
   run train_plain 400 "${GB[@]}" train -c "$WORK/stage2.yaml" --max-steps $STEPS --output-dir "$WORK/plain"
   cp "$WORK/plain/metrics.jsonl" "$OUT/train_plain_metrics.jsonl" 2>/dev/null
 fi
@@ -84,7 +97,7 @@ if has train; then
   tt=(python3 bench/train_throughput.py "${SHAPE[@]}" --seq $seq --json)
   run train_throughput 400 "${tt[@]}" --precision amp --profile  # as `genieblue train` runs: fp32 weights, bf16 autocast
   run train_throughput_ckpt 400 "${tt[@]}" --precision amp --checkpointing --profile
-  run train_throughput_bf16 300 "${tt[@]}" --precision bf16  # every weight and AdamW state in bf16 (the regime of the 2026-12-04 GPU figures)
+  run train_throughput_bf16 300 "${tt[@]}" --precision bf16  # every weight and AdamW state in bf16 (the regime of the issue's H200 profile)
   # 4 samples packed in the row as the trainer packs them: sdpa's masked whole-row scores against
   # flex_attention's blocks (which have no CPU backward: the rehearsal runs sdpa alone, one strategy)
   attns=(sdpa flex_attention) packed=full,genieblue-skip; [[ -n $SMALL ]] && attns=(sdpa) packed=genieblue-skip
@@ -102,10 +115,17 @@ if has serve; then
   port=$((8100 + RANDOM % 500))
   "${GB[@]}" serve -m "$MODEL" --port $port >"$OUT/serve.log" 2>&1 &
   server=$!
-  for _ in $(seq 600); do http "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; kill -0 $server || break; sleep 0.5; done
-  http "http://127.0.0.1:$port/v1/chat/completions" \
-    '{"model": "m", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' >"$OUT/serve_request.json"
-  lap serve_request "$(head -c 300 "$OUT/serve_request.json")"
+  for _ in $(seq 600); do  # up to ~5 minutes of loading, within MAX_S
+    http 5 "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    kill -0 $server 2>/dev/null && (( $(left) > 0 )) || break
+    sleep 0.5
+  done
+  if http "$(left)" "http://127.0.0.1:$port/v1/chat/completions" \
+    '{"model": "m", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' >"$OUT/serve_request.json"; then
+    lap serve_request "$(head -c 300 "$OUT/serve_request.json")"
+  else
+    lap serve_request "failed: no reply (see serve.log)"
+  fi
   run serve_load 300 python3 bench/serve_load.py --url "http://127.0.0.1:$port" --clients 16 --requests 2 \
     --max-tokens $TOKENS --json
   kill $server; wait $server 2>/dev/null
@@ -164,5 +184,4 @@ if has attn; then  # the recipe through the trainer with flex_attention (the CPU
   cp "$WORK/attn/metrics.jsonl" "$OUT/train_attn_metrics.jsonl" 2>/dev/null
 fi
 
-lap total
-python3 bench/gpu_report.py "$OUT" >"$OUT/report.md" 2>"$OUT/report.err"  # the tables, each target beside its number
+finish

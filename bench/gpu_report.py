@@ -1,5 +1,6 @@
 """The tables of a `bench/gpu.sh` run, in Markdown, each target beside its number: what a results page
-records, read from the run's OUT folder (a stage that did not run says so).
+records, read from the run's OUT folder (a stage that did not run, or failed, says "not run"; its
+.err file and summary.txt say which).
 
     python bench/gpu_report.py OUT            # gpu.sh writes OUT/report.md with it at its end
 

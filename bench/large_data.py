@@ -184,7 +184,7 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--images", type=int, default=100, help="records that show an image")
     parser.add_argument("--folder", help="where to write the data and the run (default: a temporary folder)")

@@ -51,7 +51,7 @@ def llama_cpp_logits(gguf: Path, threads: int, context: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", action="append", default=[], help="an exported folder (repeatable)")
     parser.add_argument("--gguf", default=None, help="the GGUF base (default: the built-in one)")
     parser.add_argument("--text", action="append", default=[], type=Path, help="a text file to add (repeatable)")

@@ -1,9 +1,11 @@
 """The shipped Qwen2.5-3B stage-2 recipe at its real size, offline: writes a random-weight
 Qwen2.5-3B-Instruct-shaped base and a SigLIP-so400m-shaped tower (384 px) to local folders, LLaVA data
 (384 px images with long answers, plus text-only conversations), and configs/qwen2.5-3b/stage2.yaml as
-shipped with only llm / vision / data / output swapped in (bf16, gradient checkpointing, packing 4096):
+shipped (bf16, gradient checkpointing, packing 4096) with llm / vision / data / output swapped in, no
+init_from, one micro-batch a step and no checkpoints:
 
     ROOT/llm  ROOT/vision  ROOT/data  ROOT/stage2.yaml  ROOT/stage2-ckpt.yaml (a checkpoint every 2 steps)
+    ROOT/stage0.yaml (a stage 1 that starts with stage 0, for a tower trained from scratch)
 
     python bench/recipe_3b.py ROOT [--tokenizer DIR] [--small]
 

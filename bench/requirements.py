@@ -2,7 +2,7 @@
 as this interpreter has them: the check `bench/gpu.sh` runs before its first stage, and the list of
 wheels `bench/gpu_offline.sh` brings to a GPU machine without a package index.
 
-    python3 bench/requirements.py check    # one line per package missing or at a version not allowed; exit 1
+    python3 bench/requirements.py check    # one line naming each package missing or at a version not allowed; exit 1
     python3 bench/requirements.py wheels   # name==version of what a PyTorch CUDA image may lack
 
 `wheels` leaves out torch and what torch needs (the image's own) and `IMAGE`, packages every such image

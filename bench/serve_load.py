@@ -64,7 +64,7 @@ def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=2, help="Requests per client at each level.")

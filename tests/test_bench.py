@@ -38,7 +38,7 @@ def _rehearse(tmp_path: Path, stages: str, ran: list[str], tokenizer: str) -> tu
 
 @pytest.mark.integration
 def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
-    """Every stage but FSDP2's and compile's (the slow tier's test below; in the default tier, test_train
+    """Every stage but FSDP2's, compile's and attn's (the slow tier's test below; in the default tier, test_train
     runs FSDP2 through the CLI and test_infer compiled decoding)."""
     ran = ["prepare", "train_plain", "train_throughput", "train_throughput_ckpt", "train_throughput_bf16"]
     ran += ["train_packed_sdpa", "decode", "serve_load", "text_exact", "chat_image", "train_stage0"]
@@ -63,7 +63,8 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
     assert set(decode["modes"]) == {"generate", "eager"}
     assert all(m["text_batch1"] > 0 and m["image_batch1"] > 0 for m in decode["modes"].values())
     assert 0 < decode["ops_per_step"]["text"]["aten_calls"] < decode["ops_per_step"]["image"]["aten_calls"]
-    # the shipped recipe with only base, tower, data and output swapped in
+    # the shipped recipe with base, tower, data and output swapped in, and no init_from, no checkpoints
+    # and one micro-batch a step
     shipped = yaml.safe_load((ROOT / "configs" / "qwen2.5-3b" / "stage2.yaml").read_text())
     written = yaml.safe_load((work / "stage2.yaml").read_text())
     swapped = {"llm", "vision", "init_from", "data", "output_dir", "save_every", "grad_accum"}
@@ -85,6 +86,26 @@ def test_gpu_script_rehearses_on_a_cpu(tmp_path, chat_base):
     assert re.search(r"^\| eager \| [\d.]+ \| [\d.]+% (met|\*\*not met\*\*) \|", report, re.M), report
     assert re.search(r"^`serve`: [\d.]+ tokens/s with 1 client, [\d.]+ with 16: ", report, re.M), report
     assert "decode_compile: not run" in report and "s: not judged: not every stage asked)" in report
+
+
+@pytest.mark.integration
+def test_gpu_script_still_reports_when_the_recipe_cannot_be_made(tmp_path):
+    """A failed first stage ends the run with its total and report.md, not with nothing; OUT and the
+    other paths given relative are taken from the folder the script is run from."""
+    (tmp_path / "not-a-tokenizer").mkdir()
+    env = {**os.environ, "SMALL": "1", "STAGES": "recipe,serve", "WORK": "work", "TOKENIZER": "not-a-tokenizer"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert re.fullmatch(r"== prepare: rc=[1-9]\d* at \d+ s\n== total: done at \d+ s\n", summary), summary
+    assert "not run" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.slow
