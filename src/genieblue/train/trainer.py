@@ -255,20 +255,20 @@ class Trainer:
             the stage-1 records (the demo draws freshly generated images).
 
     Raises:
-        ValueError: a config without data, an unknown device, an attention implementation that
-            cannot train the config's rows, a distributed mode the trainer cannot save in (FSDP1,
-            DeepSpeed, ...); from `run()`: an output_dir that cannot be written, holds another run's
-            checkpoints without `resume` or has no room for a checkpoint and the final model, a
-            `resume` from another model's checkpoint, data without usable records or too few rows
-            for one global batch, and `BadDataError` above `max_bad_fraction`.
-        FileNotFoundError: a data file or image folder that is not there.
+        ValueError: an unknown device, an attention implementation that cannot train the config's
+            rows, a distributed mode the trainer cannot save in (FSDP1, DeepSpeed, ...); from `run()`:
+            a config without data and an output_dir that cannot be written (before any weight is
+            read), an output_dir holding another run's checkpoints without `resume` or without room
+            for a checkpoint and the final model, a `resume` from another model's checkpoint, data
+            without usable records or too few rows for one global batch.
+        FileNotFoundError: from `run()`, a data file or image folder that is not there.
+        BadDataError: from `run()`, more unusable records than `max_bad_fraction` allows.
     """
 
     def __init__(self, cfg: TrainConfig, console: Console | None = None, stage0_source=None):
         self.cfg = cfg
         self.stage0_source = stage0_source
         self.console = console or Console(stderr=True)
-        _check_data(cfg)
         device = resolve_device(cfg.device)
         _check_attention(cfg, device)
         self.precision = precision = _precision(cfg.precision, device)
@@ -308,6 +308,7 @@ class Trainer:
     def run(self, resume: bool = False) -> Path:
         """Set up (model, data, optimiser, the checkpoint to resume from), run the steps, write the
         final model; returns its folder."""
+        _check_data(self.cfg)
         set_seed(self.cfg.seed)
         latest = self._claim_output(resume)
         progress = _progress(self.console) if self.accelerator.is_main_process else None
