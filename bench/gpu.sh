@@ -29,6 +29,9 @@ WORK=$(abs "${WORK:-/tmp/genieblue-gpu}")
 cd "$(dirname "$0")/.."
 ALL=recipe,train,decode,serve,fsdp,exact,chat,stage0,compile,attn
 STAGES=${STAGES:-$ALL}
+for stage in ${STAGES//,/ }; do  # a mistyped stage would otherwise run nothing and say nothing
+  [[ ,$ALL, == *,$stage,* ]] || { echo "error: unknown stage '$stage' in STAGES; the stages: $ALL" >&2; exit 2; }
+done
 SMALL=${SMALL:-}
 # offline: no hub kernels either (transformers would fetch kernels-community ones for a model on a GPU)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 USE_HUB_KERNELS=NO TRANSFORMERS_VERBOSITY=error

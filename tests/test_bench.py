@@ -106,6 +106,11 @@ def test_gpu_script_still_reports_when_the_recipe_cannot_be_made(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert re.fullmatch(r"== prepare: rc=[1-9]\d* at \d+ s\n== total: done at \d+ s\n", summary), summary
     assert "not run" in (tmp_path / "out" / "report.md").read_text()
+    env["STAGES"] = "recipe,trian"  # a mistyped stage stops it at once, before any stage
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "out2"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "unknown stage 'trian' in STAGES" in done.stderr, done.stderr
 
 
 @pytest.mark.slow
