@@ -152,14 +152,14 @@ def test_chat_reports_a_missing_model_in_one_line(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_full_default_demo_sees_and_keeps_the_base_exact(tmp_path):
-    """The real `genieblue demo` with its defaults (8-12 minutes on 2 CPU cores, docs/results)."""
+    """The real `genieblue demo` with its defaults (7-12 minutes on 2 CPU cores, docs/results)."""
     run = _cli("demo", "--out", str(tmp_path), timeout=3600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     result = report["results"]["genieblue-skip"]
     mm, loss = result["multimodal"], result["test_loss"]
-    # measured 2026-12-02 (docs/results/2026-12-02-demo.md): 83.5% overall, every task >= 61%; the answers'
-    # loss ~11x lower with the right image
+    # measured 2026-12-02 and 2026-12-07 (docs/results/): 83.5% and 86.0% overall, every task >= 61%; the
+    # answers' loss ~11x lower with the right image
     assert mm["accuracy"] > 0.78 and min(mm["per_group"].values()) > 0.5
     assert loss["real_images"] < 0.25 * loss["shuffled_images"]
     equal = report["retention"]["logit_equality_non_shared"]

@@ -210,7 +210,7 @@ def synth(
 
 
 @app.command(
-    short_help="Train and measure a model on the built-in SmolLM2-135M, offline (8-12 min on 2 CPU cores with bf16 "
+    short_help="Train and measure a model on the built-in SmolLM2-135M, offline (7-12 min on 2 CPU cores with bf16 "
     "units)."
 )
 def demo(
@@ -260,7 +260,7 @@ def demo(
     """Train a real GenieBlue MLLM on the built-in SmolLM2-135M offline and prove the retention claim:
     synthetic data -> stages 0, 1, 2 -> per-task accuracy vs chance, text retention (bit-exact logits,
     text QA, perplexity) for base vs non-shared vs shared path -> report.md/json + accuracy.png. The defaults
-    take 8-12 minutes on 2 CPU cores with bf16 matrix units (docs/results/). --dtype is the dtype the
+    take 7-12 minutes on 2 CPU cores with bf16 matrix units (docs/results/). --dtype is the dtype the
     models are evaluated in (against the base loaded in it); training runs in bf16 autocast where the
     device has bf16 units, else float32."""
     from .demo import Demo
