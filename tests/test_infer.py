@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import TINY_SIGLIP, CountOps, load_reference, serving
+from conftest import FAMILIES, TINY_SIGLIP, CountOps, load_reference, serving
 from genieblue.cli import app as cli
 from genieblue.data import GenieBlueProcessor, collate_prompts, save_processor_settings
 from genieblue.infer.chat import ChatSession
@@ -282,7 +282,7 @@ def test_compiled_decoding_keeps_the_text_path_the_base_compiled_alike(model_dir
     assert compiled.generate(**images, max_new_tokens=N).tolist() == after.tolist() != before.tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])  # q/k/v with biases; a tied head
+@pytest.mark.parametrize("family", FAMILIES)  # qwen2: q/k/v with biases; gemma3_text: a tied head
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_shared_sibling_base_keeps_the_text_path_the_bases_and_the_image_path(base_dirs, family, dtype):
     """`share_sibling_bases` lays each LoRA block's q/k/v and gate/up weights out in one buffer: the

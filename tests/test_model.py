@@ -366,7 +366,7 @@ def test_unknown_vision_type_lists_the_choices(base_dirs):
 
 # device, dtype and the base's fingerprint ----------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_delta_loads_in_any_dtype_and_its_text_path_is_the_base_loaded_alike(family, dtype, base_dirs, tmp_path):
     """Saved from a float32 model, loaded in `dtype`: logits and greedy tokens equal those of the base
     loaded by transformers in the same dtype on the same device."""
