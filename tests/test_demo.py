@@ -145,7 +145,7 @@ def test_seed_summary_means_sds_and_ratio_to_full_fine_tuning():
 def test_chat_reports_a_missing_model_in_one_line(tmp_path):
     run = _cli("chat", "--model", str(tmp_path / "nope"), "hello", timeout=120)
     assert run.returncode == 2
-    assert "error:" in run.stderr and "genieblue.json is missing" in run.stderr
+    assert "error:" in run.stderr and "model folder not found" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
 
 

@@ -830,11 +830,11 @@ def test_cli_errors_are_one_line(tmp_path, cli_export):
         (("serve",), "give -m/--model (a saved model folder) or --onnx"),
         (("serve", "--onnx", str(folder), "--llm", "x"), "--llm applies to a saved model folder only"),
         (("serve", "-m", str(model_dir), "--threads", "1"), "applies to --onnx only"),
-        (("export", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "out")), "genieblue.json is missing"),
+        (("export", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "out")), "model folder not found"),
         (("export", "-m", str(model_dir), "--format", "tflite"), "unknown format 'tflite'"),
         (("export", "-m", str(model_dir), "--precision", "w3"), "unknown precision 'w3'"),
         (("export", "-m", str(model_dir), "--activations", "int4"), "unknown activations 'int4'"),
-        (("bench", "deploy", "-m", str(tmp_path / "nope")), "genieblue.json is missing"),
+        (("bench", "deploy", "-m", str(tmp_path / "nope")), "model folder not found"),
         (("bench", "deploy", "-m", str(model_dir), "--llama-bench", "llama-bench"), "base is not a GGUF file"),
         (
             (

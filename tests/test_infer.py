@@ -620,5 +620,5 @@ def test_serve_warns_on_a_non_loopback_host_without_a_key(tmp_path, monkeypatch)
         ([], {}, False),
     ):
         result = CliRunner().invoke(cli, ["serve", "-m", missing, *args], env=env)
-        assert result.exit_code == 2 and "is missing: not a genieblue model folder" in result.stderr
+        assert result.exit_code == 2 and f"model folder not found: {missing}" in result.stderr
         assert ("without an API key" in result.stderr) == warned

@@ -13,8 +13,12 @@ TRAINING = "training.json"
 
 
 def check_model_folder(directory: str | Path) -> Path:
-    """`directory` as a Path, or a one-line FileNotFoundError naming the first file it lacks."""
+    """`directory` as a Path, or a one-line FileNotFoundError: no such folder, or the first file it lacks."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"model folder not found: {directory} (a folder that save_pretrained or training wrote)"
+        )
     for needed in (MANIFEST, DELTA):
         if not (directory / needed).is_file():
             raise FileNotFoundError(
