@@ -824,7 +824,8 @@ def test_cli_errors_are_one_line(tmp_path, cli_export):
     (tmp_path / "partial").mkdir()
     shutil.copy(folder / "deploy.json", tmp_path / "partial")  # an export without its tokenizer
     for args, message in (
-        (("serve", "--onnx", str(tmp_path / "nope")), "deploy.json is missing"),
+        (("serve", "--onnx", str(tmp_path / "nope")), "export folder not found"),
+        (("serve", "--onnx", str(tmp_path)), "deploy.json is missing"),
         (("serve", "--onnx", str(tmp_path / "partial")), "tokenizer is missing"),
         (("serve", "-m", str(model_dir), "--onnx", str(folder)), "not both"),
         (("serve",), "give -m/--model (a saved model folder) or --onnx"),

@@ -124,12 +124,14 @@ class DeployedModel:
             `share_threads` made).
 
     Raises:
-        FileNotFoundError: `folder` holds no deploy.json.
+        FileNotFoundError: `folder` is not there or holds no deploy.json.
     """
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         self.folder = Path(folder)
         path = self.folder / MANIFEST
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"export folder not found: {self.folder} (a folder that genieblue export wrote)")
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: not an exported GenieBlue folder (see genieblue export)")
         self.manifest = json.loads(path.read_text())
