@@ -1,6 +1,6 @@
 """The tables of a `bench/gpu.sh` run, in Markdown, each target beside its number: what a results page
-records, read from the run's OUT folder (a stage that did not run, or failed, says "not run"; its
-.err file and summary.txt say which).
+records, read from the run's OUT folder (a stage without a result says why: not run, skipped, or
+failed with its status and .err file).
 
     python bench/gpu_report.py OUT            # gpu.sh writes OUT/report.md with it at its end
 
@@ -52,6 +52,14 @@ def _laps(out: Path) -> list[tuple[str, str, str]]:
     return re.findall(r"^== (\w+): (.*) at (\d+) s$", summary, re.M)
 
 
+def _absent(out: Path, name: str) -> str:
+    """Why stage `name` left no result: its status in summary.txt, or that it did not run."""
+    status = next((s for n, s, _ in _laps(out) if n == name), None)
+    if status is None:
+        return "not run"
+    return f"failed ({status}; see {name}.err)" if status.startswith("rc=") else status
+
+
 def train(out: Path) -> list[str]:
     lines = ["## Training step (`bench/train_throughput.py`)", ""]
     runs = [name for name, _, _ in _laps(out) if name.startswith(("train_throughput", "train_packed_"))]
@@ -61,7 +69,7 @@ def train(out: Path) -> list[str]:
     for run in runs:
         rows = _json(out / f"{run}.log")
         if not isinstance(rows, list):
-            lines.append(f"| {run} | no result: see {run}.err | | | | | |")
+            lines.append(f"| {run} | {_absent(out, run)} | | | | | |")
             continue
         for r in rows:
             if "error" in r:
@@ -88,7 +96,7 @@ def decode(out: Path) -> list[str]:
     for name in ("decode", "decode_compile"):
         result = _json(out / f"{name}.log")
         if not isinstance(result, dict):
-            lines += [f"{name}: not run", ""]
+            lines += [f"{name}: {_absent(out, name)}", ""]
             continue
         bound = result["bound_tokens_per_s"]
         lines += [
@@ -121,7 +129,7 @@ def decode(out: Path) -> list[str]:
             f"(>= {CLIENTS_GAIN:.0f}x: {_mark(gain, CLIENTS_GAIN)})",
         ]
     else:
-        lines.append("serve: not run")
+        lines.append(f"serve: {_absent(out, 'serve_load')}")
     return lines + [""]
 
 
@@ -133,7 +141,7 @@ def recipe(out: Path) -> list[str]:
         rates = ", ".join(f"{r['tokens_per_s']:.0f}" for r in steps)
         lines.append(
             f"- {name}: "
-            + (f"{rates} (loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f})" if steps else "not run")
+            + (f"{rates} (loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f})" if steps else _absent(out, name))
         )
     return lines + [""]
 
@@ -142,7 +150,7 @@ def checks(out: Path) -> list[str]:
     lines = ["## The text path and sharded training", ""]
     for name in ("text_exact", "text_exact_compile", "fsdp_check"):
         found = _json(out / f"{name}.log")
-        lines.append(f"- {name}: " + (json.dumps(found) if found is not None else "not run"))
+        lines.append(f"- {name}: " + (json.dumps(found) if found is not None else _absent(out, name)))
     return lines + [""]
 
 

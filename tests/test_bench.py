@@ -113,6 +113,18 @@ def test_gpu_script_still_reports_when_the_recipe_cannot_be_made(tmp_path):
     assert done.returncode == 2 and "unknown stage 'trian' in STAGES" in done.stderr, done.stderr
 
 
+def test_gpu_report_says_why_a_stage_left_no_result(tmp_path):
+    """A failed stage is named failed with its status, a skipped one skipped, one never reached not run."""
+    (tmp_path / "summary.txt").write_text(
+        "== decode: rc=124 at 5 s\n== serve_load: skipped (MAX_S=10 reached) at 9 s\n== total: done at 10 s\n"
+    )
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_report.py"), str(tmp_path)], capture_output=True, text=True
+    ).stdout
+    assert "decode: failed (rc=124; see decode.err)" in report and "decode_compile: not run" in report
+    assert "serve: skipped (MAX_S=10 reached)" in report and "- fsdp_check: not run" in report
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_gpu_script_fsdp_compile_and_attn_stages_rehearse_on_a_cpu(tmp_path, chat_base):
