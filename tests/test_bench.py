@@ -205,7 +205,7 @@ def test_gpu_script_starts_no_stage_past_max_s(tmp_path, chat_base):
     stages = ["recipe", "train", "decode", "serve", "fsdp", "exact", "chat", "stage0", "compile", "attn"]
     assert skipped == stages and not (out / "prepare.log").exists()
     report = (out / "report.md").read_text()
-    assert "| recipe | skipped (MAX_S=1 reached) |" in report and "decode: not run" in report
+    assert "| recipe | skipped (MAX_S=1 reached) |" in report and "decode: skipped (MAX_S=1 reached)" in report
     assert f"s: not judged: {', '.join(stages)})" in report  # the script's time is a whole run's only
 
 
