@@ -430,6 +430,28 @@ def test_a_structure_without_weights_is_the_model_with_nothing_read(family, base
             _ = structure.base_fingerprint
 
 
+def test_info_counts_a_base_it_does_not_read(base_dirs, tmp_path):
+    """`genieblue info` builds each strategy's structure only: from a base folder holding just its
+    config it reports the counts of the model built with its weights, and as the delta's bytes the
+    saved delta file's size less its header."""
+    from typer.testing import CliRunner
+
+    from genieblue.cli import app
+
+    bare = tmp_path / "config-only"
+    bare.mkdir()
+    shutil.copy(os.path.join(base_dirs["llama"], "config.json"), bare)
+    result = CliRunner().invoke(app, ["info", "--llm", str(bare), "-s", "genieblue-skip", "-s", "full", "--json"])
+    assert result.exit_code == 0, result.output
+    for report in json.loads(result.stdout):
+        model = GenieBlue.from_base(base_dirs["llama"], strategy=report["strategy"])
+        assert report["params"] == parameter_report(model, measure_disk=False)["params"]
+        model.save_pretrained(tmp_path / report["strategy"])
+        file = tmp_path / report["strategy"] / "delta.safetensors"
+        header = 8 + int.from_bytes(file.read_bytes()[:8], "little")  # safetensors: its length, then JSON
+        assert report["delta_bytes"] == file.stat().st_size - header
+
+
 def test_the_fingerprint_names_the_files_not_how_they_were_loaded(base_dirs, tmp_path):
     """The same files elsewhere are the same base, a copy with one weight changed is refused, the
     digests are remembered by path, size and mtime, and the hub cache's blob names are used as they are."""

@@ -5,12 +5,8 @@ its attributes and never imports `modeling` (the arrow points one way)."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from torch import nn
 
-from .folder import DELTA
 from .routing import delta_members
 
 
@@ -20,7 +16,9 @@ def parameter_report(model: nn.Module, measure_disk: bool = True) -> dict:
     Args:
         model: a `GenieBlueForConditionalGeneration` (its `llm`, `vision`, `strategy` and `base_spec`
             are read).
-        measure_disk: save the delta once to a temporary folder and add its file size as `delta_bytes`.
+        measure_disk: add `delta_bytes`, the bytes of the delta's tensors as `save_pretrained` writes
+            them (the file adds only its header); a structure built without weights is measured too.
+            It reads `delta_state_dict()`, which on a sharded model every rank must call together.
 
     Returns:
         strategy, base, block and LoRA indices, `params` (base LLM, copies, experts, LoRA, ViT,
@@ -49,7 +47,5 @@ def parameter_report(model: nn.Module, measure_disk: bool = True) -> dict:
         "tokens_per_tile": model.vision.tokens_per_tile,
     }
     if measure_disk:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(Path(tmp) / "delta")
-            report["delta_bytes"] = (Path(tmp) / "delta" / DELTA).stat().st_size
+        report["delta_bytes"] = sum(t.numel() * t.element_size() for t in model.delta_state_dict().values())
     return report
