@@ -122,7 +122,8 @@ def info(
     as_json: AsJson = False,
 ):
     """Trainable parameters per strategy (the paper's #Param column) and the delta's size on disk,
-    from each strategy's structure alone: no weight is read (or downloaded), so a 3B base takes seconds.
+    from each strategy's structure alone: no weight is read or downloaded (once a GGUF base has been
+    converted), so a 3B base takes seconds.
 
     Example: genieblue info -s genieblue-skip -s lora -s full --json
     """
