@@ -245,7 +245,7 @@ def test_the_wrappers_name_the_whole_llm_delta(strategy, base_dirs, tmp_path):
     model.save_pretrained(tmp_path / "d")
     saved = load_file(tmp_path / "d" / "delta.safetensors")
     assert sum(t.numel() for k, t in saved.items() if not k.startswith("vision.")) == sum(parts.values())
-    assert {k: v for k, v in parameter_report(model, measure_disk=False)["params"].items() if k in parts} == parts
+    assert {k: v for k, v in parameter_report(model, count_bytes=False)["params"].items() if k in parts} == parts
 
 
 def test_the_reports_trainable_count_is_what_stage_2_trains(base_dirs):
@@ -254,7 +254,7 @@ def test_the_reports_trainable_count_is_what_stage_2_trains(base_dirs):
     assert model.vision.mixer is not None
     model.set_stage(2)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert parameter_report(model, measure_disk=False)["params"]["trainable"] == trained
+    assert parameter_report(model, count_bytes=False)["params"]["trainable"] == trained
 
 
 def test_stage_one_trains_only_the_projector(base_dirs):
@@ -445,7 +445,7 @@ def test_info_counts_a_base_it_does_not_read(base_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     for report in json.loads(result.stdout):
         model = GenieBlue.from_base(base_dirs["llama"], strategy=report["strategy"])
-        assert report["params"] == parameter_report(model, measure_disk=False)["params"]
+        assert report["params"] == parameter_report(model, count_bytes=False)["params"]
         model.save_pretrained(tmp_path / report["strategy"])
         file = tmp_path / report["strategy"] / "delta.safetensors"
         header = 8 + int.from_bytes(file.read_bytes()[:8], "little")  # safetensors: its length, then JSON

@@ -441,7 +441,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         with atomic_dir(directory) as tmp:
             save_file(state, tmp / DELTA, metadata={"format": "pt"})
             write_json(
-                tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, measure_disk=False)["params"]}
+                tmp / MANIFEST, {**self.manifest(), "params": parameter_report(self, count_bytes=False)["params"]}
             )
             if training is not None:
                 write_json(tmp / TRAINING, training)

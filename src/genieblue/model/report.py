@@ -1,4 +1,4 @@
-"""Parameter accounting per strategy (the paper's #Param column) and the delta's size on disk.
+"""Parameter accounting per strategy (the paper's #Param column) and the bytes of the delta's tensors.
 
 `modeling` writes these counts into every saved manifest, so this module reads a model only through
 its attributes and never imports `modeling` (the arrow points one way)."""
@@ -10,13 +10,13 @@ from torch import nn
 from .routing import delta_members
 
 
-def parameter_report(model: nn.Module, measure_disk: bool = True) -> dict:
+def parameter_report(model: nn.Module, count_bytes: bool = True) -> dict:
     """Counts of base and delta parameters of a model.
 
     Args:
         model: a `GenieBlueForConditionalGeneration` (its `llm`, `vision`, `strategy` and `base_spec`
             are read).
-        measure_disk: add `delta_bytes`, the bytes of the delta's tensors as `save_pretrained` writes
+        count_bytes: add `delta_bytes`, the bytes of the delta's tensors as `save_pretrained` writes
             them (the file adds only its header); a structure built without weights is measured too.
             It reads `delta_state_dict()`, which on a sharded model every rank must call together.
 
@@ -46,6 +46,6 @@ def parameter_report(model: nn.Module, measure_disk: bool = True) -> dict:
         "llm_delta_vs_base_llm": sum(groups.values()) / base,
         "tokens_per_tile": model.vision.tokens_per_tile,
     }
-    if measure_disk:
+    if count_bytes:
         report["delta_bytes"] = sum(t.numel() * t.element_size() for t in model.delta_state_dict().values())
     return report
