@@ -487,12 +487,42 @@ def test_a_delta_of_an_earlier_version_still_loads_and_is_checked_once(base_dirs
     manifest = json.loads(manifest_file.read_text())
     manifest["base"]["fingerprint"] = tensors_fingerprint(load_reference(base_dirs["qwen2"]))
     manifest_file.write_text(json.dumps(manifest))
+    # a stage-1 folder of an earlier version continues (`init_from`): its base named by the tensors of a
+    # freshly built model's base, the delta's wrappers already installed in it
+    GenieBlue.from_base(base_dirs["qwen2"], vision=TINY_SIGLIP).check_continues(tmp_path / "old")
+    monkeypatch.setenv("GENIEBLUE_CACHE", str(tmp_path / "cache"))  # (nothing remembered by the check above)
+    shutil.rmtree(tmp_path / "cache")
     loaded = GenieBlue.from_pretrained(tmp_path / "old", device="cpu", dtype=torch.bfloat16)
     assert loaded.base_fingerprint.startswith("files-sha256:")  # saved again, it carries the new name
     cache = json.loads((tmp_path / "cache" / "fingerprints.json").read_text())
     assert cache[f"tensors:{loaded.base_fingerprint}"] == manifest["base"]["fingerprint"]
     with pytest.raises(ValueError, match="not the one this delta was trained on"):
         GenieBlue.from_pretrained(tmp_path / "old", llm=base_dirs["llama"], device="cpu")
+
+
+def test_a_base_given_as_a_model_object_is_named_by_its_own_tensors(base_dirs, tmp_path):
+    """A base built in Python (no files behind it) is named by its tensors, not by the delta installed
+    in it: the saved delta loads onto an equal model, is refused by a different one, and a model built
+    on it sees its folder as its own to continue."""
+    config = load_reference(base_dirs["llama"]).config
+    config.name_or_path = ""  # built from it, a model has no files behind it
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    twins = [AutoModelForCausalLM.from_config(config) for _ in range(2)]
+    for twin in twins:
+        twin.load_state_dict(base.state_dict())
+    model = GenieBlue.from_base(base, vision=TINY_SIGLIP)
+    _train_steps(model)
+    model.save_pretrained(tmp_path / "d")
+    GenieBlue.from_base(twins[0], vision=TINY_SIGLIP).check_continues(tmp_path / "d")
+    with pytest.raises(ValueError, match="already carries a GenieBlue delta .* pass a fresh base"):
+        GenieBlue.from_pretrained(tmp_path / "d", llm=twins[0], device="cpu")  # the wrappers are in it now
+    loaded = GenieBlue.from_pretrained(tmp_path / "d", llm=twins[1], device="cpu").eval()
+    ids, px = _image_batch(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixel_values=px).logits, model.eval()(ids, pixel_values=px).logits)
+    with pytest.raises(ValueError, match="not the one this delta was trained on"):
+        GenieBlue.from_pretrained(tmp_path / "d", llm=AutoModelForCausalLM.from_config(config), device="cpu")
 
 
 def test_unknown_devices_and_dtypes_are_refused_in_one_line(base_dirs, tmp_path):

@@ -26,6 +26,7 @@ import torch
 
 from .._io import write_json
 from .cache import cache_dir
+from .routing import base_state_dict
 
 FILES_SCHEME = "files-sha256:"
 """Prefix of a fingerprint over weight files; one without a prefix is a `tensors_fingerprint`."""
@@ -108,9 +109,10 @@ def files_fingerprint(files: list[Path]) -> str:
 
 
 def tensors_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer name, dtype, shape and bytes of a model as loaded."""
+    """SHA-256 over every parameter and buffer name, dtype, shape and bytes of a base model as loaded:
+    the same whether or not the delta's wrappers are installed in it (see `base_state_dict`)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(base_state_dict(model).items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         if t.numel():

@@ -111,6 +111,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
         needed (a model object with no files behind it is hashed only if it is saved). `empty_delta`:
         the LLM delta's parameters without data (meta), for a saved delta loaded in their place."""
         super().__init__()
+        if next(delta_members(llm), None) is not None:
+            raise ValueError("this LLM already carries a GenieBlue delta (it is another model's): pass a fresh base")
         self.llm = llm
         self.vision = vision
         self.strategy = strategy

@@ -403,6 +403,13 @@ def base_name(path: str) -> str | None:
     return None if whole & set(parts) else ".".join(p for p in parts if p != "original")
 
 
+def base_state_dict(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The base's own tensors of a model the wrappers may be installed in, by the base's names (the
+    wrappers' `original` levels dropped), without any tensor of the delta."""
+    delta = tuple(f"{name}." if isinstance(child, nn.Module) else name for name, _, child in delta_members(root))
+    return {base_name(k): v for k, v in root.state_dict().items() if not k.startswith(delta)}
+
+
 def swap_modules(
     root: nn.Module, make: Callable[[str, nn.Module], nn.Module], where: Callable[[str, nn.Module], bool]
 ) -> None:
