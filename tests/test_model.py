@@ -3,6 +3,7 @@ and after training; the fresh delta is an identity; save/load round-trips; error
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -523,6 +524,28 @@ def test_a_base_given_as_a_model_object_is_named_by_its_own_tensors(base_dirs, t
         assert torch.equal(loaded(ids, pixel_values=px).logits, model.eval()(ids, pixel_values=px).logits)
     with pytest.raises(ValueError, match="not the one this delta was trained on"):
         GenieBlue.from_pretrained(tmp_path / "d", llm=AutoModelForCausalLM.from_config(config), device="cpu")
+
+
+def _mapped(file) -> bool:
+    """Whether this process maps `file` (Linux: /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(str(file.resolve())) for line in maps)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_delta_loaded_in_another_dtype_leaves_no_part_of_its_file_mapped(base_dirs, tmp_path):
+    """In its saved dtype (float32) the model's delta tensors are the file's mapped pages themselves;
+    cast on load, nothing keeps the file mapped (one tensor left in it would keep all of it resident)."""
+    GenieBlue.from_base(base_dirs["llama"], vision=TINY_RESNET).save_pretrained(tmp_path / "d")
+    file = tmp_path / "d" / "delta.safetensors"
+    as_saved = GenieBlue.from_pretrained(tmp_path / "d", device="cpu", dtype=torch.float32)
+    assert _mapped(file)
+    del as_saved
+    gc.collect()
+    assert not _mapped(file)
+    cast = GenieBlue.from_pretrained(tmp_path / "d", device="cpu", dtype=torch.bfloat16)
+    gc.collect()
+    assert not _mapped(file) and cast.vision.state_dict()  # (held until here)
 
 
 def test_unknown_devices_and_dtypes_are_refused_in_one_line(base_dirs, tmp_path):

@@ -65,19 +65,22 @@ def _refuse_placeholders(placeholders: int) -> None:
 
 
 def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device, weights: bool = True):
-    """(base model, its spec, its fingerprint). Files already on disk are fingerprinted on a second
-    thread while the base loads (a first load hashes them; later loads find their digests cached); a
-    model object's fingerprint, and a structure's (`weights=False`), is a function, called when it is
-    first needed."""
+    """(base model, its spec, its fingerprint). The fingerprint is a function, called when it is first
+    needed: files already on disk are fingerprinted on a second thread from the start (a first load
+    hashes them while the base, tower and delta load; later loads find their digests cached; the
+    callers await it before they return), a model object's and a structure's (`weights=False`) when
+    called."""
     if isinstance(llm, PreTrainedModel):
         return llm, llm.name_or_path, lambda: fingerprint(None, llm)
     if not weights:  # a structure: named by its files when asked (rank 0 may still be fetching them)
         return load_llm(llm, dtype, device, weights), llm, lambda: fingerprint(llm)
     files = base_files(llm)
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(files_fingerprint, files) if files else None
-        base = load_llm(llm, dtype, device)
-        return base, llm, pending.result() if pending else fingerprint(llm)  # a hub id downloaded just now
+    if not files:  # a hub id downloaded by the load
+        return load_llm(llm, dtype, device), llm, lambda: fingerprint(llm)
+    pool = ThreadPoolExecutor(1)
+    pending = pool.submit(files_fingerprint, files)
+    pool.shutdown(wait=False)  # the hash goes on; `pending.result` waits for it
+    return load_llm(llm, dtype, device), llm, pending.result
 
 
 def _structure_only(on: bool):
@@ -175,6 +178,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
             model = cls(base, tower, strategy, spec, fp, shared_base)
         if not weights:
             model.tie_weights()
+        elif not isinstance(llm, PreTrainedModel):  # its files' hash, done beside the loads above, is awaited
+            _ = model.base_fingerprint  # (a model object's tensors are hashed only if it is saved)
         return model
 
     def _install_delta(self, empty: bool) -> None:
@@ -488,31 +493,39 @@ class GenieBlueForConditionalGeneration(nn.Module):
         fresh = strategy is not None and strategy != saved  # its LLM delta starts fresh: built with data
         with _structure_only(not weights):
             base, spec, fp = _load_base(manifest["base"]["llm"] if llm is None else llm, dtype, where, weights)
-            if weights:
-                fp = fp() if callable(fp) else fp
-                if not _same_base(saved_fp, fp, spec, base):
-                    raise ValueError(
-                        f"base LLM {spec!r} is not the one this delta was trained on (fingerprint {_short(fp)} "
-                        f"!= {_short(saved_fp)}): pass the original base with llm=..."
-                    )
             with no_init_weights(), torch.device(where):  # built where it runs, uninitialised: its weights load below
                 tower = VisionTower(load_vision(vision.pop("config"), dtype), base.config.hidden_size, **vision)
             model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False), not fresh)
         if not weights:
             model.tie_weights()
             return model
-        state = load_file(directory / DELTA, device=str(where))
+        state = load_file(directory / DELTA)  # views of the file, mapped: read where `_placed` needs them
         targets = dict(model._delta_items())
         if fresh:  # the tower from the folder, the LLM delta as built
             state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
             targets = {k: v for k, v in targets.items() if k.startswith(VISION_PREFIX)}
         mismatch = _delta_mismatch({k: v.shape for k, v in state.items()}, {k: v.shape for k, v in targets.items()})
+        if not mismatch:  # while a first load's base files are still being hashed
+            model.load_state_dict(_placed(state, targets, where), strict=False, assign=True)
+            tower.settle_layout()
+        if not _same_base(saved_fp, model.base_fingerprint, spec, base):  # the first error a wrong base gives
+            raise ValueError(
+                f"base LLM {spec!r} is not the one this delta was trained on (fingerprint "
+                f"{_short(model.base_fingerprint)} != {_short(saved_fp)}): pass the original base with llm=..."
+            )
         if mismatch:
             raise ValueError(f"{directory / DELTA} does not match the strategy: {mismatch}")
-        # the saved tensors take the empty ones' places (no copy into them), in the model's dtypes
-        model.load_state_dict({k: v.to(targets[k].dtype) for k, v in state.items()}, strict=False, assign=True)
-        tower.settle_layout()
         return model
+
+
+def _placed(state: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """A delta file's tensors (`load_file`'s views of the file's mapping) on `device`, each in its
+    target's dtype, to take the places of the model's empty `targets`. Unless every one can stay as it
+    is (on the CPU in its saved dtype), every one is copied out of the file, one at a time (a GPU holds
+    one float32 tensor at a time, not the whole delta twice), so that the mapping is released: a single
+    view left in it keeps the whole file resident."""
+    moved = device.type != "cpu" or any(v.dtype != targets[k].dtype for k, v in state.items())
+    return {k: v.to(device, targets[k].dtype, copy=moved) for k, v in state.items()}
 
 
 def _delta_mismatch(saved: dict[str, tuple], held: dict[str, tuple]) -> str | None:
