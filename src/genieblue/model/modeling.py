@@ -520,12 +520,15 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
 def _placed(state: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], device: torch.device) -> dict:
     """A delta file's tensors (`load_file`'s views of the file's mapping) on `device`, each in its
-    target's dtype, to take the places of the model's empty `targets`. Unless every one can stay as it
-    is (on the CPU in its saved dtype), every one is copied out of the file, one at a time (a GPU holds
-    one float32 tensor at a time, not the whole delta twice), so that the mapping is released: a single
-    view left in it keeps the whole file resident."""
-    moved = device.type != "cpu" or any(v.dtype != targets[k].dtype for k, v in state.items())
-    return {k: v.to(device, targets[k].dtype, copy=moved) for k, v in state.items()}
+    target's dtype, to take the places of the model's empty `targets`, one tensor at a time (a GPU
+    holds one float32 tensor at a time, not the whole delta twice). On the CPU they stay views of the
+    file unless any is cast; then every one is copied out of it, so that the mapping is released (a
+    single view left in it keeps the whole file resident). To a GPU each goes as saved and is cast
+    there (a blocking copy to the GPU in another dtype would cast on the host)."""
+    if device.type != "cpu":
+        return {k: v.to(device).to(targets[k].dtype) for k, v in state.items()}
+    cast = any(v.dtype != targets[k].dtype for k, v in state.items())
+    return {k: v.to(targets[k].dtype, copy=cast) for k, v in state.items()}
 
 
 def _delta_mismatch(saved: dict[str, tuple], held: dict[str, tuple]) -> str | None:
