@@ -8,6 +8,8 @@ and a fresh genieblue-skip delta on it, then times, each in a fresh process and 
             fingerprint cache (the base's files are hashed)
   * later:  the same with the cache the first load left (nothing hashed)
 
+and the process's resident memory once each has loaded (the model held).
+
 The delta's tower is the default (a small ResNet) or, with `--vision siglip-so400m`, the paper's
 SigLIP-so400m shape (400M parameters, saved in the delta as any trained tower is).
 
@@ -36,7 +38,7 @@ SO400M_TOWER = dict(SO400M, model_type="siglip_vision_model", num_attention_head
 TOWERS = {"resnet": None, "siglip-so400m": SO400M_TOWER}
 
 SETUP = (
-    "import time, torch, transformers.models.qwen2.modeling_qwen2\n"  # the same imports before either clock
+    "import resource, time, torch, transformers.models.qwen2.modeling_qwen2\n"  # the same imports before either clock
     "from transformers import AutoModelForCausalLM\n"
     "from genieblue import GenieBlueForConditionalGeneration\n"
 )
@@ -45,11 +47,16 @@ TIMED = {
     "genieblue": "GenieBlueForConditionalGeneration.from_pretrained({delta!r}, dtype=torch.{dtype}, device='cpu')",
 }
 
+RESIDENT = "resource.getpagesize() * int(open('/proc/self/statm').read().split()[1]) / 1e9"
+"""Resident memory now, in GB (Linux), including pages of files the process maps (a safetensors
+file's tensors are views of its mapping)."""
 
-def timed(kind: str, base: Path, delta: Path, dtype: str, cache: Path) -> float:
-    """Seconds `kind` takes to load in a fresh process (the imports, the same for both, excluded)."""
+
+def timed(kind: str, base: Path, delta: Path, dtype: str, cache: Path) -> tuple[float, float]:
+    """(seconds `kind` takes to load in a fresh process, the imports, the same for both, excluded;
+    the process's resident memory in GB once loaded, the model held)."""
     load = TIMED[kind].format(base=str(base), delta=str(delta), dtype=dtype)
-    code = f"{SETUP}t = time.perf_counter()\n{load}\nprint(time.perf_counter() - t)"
+    code = f"{SETUP}t = time.perf_counter()\nmodel = {load}\nprint(time.perf_counter() - t, {RESIDENT})"
     env = {
         **os.environ,
         "GENIEBLUE_CACHE": str(cache),
@@ -57,7 +64,8 @@ def timed(kind: str, base: Path, delta: Path, dtype: str, cache: Path) -> float:
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds, resident = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(resident)
 
 
 def main() -> None:
@@ -83,11 +91,13 @@ def main() -> None:
         os.environ["GENIEBLUE_CACHE"] = str(root / "cache-build")
         GenieBlueForConditionalGeneration.from_base(str(base), vision=TOWERS[args.vision]).save_pretrained(delta)
         rows = {"base": [], "first": [], "later": []}
+        resident = {kind: [] for kind in rows}
         for r in range(args.rounds):
             cache = root / f"cache-{r}"
-            rows["base"].append(timed("base", base, delta, args.dtype, cache))
-            rows["first"].append(timed("genieblue", base, delta, args.dtype, cache))
-            rows["later"].append(timed("genieblue", base, delta, args.dtype, cache))
+            for kind, loader in (("base", "base"), ("first", "genieblue"), ("later", "genieblue")):
+                seconds, gb = timed(loader, base, delta, args.dtype, cache)
+                rows[kind].append(seconds)
+                resident[kind].append(gb)
         size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
         delta_size = sum(f.stat().st_size for f in delta.glob("*.safetensors"))
     median = {k: statistics.median(v) for k, v in rows.items()}
@@ -100,6 +110,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "seconds": {k: [round(x, 3) for x in v] for k, v in rows.items()},
         "median_s": {k: round(v, 3) for k, v in median.items()},
+        "resident_GB": {k: round(statistics.median(v), 2) for k, v in resident.items()},
         "first_vs_base": round(median["first"] / median["base"], 2),
         "later_vs_base": round(median["later"] / median["base"], 2),
     }
@@ -111,7 +122,8 @@ def main() -> None:
         f"({result['delta_file_GB']} GB) loaded in {args.dtype} on CPU"
     )
     for kind, label in (("base", "transformers alone"), ("first", "genieblue, first load"), ("later", "later")):
-        print(f"  {label:24} {median[kind]:6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in rows[kind])})")
+        runs = ", ".join(f"{x:.2f}" for x in rows[kind])
+        print(f"  {label:24} {median[kind]:6.2f} s, {result['resident_GB'][kind]:5.2f} GB resident   (runs: {runs})")
     print(f"  first / base = {result['first_vs_base']:.2f}x, later / base = {result['later_vs_base']:.2f}x")
 
 

@@ -223,6 +223,9 @@ def test_load_bench_times_a_delta_against_its_base(tmp_path):
     assert set(result["median_s"]) == {"base", "first", "later"} and all(v > 0 for v in result["median_s"].values())
     ratio = result["median_s"]["first"] / result["median_s"]["base"]  # of medians rounded to 1 ms
     assert result["first_vs_base"] == pytest.approx(ratio, rel=0.03, abs=0.01)
+    assert set(result["resident_GB"]) == {"base", "first", "later"} and all(
+        v > 0 for v in result["resident_GB"].values()
+    )
 
 
 @pytest.mark.integration
