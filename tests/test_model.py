@@ -515,6 +515,8 @@ def test_a_base_given_as_a_model_object_is_named_by_its_own_tensors(base_dirs, t
     model = GenieBlue.from_base(base, vision=TINY_SIGLIP)
     _train_steps(model)
     model.save_pretrained(tmp_path / "d")
+    with pytest.raises(ValueError, match="trained on a base given as a model object .* pass an equal one with llm="):
+        GenieBlue.from_pretrained(tmp_path / "d")  # (not the built-in base the manifest's empty name would load)
     GenieBlue.from_base(twins[0], vision=TINY_SIGLIP).check_continues(tmp_path / "d")
     with pytest.raises(ValueError, match="already carries a GenieBlue delta .* pass a fresh base"):
         GenieBlue.from_pretrained(tmp_path / "d", llm=twins[0], device="cpu")  # the wrappers are in it now

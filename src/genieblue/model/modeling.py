@@ -481,8 +481,9 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
         Raises:
             FileNotFoundError: the folder lacks its manifest or delta, or the base cannot be found.
-            ValueError: the base is not the one the delta was trained on, the delta does not match
-                the strategy, or a device / dtype that is not available.
+            ValueError: the base is not the one the delta was trained on (or, a model object with no
+                files behind it, not passed again), the delta does not match the strategy, or a device /
+                dtype that is not available.
         """
         directory = check_model_folder(directory)
         where, dtype = resolve_placement(device, dtype)
@@ -491,6 +492,11 @@ class GenieBlueForConditionalGeneration(nn.Module):
         vision = dict(manifest["vision"])
         saved = Strategy(**manifest["strategy"])
         fresh = strategy is not None and strategy != saved  # its LLM delta starts fresh: built with data
+        if llm is None and manifest["base"]["llm"] == "":  # (None names the built-in default)
+            raise ValueError(
+                f"{directory} was trained on a base given as a model object with no files behind it: "
+                "pass an equal one with llm=..."
+            )
         with _structure_only(not weights):
             base, spec, fp = _load_base(manifest["base"]["llm"] if llm is None else llm, dtype, where, weights)
             with no_init_weights(), torch.device(where):  # built where it runs, uninitialised: its weights load below
