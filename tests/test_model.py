@@ -127,6 +127,62 @@ def test_save_and_reload_gives_identical_outputs(base_dirs, tmp_path):
     )
 
 
+def test_a_loaded_model_is_in_eval_mode_and_a_strategy_may_be_named(base_dirs, tmp_path):
+    """As transformers loads a model (a ResNet tower's BatchNorm would otherwise use each batch's
+    statistics and change its running ones in an inference call)."""
+    GenieBlue.from_base(base_dirs["llama"], vision=TINY_RESNET).save_pretrained(tmp_path / "d")
+    loaded = GenieBlue.from_pretrained(tmp_path / "d", device="cpu")
+    assert not any(m.training for m in loaded.modules())
+    assert not GenieBlue.from_pretrained(tmp_path / "d", device="cpu", weights=False).training
+    lora = GenieBlue.from_pretrained(tmp_path / "d", device="cpu", strategy="lora")
+    assert lora.strategy == Strategy("lora") and not lora.training
+
+
+def test_a_base_named_by_a_relative_path_or_a_path_object_is_saved_absolute(base_dirs, tmp_path, monkeypatch):
+    """A manifest names its base from any working folder; a path that is not there is refused as
+    such, not looked up on the hub."""
+    base = tmp_path / "bases" / "llama"
+    shutil.copytree(base_dirs["llama"], base)
+    monkeypatch.chdir(tmp_path)
+    GenieBlue.from_base("bases/llama", vision=TINY_SIGLIP).save_pretrained(tmp_path / "rel")
+    GenieBlue.from_base(base, vision=TINY_SIGLIP).save_pretrained(tmp_path / "obj")  # a pathlib.Path
+    for folder in ("rel", "obj"):
+        assert json.loads((tmp_path / folder / "genieblue.json").read_text())["base"]["llm"] == str(base)
+    monkeypatch.chdir(tmp_path / "obj")
+    assert GenieBlue.from_pretrained(tmp_path / "rel", device="cpu").base_spec == str(base)
+    with pytest.raises(FileNotFoundError, match="base LLM not found: ./bases/llama"):
+        GenieBlue.from_base("./bases/llama", vision=TINY_SIGLIP)
+    with pytest.raises(FileNotFoundError, match="vision tower not found: /no/such/tower"):
+        GenieBlue.from_base(str(base), vision="/no/such/tower")
+    shutil.rmtree(base)
+    with pytest.raises(FileNotFoundError, match=f"base LLM not found: {base}"):
+        GenieBlue.from_pretrained(tmp_path / "rel", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: "{not json", "genieblue.json is damaged \\(Expecting"),
+        (lambda m: {**m, "format": "other"}, "is not a genieblue manifest"),
+        (lambda m: {**m, "version": 99}, "is version 99, written by a newer genieblue"),
+        (lambda m: {**m, "strategy": {**m["strategy"], "dropout": 0.1}}, r"settings unknown here \(dropout\)"),
+        (lambda m: {k: v for k, v in m.items() if k != "vision"}, "is damaged: it lacks vision: save the model again"),
+        (lambda m: {**m, "base": {"llm": m["base"]["llm"]}}, "is damaged: it lacks base.fingerprint"),
+        (None, "delta.safetensors is damaged \\(Error while deserializing header"),
+    ],
+)
+def test_a_damaged_model_folder_is_refused_in_one_line(damage, message, base_dirs, tmp_path):
+    GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP).save_pretrained(tmp_path / "d")
+    manifest_file, delta = tmp_path / "d" / "genieblue.json", tmp_path / "d" / "delta.safetensors"
+    if damage is None:
+        delta.write_bytes(delta.read_bytes()[:1000])  # a copy cut short
+    else:
+        damaged = damage(json.loads(manifest_file.read_text()))
+        manifest_file.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    with pytest.raises(ValueError, match=message):
+        GenieBlue.from_pretrained(tmp_path / "d", device="cpu")
+
+
 def test_saved_folder_has_a_model_card(base_dirs, tmp_path):
     """README.md beside the delta: the base and its fingerprint, the strategy and its copied
     blocks, the parameter counts (counted here from the delta itself), the commands to use it."""
@@ -179,6 +235,27 @@ def test_reload_refuses_a_different_base(base_dirs, tmp_path):
         GenieBlue.from_pretrained(tmp_path / "d")
 
 
+def test_generate_pads_as_the_base_does(base_dirs):
+    """A finished row of a text batch is padded with the base's pad id, 0 included; a base with no pad
+    id and several EOS ids (as Llama-3-Instruct ships) pads with the first, as its own generate does."""
+    model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP).eval()
+    ref = load_reference(base_dirs["llama"])
+    assert ref.generation_config.pad_token_id == 0
+    ids = _text_batch()
+    first = ref.generate(ids, **GREEDY)[:, ids.shape[1] :]
+    stop = int(first[0, 0])  # the first row's first token ends it: the rest of that row is padding
+    assert stop not in first[1].tolist()
+    greedy = {k: v for k, v in GREEDY.items() if k != "pad_token_id"}  # each model's own
+    expected = ref.generate(ids, eos_token_id=stop, **greedy)[:, ids.shape[1] :]
+    assert expected[0, 1:].eq(0).all() and torch.equal(model.generate(ids, eos_token_id=stop, **greedy), expected)
+    for m in (model.llm, ref):
+        m.generation_config.pad_token_id, m.generation_config.eos_token_id = None, [stop, 1]
+    expected = ref.generate(ids, **greedy)[:, ids.shape[1] :]
+    assert expected[0, 1:].eq(stop).all() and torch.equal(model.generate(ids, **greedy), expected)
+    image_ids, px = _image_batch(model)
+    assert model.generate(image_ids, pixel_values=px, **greedy).shape[0] == 2  # the image path takes it too
+
+
 def test_placeholder_mismatch_names_both_counts(base_dirs):
     model = GenieBlue.from_base(base_dirs["llama"], vision=TINY_SIGLIP)
     ids, px = _image_batch(model)
@@ -193,6 +270,8 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"unsupported LLM architecture 'gpt2'; supported: llama, qwen2"):
         GenieBlue.from_base(str(tmp_path), vision=TINY_SIGLIP)
+    with pytest.raises(ValueError, match=r"unsupported LLM architecture 'gpt2'; supported: llama, qwen2"):
+        GenieBlue.from_base(GPT2LMHeadModel.from_pretrained(tmp_path), vision=TINY_SIGLIP)  # a model object alike
 
 
 def test_gradient_checkpointing_replays_the_image_route(base_dirs):
@@ -286,6 +365,30 @@ def test_block_choice(name, layers, expected):
 def test_unknown_strategy_lists_choices():
     with pytest.raises(ValueError, match="choose one of: genieblue-skip"):
         Strategy("genieblue-middle")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(lora_rank=2.5), "lora_rank must be a whole number >= 1, got 2.5"),
+        (dict(lora_rank=True), "lora_rank must be a whole number >= 1, got True"),
+        (dict(fraction="0.25"), "fraction must be a number in \\(0, 1\\], got '0.25'"),
+        (dict(lora_alpha=0), "lora_alpha must be a number > 0, got 0"),
+        (dict(lora_targets=["q_proj", "qproj"]), "unknown lora_targets \\['qproj'\\]; choose from: q_proj"),
+    ],
+)
+def test_strategy_settings_of_the_wrong_kind_are_refused_in_one_line(options, message):
+    with pytest.raises(ValueError, match=message):
+        Strategy("genieblue-skip", **options)
+
+
+def test_strategy_choices_that_once_built_nothing():
+    """A single target name is that target (not its letters); a fraction whose step exceeds the blocks
+    still copies k = 1 block (the last), as the placement rule says."""
+    assert Strategy("lora", lora_targets="q_proj").lora_targets == ("q_proj",)
+    assert Strategy("genieblue-skip", fraction=0.1).block_indices(8) == [7]
+    assert Strategy("cogvlm-skip", fraction=0.03).block_indices(30) == [29]
+    assert Strategy("genieblue-skip", fraction=0.5).block_indices(5) == [1, 3]  # (unchanged where a step fits)
 
 
 def test_pretrained_vision_folders(base_dirs, tmp_path):

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .._io import write_json, write_text
-from .folder import DELTA, MANIFEST, TRAINING
+from .folder import DELTA, TRAINING, read_manifest
 from .strategy import Strategy
 
 CARD = "README.md"
@@ -101,7 +101,7 @@ def _evaluations(evals: dict) -> list[str]:
 def render_card(folder: str | Path, name: str | None = None) -> str:
     """The card of a saved model folder; `name` is how commands refer to it (default: the folder)."""
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_manifest(folder)
     delta = folder / DELTA
     name = name or str(folder)
     base, strategy = manifest["base"], manifest["strategy"]

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -29,11 +28,11 @@ from transformers.initialization import no_init_weights
 from .._io import atomic_dir, write_json, writes_files
 from .card import write_card
 from .fingerprint import FILES_SCHEME, files_fingerprint, remember_match, remembered_match, tensors_fingerprint
-from .folder import DELTA, MANIFEST, TRAINING, check_model_folder
+from .folder import DELTA, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, TRAINING, check_model_folder, read_manifest
 from .placement import resolve_placement
 from .report import parameter_report
 from .routing import Expert, LoRALinear, Router, Switch, delta_members, group_siblings, swap_modules
-from .sources import base_files, fingerprint, load_llm, load_vision
+from .sources import base_files, check_llm_type, fingerprint, load_llm, load_vision, local_or_hub
 from .strategy import EXPERT_TARGETS, Strategy
 from .vision import VisionTower, split_tower_options
 
@@ -71,7 +70,9 @@ def _load_base(llm: str | PreTrainedModel | None, dtype: torch.dtype, device, we
     callers await it before they return), a model object's and a structure's (`weights=False`) when
     called."""
     if isinstance(llm, PreTrainedModel):
+        check_llm_type(llm.config)
         return llm, llm.name_or_path, lambda: fingerprint(None, llm)
+    llm = local_or_hub(llm)
     if not weights:  # a structure: named by its files when asked (rank 0 may still be fetching them)
         return load_llm(llm, dtype, device, weights), llm, lambda: fingerprint(llm)
     files = base_files(llm)
@@ -227,7 +228,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
         Raises:
             ValueError: naming the difference."""
         directory = check_model_folder(directory)
-        saved_fp = json.loads((directory / MANIFEST).read_text())["base"]["fingerprint"]
+        saved_fp = read_manifest(directory)["base"]["fingerprint"]
         if not _same_base(saved_fp, self.base_fingerprint, self.base_spec, self.llm):
             raise ValueError(
                 f"{directory} was trained on another base LLM than {self.base_spec!r} (fingerprint "
@@ -352,9 +353,10 @@ class GenieBlueForConditionalGeneration(nn.Module):
     def generate(self, input_ids, attention_mask=None, pixel_values=None, shared_base=None, **gen_kwargs):
         """transformers `generate` on the routed model; returns only the new tokens (B, new)."""
         input_ids, attention_mask, pixel_values = self._on_device(input_ids, attention_mask, pixel_values)
-        gen_kwargs.setdefault(
-            "pad_token_id", self.llm.generation_config.pad_token_id or self.llm.generation_config.eos_token_id
-        )
+        config = self.llm.generation_config
+        if config.pad_token_id is None and config.eos_token_id is not None:  # as transformers would, unwarned
+            eos = config.eos_token_id
+            gen_kwargs.setdefault("pad_token_id", eos if isinstance(eos, int) else eos[0])
         if self._text_only(input_ids, pixel_values, shared_base):
             with self.router.route(image=False):
                 out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
@@ -407,8 +409,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
     def manifest(self) -> dict:
         n = len(self.llm.model.layers)
         return {
-            "format": "genieblue-delta",
-            "version": 1,
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
             "base": {
                 "llm": self.base_spec,
                 "model_type": self.llm.config.model_type,
@@ -461,21 +463,23 @@ class GenieBlueForConditionalGeneration(nn.Module):
         directory: str | Path,
         llm: str | PreTrainedModel | None = None,
         dtype: torch.dtype | str | None = None,
-        strategy: Strategy | None = None,
+        strategy: Strategy | str | None = None,
         device: torch.device | str | None = None,
         weights: bool = True,
     ) -> GenieBlueForConditionalGeneration:
-        """Load a saved delta onto its base.
+        """Load a saved delta onto its base, in eval mode (as transformers loads a model).
 
         Args:
             directory: a folder written by `save_pretrained` (or `genieblue train`).
             llm: the base, when not the one the manifest names (a hub id, folder, .gguf file or a
-                loaded model); it must hold the same weights.
+                loaded model, used as it is, on its own device and in its own dtype); it must hold the
+                same weights.
             dtype, device: where to run (default: cuda when present, else cpu; bfloat16 on a GPU,
                 float32 on a CPU); a torch dtype or a name such as "bfloat16". The base check does
                 not depend on them: the fingerprint names the base's files, not how they were loaded.
-            strategy: another strategy than the saved one: only the vision tower and connector are
-                taken from the folder, the LLM delta starts fresh (one stage 1 for several stage 2s).
+            strategy: another strategy than the saved one (a `Strategy` or a name): only the vision
+                tower and connector are taken from the folder, the LLM delta starts fresh (one stage 1
+                for several stage 2s).
             weights: False builds the structure only (see `_structure_only`): neither the base's
                 weights nor the delta are read, and the base is not checked.
 
@@ -487,10 +491,11 @@ class GenieBlueForConditionalGeneration(nn.Module):
         """
         directory = check_model_folder(directory)
         where, dtype = resolve_placement(device, dtype)
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = read_manifest(directory)
         saved_fp = manifest["base"]["fingerprint"]
         vision = dict(manifest["vision"])
         saved = Strategy(**manifest["strategy"])
+        strategy = Strategy(strategy) if isinstance(strategy, str) else strategy
         fresh = strategy is not None and strategy != saved  # its LLM delta starts fresh: built with data
         if llm is None and manifest["base"]["llm"] == "":  # (None names the built-in default)
             raise ValueError(
@@ -504,8 +509,11 @@ class GenieBlueForConditionalGeneration(nn.Module):
             model = cls(base, tower, strategy or saved, spec, fp, manifest.get("shared_base", False), not fresh)
         if not weights:
             model.tie_weights()
-            return model
-        state = load_file(directory / DELTA)  # views of the file, mapped: read where `_placed` needs them
+            return model.eval()
+        try:
+            state = load_file(directory / DELTA)  # views of the file, mapped: read where `_placed` needs them
+        except SafetensorError as err:
+            raise ValueError(f"{directory / DELTA} is damaged ({err}): save the model again") from None
         targets = dict(model._delta_items())
         if fresh:  # the tower from the folder, the LLM delta as built
             state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
@@ -521,7 +529,7 @@ class GenieBlueForConditionalGeneration(nn.Module):
             )
         if mismatch:
             raise ValueError(f"{directory / DELTA} does not match the strategy: {mismatch}")
-        return model
+        return model.eval()
 
 
 def _placed(state: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], device: torch.device) -> dict:

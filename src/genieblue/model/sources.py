@@ -108,10 +108,7 @@ def load_llm(
     `init_empty_weights` its parameters are then on the meta device and its buffers real."""
     source = resolve_llm(spec)
     config = AutoConfig.from_pretrained(source)
-    if config.model_type not in SUPPORTED_LLM_TYPES:
-        raise ValueError(
-            f"unsupported LLM architecture {config.model_type!r}; supported: {', '.join(SUPPORTED_LLM_TYPES)}"
-        )
+    check_llm_type(config)
     if weights:
         placement = {} if torch.device(device).type == "cpu" else {"device_map": torch.device(device)}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
@@ -119,6 +116,29 @@ def load_llm(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     return model
+
+
+def check_llm_type(config: PretrainedConfig) -> None:
+    """Refuse an LLM of a family whose blocks the delta cannot wrap (ValueError naming the supported ones)."""
+    if config.model_type not in SUPPORTED_LLM_TYPES:
+        raise ValueError(
+            f"unsupported LLM architecture {config.model_type!r}; supported: {', '.join(SUPPORTED_LLM_TYPES)}"
+        )
+
+
+def local_or_hub(spec: str | Path | None, what: str = "base LLM") -> str | None:
+    """A model spec as it is loaded and recorded: a local file or folder, absolute (a manifest names it
+    from any working folder); else a hub id as a string, or None (the built-in base). A path that is
+    not there (absolute, or starting with ., .. or ~) is refused: FileNotFoundError, not a hub lookup."""
+    if spec is None or spec == "":
+        return None
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path.absolute())
+    text = str(spec)
+    if path.is_absolute() or text.startswith(("./", "../", "~")):
+        raise FileNotFoundError(f"{what} not found: {text} (no such file or folder)")
+    return text
 
 
 def load_tokenizer(spec: str | None):
@@ -132,7 +152,7 @@ def eos_token_ids(llm: PreTrainedModel, tokenizer) -> list[int]:
     return sorted({*eos, tokenizer.eos_token_id} - {None})
 
 
-def vision_config(spec: str | dict | PretrainedConfig) -> PretrainedConfig:
+def vision_config(spec: str | Path | dict | PretrainedConfig) -> PretrainedConfig:
     """The vision-encoder config for an id/folder, a dict (with `model_type`) or a config object:
     a SigLIP / CLIP vision model, or any backbone `transformers.AutoBackbone` builds (its
     `image_size` is the tile side, 224 when unset)."""
@@ -149,7 +169,7 @@ def vision_config(spec: str | dict | PretrainedConfig) -> PretrainedConfig:
         else:
             raise ValueError(f"unsupported vision tower {kind!r}; supported: {', '.join(_supported_vision())}")
     else:
-        config = AutoConfig.from_pretrained(spec)
+        config = AutoConfig.from_pretrained(local_or_hub(spec, "vision tower"))
     if config.model_type in _FULL_TO_VISION:  # a full SigLIP / CLIP checkpoint: take its vision half
         config = config.vision_config
     if config.model_type not in VISION_MODELS and config.model_type not in MODEL_FOR_BACKBONE_MAPPING_NAMES:
@@ -162,12 +182,14 @@ def _supported_vision() -> list[str]:
 
 
 def load_vision(
-    spec: str | dict | PretrainedConfig, dtype: torch.dtype = torch.float32, weights: bool = True
+    spec: str | Path | dict | PretrainedConfig, dtype: torch.dtype = torch.float32, weights: bool = True
 ) -> PreTrainedModel:
     """A pretrained vision encoder (id or folder) or a freshly initialised one (config or dict), built
     in `dtype` (on the default device; under `transformers.initialization.no_init_weights` a fresh one
     is left uninitialised, for saved weights to be loaded into). Without `weights`, a pretrained one is
     built as a fresh one is, from its config (no weight file read)."""
+    if isinstance(spec, Path):
+        spec = local_or_hub(spec, "vision tower")
     config = vision_config(spec)
     if config.model_type not in VISION_MODELS:  # a convolutional (or other) backbone
         cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]  # the concrete class: AutoBackbone asks the hub first

@@ -3,7 +3,8 @@ and where LoRA goes.
 
 Block choice for `n` decoder blocks and `fraction` f (default 1/4), with step = round(1/f) and
 k = max(1, n // step) chosen blocks:
-  * skip: blocks step-1, 2*step-1, ... (every 4th block, e.g. 3, 7, 11, ... for f = 1/4)
+  * skip: blocks step-1, 2*step-1, ... (every 4th block, e.g. 3, 7, 11, ... for f = 1/4; the last
+          block when there are fewer than a step)
   * pre:  blocks 0 .. k-1 (the first quarter)
   * post: blocks n-k .. n-1 (the last quarter)
 """
@@ -26,6 +27,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 EXPERT_TARGETS = ("q_proj", "k_proj", "v_proj", "mlp")
 
 
+def _number(value, kind: type = float) -> bool:
+    """Whether `value` is a number of `kind` (float: an int or a float), not a bool or a string."""
+    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind)
+
+
 @dataclass(frozen=True)
 class Strategy:
     """How the frozen LLM is extended. `name` is one of STRATEGIES."""
@@ -39,11 +45,17 @@ class Strategy:
     def __post_init__(self):
         if self.name not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.name!r}; choose one of: {', '.join(STRATEGIES)}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if not _number(self.fraction) or not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
+        if not _number(self.lora_rank, int) or self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be a whole number >= 1, got {self.lora_rank!r}")
+        if not _number(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown lora_targets {unknown}; choose from: {', '.join(LORA_TARGETS)}")
+        object.__setattr__(self, "lora_targets", targets)
 
     @property
     def family(self) -> str:
@@ -62,8 +74,8 @@ class Strategy:
             return []
         step = max(1, round(1 / self.fraction))
         k = max(1, num_layers // step)
-        if self.placement == "skip":
-            return list(range(step - 1, num_layers, step))[:k]
+        if self.placement == "skip":  # (with fewer blocks than a step, the last one)
+            return list(range(min(step, num_layers) - 1, num_layers, step))[:k]
         if self.placement == "pre":
             return list(range(k))
         return list(range(num_layers - k, num_layers))

@@ -34,7 +34,7 @@ from ..data.packing import first_fit, pack
 from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
-from ..model.folder import MANIFEST, TRAINING, check_model_folder
+from ..model.folder import TRAINING, check_model_folder, read_manifest
 from ..model.placement import resolve_device
 from .checkpoint import (
     check_resumable,
@@ -109,7 +109,7 @@ def build_model(cfg: TrainConfig, weights: bool = True) -> GenieBlueForCondition
         )
     else:
         folder = check_model_folder(cfg.init_from)
-        saved = Strategy(**json.loads((folder / MANIFEST).read_text())["strategy"])
+        saved = Strategy(**read_manifest(folder)["strategy"])
         another = saved.settings() != strategy.settings()
         if another:
             # a stage-1 folder (LLM delta untrained) may start any strategy's stage 2: tower and connector only
