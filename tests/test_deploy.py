@@ -36,7 +36,14 @@ from genieblue.data import save_processor_settings
 from genieblue.deploy.accuracy import stepwise_text
 from genieblue.deploy.fuse import FusedProjections, fused_projections
 from genieblue.deploy.gguf_weights import gguf_layers
-from genieblue.deploy.onnx_export import ALIGN, BASE_DATA, DELTA_DATA, export_onnx
+from genieblue.deploy.onnx_export import (
+    ALIGN,
+    BASE_DATA,
+    DELTA_DATA,
+    check_export_folder,
+    export_onnx,
+    export_saved_model,
+)
 from genieblue.deploy.quant import (
     PlanarLinear,
     QuantizedLoRALinear,
@@ -464,6 +471,29 @@ def test_fp32_export_matches_the_float_model_and_shares_the_base(base_dirs, tmp_
     image = onnx.load(tmp_path / "fp32" / "image.onnx", load_external_data=False)
     locations = {e.value for t in image.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {BASE_DATA, DELTA_DATA}
+
+
+def test_an_export_replaces_only_an_earlier_export_and_never_its_model(base_dirs, tmp_path):
+    """Refused before the model is read (the model folder here does not exist): a folder holding other
+    files, a file, and the model's own folder or one above it; what they held is left as it was."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("years of work")
+    (tmp_path / "afile").write_text("x")
+    model = tmp_path / "run" / "final"
+    for out, says in (
+        (tmp_path / "notes", "holds other files, not an earlier export"),
+        (tmp_path / "afile", "is a file"),
+        (model, "holds the model being exported"),
+        (tmp_path / "run", "holds the model being exported"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            export_saved_model(model, out)
+    assert (tmp_path / "notes" / "thesis.txt").read_text() == "years of work"
+    assert (tmp_path / "afile").read_text() == "x"
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "deploy.json").write_text("{}")
+    for fine in (tmp_path / "earlier", tmp_path / "new", tmp_path / "notes" / "sub"):
+        check_export_folder(fine, model)
 
 
 INT8_TOLERANCE = 0.03

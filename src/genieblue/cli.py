@@ -601,7 +601,10 @@ ActivationsOption = typer.Option(
 def export(
     model: ModelDir,
     out: str = typer.Option(
-        "deploy_out", "--out", "-o", help="Folder to write (replaced atomically: what it held is deleted)."
+        "deploy_out",
+        "--out",
+        "-o",
+        help="Folder to write: a new or empty one, or an earlier export (replaced whole, atomically).",
     ),
     format: str = typer.Option("onnx", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."),
     precision: str = typer.Option(

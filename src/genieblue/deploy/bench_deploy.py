@@ -8,13 +8,11 @@ processes (`bench`) never import this module.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from ..model.folder import MANIFEST as MODEL_MANIFEST
-from ..model.folder import check_model_folder
+from ..model.folder import read_manifest
 from ..model.sources import gguf_file
 from . import activations as activations_setting
 from .accuracy import deployment_cost
@@ -70,9 +68,9 @@ def bench_deploy(
             unknown.
         RuntimeError: a worker process or llama-bench failed.
     """
-    check_model_folder(model)
     binary = llama_bench or shutil.which("llama-bench")
-    base = llm if llm is not None else json.loads((Path(model) / MODEL_MANIFEST).read_text())["base"]["llm"]
+    saved = read_manifest(model)["base"]["llm"]  # (first: a folder that is not a model is refused in one line)
+    base = llm if llm is not None else saved
     gguf = gguf_file(base)
     if llama_bench and gguf is None:
         raise ValueError(f"--llama-bench runs llama.cpp on the base's GGUF file, and {model}'s base is not a GGUF file")

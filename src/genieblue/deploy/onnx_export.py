@@ -362,6 +362,7 @@ def export_onnx(
             "cogvlm visual experts pick weights per token (MoE-style routing); export supports "
             "the genieblue-*, lora and full strategies"
         )
+    check_export_folder(folder)
     model.eval()
     precision = _precision(model)
     activations_setting.check(activations, precision)
@@ -411,6 +412,22 @@ def export_onnx(
     return manifest
 
 
+def check_export_folder(folder: str | Path, model_dir: str | Path | None = None) -> None:
+    """Refuse, before any work, a folder an export must not replace (it is replaced whole): a file, a
+    folder holding anything but an earlier export (no MANIFEST in it), or `model_dir` or a folder
+    that holds it."""
+    folder = Path(folder).absolute()
+    if model_dir is not None and Path(model_dir).absolute().is_relative_to(folder):
+        raise ValueError(f"{folder} holds the model being exported: write the export to another folder")
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file: write the export to a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MANIFEST).is_file():
+        raise ValueError(
+            f"{folder} holds other files, not an earlier export (no {MANIFEST}): it would be replaced whole; "
+            "write the export to a new folder, or empty that one"
+        )
+
+
 def export_saved_model(
     model_dir: str | Path,
     out: str | Path,
@@ -440,13 +457,15 @@ def export_saved_model(
     Raises:
         FileNotFoundError: `model_dir` is not a saved model folder.
         ValueError: an unknown precision or activations setting, `copy_bits` other than 4 or 8, a
-            cogvlm strategy, or a GGUF tensor that does not match the loaded base.
+            cogvlm strategy, a GGUF tensor that does not match the loaded base, or an `out` that an
+            export must not replace (see `check_export_folder`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     activations_setting.check(activations, precision)
     if copy_bits not in (4, 8):
         raise ValueError(f"block copies quantise to 4 or 8 bits, not {copy_bits}")
+    check_export_folder(out, model_dir)
     model, processor = load_model_and_processor(model_dir, llm, *EXPORT_PLACEMENT)
     quantization = quantize(model, llm, keep_gguf, copy_bits) if precision == "w4a16" else None
     eos = eos_token_ids(model.llm, processor.tokenizer)

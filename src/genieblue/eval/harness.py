@@ -17,7 +17,6 @@ through this module, which registers "genieblue" first:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration, load_llm, load_tokenizer
-from ..model.folder import MANIFEST
+from ..model.folder import MANIFEST, read_manifest
 from ..model.placement import resolve_placement
 from .cache import ResultCache
 
@@ -98,7 +97,7 @@ def _load(pretrained: str, path: str, llm: str | None, device, dtype):
             )
         return load_llm(pretrained, dtype, device), load_tokenizer(pretrained)
     if path == "base":
-        spec = llm or json.loads((folder / MANIFEST).read_text())["base"]["llm"]
+        spec = llm or read_manifest(folder)["base"]["llm"]
         return load_llm(spec, dtype, device), load_tokenizer(spec)
     model, processor = load_model_and_processor(folder, llm, device, dtype)
     return model, processor.tokenizer
