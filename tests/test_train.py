@@ -274,6 +274,14 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, chat_base, s
         Trainer(cfg).run()
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         TrainConfig(keep_last=0)
+    # a finished run with no checkpoint (save_every past max_steps): its model is not trained over
+    shutil.rmtree(out / "checkpoints")
+    (out / "final").mkdir()
+    (out / "final" / "genieblue.json").write_text("{}")
+    for resume in (False, True):
+        with pytest.raises(ValueError, match="already holds a trained model \\(final/\\) and no checkpoint"):
+            Trainer(cfg).run(resume=resume)
+    assert (out / "final" / "genieblue.json").read_text() == "{}"
 
 
 # 2. atomic checkpoints -----------------------------------------------------------------------------
@@ -757,6 +765,9 @@ def test_bad_records_are_skipped_and_reported(tmp_path, chat_base, synth_data, b
         ("stage: 3\ndata: [{path: train.json}]\n", r"stage must be 1 or 2, got 3"),
         ("data: [{path: none.json}]\n", r"data file not found: \S*none.json \(a config's data paths are relative"),
         ("data: [{path: train.json, image_folder: no-such}]\n", r"image folder not found: \S*no-such"),
+        ("lr: fast\ndata: [{path: train.json}]\n", r"lr must be float, got 'fast'"),
+        ("gradient_checkpointing: yes please\ndata: [{path: train.json}]\n", r"must be bool, got 'yes please'"),
+        ("max_steps: 0\ndata: [{path: train.json}]\n", r"max_steps must be >= 1, got 0"),
     ],
 )
 def test_a_config_mistake_is_one_line_before_any_weight_is_read(tmp_path, text, says):
@@ -770,6 +781,12 @@ def test_a_config_mistake_is_one_line_before_any_weight_is_read(tmp_path, text, 
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(says, errors[0]), result.output
     assert "Traceback" not in result.output and "no-such-base" not in result.output
+
+
+def test_a_float_written_as_yaml_1_1_reads_as_a_string_is_taken_as_the_number(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 2e-5\neps: 1.0e-6\n")  # `2e-5` is a string to YAML 1.1
+    config = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert config.lr == 2e-5 and config.eps == 1e-6
 
 
 def test_too_many_bad_records_stop_training(tmp_path, chat_base, synth_data, bad_data):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field, fields
 from difflib import get_close_matches
 from pathlib import Path
@@ -17,6 +18,28 @@ class DataSource:
     path: str
     ratio: float = 1.0
     image_folder: str | None = None
+
+
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+"""The plain kinds a field's annotation names, and the Python types that are of each (an int is a float)."""
+
+
+def _of_kind(name: str, annotation: str, value):
+    """`value`, refused when of another kind than a plain field's annotation names (`lr: fast`,
+    `stage: "1"`) before it fails deep inside a run. A float written `2e-5` (a string to YAML 1.1,
+    which wants `2.0e-5`) is read as the number. Fields of other annotations (lists, dicts, tuples) are
+    checked where they are read."""
+    parts = [part.strip() for part in annotation.split("|")]
+    kinds = [_KINDS[part] for part in parts if part in _KINDS]
+    if len(kinds) + ("None" in parts) != len(parts) or (value is None and "None" in parts):
+        return value
+    numeric = any(k in parts for k in ("int", "float"))
+    if any(isinstance(value, kind) for kind in kinds) and not (numeric and isinstance(value, bool)):
+        return value
+    if "float" in parts and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    raise ValueError(f"{name} must be {' or '.join(parts)}, got {value!r}")
 
 
 @dataclass
@@ -89,12 +112,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _of_kind(f.name, f.type, getattr(self, f.name)))
         self.data = _sources(self.data)
         self.betas = tuple(self.betas)
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        for name in ("batch_size", "grad_accum", "save_every", "keep_last"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "grad_accum", "save_every", "keep_last", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod

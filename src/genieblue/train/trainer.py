@@ -34,7 +34,7 @@ from ..data.packing import first_fit, pack
 from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
-from ..model.folder import TRAINING, check_model_folder, read_manifest
+from ..model.folder import MANIFEST, TRAINING, check_model_folder, read_manifest
 from ..model.placement import resolve_device
 from .checkpoint import (
     check_resumable,
@@ -59,6 +59,9 @@ from .distributed import (
 from .loss import causal_lm_loss
 from .optim import build_optimizer
 from .vision_pretrain import pretrain_vision, sample_batches, stream_batches
+
+FINAL = "final"
+"""The trained model's folder in output_dir (`save_pretrained`), written when a run ends."""
 
 
 class BadDataError(RuntimeError):
@@ -325,7 +328,12 @@ class Trainer:
         if latest and not resume:
             raise ValueError(
                 f"{self.out} already holds checkpoints of a run (newest: {latest.name}): pass --resume "
-                "(resume=True) to continue it, or choose another output_dir"
+                "to continue it, or choose another output_dir"
+            )
+        if (self.out / FINAL / MANIFEST).is_file() and not latest:  # (a resume may train on past it)
+            raise ValueError(
+                f"{self.out} already holds a trained model (final/) and no checkpoint to resume from: choose "
+                "another output_dir, or delete it to train again"
             )
         if self.accelerator.is_main_process:
             remove_partial(self.out)
@@ -575,7 +583,7 @@ class Trainer:
     def _finish(self, run: _Run) -> Path:
         acc, model, data = self.accelerator, run.model, run.data
         acc.wait_for_everyone()
-        final = self.out / "final"
+        final = self.out / FINAL
         # every process: a sharded model is gathered by all of them; only rank 0 writes
         model.save_pretrained(final, training=self._training_record(run) if acc.is_main_process else None)
         if acc.is_main_process:
