@@ -390,6 +390,11 @@ def test_mm_errors_are_one_line(models, tmp_path):
         result = CliRunner().invoke(app, ["eval", "mm", "-m", models["main"], "-d", spec, "--out", str(tmp_path)])
         assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, result.output
         assert result.output.count("\n") == 1
+    for option in ("--limit", "--batch-size"):  # 0 and -1 were "no limit" and a slice [:-1]; a KeyError
+        for value in ("0", "-1"):
+            args = ["eval", "mm", "-m", models["main"], "-d", str(tmp_path / "bad.tsv"), option, value]
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
 
 
 def test_mm_reads_the_training_formats_and_names_what_an_unusable_file_lacks(models, tmp_path):

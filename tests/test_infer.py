@@ -10,6 +10,7 @@ import base64
 import io
 import itertools
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -22,6 +23,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -493,6 +495,31 @@ def test_chat_in_bfloat16_replies_what_the_base_in_bfloat16_replies(model_dir, c
     assert result.exit_code == 2 and "error: unknown dtype 'float8'" in result.stderr
 
 
+def test_a_chat_turn_that_cannot_run_is_refused_and_the_session_goes_on(
+    model_dir, base, base_tok, tmp_path, monkeypatch
+):
+    """An unreadable image and a conversation over the context are refused in one line (as `serve`
+    refuses them) and leave the session as it was: the next turn replies as if they had not been."""
+    (tmp_path / "text.png").write_text("not an image")
+    session = ChatSession.load(model_dir, max_new_tokens=N)
+    context = session.model.llm.config.max_position_embeddings
+    with pytest.raises(ValueError, match="cannot"):
+        session.ask("What is it?", tmp_path / "text.png")
+    with pytest.raises(ContextOverflow, match=f"model's context of {context} tokens; .* lower max_new_tokens"):
+        session.ask("word " * context)
+    assert session.history == [] and session.images == []
+    assert session.ask(QUESTIONS[1]) == _base_text(base, base_tok, QUESTIONS[1]).strip()
+    # interactively: the error is printed and the next question answered
+    answers = iter(["/image " + str(tmp_path / "text.png"), "What is it?", QUESTIONS[2], "/quit"])
+    monkeypatch.setattr("genieblue.infer.chat.Prompt.ask", lambda *a, **k: next(answers))
+    console = Console(file=io.StringIO(), width=200)
+    ChatSession.load(model_dir, max_new_tokens=N).interactive(console)
+    printed = console.file.getvalue()
+    assert "error: " in printed and _base_text(base, base_tok, QUESTIONS[2]).strip() in printed
+    result = CliRunner().invoke(cli, ["chat", "-m", str(model_dir), "word " * context])
+    assert result.exit_code == 2 and "error: the prompt has" in result.stderr
+
+
 # server limits ------------------------------------------------------------------------------------
 KEY = "sekret-key"
 
@@ -622,3 +649,22 @@ def test_serve_warns_on_a_non_loopback_host_without_a_key(tmp_path, monkeypatch)
         result = CliRunner().invoke(cli, ["serve", "-m", missing, *args], env=env)
         assert result.exit_code == 2 and f"model folder not found: {missing}" in result.stderr
         assert ("without an API key" in result.stderr) == warned
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(tmp_path):
+    """A port in use, a host that is not this machine's and a port out of range are refused before the
+    model loads (the model folder here does not exist: its error would mean the check came too late)."""
+    missing = str(tmp_path / "none")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, says in (
+            (["--port", str(port)], f"cannot listen on 127.0.0.1:{port} .*Address already in use"),
+            (["--host", "999.1.1.1", "--api-key", "k"], "cannot listen on 999.1.1.1:8000"),
+        ):
+            result = CliRunner().invoke(cli, ["serve", "-m", missing, *args])
+            assert result.exit_code == 2 and re.search(f"error: {says}", result.stderr), result.stderr
+            assert "model folder not found" not in result.stderr
+    result = CliRunner().invoke(cli, ["serve", "-m", missing, "--port", "99999"])
+    assert result.exit_code == 2 and "Invalid value for '--port'" in result.output

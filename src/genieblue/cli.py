@@ -168,7 +168,7 @@ def train(
     ),
     output_dir: str | None = typer.Option(None, help="Override output_dir."),
     max_steps: int | None = typer.Option(
-        None, help="Override max_steps: the run's optimiser steps, in place of epochs (the schedule spans them)."
+        None, min=1, help="Override max_steps: the run's optimiser steps, in place of epochs (the schedule spans them)."
     ),
 ):
     """Train stage 1 (the connector: token mixer + projector; first stage 0 when the config sets
@@ -339,7 +339,7 @@ def serve(
         None, min=1, show_default=False, help="With --onnx: onnxruntime threads (default: one per core)."
     ),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on (0: any free one)."),
     allow_local_images: bool = typer.Option(False, help="Accept local file paths as image URLs (never http)."),
     llm: ManifestLLM = None,
     api_key: str | None = typer.Option(
@@ -433,9 +433,9 @@ def eval_text(
         "with: non-shared for GenieBlue, shared for full / lora / cogvlm.",
     ),
     include_path: list[str] = typer.Option([], help="Folder of extra lm-eval task YAMLs (repeatable)."),
-    limit: int | None = typer.Option(None, help="At most this many documents per task (a quick look)."),
+    limit: int | None = typer.Option(None, min=1, help="At most this many documents per task (a quick look)."),
     num_fewshot: int | None = typer.Option(None, help="Few-shot examples (default: each task's own)."),
-    batch_size: int = typer.Option(8, help="Requests per forward pass."),
+    batch_size: int = typer.Option(8, min=1, help="Requests per forward pass."),
     device: Device = None,
     dtype: DType = None,
     chat_template: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
@@ -488,9 +488,9 @@ def eval_mm(
     reference: str | None = typer.Option(
         None, help="Reference checkpoint for the retention column (e.g. full fine-tuning)."
     ),
-    batch_size: int = typer.Option(8, help="Questions per generate call."),
+    batch_size: int = typer.Option(8, min=1, help="Questions per generate call."),
     max_new_tokens: int = typer.Option(32, help="Longest reply."),
-    limit: int | None = typer.Option(None, help="At most this many items per benchmark."),
+    limit: int | None = typer.Option(None, min=1, help="At most this many items per benchmark."),
     llm: ManifestLLM = None,
     device: Device = None,
     dtype: DType = None,
@@ -549,7 +549,7 @@ def eval_chat(
     ),
     judge_max_tokens: int = typer.Option(1024, help="Longest judgment."),
     paths: str = typer.Option("base,non-shared,shared", help=EVAL_PATHS_HELP),
-    batch_size: int = typer.Option(8, help="Questions per generate call."),
+    batch_size: int = typer.Option(8, min=1, help="Questions per generate call."),
     max_new_tokens: int = typer.Option(512, help="Longest answer."),
     llm: ManifestLLM = None,
     device: Device = None,

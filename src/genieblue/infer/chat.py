@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.prompt import Prompt
 
 from ..loading import load_model_and_processor
 from ..model import GenieBlueForConditionalGeneration
+from .engine import check_context
 
 
 class ChatSession:
@@ -31,12 +33,19 @@ class ChatSession:
         return cls(*load_model_and_processor(model_dir, llm, device, dtype), **kwargs)
 
     def ask(self, text: str, image: str | Path | None = None) -> str:
-        """Add a user turn (with an image) and return the greedy reply, kept in the history."""
-        if image is not None:
-            self.images.append(str(image))
-            text = f"<image>\n{text}"
-        self.history.append({"role": "user", "content": text})
-        ids, pixels = self.processor.prompt(self.history, self.images)
+        """Add a user turn (with an image) and return the greedy reply, kept in the history.
+
+        Raises:
+            ImageError: an image that cannot be read; ContextOverflow: the conversation and a reply of
+            `max_new_tokens` do not fit the model's context. Either way the session is as it was."""
+        turn = {"role": "user", "content": text if image is None else f"<image>\n{text}"}
+        images = self.images if image is None else [*self.images, str(image)]
+        ids, pixels = self.processor.prompt([*self.history, turn], images)
+        check_context(
+            ids.shape[1], self.max_new_tokens, self.model.llm.config.max_position_embeddings, "max_new_tokens"
+        )
+        self.history.append(turn)
+        self.images = images
         new = self.model.generate(
             ids,
             pixel_values=pixels,
@@ -61,7 +70,12 @@ class ChatSession:
             if text.startswith("/image "):
                 image = text.split(" ", 1)[1].strip()
                 continue
-            with console.status("thinking"):
-                reply = self.ask(text, image)
-            image = None
+            try:
+                with console.status("thinking"):
+                    reply = self.ask(text, image)
+            except ValueError as err:  # an unreadable image, a conversation over the context: the session goes on
+                console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+                continue
+            finally:
+                image = None
             console.print(f"[green]genieblue[/green] {reply}")

@@ -36,6 +36,16 @@ class ContextOverflow(ValueError):
     """A prompt plus its `max_tokens` does not fit the model's context window."""
 
 
+def check_context(prompt_tokens: int, new_tokens: int, context: int, setting: str = "max_tokens") -> None:
+    """Refuse (`ContextOverflow`) a prompt that, with the `new_tokens` its reply may take (the request's
+    `setting`), does not fit the model's context window."""
+    if prompt_tokens + new_tokens > context:
+        raise ContextOverflow(
+            f"the prompt has {prompt_tokens} tokens and {setting} is {new_tokens}: together more than the "
+            f"model's context of {context} tokens; shorten the conversation or lower {setting}"
+        )
+
+
 class EngineBusy(RuntimeError):
     """The queue of waiting requests is full."""
 
@@ -193,11 +203,7 @@ class BatchingEngine:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
         stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
         ids, pixels = self.processor.prompt(messages, list(images))
-        if ids.shape[1] + max_tokens > self.context_length:
-            raise ContextOverflow(
-                f"the prompt has {ids.shape[1]} tokens and max_tokens is {max_tokens}: together more than the "
-                f"model's context of {self.context_length} tokens; shorten the conversation or lower max_tokens"
-            )
+        check_context(ids.shape[1], max_tokens, self.context_length)
         request = Request(ids, pixels, max_tokens, temperature, top_p, stop, self.processor.tokenizer, self.eos_ids)
         try:
             self._queue.put_nowait(request)

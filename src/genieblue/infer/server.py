@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import sys
 import time
 import uuid
@@ -296,6 +297,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _check_address(host: str, port: int) -> None:
+    """Refuse, before a model loads for minutes, an address this process cannot listen on (a port in
+    use or out of range, a host that is not this machine's): bound once here as uvicorn binds it."""
+    if not 0 <= port <= 65535:  # (getaddrinfo would take it modulo 65536)
+        raise ValueError(f"port {port} is out of range: use 0-65535 (0: any free one)")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except (OSError, OverflowError) as err:
+        raise ValueError(f"cannot listen on {host}:{port} ({err}): choose another --host or --port") from None
+
+
 def serve(
     model_dir: str | None = None,
     *,
@@ -328,6 +343,7 @@ def serve(
         raise ValueError("--threads sets onnxruntime's threads and applies to --onnx only")
     if onnx is not None and (device is not None or dtype is not None):
         raise ValueError("--device / --dtype place a saved model (-m); an --onnx folder runs under onnxruntime")
+    _check_address(host, port)
     if not api_key and not is_loopback(host):
         print(
             f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
