@@ -205,9 +205,15 @@ def test_bad_records_name_the_record_and_the_reason(tmp_path):
         assert err.record_id == (record["id"] if isinstance(record, dict) else "mixed.jsonl#8")
     with pytest.raises(BadRecord, match="record empty: conversations"):
         read_records(path)
-    (tmp_path / "broken.jsonl").write_text('{"id": 1}\n{oops\n')
-    with pytest.raises(ValueError, match="broken.jsonl:2: invalid JSON"):
-        read_records(tmp_path / "broken.jsonl")
+    # a line cut short in a JSONL file is one bad record, in its place, not the end of the file
+    lines = path.read_text().splitlines()
+    (tmp_path / "broken.jsonl").write_text("\n".join([lines[0], '{"id": "cut", "conversations": [', *lines[1:]]))
+    records, errors = scan_records(tmp_path / "broken.jsonl")
+    assert [r["id"] for r in records] == ["ok"] and len(errors) == len(bad) + 1
+    assert errors[0].record_id == "broken.jsonl#1" and "invalid JSON on line 2 (Expecting" in errors[0].reason
+    (tmp_path / "list.json").write_text('[{"id": 1}, {oops]')
+    with pytest.raises(ValueError):  # a JSON list that does not parse has no places to keep
+        read_records(tmp_path / "list.json")
 
 
 def _jpeg(path, size, color, orientation=None):

@@ -427,7 +427,8 @@ def test_mm_reads_the_training_formats_and_names_what_an_unusable_file_lacks(mod
             "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
         },
     ]
-    (tmp_path / "colours.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    lines = [json.dumps(r) for r in rows]
+    (tmp_path / "colours.jsonl").write_text("\n".join([*lines, '{"id": "cut", "mess']))  # its last line cut short
     result = CliRunner().invoke(
         app,
         [
@@ -449,8 +450,8 @@ def test_mm_reads_the_training_formats_and_names_what_an_unusable_file_lacks(mod
     assert summary["benchmarks"]["colours"] == {
         "metric": "exact",
         "items": 2,
-        "skipped": 1,
-        "skipped_by_reason": {"image file not found": 1},
+        "skipped": 2,
+        "skipped_by_reason": {"image file not found": 1, "invalid JSON on line 4": 1},
     }
     card = (Path(models["main"]) / "README.md").read_text()  # the model card keeps the table
     score = summary["table"]["rows"][models["main"]]["scores"]["colours"]

@@ -52,6 +52,21 @@ class BadRecord(ValueError):
         self.reason = reason
 
 
+class BrokenLine:
+    """A JSONL line that does not parse, kept in its place as a record that `check_record` refuses:
+    one cut or garbled line of a file of millions is a bad record, skipped and counted, not the file's end."""
+
+    def __init__(self, line: int, error: Exception):
+        self.reason = f"invalid JSON on line {line} ({error})"
+
+
+def unbroken(record, fallback_id="?"):
+    """`record`, or a `BadRecord` raised for a line that did not parse (`BrokenLine`)."""
+    if isinstance(record, BrokenLine):
+        raise BadRecord(fallback_id, record.reason)
+    return record
+
+
 def _record_id(record, fallback) -> str:
     return str(record["id"]) if isinstance(record, dict) and "id" in record else str(fallback)
 
@@ -175,7 +190,7 @@ def check_record(record, image_folder: str | Path | None = None, fallback_id="?"
         BadRecord: what is wrong with the record (shape, roles, placeholders, a remote or missing
             image).
     """
-    rid = _record_id(record, fallback_id)
+    rid = _record_id(unbroken(record, fallback_id), fallback_id)
     if not isinstance(record, dict):
         raise BadRecord(rid, f"a record must be a JSON object, got {type(record).__name__}")
     try:
@@ -199,7 +214,10 @@ def unusable_file(path, count: int, first, reason: str, needs: str = NEEDS) -> s
     first record and `reason` why that one was refused."""
     if not count:
         return f"{path}: no records"
-    keys = f"keys [{', '.join(map(str, first))}]" if isinstance(first, dict) else f"a {type(first).__name__}"
+    if isinstance(first, BrokenLine):
+        keys = "no JSON"
+    else:
+        keys = f"keys [{', '.join(map(str, first))}]" if isinstance(first, dict) else f"a {type(first).__name__}"
     return f"{path}: none of its {count} records is usable: {needs}; the first record has {keys} ({reason})"
 
 
@@ -216,7 +234,8 @@ class RecordFile:
         return len(self._starts)
 
     def scan(self):
-        """Yield every record (index, parsed JSON) in file order, indexing its span."""
+        """Yield every record (index, parsed JSON) in file order, indexing its span; a JSONL line that
+        does not parse is yielded as a `BrokenLine` (a JSON list that does not parse raises ValueError)."""
         self._starts, self._ends = array("q"), array("q")
         with self.path.open("rb") as f:
             head = f.read(4096).lstrip()
@@ -254,8 +273,8 @@ class RecordFile:
                     continue
                 try:
                     record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    raise ValueError(f"{self.path}:{n}: invalid JSON line ({err})") from None
+                except ValueError as err:  # (a UnicodeDecodeError too)
+                    record = BrokenLine(n, err)
                 yield self._add(start, offset), record
 
     def _scan_list(self):
@@ -304,7 +323,7 @@ def scan_records(path: str | Path, image_folder: str | Path | None = None) -> tu
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not valid JSON / JSONL.
+        ValueError: a JSON list that does not parse (a JSONL line that does not is a bad record).
     """
     path = Path(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
@@ -323,7 +342,7 @@ def read_records(path: str | Path, image_folder: str | Path | None = None) -> li
     Raises:
         BadRecord: the first bad record, saying what is wrong with it.
         FileNotFoundError: no such file.
-        ValueError: the file is not valid JSON / JSONL.
+        ValueError: a JSON list that does not parse (a JSONL line that does not is a bad record).
     """
     good, bad = scan_records(path, image_folder)
     if bad:

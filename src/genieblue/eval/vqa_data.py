@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.images import ImageError, load_image
-from ..data.records import NEEDS, BadRecord, RecordFile, check_record, unusable_file
+from ..data.records import NEEDS, BadRecord, RecordFile, check_record, unbroken, unusable_file
 from .vqa_metrics import METRICS, metric_for
 
 NEEDS_QUESTION = f"{NEEDS}, or a `question` / `text` with `answer` / `answers` (LLaVA eval questions)"
@@ -111,7 +111,7 @@ def read_llava(path: Path, name: str, metric: str | None) -> Benchmark:
     for i, raw in RecordFile(path).scan():
         count, first = count + 1, raw if i == 0 else first
         try:
-            record, answers = _llava_record(raw, i, path.parent)
+            record, answers = _llava_record(unbroken(raw, i), i, path.parent)
             question = "\n".join(t["value"] for t in record["conversations"][:-1] if t["from"] == "human")
             options = _options(raw["options"]) if "options" in raw else dict(_OPTION_LINE.findall(question))
             parsed.append((record, answers, options, str(raw.get("category", ""))))
