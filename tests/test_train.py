@@ -910,6 +910,12 @@ def test_pixels_are_decoded_per_step_and_late_failures_are_counted(tmp_path, cha
     assert len(decoded) == 13  # all 13 packed into one row: one step, each sample decoded there
     report = json.loads((tmp_path / "run" / "bad_records.json").read_text())
     assert [r["id"] for r in report] == ["late"] and "cannot decode image" in report[0]["reason"]
+    # above max_bad_fraction, found only at a step: the run stops there and keeps its steps
+    strict = TrainConfig.from_yaml(config, output_dir=str(tmp_path / "strict"))
+    strict.max_bad_fraction = 0.01
+    with pytest.raises(BadDataError, match="1 steps so far are kept in checkpoint step-0000001: .* then --resume"):
+        Trainer(strict).run()
+    assert (tmp_path / "strict" / "checkpoints" / "step-0000001" / "trainer_state.json").is_file()
 
 
 # 5. loss and optimiser -----------------------------------------------------------------------------

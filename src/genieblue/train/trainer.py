@@ -427,7 +427,6 @@ class Trainer:
         metrics = (self.out / "metrics.jsonl").open("a") if main else None
         for step in range(run.start, run.total):
             record = self._step(run, step)
-            self._note_late_failures(run.data)
             if main:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -436,19 +435,32 @@ class Trainer:
                     advance=1,
                     status=f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s",
                 )
+            try:
+                self._note_late_failures(run.data)
+            except BadDataError as err:  # the steps so far are kept: every process saw the same failures
+                self._save_checkpoint(run, step + 1)
+                raise BadDataError(
+                    f"{err}; the {step + 1} steps so far are kept in checkpoint step-{step + 1:07d}: fix the data "
+                    "or raise max_bad_fraction, then --resume"
+                ) from None
             if (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
-                acc.wait_for_everyone()
-                save_checkpoint(  # every process: sharded state is gathered by all, rank 0 writes
-                    self.out / "checkpoints",
-                    run.model,
-                    run.optimizer,
-                    run.scheduler,
-                    step + 1,
-                    {"total": run.total},
-                    cfg.keep_last,
-                )
+                self._save_checkpoint(run, step + 1)
         if main:
             metrics.close()
+
+    def _save_checkpoint(self, run: _Run, step: int) -> None:
+        """A checkpoint after `step` steps, written by every process together (sharded state is
+        gathered by all; rank 0 writes)."""
+        self.accelerator.wait_for_everyone()
+        save_checkpoint(
+            self.out / "checkpoints",
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            step,
+            {"total": run.total},
+            self.cfg.keep_last,
+        )
 
     def _step(self, run: _Run, step: int) -> dict:
         """One optimizer step over this process's share of the step's rows; returns its metrics."""
@@ -544,9 +556,14 @@ class Trainer:
 
     def _note_late_failures(self, data: PreparedData) -> None:
         """Records that failed only when a step encoded them (pixels that do not decode) join the
-        bad list and its checks."""
+        bad list and its checks, those of every process (each encodes its own rows), so that all
+        decide alike."""
         listed = {b["id"] for b in data.bad}
         late = [{"id": b.record_id, "reason": b.reason} for b in data.samples.failed if b.record_id not in listed]
+        if self.accelerator.num_processes > 1:
+            everyone = [None] * self.accelerator.num_processes
+            torch.distributed.all_gather_object(everyone, late)
+            late = list({b["id"]: b for part in everyone for b in part}.values())
         if late:
             data.bad += late
             self._check_bad_data(data)
