@@ -224,6 +224,14 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, chat_base, synth
         assert message.startswith(f"cannot resume from {out / 'checkpoints' / 'step-0000001'}: ") and words in message
         assert "resume with the config that wrote it" in message and "\n" not in message
     assert _steps(out) == ["step-0000001"] and json.loads((out / "train_config.json").read_text())["lora_rank"] == 8
+    step = out / "checkpoints" / "step-0000001"
+    for name, words in (("optimizer.safetensors", "header"), ("trainer_state.json", "Unterminated string")):
+        kept = (step / name).read_bytes()
+        (step / name).write_bytes(kept[:20])  # a copy cut short
+        damaged = f"checkpoint {step} is damaged \\({name}: .*{words}.*\\): delete it to resume"
+        with pytest.raises(ValueError, match=damaged):
+            Trainer(TrainConfig.from_yaml(config)).run(resume=True)
+        (step / name).write_bytes(kept)
     Trainer(TrainConfig.from_yaml(config)).run(resume=True)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -138,8 +138,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def check_resumable(path: Path, model: GenieBlueForConditionalGeneration, config_file: Path) -> None:
-    """Refuse, before any work, a checkpoint that the model a config builds cannot continue from
-    (another base, strategy, LoRA rank or tower): one line naming the difference and the way out."""
+    """Refuse, before any work, a checkpoint that is damaged (its state or optimiser file cut short) or
+    that the model a config builds cannot continue from (another base, strategy, LoRA rank or tower):
+    one line naming the difference and the way out."""
+    for name, read in ((STATE, lambda f: json.loads(f.read_text())), (OPTIM, lambda f: safe_open(f, "pt").keys())):
+        try:
+            read(path / name)  # (the optimiser's header only)
+        except (OSError, ValueError, SafetensorError) as err:
+            raise ValueError(
+                f"checkpoint {path} is damaged ({name}: {err}): delete it to resume from the one before it"
+            ) from None
     try:
         model.check_continues(path / MODEL)
     except ValueError as err:
