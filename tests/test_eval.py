@@ -390,6 +390,9 @@ def test_mm_errors_are_one_line(models, tmp_path):
         result = CliRunner().invoke(app, ["eval", "mm", "-m", models["main"], "-d", spec, "--out", str(tmp_path)])
         assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, result.output
         assert result.output.count("\n") == 1
+    into_a_file = ["eval", "mm", "-m", models["main"], "-d", "x", "--out", str(tmp_path / "bad.tsv")]
+    result = CliRunner().invoke(app, into_a_file, env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "bad.tsv is a file; give a folder" in result.output  # (not after loading)
     for option in ("--limit", "--batch-size"):  # 0 and -1 were "no limit" and a slice [:-1]; a KeyError
         for value in ("0", "-1"):
             args = ["eval", "mm", "-m", models["main"], "-d", str(tmp_path / "bad.tsv"), option, value]

@@ -51,7 +51,16 @@ DType = Annotated[
         "stay the base's own in every dtype: what the base itself replies when loaded the same way.",
     ),
 ]
-EvalOut = Annotated[str, typer.Option(help="Output folder.")]
+
+
+def _a_folder(path: str) -> str:
+    """An output folder option: refused at once when it names a file (not after a model has loaded)."""
+    if Path(path).is_file():
+        raise typer.BadParameter(f"{path} is a file; give a folder")
+    return path
+
+
+EvalOut = Annotated[str, typer.Option(help="Output folder.", callback=_a_folder)]
 VISION_HELP = (
     "Vision tower: SigLIP / CLIP / AutoBackbone (ResNet, ConvNeXt, ...) hub id or folder, or a JSON config "
     "for a new one (default: the small from-scratch ResNet of the demo)."
