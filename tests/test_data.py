@@ -382,6 +382,9 @@ def test_format_errors_and_the_all_unusable_file(tmp_path):
     assert "`messages`" in message and "the first record has keys [instruction, output]" in message
     with pytest.raises(ValueError, match="empty.json: no records"):
         DataMixture([(_write_json(tmp_path / "empty.json", []), 1)])
+    (tmp_path / "cut.jsonl").write_text('{"id": 1, "conv\n{"id": 2\n')
+    with pytest.raises(ValueError, match=r"cut.jsonl: none of its 2 records .* has no JSON \(invalid JSON on line 1"):
+        DataMixture([(tmp_path / "cut.jsonl", 1)])
 
 
 def test_record_file_spans_and_header_tile_counts(tmp_path):

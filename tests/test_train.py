@@ -880,6 +880,21 @@ def test_train_reads_a_llama_factory_file_and_names_what_an_unusable_file_lacks(
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert f"{alpaca}: none of its 4 records is usable: a record needs `conversations`" in errors[0]
     assert "`messages`" in errors[0] and "the first record has keys [instruction, input, output]" in errors[0]
+    # well-formed records that are all too long: the way out, not a lecture on formats
+    short = _config(
+        tmp_path,
+        synth_data,
+        "short.yaml",
+        llm=chat_base,
+        max_length=8,
+        output_dir=str(tmp_path / "run3"),
+        data=[{"path": os.path.relpath(data, tmp_path)}],
+    )
+    result = CliRunner().invoke(app, ["train", "--config", str(short)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    fits = r"none of its 4 records fits \(\d+ tokens exceed max_length=8\): raise max_length"
+    assert re.search(fits, errors[0]), errors[0]
 
 
 def test_pixels_are_decoded_per_step_and_late_failures_are_counted(tmp_path, chat_base, synth_data, monkeypatch):

@@ -20,7 +20,7 @@ from PIL import Image
 from .._io import write_json
 from ..model.modeling import IMAGE_TOKEN_INDEX
 from .images import image_tiles, image_to_tensor
-from .records import IMAGE_PLACEHOLDER, ROLES, BadRecord, check_record, prepend_placeholders
+from .records import IMAGE_PLACEHOLDER, ROLES, TOO_LONG, BadRecord, check_record, prepend_placeholders
 
 IGNORE_INDEX = -100
 
@@ -187,7 +187,7 @@ class GenieBlueProcessor:
         return [image_tiles(path, self.image_size, self.max_tiles) for path in record.get("images", [])]
 
     def _too_long(self, record: dict, length: int) -> BadRecord:
-        return BadRecord(record["id"], f"{length} tokens exceed max_length={self.max_length}")
+        return BadRecord(record["id"], f"{length} tokens {TOO_LONG}={self.max_length}")
 
     def _with_system(self, messages: list[dict]) -> list[dict]:
         if self.system_prompt is None or (messages and messages[0]["role"] == "system"):

@@ -36,6 +36,8 @@ ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 """LLaVA speaker names -> chat-template roles."""
 _SPEAKERS = {"system": "system", "human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 """Every speaker or role name read -> its LLaVA name."""
+TOO_LONG = "exceed max_length"
+"""The words of a record refused for its length (`GenieBlueProcessor`), as it says them."""
 NEEDS = (
     "a record needs `conversations` (LLaVA / ShareGPT: [{from: human|gpt|system, value}]) or `messages` "
     "(LLaMA-Factory / OpenAI: [{role: user|assistant|system, content: text or parts}]), optionally "
@@ -56,8 +58,8 @@ class BrokenLine:
     """A JSONL line that does not parse, kept in its place as a record that `check_record` refuses:
     one cut or garbled line of a file of millions is a bad record, skipped and counted, not the file's end."""
 
-    def __init__(self, line: int, error: Exception):
-        self.reason = f"invalid JSON on line {line} ({error})"
+    def __init__(self, where: str, error: Exception):
+        self.reason = f"invalid JSON on {where} ({error})"
 
 
 def unbroken(record, fallback_id="?"):
@@ -251,9 +253,14 @@ class RecordFile:
         self._starts, self._ends = starts, ends
 
     def load(self, index: int):
+        """Record `index` parsed (a `BrokenLine` where its bytes are not JSON)."""
         with self.path.open("rb") as f:
             f.seek(self._starts[index])
-            return json.loads(f.read(self._ends[index] - self._starts[index]))
+            raw = f.read(self._ends[index] - self._starts[index])
+        try:
+            return json.loads(raw)
+        except ValueError as err:
+            return BrokenLine(f"record {index}", err)
 
     def checked(self, index: int, image_folder: Path, raw=None) -> dict:
         """`check_record` of record `index` (`raw`: the record as parsed, when at hand)."""
@@ -274,7 +281,7 @@ class RecordFile:
                 try:
                     record = json.loads(line)
                 except ValueError as err:  # (a UnicodeDecodeError too)
-                    record = BrokenLine(n, err)
+                    record = BrokenLine(f"line {n}", err)
                 yield self._add(start, offset), record
 
     def _scan_list(self):
@@ -455,6 +462,10 @@ class DataMixture:
             scan = self.scans.gather(key, read) if key else read(None)
             file.restore(scan.starts, scan.ends)
         if not scan.index:
+            if scan.bad and all(TOO_LONG in bad.reason for _, bad in scan.bad):  # well formed, only too long
+                raise ValueError(
+                    f"{source.path}: none of its {scan.count} records fits ({scan.bad[0][1].reason}): raise max_length"
+                )
             reason = scan.bad[0][1].reason if scan.bad and scan.bad[0][0] == 0 else ""
             raise ValueError(unusable_file(source.path, scan.count, file.load(0) if scan.count else None, reason))
         first_good = len(self._index)
