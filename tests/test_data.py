@@ -835,3 +835,15 @@ def test_packed_loss_equals_per_sample_losses(tmp_path, proc, attn, images):
         assert packed == pytest.approx(total / count, rel=1e-6)  # HF computes the loss in float32
         leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
         assert model(**leaky, **route).loss.item() != pytest.approx(packed, rel=1e-4)  # the test can see leaks
+
+
+def test_damaged_prompt_settings_are_named(tmp_path):
+    """A model folder's processor.json that does not hold a mapping is refused naming the file; one
+    that is not there gives the defaults."""
+    from genieblue.data.processor import processor_settings
+
+    assert processor_settings(tmp_path) == {}
+    for text in ("{cut", "[1]"):
+        (tmp_path / "processor.json").write_text(text)
+        with pytest.raises(ValueError, match=r"processor.json is damaged .*: write it again .* or delete it"):
+            processor_settings(tmp_path)

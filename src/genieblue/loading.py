@@ -16,6 +16,6 @@ def load_model_and_processor(
     """A saved GenieBlue model (its base from the manifest, or `llm`) in eval mode on `device` in
     `dtype` (defaults: see `model.placement`), with the tokenizer of that base and the processor the
     model was trained with. Raises what `from_pretrained` raises."""
-    model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=llm, device=device, dtype=dtype).eval()
+    model = GenieBlueForConditionalGeneration.from_pretrained(model_dir, llm=llm, device=device, dtype=dtype)
     tokenizer = load_tokenizer(llm if llm is not None else model.base_spec)
     return model, load_processor(model_dir, model, tokenizer, max_length=model.llm.config.max_position_embeddings)

@@ -263,9 +263,18 @@ def save_processor_settings(model_dir: str | Path, max_tiles: int = 1, system_pr
 
 
 def processor_settings(model_dir: str | Path) -> dict:
-    """The settings `save_processor_settings` wrote into a folder ({} when it has none: the defaults)."""
+    """The settings `save_processor_settings` wrote into a folder ({} when it has none: the defaults);
+    ValueError, naming the file, when it does not hold a mapping."""
     path = Path(model_dir) / PROCESSOR_SETTINGS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except ValueError as err:
+        settings = err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is damaged ({settings}): write it again (save_processor_settings) or delete it")
+    return settings
 
 
 def load_processor(model_dir: str | Path, model, tokenizer, max_length: int = 4096) -> GenieBlueProcessor:
