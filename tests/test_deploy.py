@@ -485,6 +485,7 @@ def test_an_export_replaces_only_an_earlier_export_and_never_its_model(base_dirs
         (tmp_path / "afile", "is a file"),
         (model, "holds the model being exported"),
         (tmp_path / "run", "holds the model being exported"),
+        (tmp_path / "afile" / "sub", "afile is a file: write the export to a folder that can be made there"),
     ):
         with pytest.raises(ValueError, match=says):
             export_saved_model(model, out)
@@ -867,6 +868,7 @@ def test_cli_errors_are_one_line(tmp_path, cli_export):
         (("export", "-m", str(model_dir), "--activations", "int4"), "unknown activations 'int4'"),
         (("bench", "deploy", "-m", str(tmp_path / "nope")), "model folder not found"),
         (("bench", "deploy", "-m", str(model_dir), "--llama-bench", "llama-bench"), "base is not a GGUF file"),
+        (("bench", "deploy", "-m", str(model_dir), "--vqa", str(tmp_path / "no.json")), "--vqa file not found"),
         (
             (
                 "bench",

@@ -339,6 +339,7 @@ def test_stop_strings_and_streaming(engine):
     assert (cut.text, cut.finish_reason) == (full[: full.find(stop)], "stop")
     assert "".join(engine.generate(_user(QUESTIONS[2]), max_tokens=N, stream=True)) == full
     assert "".join(engine.generate(_user(QUESTIONS[2]), max_tokens=N, stop=stop, stream=True)) == cut.text
+    assert engine.generate(_user(QUESTIONS[2]), max_tokens=N, stop="").text == full  # ("" once ended every reply)
 
 
 def test_sampling_runs_and_bad_settings_are_refused(engine):
@@ -348,6 +349,11 @@ def test_sampling_runs_and_bad_settings_are_refused(engine):
         engine.submit(_user(QUESTIONS[0]), max_tokens=600)
     with pytest.raises(ValueError, match="max_tokens"):
         engine.submit(_user(QUESTIONS[0]), max_tokens=0)
+    for temperature in (float("nan"), 2.5, -1):  # NaN once passed the check and failed in sampling (500)
+        with pytest.raises(ValueError, match="need 0 <= temperature <= 2"):
+            engine.submit(_user(QUESTIONS[0]), max_tokens=N, temperature=temperature)
+    greedy = engine.generate(_user(QUESTIONS[0]), max_tokens=N, temperature=0).text
+    assert engine.generate(_user(QUESTIONS[0]), max_tokens=N, temperature=1e-320).text == greedy  # no overflow
 
 
 # server -------------------------------------------------------------------------------------------

@@ -240,3 +240,21 @@ def test_reading_exercises_ask_about_a_caption_in_words():
             assert answer == (values[bar[1]] if bar else max(values.values()))
     with pytest.raises(ValueError):
         reading_exercises(1, 0, ())
+
+
+def test_the_synth_command_writes_only_into_a_new_or_empty_folder(tmp_path):
+    """A second dataset written over a first mixed the two (its images stayed); sizes are bounded
+    before any work (a 100000-pixel side ran out of memory)."""
+    from typer.testing import CliRunner
+
+    from genieblue.cli import app
+
+    small = ["--n-train", "2", "--n-val", "1", "--n-test", "1", "--image-size", "16"]
+    assert CliRunner().invoke(app, ["synth", str(tmp_path / "d"), *small]).exit_code == 0
+    kept = (tmp_path / "d" / "train.json").read_bytes()
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "d"), *small, "--seed", "1"])
+    assert result.exit_code == 2 and "holds files already: write the dataset to a new or empty folder" in result.output
+    assert (tmp_path / "d" / "train.json").read_bytes() == kept
+    for option, value in (("--image-size", "100000"), ("--image-size", "0"), ("--n-train", "0")):
+        result = CliRunner().invoke(app, ["synth", str(tmp_path / "e"), *small, option, value])
+        assert result.exit_code == 2 and "Invalid value" in result.output and not (tmp_path / "e").exists()

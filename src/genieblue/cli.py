@@ -201,11 +201,11 @@ def train(
 @app.command(short_help="Write the built-in synthetic image-question dataset (LLaVA format).")
 def synth(
     out: str = typer.Argument(..., help="Folder to write train/val/test JSON + PNG images into."),
-    n_train: int = typer.Option(2000, help="Training samples."),
-    n_val: int = typer.Option(200, help="Validation samples."),
-    n_test: int = typer.Option(300, help="Test samples."),
+    n_train: int = typer.Option(2000, min=1, help="Training samples."),
+    n_val: int = typer.Option(200, min=0, help="Validation samples."),
+    n_test: int = typer.Option(300, min=0, help="Test samples."),
     seed: int = typer.Option(0, help="Seed: the same seed writes byte-identical files."),
-    image_size: int = typer.Option(64, help="Image side in pixels."),
+    image_size: int = typer.Option(64, min=16, max=1024, help="Image side in pixels."),
 ):
     """Write the built-in synthetic multimodal dataset (colour, shape, count, position, reading,
     bar charts) in LLaVA format, ready for `genieblue train`: train/val/test questions, caption.json
@@ -216,6 +216,9 @@ def synth(
     from ._io import write_json
     from .data.synthetic import generate_dataset, text_only_samples
 
+    folder = Path(out)
+    if folder.is_file() or folder.is_dir() and any(folder.iterdir()):
+        _fail(f"{out} is a file or a folder that holds files already: write the dataset to a new or empty folder")
     paths = generate_dataset(out, n_train, n_val, n_test, seed, image_size)
     paths["text"] = Path(out) / "text.json"
     write_json(paths["text"], text_only_samples(max(1, n_train // 10), seed))
@@ -241,6 +244,7 @@ def demo(
     n_test: int = typer.Option(DemoConfig.n_test, help="Test questions (a sixth per task)."),
     seeds: int = typer.Option(
         DemoConfig.seeds,
+        min=1,
         help="Training seeds per strategy (seed, seed+1, ...) on the same data; with more "
         "than one the report adds mean +- sd per task and, when --compare includes full, the ratio to it.",
     ),
@@ -443,7 +447,7 @@ def eval_text(
     ),
     include_path: list[str] = typer.Option([], help="Folder of extra lm-eval task YAMLs (repeatable)."),
     limit: int | None = typer.Option(None, min=1, help="At most this many documents per task (a quick look)."),
-    num_fewshot: int | None = typer.Option(None, help="Few-shot examples (default: each task's own)."),
+    num_fewshot: int | None = typer.Option(None, min=0, help="Few-shot examples (default: each task's own)."),
     batch_size: int = typer.Option(8, min=1, help="Requests per forward pass."),
     device: Device = None,
     dtype: DType = None,
@@ -691,14 +695,16 @@ def bench_deploy(
         "first if it holds no export. Default: a W4A16 export in a temporary folder.",
     ),
     single_tile: bool = typer.Option(True, help="With a fresh export: the vision graph fixed to one tile."),
-    prompt_tokens: int = typer.Option(64, help="Prompt length (an image prompt's placeholders count)."),
-    new_tokens: int = typer.Option(32, help="Tokens decoded greedily per measurement."),
-    threads: int | None = typer.Option(None, help="onnxruntime threads (default: one per core)."),
+    prompt_tokens: int = typer.Option(64, min=1, help="Prompt length (an image prompt's placeholders count)."),
+    new_tokens: int = typer.Option(32, min=1, help="Tokens decoded greedily per measurement."),
+    threads: int | None = typer.Option(None, min=1, help="onnxruntime threads (default: one per core)."),
     repeats: int = typer.Option(
-        3, help="Runs per worker process (ViT, prefill: the best run; load: once a worker; decode: every step counts)."
+        3,
+        min=1,
+        help="Runs per worker process (ViT, prefill: the best run; load: once a worker; decode: every step counts).",
     ),
     rounds: int = typer.Option(
-        2, help="Rounds of worker processes: text mode, image mode, then both modes' decode steps interleaved."
+        2, min=1, help="Rounds of worker processes: text mode, image mode, then both modes' decode steps interleaved."
     ),
     accuracy: bool = typer.Option(
         True,

@@ -63,13 +63,15 @@ def bench_deploy(
         `bench.table9`'s result, plus "llama_cpp" and "accuracy" when measured.
 
     Raises:
-        FileNotFoundError: `model` is not a saved model folder.
+        FileNotFoundError: `model` is not a saved model folder, or no `vqa` file.
         ValueError: `llama_bench` is given but the base is not a GGUF file, or an export setting is
             unknown.
         RuntimeError: a worker process or llama-bench failed.
     """
     binary = llama_bench or shutil.which("llama-bench")
     saved = read_manifest(model)["base"]["llm"]  # (first: a folder that is not a model is refused in one line)
+    if vqa is not None and not Path(vqa).is_file():  # before any measurement
+        raise FileNotFoundError(f"--vqa file not found: {vqa}")
     base = llm if llm is not None else saved
     gguf = gguf_file(base)
     if llama_bench and gguf is None:

@@ -417,6 +417,9 @@ def check_export_folder(folder: str | Path, model_dir: str | Path | None = None)
     folder holding anything but an earlier export (no MANIFEST in it), or `model_dir` or a folder
     that holds it."""
     folder = Path(folder).absolute()
+    above = next((parent for parent in folder.parents if parent.is_file()), None)
+    if above is not None:
+        raise ValueError(f"{above} is a file: write the export to a folder that can be made there")
     if model_dir is not None and Path(model_dir).absolute().is_relative_to(folder):
         raise ValueError(f"{folder} holds the model being exported: write the export to another folder")
     if folder.is_file():

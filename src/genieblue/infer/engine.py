@@ -36,6 +36,10 @@ class ContextOverflow(ValueError):
     """A prompt plus its `max_tokens` does not fit the model's context window."""
 
 
+GREEDY_BELOW = 1e-5
+"""A sampling temperature below this decodes greedily."""
+
+
 def check_context(prompt_tokens: int, new_tokens: int, context: int, setting: str = "max_tokens") -> None:
     """Refuse (`ContextOverflow`) a prompt that, with the `new_tokens` its reply may take (the request's
     `setting`), does not fit the model's context window."""
@@ -199,9 +203,11 @@ class BatchingEngine:
         `EngineBusy` when `max_queue` requests are already waiting."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-        stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
+        if not (0 <= temperature <= 2 and 0 < top_p <= 1):  # (NaN is neither)
+            raise ValueError(f"need 0 <= temperature <= 2 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        if temperature < GREEDY_BELOW:  # as good as greedy, and logits / a tinier one overflow
+            temperature = 0.0
+        stop = tuple(s for s in ((stop,) if isinstance(stop, str) else stop or ()) if s)  # ("" would end every reply)
         ids, pixels = self.processor.prompt(messages, list(images))
         check_context(ids.shape[1], max_tokens, self.context_length)
         request = Request(ids, pixels, max_tokens, temperature, top_p, stop, self.processor.tokenizer, self.eos_ids)
