@@ -26,7 +26,7 @@ from conftest import TINY_SIGLIP, load_reference, serving
 from genieblue.cli import app
 from genieblue.data import save_processor_settings
 from genieblue.eval.harness import GenieBlueLM
-from genieblue.eval.judge import JUDGE_SYSTEM, judge_prompt, parse_rating
+from genieblue.eval.judge import JUDGE_SYSTEM, judge_prompt, parse_rating, read_questions
 from genieblue.eval.text import TEXT_QA, text_qa
 from genieblue.eval.text_tasks import task_manager
 from genieblue.eval.vqa_data import MC_PROMPT
@@ -225,6 +225,7 @@ def test_text_errors_are_one_line(models, tmp_path):
     for args, message in (
         (["-t", "x", "--include-path", str(tmp_path / "nowhere")], "task folder not found"),
         (["-t", "x", "--paths", "base,text"], "paths must be some of base, non-shared, shared"),
+        (["-t", "x", "--compare", str(tmp_path / "nope")], f"model folder not found: {tmp_path / 'nope'}"),
     ):
         result = CliRunner().invoke(app, ["eval", "text", "-m", models["main"], "--out", str(tmp_path), *args])
         assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
@@ -493,11 +494,19 @@ QUESTIONS = [
 ]
 
 
+def test_a_question_file_whose_ids_repeat_is_refused(tmp_path):
+    """Answers and ratings are kept by question id: a repeated one would take another question's."""
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in [*QUESTIONS, QUESTIONS[0]]))
+    with pytest.raises(ValueError, match="q.jsonl: question_id 1 repeated; give each question its own"):
+        read_questions(tmp_path / "q.jsonl")
+
+
 @pytest.mark.integration
 def test_chat_judged_through_a_served_model_counts_unparseable_ratings_and_resumes(models, judge, tmp_path):
     url, engine = judge
     questions = tmp_path / "questions.jsonl"
-    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS) + "{not json\n")
+    turns_a_string = json.dumps({"question_id": 7, "turns": "hello"})  # once taken as five one-letter turns
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS) + f"{{not json\n{turns_a_string}\n")
     out = tmp_path / "out"
     args = [
         "eval",
@@ -518,7 +527,7 @@ def test_chat_judged_through_a_served_model_counts_unparseable_ratings_and_resum
         str(out),
     ]
     result = _cli(*args)
-    assert result["judge"] == {"url": url, "model": "tiny-judge"} and result["skipped_lines"] == 1
+    assert result["judge"] == {"url": url, "model": "tiny-judge"} and result["skipped_lines"] == 2
 
     rows = {(r["path"], r["id"]): r["result"] for r in _cache_rows(out / "chat.cache.jsonl")}
     turns = {str(q["question_id"]): q.get("turns", [q.get("question")]) for q in QUESTIONS}

@@ -101,8 +101,8 @@ def read_questions(path: str | Path) -> tuple[list[dict], int]:
         try:
             raw = json.loads(line)
             turns = raw["turns"] if "turns" in raw else [raw["question"]]
-            if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-                raise ValueError("empty turn")
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+                raise ValueError("turns must be a list of questions")  # (a string was taken letter by letter)
             references = raw.get("reference") or []
             references = [references] if isinstance(references, str) else list(references)
             questions.append(
@@ -115,6 +115,9 @@ def read_questions(path: str | Path) -> tuple[list[dict], int]:
             )
         except (ValueError, KeyError, TypeError):
             skipped += 1
+    repeated = sorted(k for k, n in Counter(q["id"] for q in questions).items() if n > 1)
+    if repeated:  # answers and ratings are kept by id: a second question would take the first's
+        raise ValueError(f"{path}: question_id {', '.join(repeated)} repeated; give each question its own")
     if not questions:
         raise ValueError(f"{path}: no usable questions ({skipped} malformed lines)")
     return questions, skipped

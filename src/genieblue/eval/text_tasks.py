@@ -12,6 +12,7 @@ from lm_eval.tasks import TaskManager
 
 from ..loading import load_model_and_processor
 from ..model import DEFAULT_LLM, GenieBlueForConditionalGeneration, load_llm
+from ..model.folder import read_manifest
 from ..model.placement import resolve_placement
 from .cache import ResultCache
 from .harness import PATHS, GenieBlueLM
@@ -86,6 +87,8 @@ def evaluate_text(
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
         raise ValueError(f"paths must be some of {', '.join(PATHS)}, got {', '.join(paths) or 'none'}")
+    for folder in (model_dir, *compare):  # before any is evaluated: a mistyped --compare is found at once
+        read_manifest(folder)
     manager = task_manager(tasks, include_path)
     out = Path(out)
     cache_file = out / f"{STEM}.cache.jsonl"
