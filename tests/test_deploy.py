@@ -852,10 +852,17 @@ def test_the_commands_without_an_extra_import_without_any():
 @pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, cli_export):
     model_dir, folder, _ = cli_export
-    (tmp_path / "partial").mkdir()
-    shutil.copy(folder / "deploy.json", tmp_path / "partial")  # an export without its tokenizer
+    shutil.copytree(folder, tmp_path / "partial", ignore=shutil.ignore_patterns("tokenizer"))  # without its tokenizer
+    shutil.copytree(folder, tmp_path / "novision", ignore=shutil.ignore_patterns("vision.onnx"))
+    shutil.copytree(folder, tmp_path / "cut")
+    (tmp_path / "cut" / "text.onnx").write_bytes((folder / "text.onnx").read_bytes()[:1000])  # a copy cut short
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "deploy.json").write_text("{cut")
     for args, message in (
         (("serve", "--onnx", str(tmp_path / "nope")), "export folder not found"),
+        (("serve", "--onnx", str(tmp_path / "novision")), "novision/vision.onnx is missing: export again"),
+        (("serve", "--onnx", str(tmp_path / "cut")), "cut/text.onnx (or its data) cannot be loaded: "),
+        (("serve", "--onnx", str(tmp_path / "badjson")), "badjson/deploy.json is damaged (Expecting"),
         (("serve", "--onnx", str(tmp_path)), "deploy.json is missing"),
         (("serve", "--onnx", str(tmp_path / "partial")), "tokenizer is missing"),
         (("serve", "-m", str(model_dir), "--onnx", str(folder)), "not both"),

@@ -124,7 +124,8 @@ class DeployedModel:
             `share_threads` made).
 
     Raises:
-        FileNotFoundError: `folder` is not there or holds no deploy.json.
+        FileNotFoundError: `folder` is not there, or lacks deploy.json or a file it names.
+        ValueError: a deploy.json that is not JSON.
     """
 
     def __init__(self, folder: str | Path, threads: int | None = None):
@@ -134,7 +135,13 @@ class DeployedModel:
             raise FileNotFoundError(f"export folder not found: {self.folder} (a folder that genieblue export wrote)")
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: not an exported GenieBlue folder (see genieblue export)")
-        self.manifest = json.loads(path.read_text())
+        try:
+            self.manifest = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is damaged ({err}): export again") from None
+        missing = [name for name in self.files("image") + self.files("text") if not (self.folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.folder / missing[0]} is missing: export again (genieblue export)")
         self.threads = threads
         self.sessions: dict[str, ort.InferenceSession] = {}
 
@@ -144,7 +151,11 @@ class DeployedModel:
             if graph not in self.sessions:
                 path = self.folder / self.manifest["graphs"][graph]
                 options = session_options(self.threads)
-                self.sessions[graph] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                try:
+                    self.sessions[graph] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                except Exception as err:  # onnxruntime's own errors, many lines each: a file cut short, say
+                    first = str(err).strip().splitlines()[0][:300]
+                    raise ValueError(f"{path} (or its data) cannot be loaded: {first}: export again") from None
 
     def files(self, mode: str) -> list[str]:
         """The files on disk `mode` reads (graphs and external data)."""
