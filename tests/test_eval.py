@@ -561,22 +561,10 @@ def test_chat_with_an_unreachable_judge_is_a_one_line_error(models, tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     (tmp_path / "q.jsonl").write_text(json.dumps(QUESTIONS[1]) + "\n")
-    result = CliRunner().invoke(
-        app,
-        [
-            "eval",
-            "chat",
-            "-m",
-            models["main"],
-            "-q",
-            str(tmp_path / "q.jsonl"),
-            "--judge-url",
-            f"http://127.0.0.1:{port}/v1",
-            "--out",
-            str(tmp_path),
-        ],
-    )
-    assert result.exit_code == 2 and result.output.startswith(f"error: judge at http://127.0.0.1:{port}/v1"), (
-        result.output
-    )
-    assert result.output.count("\n") == 1
+    args = ["eval", "chat", "-m", models["main"], "-q", str(tmp_path / "q.jsonl"), "--out", str(tmp_path)]
+    for judge in ([], ["--judge-model", "j"]):  # named, the judge was first reached after every answer
+        result = CliRunner().invoke(app, [*args, "--judge-url", f"http://127.0.0.1:{port}/v1", *judge])
+        assert result.exit_code == 2 and result.output.startswith(f"error: judge at http://127.0.0.1:{port}/v1"), (
+            result.output
+        )
+        assert result.output.count("\n") == 1 and not (tmp_path / "chat.cache.jsonl").exists()

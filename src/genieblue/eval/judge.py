@@ -138,6 +138,12 @@ class Judge:
         self.client = openai.OpenAI(base_url=url, api_key=api_key or "unused", max_retries=max_retries, timeout=timeout)
         self.url, self.max_tokens = url, max_tokens
         self.model = model or self._call(lambda: self.client.models.list().data[0].id)
+        if model:  # reached now all the same, not after every answer has been generated
+            try:
+                self._call(self.client.models.list)
+            except JudgeUnavailable as err:
+                if not isinstance(err.__cause__, openai.NotFoundError):  # (no /models route: fine, it is named)
+                    raise
 
     def _call(self, request):
         try:
