@@ -545,6 +545,8 @@ def test_info_counts_a_base_it_does_not_read(base_dirs, tmp_path):
     bare = tmp_path / "config-only"
     bare.mkdir()
     shutil.copy(os.path.join(base_dirs["llama"], "config.json"), bare)
+    result = CliRunner().invoke(app, ["info", "--llm", str(bare), "--vision", "{bad"])
+    assert result.exit_code == 2 and "error: --vision is not valid JSON (" in result.output, result.output
     result = CliRunner().invoke(app, ["info", "--llm", str(bare), "-s", "genieblue-skip", "-s", "full", "--json"])
     assert result.exit_code == 0, result.output
     for report in json.loads(result.stdout):

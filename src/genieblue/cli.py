@@ -74,7 +74,10 @@ def main():
 
 def _vision_arg(vision: str | None):
     if vision and vision.lstrip().startswith("{"):
-        return json.loads(vision)
+        try:
+            return json.loads(vision)
+        except ValueError as err:
+            raise ValueError(f"--vision is not valid JSON ({err}): give a hub id, a folder or a JSON config") from None
     return vision
 
 
