@@ -424,6 +424,27 @@ def test_ddp_two_cpu_processes_equal_one_process(tmp_path, chat_base, synth_data
     assert any(not torch.equal(t, _delta(two)[n]) for n, t in step2.items())  # a checkpoint written under DDP
 
 
+@pytest.mark.integration
+def test_a_record_that_fails_at_a_step_on_one_process_stops_both(tmp_path, chat_base, synth_data):
+    """Each process encodes its own rows, so only one meets an image whose pixels do not decode: both
+    list it and stop together (the other would wait at its next collective for ever), after a
+    checkpoint of the steps so far."""
+    good = json.loads(Path(synth_data["train"]).read_text())[:12]
+    for record in good:
+        record["image"] = str(Path(synth_data["train"]).parent / record["image"])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(good[0]["image"]).read_bytes()[:-40])  # header intact, pixels cut short
+    late = {"id": "late", "image": str(truncated), "conversations": good[0]["conversations"]}
+    write_json(tmp_path / "late.json", [*good, late])
+    out = tmp_path / "run"
+    fields = dict(llm=chat_base, batch_size=1, max_steps=6, save_every=100, max_bad_fraction=0.01)
+    config = _config(tmp_path, synth_data, **fields, output_dir=str(out), data=[{"path": "late.json"}])
+    done = subprocess.run(_torchrun_two(config), env=_env(cpu=True), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "steps so far are kept in checkpoint step-" in done.stderr, done.stderr[-3000:]
+    assert [r["id"] for r in json.loads((out / "bad_records.json").read_text())] == ["late"]
+    assert len(list((out / "checkpoints").glob("step-*/trainer_state.json"))) == 1
+
+
 def _accelerate_launch_fsdp(*args: str, processes: int = 2, precision: str = "no") -> list[str]:
     """`accelerate launch` as the shipped FSDP config asks (FSDP2, one unit per decoder block), on CPUs:
     accelerate leaves FSDP to the trainer there, which shards with torch's own fully_shard."""

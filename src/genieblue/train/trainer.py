@@ -425,8 +425,9 @@ class Trainer:
             progress.add_task(f"stage {cfg.stage}", total=run.total, completed=run.start, status="") if main else None
         )
         metrics = (self.out / "metrics.jsonl").open("a") if main else None
+        known = 0  # records that failed only at a step, counted over every process
         for step in range(run.start, run.total):
-            record = self._step(run, step)
+            record, failed = self._step(run, step)
             if main:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -436,7 +437,9 @@ class Trainer:
                     status=f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s",
                 )
             try:
-                self._note_late_failures(run.data)
+                if failed > known:  # (the same count on every process: all list them together)
+                    known = failed
+                    self._note_late_failures(run.data)
             except BadDataError as err:  # the steps so far are kept: every process saw the same failures
                 self._save_checkpoint(run, step + 1)
                 raise BadDataError(
@@ -462,8 +465,9 @@ class Trainer:
             self.cfg.keep_last,
         )
 
-    def _step(self, run: _Run, step: int) -> dict:
-        """One optimizer step over this process's share of the step's rows; returns its metrics."""
+    def _step(self, run: _Run, step: int) -> tuple[dict, int]:
+        """One optimizer step over this process's share of the step's rows; returns its metrics and how
+        many records have failed only at a step so far (`_note_late_failures`), over every process."""
         cfg, acc = self.cfg, self.accelerator
         model, optimizer, scheduler, pad_id = run.ddp_model, run.optimizer, run.scheduler, run.processor.pad_id
         t0 = time.perf_counter()
@@ -496,9 +500,11 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = acc.reduce(loss_sum.to(acc.device), reduction="sum").item()
+        # the loss, and this process's records that failed at a step (in the one reduction the step has)
+        local = torch.tensor([loss_sum.item(), len(run.data.samples.failed)], dtype=torch.float64)
+        loss_value, failed = acc.reduce(local.to(acc.device), reduction="sum").tolist()
         elapsed = time.perf_counter() - t0
-        return {
+        record = {
             "step": step + 1,
             "loss": loss_value,
             "lr": lr,
@@ -506,6 +512,7 @@ class Trainer:
             "tokens_per_s": seen * acc.num_processes / elapsed,
             "time_s": elapsed,
         }
+        return record, int(failed)
 
     def _stage0(self, model: GenieBlueForConditionalGeneration, samples: list[Sample], processor, progress) -> None:
         """Stage 0 (see `vision_pretrain`) on this process's device (the model is built on the CPU);
@@ -557,7 +564,7 @@ class Trainer:
     def _note_late_failures(self, data: PreparedData) -> None:
         """Records that failed only when a step encoded them (pixels that do not decode) join the
         bad list and its checks, those of every process (each encodes its own rows), so that all
-        decide alike."""
+        decide alike: every process calls it together, when `_step` has counted a new one."""
         listed = {b["id"] for b in data.bad}
         late = [{"id": b.record_id, "reason": b.reason} for b in data.samples.failed if b.record_id not in listed]
         if self.accelerator.num_processes > 1:
