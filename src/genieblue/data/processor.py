@@ -271,9 +271,9 @@ def processor_settings(model_dir: str | Path) -> dict:
     try:
         settings = json.loads(path.read_text())
     except ValueError as err:
-        settings = err
+        raise ValueError(f"{path} is damaged ({err}): write it again (save_processor_settings) or delete it") from None
     if not isinstance(settings, dict):
-        raise ValueError(f"{path} is damaged ({settings}): write it again (save_processor_settings) or delete it")
+        raise ValueError(f"{path} is damaged (not a mapping): write it again (save_processor_settings) or delete it")
     return settings
 
 

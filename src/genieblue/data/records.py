@@ -218,8 +218,10 @@ def unusable_file(path, count: int, first, reason: str, needs: str = NEEDS) -> s
         return f"{path}: no records"
     if isinstance(first, BrokenLine):
         keys = "no JSON"
+    elif isinstance(first, dict):
+        keys = f"keys [{', '.join(map(str, first))}]"
     else:
-        keys = f"keys [{', '.join(map(str, first))}]" if isinstance(first, dict) else f"a {type(first).__name__}"
+        keys = f"a {type(first).__name__}"
     return f"{path}: none of its {count} records is usable: {needs}; the first record has {keys} ({reason})"
 
 

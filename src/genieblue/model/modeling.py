@@ -28,7 +28,7 @@ from transformers.initialization import no_init_weights
 from .._io import atomic_dir, write_json, writes_files
 from .card import write_card
 from .fingerprint import FILES_SCHEME, files_fingerprint, remember_match, remembered_match, tensors_fingerprint
-from .folder import DELTA, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, TRAINING, check_model_folder, read_manifest
+from .folder import DELTA, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, TRAINING, read_manifest
 from .placement import resolve_placement
 from .report import parameter_report
 from .routing import Expert, LoRALinear, Router, Switch, delta_members, group_siblings, swap_modules
@@ -227,8 +227,8 @@ class GenieBlueForConditionalGeneration(nn.Module):
 
         Raises:
             ValueError: naming the difference."""
-        directory = check_model_folder(directory)
         saved_fp = read_manifest(directory)["base"]["fingerprint"]
+        directory = Path(directory)
         if not _same_base(saved_fp, self.base_fingerprint, self.base_spec, self.llm):
             raise ValueError(
                 f"{directory} was trained on another base LLM than {self.base_spec!r} (fingerprint "
@@ -489,9 +489,9 @@ class GenieBlueForConditionalGeneration(nn.Module):
                 files behind it, not passed again), the delta does not match the strategy, or a device /
                 dtype that is not available.
         """
-        directory = check_model_folder(directory)
-        where, dtype = resolve_placement(device, dtype)
         manifest = read_manifest(directory)
+        directory = Path(directory)
+        where, dtype = resolve_placement(device, dtype)
         saved_fp = manifest["base"]["fingerprint"]
         vision = dict(manifest["vision"])
         saved = Strategy(**manifest["strategy"])

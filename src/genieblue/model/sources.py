@@ -188,8 +188,7 @@ def load_vision(
     in `dtype` (on the default device; under `transformers.initialization.no_init_weights` a fresh one
     is left uninitialised, for saved weights to be loaded into). Without `weights`, a pretrained one is
     built as a fresh one is, from its config (no weight file read)."""
-    if isinstance(spec, Path):
-        spec = local_or_hub(spec, "vision tower")
+    spec = str(spec) if isinstance(spec, Path) else spec  # (a folder: loaded, not built from its config)
     config = vision_config(spec)
     if config.model_type not in VISION_MODELS:  # a convolutional (or other) backbone
         cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]  # the concrete class: AutoBackbone asks the hub first

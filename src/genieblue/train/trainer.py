@@ -34,7 +34,7 @@ from ..data.packing import first_fit, pack
 from ..data.processor import IGNORE_INDEX, GenieBlueProcessor, Sample, save_processor_settings
 from ..data.records import Source
 from ..model import GenieBlueForConditionalGeneration, Strategy, load_tokenizer
-from ..model.folder import MANIFEST, TRAINING, check_model_folder, read_manifest
+from ..model.folder import MANIFEST, TRAINING, read_manifest
 from ..model.placement import resolve_device
 from .checkpoint import (
     check_resumable,
@@ -111,8 +111,8 @@ def build_model(cfg: TrainConfig, weights: bool = True) -> GenieBlueForCondition
             cfg.llm, cfg.vision, strategy, downsample=cfg.vision_downsample, weights=weights
         )
     else:
-        folder = check_model_folder(cfg.init_from)
-        saved = Strategy(**read_manifest(folder)["strategy"])
+        saved = Strategy(**read_manifest(cfg.init_from)["strategy"])
+        folder = Path(cfg.init_from)
         another = saved.settings() != strategy.settings()
         if another:
             # a stage-1 folder (LLM delta untrained) may start any strategy's stage 2: tower and connector only
