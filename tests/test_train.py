@@ -424,18 +424,25 @@ def test_ddp_two_cpu_processes_equal_one_process(tmp_path, chat_base, synth_data
     assert any(not torch.equal(t, _delta(two)[n]) for n, t in step2.items())  # a checkpoint written under DDP
 
 
+def _late_data(tmp_path: Path, synth_data) -> Path:
+    """tmp_path/late.json: 12 good records and "late", whose image's header reads but whose pixels,
+    cut short, do not decode (found only when a step encodes it)."""
+    good = json.loads(Path(synth_data["train"]).read_text())[:12]
+    for record in good:
+        record["image"] = str(Path(synth_data["train"]).parent / record["image"])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(good[0]["image"]).read_bytes()[:-40])
+    late = {"id": "late", "image": str(truncated), "conversations": good[0]["conversations"]}
+    write_json(tmp_path / "late.json", [*good, late])
+    return tmp_path / "late.json"
+
+
 @pytest.mark.integration
 def test_a_record_that_fails_at_a_step_on_one_process_stops_both(tmp_path, chat_base, synth_data):
     """Each process encodes its own rows, so only one meets an image whose pixels do not decode: both
     list it and stop together (the other would wait at its next collective for ever), after a
     checkpoint of the steps so far."""
-    good = json.loads(Path(synth_data["train"]).read_text())[:12]
-    for record in good:
-        record["image"] = str(Path(synth_data["train"]).parent / record["image"])
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(Path(good[0]["image"]).read_bytes()[:-40])  # header intact, pixels cut short
-    late = {"id": "late", "image": str(truncated), "conversations": good[0]["conversations"]}
-    write_json(tmp_path / "late.json", [*good, late])
+    _late_data(tmp_path, synth_data)
     out = tmp_path / "run"
     fields = dict(llm=chat_base, batch_size=1, max_steps=6, save_every=100, max_bad_fraction=0.01)
     config = _config(tmp_path, synth_data, **fields, output_dir=str(out), data=[{"path": "late.json"}])
@@ -923,14 +930,7 @@ def test_pixels_are_decoded_per_step_and_late_failures_are_counted(tmp_path, cha
     whose header reads but whose pixels do not is skipped at its step and listed."""
     from genieblue.data import processor as processor_module
 
-    good = json.loads(Path(synth_data["train"]).read_text())[:12]
-    for record in good:
-        record["image"] = str(Path(synth_data["train"]).parent / record["image"])
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(Path(good[0]["image"]).read_bytes()[:-40])  # header intact, pixels cut short
-    bad = {"id": "late", "image": str(truncated), "conversations": good[0]["conversations"]}
-    data = tmp_path / "late.json"
-    write_json(data, good + [bad])
+    _late_data(tmp_path, synth_data)
     decoded = []
     real = processor_module.image_to_tensor
     monkeypatch.setattr(
